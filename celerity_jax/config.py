@@ -1,0 +1,226 @@
+"""The typed, frozen config tree and the `section.key=value` override parser.
+
+A recipe builds a `Config`; the CLI applies overrides with `apply_overrides`; `validate` checks
+cross-field rules. Derived hyperparameters (N, D, B, T, eta, lambda, tau) live in `resolve.py`, so the
+config holds only what a user chooses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+  """A bad key, value or combination; the CLI prints it and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 2048
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 2
+  n_kv_heads: int = 0            # 0 = n_heads (multi-head); fewer = grouped-query attention
+  d_head: int = 64
+  d_ff: int = 1024
+  seq_len: int = 256
+  norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+  norm_eps: float = 1e-5
+  position: Literal["alibi", "rope"] = "alibi"
+  rope_theta: float = 10000.0
+  mlp: Literal["squared_relu", "swiglu"] = "squared_relu"
+  dtype: Literal["float32", "bfloat16"] = "float32"   # compute dtype; params are always float32
+  z_loss: float = 0.0            # coefficient of logsumexp(logits)^2, 0 = off
+  remat: Literal["none", "full", "dots"] = "none"
+  scan_layers: bool = True
+
+
+@dataclass(frozen=True)
+class ParamConfig:
+  """CompleteP (alpha = 1) or standard parameterization; base values from SCIENCE.md section 4."""
+  kind: Literal["completep", "sp"] = "completep"
+  d_base: int = 256
+  l_base: int = 2
+  sigma_base: float = 8.67e-2
+  alpha_in: float = 9.17
+  alpha_out: float = 1.095
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+  """Laws that turn (N, TPP) into D, B, warmup and tau (SCIENCE.md section 3)."""
+  tpp: float = 20.0
+  tau_c: float = 0.78            # tau_opt = tau_c * TPP ** tau_m (fit to the Celerity bands)
+  tau_m: float = -0.50
+  batch_coef: float = 19.6       # B_tokens = batch_coef * D ** batch_exp (Celerity 20-TPP fit)
+  batch_exp: float = 0.5
+  warmup_frac: float = 0.10      # warmup = min(warmup_frac * D, warmup_max_tokens)
+  warmup_max_tokens: float = 375e6
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+  lr_base: float = 1.62e-2       # eta_base; the hidden-matrix LR is lr_base / m_N under CompleteP
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  tau: float = 0.0               # 0 = tau_opt(TPP); else this timescale
+  weight_decay: Optional[float] = None   # None = derived from tau; a value overrides tau
+  schedule: Literal["linear", "cosine", "constant"] = "linear"
+  clip_norm: float = 0.0         # global-norm clipping threshold, 0 = off
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  kind: Literal["synthetic"] = "synthetic"   # real corpora land with the data issue
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int = 0            # sequences per step; 0 = from the batch law
+  microbatches: int = 1          # gradient accumulation steps per optimizer step
+  seed: int = 0                  # changes initialization and data order, nothing else
+  stop_frac: float = 1.0         # end early at this fraction of T without changing T
+  stop_step: int = 0             # end early at this step (0 = off); the earlier stop wins
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes; one axis may be -1 to take the remaining devices."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpointing; its fields arrive with the checkpoint issue."""
+
+
+@dataclass(frozen=True)
+class CollapseConfig:
+  """The in-step collapse monitor; its fields arrive with the collapse issue."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+  dir: str = "runs/default"
+  log_every: int = 10            # steps between metrics.jsonl rows
+  progress: bool = True          # tqdm progress bar on stderr
+  tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+  model: ModelConfig = field(default_factory=ModelConfig)
+  param: ParamConfig = field(default_factory=ParamConfig)
+  scaling: ScalingConfig = field(default_factory=ScalingConfig)
+  optim: OptimConfig = field(default_factory=OptimConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  train: TrainConfig = field(default_factory=TrainConfig)
+  mesh: MeshConfig = field(default_factory=MeshConfig)
+  checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+  collapse: CollapseConfig = field(default_factory=CollapseConfig)
+  run: RunConfig = field(default_factory=RunConfig)
+
+
+# ---------------------------------------------------------------- overrides
+
+def all_keys(cfg: Config) -> list[str]:
+  return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+          for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _parse_value(key: str, text: str, tp) -> object:
+  origin = typing.get_origin(tp)
+  if origin is typing.Union:                       # Optional[X]
+    if text.lower() in ("none", "null"):
+      return None
+    inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return _parse_value(key, text, inner)
+  if origin is Literal:
+    choices = typing.get_args(tp)
+    if text not in choices:
+      raise ConfigError(f"{key}={text!r}: expected one of {', '.join(map(str, choices))}")
+    return text
+  if tp is bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{key}={text!r}: expected a bool (true/false)")
+  if tp is int:
+    try:
+      number = float(text.replace("_", ""))
+    except ValueError:
+      number = None
+    if number is None or not number.is_integer():
+      raise ConfigError(f"{key}={text!r}: expected an int")
+    return int(number)
+  if tp is float:
+    try:
+      return float(text.replace("_", ""))
+    except ValueError:
+      raise ConfigError(f"{key}={text!r}: expected a float") from None
+  return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+  """Applies `section.key=value` strings; raises ConfigError naming the bad key or value."""
+  keys = all_keys(cfg)
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, text = item.split("=", 1)
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise ConfigError(f"unknown config key {key!r}{hint}")
+    section_name, name = key.split(".")
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    value = _parse_value(key, text, hints[name])
+    cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{name: value})})
+  return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(cfg: Config) -> Config:
+  """Cross-field checks; returns cfg unchanged or raises ConfigError naming the keys."""
+  m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.scaling
+  positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
+              "model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_head": m.d_head,
+              "model.d_ff": m.d_ff, "model.seq_len": m.seq_len, "param.d_base": cfg.param.d_base,
+              "param.l_base": cfg.param.l_base, "scaling.tpp": s.tpp, "optim.lr_base": o.lr_base,
+              "train.microbatches": t.microbatches, "run.log_every": cfg.run.log_every}
+  for key, value in positive.items():
+    if value <= 0:
+      raise ConfigError(f"{key}={value}: must be > 0")
+  kv = m.n_kv_heads or m.n_heads
+  if m.n_heads % kv:
+    raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
+  if m.position == "rope" and m.d_head % 2:
+    raise ConfigError(f"model.d_head={m.d_head} must be even for rope positions")
+  if not 0.0 < t.stop_frac <= 1.0:
+    raise ConfigError(f"train.stop_frac={t.stop_frac}: must be in (0, 1]")
+  if t.stop_step < 0 or t.batch_size < 0 or o.tau < 0 or o.clip_norm < 0 or m.z_loss < 0:
+    raise ConfigError("train.stop_step, train.batch_size, optim.tau, optim.clip_norm and "
+                      "model.z_loss must be >= 0")
+  if o.weight_decay is not None and o.weight_decay < 0:
+    raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+  if not 0.0 <= s.warmup_frac < 1.0:
+    raise ConfigError(f"scaling.warmup_frac={s.warmup_frac}: must be in [0, 1)")
+  sizes = dataclasses.asdict(cfg.mesh)
+  if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+    raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, at most one may be -1")
+  return cfg

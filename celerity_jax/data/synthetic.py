@@ -1,0 +1,29 @@
+"""A deterministic synthetic token stream, until real corpora land (data issue).
+
+Tokens follow a fixed random sparse Markov chain (each token has `branching` possible successors),
+so a model can learn it: the loss falls from ln(vocab) towards ln(branching). The chain is fixed by
+`chain_seed`; which sequences a step sees is a pure function of (train.seed, step).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class SyntheticTokens:
+
+  def __init__(self, vocab_size: int, seq_len: int, batch_seqs: int, seed: int,
+               branching: int = 4, chain_seed: int = 1234):
+    chain_rng = np.random.default_rng(chain_seed)
+    self.successors_VxC = chain_rng.integers(0, vocab_size, (vocab_size, branching), np.int32)
+    self.vocab_size, self.seq_len, self.batch_seqs, self.seed = vocab_size, seq_len, batch_seqs, seed
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """The global batch for `step`: inputs and next-token targets, int32 BxL."""
+    rng = np.random.default_rng([self.seed, step])
+    b, length = self.batch_seqs, self.seq_len + 1
+    choice_BxL = rng.integers(0, self.successors_VxC.shape[1], (b, length), np.int32)
+    tokens_BxL = np.empty((b, length), np.int32)
+    tokens_BxL[:, 0] = rng.integers(0, self.vocab_size, b)
+    for i in range(1, length):
+      tokens_BxL[:, i] = self.successors_VxC[tokens_BxL[:, i - 1], choice_BxL[:, i]]
+    return {"inputs": tokens_BxL[:, :-1], "targets": tokens_BxL[:, 1:]}

@@ -1,0 +1,50 @@
+"""CLI: python -m celerity_jax.main recipe=NAME [section.key=value ...] [--print-config]
+
+Exit status: 0 done, 2 configuration error (message names the key), other non-zero for a halted run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from celerity_jax.config import ConfigError, apply_overrides, validate
+
+
+def parse(argv: list[str]):
+  """Returns (config, print_only) or raises ConfigError."""
+  import recipes
+  flags = [a for a in argv if a.startswith("--")]
+  for flag in flags:
+    if flag not in ("--print-config", "--help"):
+      raise ConfigError(f"unknown flag {flag!r}; known: --print-config, --help")
+  args = [a for a in argv if not a.startswith("--")]
+  names = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
+  name = names[-1] if names else recipes.DEFAULT
+  cfg = recipes.load(name)
+  cfg = validate(apply_overrides(cfg, [a for a in args if not a.startswith("recipe=")]))
+  return cfg, "--print-config" in flags
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if "--help" in argv:
+    print(__doc__.strip())
+    return 0
+  try:
+    cfg, print_only = parse(argv)
+    import jax
+    from celerity_jax.resolve import resolve
+    from celerity_jax.train import loop
+    resolved = resolve(cfg, len(jax.devices()))
+    if print_only:
+      print(json.dumps(loop.describe(cfg, resolved), indent=2))
+      return 0
+    loop.run(cfg)
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Decoder models (Flax NNX)."""

@@ -1,0 +1,65 @@
+"""optax AdamW with per-group LR multipliers, a weight-decay mask, lambda from tau, and schedules.
+
+The update of a parameter in group g at step t is
+    theta <- theta - s(t) * eta_g * (adam(grad) + lambda * mask_g * theta)
+which is `optax.adamw(eta_g * s(t), weight_decay=lambda, mask=mask_g)` per group (coupled decay, as
+SCIENCE.md section 1), built from the same optax pieces so one Adam state covers every group.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from celerity_jax.parametrization import DECAYED_GROUPS
+
+
+def schedule(kind: str, warmup: int, steps: int) -> Callable[[jax.Array], jax.Array]:
+  """LR factor in [0, 1] at step t: linear warmup to 1 over `warmup` steps, then `kind` decay that
+  reaches exactly 0 at t = steps (linear = D2Z, cosine) or stays at 1 (constant)."""
+  def factor(t):
+    t = jnp.asarray(t, jnp.float32)
+    warm = (t + 1.0) / max(warmup, 1)
+    progress = jnp.clip((t - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+    if kind == "linear":
+      after = 1.0 - progress
+    elif kind == "cosine":
+      after = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif kind == "constant":
+      after = jnp.ones_like(progress)
+    else:
+      raise ValueError(f"unknown schedule {kind!r}")
+    return jnp.where(t < warmup, warm, after)
+  return factor
+
+
+def scale_by_tree(multipliers) -> optax.GradientTransformation:
+  """Multiplies each update leaf by a fixed per-leaf float (the group's peak LR)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(optim_cfg, resolved, groups) -> tuple[optax.GradientTransformation, Callable]:
+  """Returns (optimizer, lr_fn). `groups` is a pure-dict tree of group names matching the params;
+  lr_fn(step) is the hidden-matrix LR, the one tau is defined by."""
+  factor = schedule(optim_cfg.schedule, resolved.warmup_steps, resolved.steps)
+  peak_tree = jax.tree.map(lambda g: resolved.lr_peak[g], groups)
+  decay_mask = jax.tree.map(lambda g: g in DECAYED_GROUPS, groups)
+  parts = []
+  if optim_cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
+  parts += [
+      optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
+      optax.add_decayed_weights(resolved.weight_decay, mask=decay_mask),
+      scale_by_tree(peak_tree),
+      optax.scale_by_schedule(lambda count: -factor(count)),
+  ]
+
+  def lr_fn(step):
+    return resolved.eta_hidden * factor(step)
+
+  return optax.chain(*parts), lr_fn

@@ -1,0 +1,89 @@
+"""Derives every run quantity from a config once: N, D, TPP, B, T, warmup, eta per group, lambda, tau.
+
+These are printed by `--print-config`, written to `run.dir/config.json` and used by the trainer;
+nothing downstream recomputes them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from celerity_jax import scaling
+from celerity_jax.config import Config, ConfigError
+from celerity_jax.parametrization import DECAYED_GROUPS, Multipliers, multipliers
+
+
+@dataclass(frozen=True)
+class Resolved:
+  n_params: int
+  n_embedding: int
+  n_non_embedding: int
+  tpp: float
+  tokens: float                 # D = TPP * N
+  data_parallel: int
+  batch_seqs: int
+  batch_tokens: int             # B
+  steps: int                    # T = D / B: the schedule horizon
+  warmup_steps: int
+  stop_step: int                # where this run ends (stop_frac / stop_step), <= T
+  lr_peak: dict                 # group -> peak LR (eta_base x group multiplier)
+  eta_hidden: float             # the LR that defines tau
+  weight_decay: float           # lambda (coupled, as optax.adamw)
+  tau: float                    # B / (eta_hidden * lambda * D)
+  tau_opt: float                # c * TPP**m, for reference
+  tau_groups: dict              # group -> 1 / (eta_group * lambda * T); None = not decayed
+  flops_per_token: float        # 6N + causal attention (MaxText convention)
+  flops_per_token_full_attn: float
+  multipliers: Multipliers
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
+  from celerity_jax.sharding import data_parallel_size, mesh_shape
+  s, t, o, m = cfg.scaling, cfg.train, cfg.optim, cfg.model
+  counts = scaling.param_counts(m)
+  n = counts["total"]
+  d_tokens = s.tpp * n
+  dp = data_parallel_size(mesh_shape(cfg.mesh, n_devices))
+  granule = dp * t.microbatches
+  if t.batch_size:
+    if t.batch_size % granule:
+      raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of data-parallel size "
+                        f"{dp} x train.microbatches {t.microbatches} = {granule}")
+    batch_seqs = t.batch_size
+  else:
+    law = scaling.batch_tokens(d_tokens, s.batch_coef, s.batch_exp) / m.seq_len
+    batch_seqs = scaling.round_batch(law, granule)
+  b_tokens = batch_seqs * m.seq_len
+  steps = scaling.total_steps(d_tokens, b_tokens)
+  warmup = scaling.warmup_steps(d_tokens, b_tokens, s.warmup_frac, s.warmup_max_tokens)
+  if warmup >= steps:
+    raise ConfigError(f"warmup of {warmup} steps is not shorter than T={steps} steps; "
+                      f"lower scaling.warmup_frac or raise scaling.tpp")
+  stop = math.ceil(t.stop_frac * steps)
+  if t.stop_step:
+    stop = min(stop, t.stop_step)
+
+  mult = multipliers(cfg.param, m)
+  lr_peak = {g: o.lr_base * k for g, k in mult.lr.items()}
+  eta_hidden = lr_peak["hidden"]
+  tau_opt = scaling.tau_opt(s.tpp, s.tau_c, s.tau_m)
+  if o.weight_decay is not None:
+    lam = o.weight_decay
+    tau = 1.0 / (eta_hidden * lam * steps) if lam > 0 else math.inf
+  else:
+    tau = o.tau or tau_opt
+    lam = scaling.weight_decay(eta_hidden, tau, steps)
+  tau_groups = {g: (1.0 / (lr_peak[g] * lam * steps) if lam > 0 and g in DECAYED_GROUPS else None)
+                for g in lr_peak}
+  return Resolved(
+      n_params=n, n_embedding=counts["embedding"], n_non_embedding=counts["non_embedding"],
+      tpp=s.tpp, tokens=d_tokens, data_parallel=dp, batch_seqs=batch_seqs, batch_tokens=b_tokens,
+      steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak, eta_hidden=eta_hidden,
+      weight_decay=lam, tau=tau, tau_opt=tau_opt, tau_groups=tau_groups,
+      flops_per_token=scaling.flops_per_token(m, causal=True),
+      flops_per_token_full_attn=scaling.flops_per_token(m, causal=False),
+      multipliers=mult)

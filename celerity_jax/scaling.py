@@ -1,0 +1,78 @@
+"""Pure-Python scaling math: parameter counts, D, B, T, warmup, tau and weight decay, FLOPs.
+
+Sources (SCIENCE.md): tau = B / (eta * lambda * D) from AdamW-as-EMA (Wang & Aitchison 2024) and
+Power Lines (Bergsma et al. 2025); tau_opt(TPP) = c * TPP**m with c, m fitted to the Celerity bands
+(tau 0.175 / 0.087 / 0.051 at TPP 20 / 80 / 234); B_tokens = k * D**e with k, e fitted to the Celerity
+20-TPP batch sizes; warmup = min(10% of D, 375M tokens) (Celerity).
+"""
+from __future__ import annotations
+
+
+def param_counts(model) -> dict[str, int]:
+  """Parameter counts of a dense decoder as the paper's tables count them (embeddings included)."""
+  d, v, f, h = model.d_model, model.vocab_size, model.d_ff, model.d_head
+  q_heads, kv_heads = model.n_heads, model.n_kv_heads or model.n_heads
+  attention = d * h * (2 * q_heads + 2 * kv_heads)         # Wq, Wo and Wk, Wv
+  mlp = (3 if model.mlp == "swiglu" else 2) * d * f
+  norm = (2 if model.norm == "layernorm" else 1) * d       # gain (+ bias)
+  per_layer = attention + mlp + 2 * norm
+  embedding = 2 * v * d                                    # untied input and output tables
+  total = model.n_layers * per_layer + norm + embedding
+  return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+          "per_layer": per_layer}
+
+
+def tau_opt(tpp: float, c: float, m: float) -> float:
+  """Optimal normalized AdamW timescale at a tokens-per-parameter ratio: c * TPP**m."""
+  return c * tpp ** m
+
+
+def batch_tokens(d_tokens: float, coef: float, exponent: float) -> float:
+  """Batch size in tokens from the power law B = coef * D**exponent."""
+  return coef * d_tokens ** exponent
+
+
+def round_batch(sequences: float, granule: int) -> int:
+  """Rounds a batch in sequences to the nearest positive multiple of `granule` (data-parallel size
+  times microbatches), so every device gets whole sequences."""
+  return max(granule, granule * round(sequences / granule))
+
+
+def total_steps(d_tokens: float, b_tokens: int) -> int:
+  return max(1, round(d_tokens / b_tokens))
+
+
+def warmup_steps(d_tokens: float, b_tokens: int, frac: float, max_tokens: float) -> int:
+  """Celerity warmup: min(frac * D, max_tokens) tokens, in whole steps."""
+  return round(min(frac * d_tokens, max_tokens) / b_tokens)
+
+
+def weight_decay(eta: float, tau: float, steps: int) -> float:
+  """lambda = 1 / (eta * tau * T): the AdamW decay that gives EMA timescale tau (fraction of T)."""
+  return 1.0 / (eta * tau * steps)
+
+
+def tau(b_tokens: float, eta: float, lam: float, d_tokens: float) -> float:
+  """tau = B / (eta * lambda * D), the EMA timescale as a fraction of training."""
+  return b_tokens / (eta * lam * d_tokens)
+
+
+def flops_per_token(model, causal: bool = True) -> float:
+  """Training FLOPs per token: 6 * (matmul params) + attention.
+
+  Matmul params exclude the input embedding (a lookup) and norms but include the unembedding.
+  Attention score and value matmuls cost 12 * layers * seq_len * (heads * d_head) per token with full
+  attention (Megatron/Levanter convention) and half that when causal (MaxText convention).
+  """
+  counts = param_counts(model)
+  norms = (2 * model.n_layers + 1) * ((2 if model.norm == "layernorm" else 1) * model.d_model)
+  matmul = counts["total"] - counts["embedding"] // 2 - norms
+  attention = 12 * model.n_layers * model.seq_len * model.n_heads * model.d_head
+  return 6.0 * matmul + (0.5 if causal else 1.0) * attention
+
+
+def fmt_count(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.3g}{unit}"
+  return f"{n:.3g}"

@@ -1,0 +1,1 @@
+"""Train state, the jitted step and the training loop."""

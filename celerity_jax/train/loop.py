@@ -1,0 +1,92 @@
+"""The training loop: mesh, state, data in; metrics.jsonl, TensorBoard and progress out.
+
+Metrics are fetched one step late: step k's metrics are read after step k+1 is dispatched, so the
+host never waits on the device it is feeding.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jax
+
+from celerity_jax import config as config_lib
+from celerity_jax import sharding
+from celerity_jax.data.synthetic import SyntheticTokens
+from celerity_jax.metrics import MetricsWriter, Throughput, progress_bar
+from celerity_jax.resolve import Resolved, resolve
+from celerity_jax.train import state as state_lib
+from celerity_jax.train.step import make_train_step
+
+log = logging.getLogger("celerity_jax")
+
+
+def describe(cfg, resolved: Resolved) -> dict:
+  """The resolved config: what a user chose plus every derived quantity."""
+  return {"config": config_lib.to_dict(cfg), "derived": resolved.as_dict()}
+
+
+def _device_batch(batch: dict, batch_sharding) -> dict:
+  # Each process contributes its rows; with one process this is the whole global batch.
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+
+def run(cfg) -> dict:
+  """Trains per `cfg` and returns the last metrics row."""
+  mesh = sharding.make_mesh(cfg.mesh)
+  resolved = resolve(cfg, len(jax.devices()))
+  sharding.check_batch(resolved.batch_seqs, cfg.train.microbatches, mesh)
+  run_dir = Path(cfg.run.dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(json.dumps(describe(cfg, resolved), indent=2) + "\n")
+
+  setup = state_lib.build(cfg, resolved, mesh)
+  state = setup.init()
+  train_step = make_train_step(setup, cfg, resolved, mesh)
+  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs,
+                         cfg.train.seed)
+  batch_sharding = sharding.batch_sharding(mesh)
+  writer = MetricsWriter(run_dir, cfg.run.tensorboard)
+  writer.row({"event": "start", "mesh": dict(mesh.shape), "n_params": resolved.n_params,
+              "steps": resolved.steps, "stop_step": resolved.stop_step,
+              "tau": resolved.tau, "tau_groups": resolved.tau_groups})
+  print(f"celerity_jax: N={resolved.n_params:,} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
+        f"{cfg.model.seq_len} T={resolved.steps} warmup={resolved.warmup_steps} "
+        f"lambda={resolved.weight_decay:.4g} tau={resolved.tau:.4g} per-group tau="
+        + ", ".join(f"{g}:{t:.4g}" for g, t in resolved.tau_groups.items() if t is not None),
+        file=sys.stderr)
+
+  throughput = Throughput()
+  bar = progress_bar(resolved.stop_step, int(state.step), cfg.run.progress)
+  last_row, pending = {}, None
+
+  def emit(step, metrics):
+    nonlocal last_row
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    tokens = step * resolved.batch_tokens
+    rate = throughput.update(tokens)
+    last_row = {"step": step, "tokens": tokens, "frac": step / resolved.steps, **values,
+                "tokens_per_s": rate, "microbatches": cfg.train.microbatches,
+                "dtype": cfg.model.dtype}
+    writer.row(last_row)
+    bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{rate or 0:,.0f}", refresh=False)
+
+  try:
+    for step in range(int(state.step), resolved.stop_step):
+      batch = _device_batch(data.batch(step), batch_sharding)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        emit(*pending)
+        pending = None
+      done = step + 1
+      if done % cfg.run.log_every == 0 or done == resolved.stop_step or done == 1:
+        pending = (done, metrics)
+      bar.update(1)
+    if pending is not None:
+      emit(*pending)
+  finally:
+    bar.close()
+    writer.close()
+  return last_row

@@ -1,0 +1,58 @@
+"""The train state (a pytree of plain dicts) and its sharded initialization."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from celerity_jax import sharding
+from celerity_jax.models.dense import Decoder
+from celerity_jax.optim import make_optimizer
+
+
+class TrainState(NamedTuple):
+  step: jax.Array           # optimizer steps taken
+  params: dict              # pure-dict tree of float32 arrays (nnx.merge accepts it directly)
+  opt_state: Any
+
+
+@dataclass(frozen=True)
+class Setup:
+  """Everything the step and loop need, derived once from (config, resolved, mesh)."""
+  graphdef: Any
+  optimizer: optax.GradientTransformation
+  lr_fn: Callable
+  state_shardings: TrainState
+  init: Callable[[], TrainState]     # jitted; returns the state already sharded on the mesh
+  groups: dict                       # param path -> optimizer group
+
+
+def _pure(abstract_state, fn) -> dict:
+  return jax.tree.map(fn, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+                      ).to_pure_dict()
+
+
+def build(cfg, resolved, mesh: Mesh) -> Setup:
+  def new_model():
+    return Decoder(cfg.model, resolved.multipliers, nnx.Rngs(params=cfg.train.seed))
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(new_model))
+  groups = _pure(abstract, lambda v: v.get_metadata()["group"])
+  optimizer, lr_fn = make_optimizer(cfg.optim, resolved, groups)
+
+  def init_fn() -> TrainState:
+    params = nnx.state(new_model()).to_pure_dict()
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  abstract_state = jax.eval_shape(init_fn)
+  param_specs = sharding.param_specs(abstract, mesh)
+  specs = TrainState(P(), param_specs,
+                     sharding.opt_state_specs(optimizer, abstract_state.opt_state, param_specs))
+  shardings = sharding.named(mesh, specs)
+  return Setup(graphdef, optimizer, lr_fn, shardings, jax.jit(init_fn, out_shardings=shardings),
+               groups)

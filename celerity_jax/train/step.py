@@ -1,0 +1,85 @@
+"""The jitted train step: loss, gradients (accumulated over microbatches), AdamW update, metrics.
+
+Everything a log row needs is computed here, on device, and fetched by the loop one step late.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from celerity_jax import sharding
+from celerity_jax.models.dense import no_constraint
+from celerity_jax.train.state import Setup, TrainState
+
+
+def cross_entropy(logits_BxLxV, targets_BxL, z_coef: float):
+  """Mean token cross-entropy and the mean z-loss term z_coef * logsumexp^2 (float32)."""
+  lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  return (lse_BxL - target_logit_BxL).mean(), z_coef * jnp.square(lse_BxL).mean()
+
+
+def make_loss_fn(setup: Setup, cfg, constrain=None):
+  """loss_fn(params, batch) -> (ce + z, (ce, z)); `constrain` shards activations (None = off)."""
+  constrain = constrain or no_constraint
+
+  def loss_fn(params, batch):
+    model = nnx.merge(setup.graphdef, params)
+    logits = model(batch["inputs"], batch.get("segment_ids"), constrain)
+    ce, z = cross_entropy(logits, batch["targets"], cfg.model.z_loss)
+    return ce + z, (ce, z)
+  return loss_fn
+
+
+def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh | None):
+  """Mean gradient over `micro` equal microbatches via lax.scan: equals the full-batch gradient."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro == 1:
+    (_, (ce, z)), grads = grad_fn(params, batch)
+    return ce, z, grads
+
+  def split(x):  # row i*micro + j -> microbatch j, so each device keeps its own rows (no reshard)
+    x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      spec = P(None, *sharding.logical_spec(("batch", "length")))
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x
+
+  def body(carry, mb):
+    (_, (ce, z)), grads = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, carry, (ce, z, grads)), None
+
+  zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+  total, _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+  return jax.tree.map(lambda x: x / micro, total)
+
+
+def make_train_step(setup: Setup, cfg, resolved, mesh: Mesh | None = None, jit: bool = True):
+  """Returns step(state, batch) -> (state, metrics); jitted with in/out shardings and donated state
+  when `mesh` is given."""
+  constrain = sharding.make_constrain(mesh) if mesh is not None else None
+  loss_fn = make_loss_fn(setup, cfg, constrain)
+
+  def train_step(state: TrainState, batch):
+    ce, z, grads = _accumulate(loss_fn, state.params, batch, cfg.train.microbatches, mesh)
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    metrics = {
+        "loss": ce, "z_loss": z, "grad_norm": optax.global_norm(grads),
+        "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(params),
+        "lr": setup.lr_fn(state.step),
+    }
+    return TrainState(step, params, opt_state), metrics
+
+  if not jit:
+    return train_step
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sharding),
+                 out_shardings=(setup.state_shardings, replicated), donate_argnums=0)

@@ -1,0 +1,30 @@
+"""The Celerity architecture and HP rules shared by every recipe (SCIENCE.md sections 4-5).
+
+Pre-LN LayerNorm (eps 1e-5), ALiBi, squared-ReLU MLP with d_ff = 8 d_model, untied embeddings,
+CompleteP, linear warmup + decay to zero, tau = tau_opt(TPP), B from the batch law.
+
+Base hyperparameters are the paper's published muP-study proxy values (d_base 256, head dim 64):
+sigma 8.67e-2, eta_base 1.62e-2, alpha_in 9.17, alpha_out 1.095. Celerity's own eta_base (0.15) is
+not used because its base width and the other base values are unpublished. The base depth is 32
+(Celerity tuned eta at depth 32).
+"""
+from __future__ import annotations
+
+from celerity_jax.config import (Config, ModelConfig, OptimConfig, ParamConfig, RunConfig,
+                                 ScalingConfig)
+
+
+def celerity(name: str, d_model: int, n_layers: int, d_head: int, tpp: float = 20.0,
+             vocab_size: int = 128_256, seq_len: int = 8192, dtype: str = "bfloat16",
+             d_base: int = 256, l_base: int = 32) -> Config:
+  model = ModelConfig(
+      vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=d_model // d_head,
+      d_head=d_head, d_ff=8 * d_model, seq_len=seq_len, norm="layernorm", norm_eps=1e-5,
+      position="alibi", mlp="squared_relu", dtype=dtype)
+  return Config(
+      model=model,
+      param=ParamConfig(kind="completep", d_base=d_base, l_base=l_base, sigma_base=8.67e-2,
+                        alpha_in=9.17, alpha_out=1.095),
+      scaling=ScalingConfig(tpp=tpp),
+      optim=OptimConfig(lr_base=1.62e-2, b1=0.9, b2=0.95, eps=1e-8, schedule="linear"),
+      run=RunConfig(dir=f"runs/{name}"))
