@@ -2,8 +2,9 @@
 
 Sources (SCIENCE.md): tau = B / (eta * lambda * D) from AdamW-as-EMA (Wang & Aitchison 2024) and
 Power Lines (Bergsma et al. 2025); tau_opt(TPP) = c * TPP**m with c, m fitted to the Celerity bands
-(tau 0.175 / 0.087 / 0.051 at TPP 20 / 80 / 234); B_tokens = k * D**e with k, e fitted to the Celerity
-20-TPP batch sizes; warmup = min(10% of D, 375M tokens) (Celerity).
+(tau 0.175 / 0.087 / 0.051 at TPP 20 / 80 / 234: c = 0.785, m = -0.501); B_tokens = k * D**0.5 with
+k = 19.87 fitted to the five Celerity 20-TPP batch sizes (SCIENCE.md's two-point 19.6 misses the 900M
+member by 4%); warmup = min(10% of D, 375M tokens) (Celerity).
 """
 from __future__ import annotations
 

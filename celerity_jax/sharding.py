@@ -114,7 +114,7 @@ def param_specs(abstract_state, mesh: Mesh) -> dict:
 
   specs = jax.tree_util.tree_map_with_path(
       spec_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.State(specs).to_pure_dict() if not isinstance(specs, dict) else specs
+  return nnx.to_pure_dict(specs)
 
 
 def opt_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state, params_specs):

@@ -2,8 +2,9 @@
 
 Shape: d_model 1152, 9 heads x 128, 26 layers, d_ff 9216, vocab 128,256, context 8192 ->
 N = 985.6M (the paper's 900M member widened by nothing and deepened from 23 to 26 layers, aspect
-d_model / layers = 44 vs the family's 49-53). At 20 TPP: D = 19.7B tokens, B = 337 -> 336 sequences
-(2.75M tokens), T = 7,160 steps, 137 warmup steps, ~1.3e20 FLOPs.
+d_model / layers = 44 vs the family's 49-53). At 20 TPP: D = 19.7B tokens, B = 341 sequences
+(2.79M tokens; rounded to a multiple of the data-parallel size, e.g. 344 on 8-way), T = 7,057 steps,
+134 warmup steps, tau = 0.175, lambda = 0.225, 1.28e20 training FLOPs (6N + causal attention).
 
 Meant for a TPU v5p-64 / 8x H100 class slice, bfloat16 compute:
   python -m celerity_jax.main recipe=celerity_1b mesh.fsdp=-1 mesh.data=1

@@ -2,7 +2,7 @@
 
 Shape: d_model 64, 1 head x 64, 2 layers, d_ff 512, vocab 1024, context 128 -> N = 295,552.
 Celerity rules (CompleteP, ALiBi, squared ReLU, linear D2Z, tau_opt(20) = 0.174) in float32.
-At 20 TPP: D = 5.9M tokens, B = 372 x 128 tokens, T = 124 steps, 12 warmup steps.
+At 20 TPP: D = 5.9M tokens, B = 377 x 128 tokens, T = 122 steps, 12 warmup steps.
 
   python -m celerity_jax.main recipe=celerity_tiny
 """

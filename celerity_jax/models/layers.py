@@ -19,6 +19,11 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, .
   return nnx.Param(value, axes=axes, group=group)
 
 
+def map_variables(state: nnx.State, fn) -> dict:
+  """Pure-dict tree of fn(variable) over an nnx.State, e.g. its metadata (axes, group)."""
+  return nnx.to_pure_dict(jax.tree.map(fn, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 class Norm(nnx.Module):
   """LayerNorm (gain and bias) or RMSNorm (gain), computed in float32."""
 

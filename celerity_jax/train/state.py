@@ -12,6 +12,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.models.dense import Decoder
+from celerity_jax.models.layers import map_variables
 from celerity_jax.optim import make_optimizer
 
 
@@ -32,21 +33,16 @@ class Setup:
   groups: dict                       # param path -> optimizer group
 
 
-def _pure(abstract_state, fn) -> dict:
-  return jax.tree.map(fn, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-                      ).to_pure_dict()
-
-
 def build(cfg, resolved, mesh: Mesh) -> Setup:
   def new_model():
     return Decoder(cfg.model, resolved.multipliers, nnx.Rngs(params=cfg.train.seed))
 
   graphdef, abstract = nnx.split(nnx.eval_shape(new_model))
-  groups = _pure(abstract, lambda v: v.get_metadata()["group"])
+  groups = map_variables(abstract, lambda v: v.get_metadata()["group"])
   optimizer, lr_fn = make_optimizer(cfg.optim, resolved, groups)
 
   def init_fn() -> TrainState:
-    params = nnx.state(new_model()).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(new_model()))
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
   abstract_state = jax.eval_shape(init_fn)

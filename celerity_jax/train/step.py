@@ -69,8 +69,8 @@ def make_train_step(setup: Setup, cfg, resolved, mesh: Mesh | None = None, jit: 
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
     metrics = {
-        "loss": ce, "z_loss": z, "grad_norm": optax.global_norm(grads),
-        "update_norm": optax.global_norm(updates), "param_norm": optax.global_norm(params),
+        "loss": ce, "z_loss": z, "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
         "lr": setup.lr_fn(state.step),
     }
     return TrainState(step, params, opt_state), metrics

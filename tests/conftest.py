@@ -1,0 +1,33 @@
+"""Test setup: 8 fake CPU devices and a persistent compilation cache, before jax initializes."""
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+jax.config.update("jax_compilation_cache_dir", str(CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import recipes  # noqa: E402
+from celerity_jax.config import apply_overrides, validate  # noqa: E402
+
+# A model small enough to compile and step in about a second, shardable on a 2x2x2 mesh.
+SMALL = ["model.d_model=32", "model.n_heads=2", "model.d_head=16", "model.d_ff=128",
+         "model.vocab_size=256", "model.seq_len=32", "train.batch_size=16", "scaling.tpp=0.5",
+         "run.progress=false", "run.tensorboard=false", "param.d_base=32"]
+
+
+def small_config(*overrides: str):
+  """celerity_tiny's rules on a small shape; T is about 60 steps of 16 x 32 tokens."""
+  return validate(apply_overrides(recipes.load("celerity_tiny"), SMALL + list(overrides)))
+
+
+@pytest.fixture
+def small():
+  return small_config

@@ -1,0 +1,110 @@
+"""Config parsing, the CLI's error contract (exit 2, no traceback) and --print-config."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import recipes
+from celerity_jax.config import ConfigError, apply_overrides, validate
+from celerity_jax.main import main
+
+
+def run_main(capsys, *argv):
+  code = main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def test_overrides_are_parsed_to_field_types():
+  cfg = apply_overrides(recipes.load("celerity_tiny"), [
+      "model.d_model=96", "optim.lr_base=3e-3", "model.scan_layers=false", "model.norm=rmsnorm",
+      "train.stop_step=1e3", "optim.weight_decay=0.1", "optim.weight_decay=null"])
+  assert cfg.model.d_model == 96 and isinstance(cfg.model.d_model, int)
+  assert cfg.optim.lr_base == 3e-3
+  assert cfg.model.scan_layers is False
+  assert cfg.model.norm == "rmsnorm"
+  assert cfg.train.stop_step == 1000
+  assert cfg.optim.weight_decay is None
+
+
+def test_config_is_frozen():
+  cfg = recipes.load("celerity_tiny")
+  with pytest.raises(AttributeError):
+    cfg.model.d_model = 3
+
+
+def test_unknown_key_names_key_and_close_matches(capsys):
+  code, _, err = run_main(capsys, "recipe=celerity_tiny", "model.d_modle=64", "--print-config")
+  assert code == 2
+  assert "model.d_modle" in err and "model.d_model" in err
+
+
+def test_bad_value_names_expected_type(capsys):
+  code, _, err = run_main(capsys, "model.n_layers=two", "--print-config")
+  assert code == 2 and "model.n_layers" in err and "expected an int" in err
+  code, _, err = run_main(capsys, "optim.lr_base=fast", "--print-config")
+  assert code == 2 and "expected a float" in err
+  code, _, err = run_main(capsys, "model.n_layers=2.5", "--print-config")
+  assert code == 2 and "expected an int" in err
+
+
+def test_bad_choice_lists_valid_values(capsys):
+  code, _, err = run_main(capsys, "model.position=learned", "--print-config")
+  assert code == 2 and "alibi" in err and "rope" in err
+
+
+def test_unknown_recipe_lists_recipes(capsys):
+  code, _, err = run_main(capsys, "recipe=celerity_7b", "--print-config")
+  assert code == 2 and "celerity_7b" in err and "celerity_tiny" in err and "celerity_1b" in err
+
+
+def test_malformed_override_and_flag(capsys):
+  assert run_main(capsys, "model.d_model")[0] == 2
+  assert run_main(capsys, "--print-confg")[0] == 2
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_kv_heads=3", "model.n_kv_heads"),       # 1 head is not a multiple of 3
+    ("train.stop_frac=1.5", "train.stop_frac"),
+    ("model.d_model=0", "model.d_model"),
+    ("mesh.fsdp=-1", "mesh"),                          # two axes set to -1
+    ("train.batch_size=7", "train.batch_size"),        # not divisible on the 8-device mesh
+])
+def test_invalid_combinations_exit_2_naming_the_key(capsys, override, key):
+  code, _, err = run_main(capsys, override, "--print-config")
+  assert code == 2, err
+  assert key in err
+
+
+def test_mesh_that_does_not_match_devices(capsys):
+  code, _, err = run_main(capsys, "mesh.data=3", "--print-config")   # 8 fake devices
+  assert code == 2 and "8" in err and "mesh" in err
+
+
+def test_print_config_celerity_1b_lists_derived_quantities(capsys):
+  code, out, _ = run_main(capsys, "recipe=celerity_1b", "--print-config")
+  assert code == 0
+  derived = json.loads(out)["derived"]
+  assert abs(derived["n_params"] - 1e9) / 1e9 < 0.05
+  for key in ("tokens", "tpp", "batch_tokens", "steps", "warmup_steps", "lr_peak", "weight_decay",
+              "tau", "tau_groups", "multipliers"):
+    assert key in derived
+  mult = derived["multipliers"]
+  assert mult["attn_scale"] == pytest.approx(1 / 128)
+  assert mult["logit_scale"] == pytest.approx(1.095 / (1152 / 256))
+  assert derived["tau"] == pytest.approx(0.785 * 20 ** -0.501)
+
+
+def test_cli_subprocess_exit_code_without_traceback():
+  proc = subprocess.run([sys.executable, "-m", "celerity_jax.main", "model.d_modle=3"],
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr and "model.d_model" in proc.stderr
+
+
+def test_validate_accepts_recipes():
+  for name in recipes.available():
+    validate(recipes.load(name))
+  with pytest.raises(ConfigError):
+    validate(apply_overrides(recipes.load("celerity_tiny"), ["scaling.warmup_frac=1.0"]))

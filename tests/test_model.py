@@ -1,0 +1,118 @@
+"""Dense decoder: causality, packed-document isolation, scan/unroll/remat equivalence, variants."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from celerity_jax import scaling
+from celerity_jax.config import ModelConfig, ParamConfig
+from celerity_jax.models.dense import Decoder
+from celerity_jax.parametrization import multipliers
+from celerity_jax.train.step import cross_entropy
+
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_head=16, d_ff=128,
+                   seq_len=16)
+
+
+def build(**changes):
+  cfg = dataclasses.replace(BASE, **changes)
+  return Decoder(cfg, multipliers(ParamConfig(d_base=32), cfg), nnx.Rngs(params=0))
+
+
+def per_position_loss(model, tokens, targets):
+  logits = model(tokens)
+  lse = jax.nn.logsumexp(logits, -1)
+  return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("position", ["alibi", "rope"])
+def test_loss_at_t_has_zero_gradient_wrt_later_tokens(position):
+  model = build(position=position)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  t = 7
+  # positions <= t use ids < 32, later positions ids >= 32: their embedding rows are only read later
+  rng = np.random.default_rng(0)
+  tokens = np.concatenate([rng.integers(0, 32, t + 1), rng.integers(32, 64, 16 - t - 1)])[None]
+  targets = rng.integers(0, 64, (1, 16))
+
+  def loss_t(embed):
+    m = nnx.merge(graphdef, {**params, "embed": embed})
+    return per_position_loss(m, jnp.asarray(tokens), jnp.asarray(targets))[0, t]
+
+  grad = jax.jit(jax.grad(loss_t))(model.embed[...])
+  assert np.all(np.asarray(grad[32:]) == 0.0)            # later tokens: exactly zero
+  assert np.abs(np.asarray(grad[np.unique(tokens[0, :t + 1])])).sum() > 0
+
+
+@pytest.mark.parametrize("position", ["alibi", "rope"])
+def test_segments_do_not_attend_across_documents(position):
+  model = build(position=position)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, 64, (1, 16))
+  segments = np.array([[0] * 6 + [1] * 10])
+  changed = tokens.copy()
+  changed[0, :6] = rng.integers(0, 64, 6)                  # rewrite document 0 only
+  a = model(jnp.asarray(tokens), jnp.asarray(segments))
+  b = model(jnp.asarray(changed), jnp.asarray(segments))
+  np.testing.assert_allclose(a[0, 6:], b[0, 6:], atol=1e-6)   # document 1 is unaffected
+  assert np.abs(np.asarray(a[0, :6] - b[0, :6])).max() > 1e-3
+  # without segment ids the second document does see the first
+  c = model(jnp.asarray(changed))
+  assert np.abs(np.asarray(model(jnp.asarray(tokens))[0, 6:] - c[0, 6:])).max() > 1e-3
+
+
+def test_scan_unrolled_and_remat_agree():
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 16)))
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def loss_and_grad(model):
+    graphdef, state = nnx.split(model)
+    def loss(params):
+      return cross_entropy(nnx.merge(graphdef, params)(tokens), targets, 0.0)[0]
+    return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
+
+  ref_loss, ref_grad = loss_and_grad(build())
+  for changes in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots"}):
+    loss, grad = loss_and_grad(build(**changes))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+                 grad, ref_grad)
+
+
+@pytest.mark.parametrize("changes", [
+    {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"position": "rope"}, {"n_kv_heads": 1},
+    {"n_heads": 4, "n_kv_heads": 2, "mlp": "swiglu", "norm": "rmsnorm", "position": "rope"}])
+def test_variants_match_parameter_count_and_train_signal(changes):
+  model = build(**changes)
+  cfg = dataclasses.replace(BASE, **changes)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
+  assert n == scaling.param_counts(cfg)["total"]
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 16)))
+  logits = model(tokens)
+  assert logits.shape == (2, 16, 64) and logits.dtype == jnp.float32
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  f32, bf16 = build(), build(dtype="bfloat16")
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16)))
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 16)))
+  targets = jnp.roll(tokens, -1, axis=1)
+  lo, hi = bf16(tokens), f32(tokens)
+  assert lo.dtype == jnp.float32
+  ce_lo, ce_hi = cross_entropy(lo, targets, 0.0)[0], cross_entropy(hi, targets, 0.0)[0]
+  assert abs(float(ce_lo) - float(ce_hi)) / float(ce_hi) < 0.02
+
+
+def test_cross_entropy_and_z_loss_values():
+  logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25]]]))
+  ce, z = cross_entropy(logits, jnp.asarray([[1]]), 1e-2)
+  assert float(ce) == pytest.approx(np.log(4), rel=1e-6)
+  assert float(z) == pytest.approx(0.0, abs=1e-8)          # logsumexp of a distribution is 0
+  ce, z = cross_entropy(logits + 2.0, jnp.asarray([[0]]), 1e-2)
+  assert float(ce) == pytest.approx(np.log(2), rel=1e-6)
+  assert float(z) == pytest.approx(1e-2 * 4.0, rel=1e-5)
