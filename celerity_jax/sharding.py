@@ -86,7 +86,7 @@ def logical_spec(axes: tuple[str | None, ...], where: str = "") -> P:
 
 
 def _check_divisible(shape, spec: P, mesh: Mesh, where: str):
-  for dim, mesh_axes in zip(shape, spec):
+  for dim, mesh_axes in zip(shape, spec, strict=True):
     flat = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
     parts = math.prod(mesh.shape[a] for a in flat)
     if dim % parts:

@@ -1,6 +1,7 @@
 """Train-step benchmark: tokens/s and MFU against the matmul ceiling measured in the same process.
 
-  python -m tools.bench_step recipe=celerity_tiny [section.key=value ...] [--steps 10] [--dtype f32]
+  python -m tools.bench_step recipe=celerity_tiny [section.key=value ...] [--steps 10]
+  python -m tools.bench_step recipe=celerity_1b --compile-only   # compile time only, allocates nothing
 
 FLOPs convention: 6 x (matmul params, unembedding included, input embedding excluded) per token
 plus causal attention 6 x layers x seq_len x heads x d_head (MaxText; full attention doubles the
@@ -35,6 +36,20 @@ def matmul_ceiling(n: int, dtype, repeats: int = 10) -> float:
   return 2.0 * n ** 3 / best
 
 
+def compile_time(cfg, resolved, setup, step) -> dict:
+  """Seconds to lower and compile the train step for abstract (never allocated) state and batch."""
+  abstract_state = jax.eval_shape(setup.init)
+  tokens = jax.ShapeDtypeStruct((resolved.batch_seqs, cfg.model.seq_len), jnp.int32)
+  t0 = time.perf_counter()
+  lowered = step.lower(abstract_state, {"inputs": tokens, "targets": tokens})
+  lower_s = time.perf_counter() - t0
+  lowered.compile()
+  return {"n_params": resolved.n_params, "n_layers": cfg.model.n_layers,
+          "scan_layers": cfg.model.scan_layers, "batch_seqs": resolved.batch_seqs,
+          "lower_s": round(lower_s, 2), "compile_s": round(time.perf_counter() - t0 - lower_s, 2),
+          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
 def bench(argv: list[str]) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
@@ -42,6 +57,8 @@ def bench(argv: list[str]) -> dict:
   parser.add_argument("--ceiling-n", type=int, default=2048)
   parser.add_argument("--peak-tflops", type=float, default=0.0,
                       help="use this chip peak (TFLOP/s) instead of the measured matmul ceiling")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="lower and compile the step from abstract shapes; report compile time")
   args, rest = parser.parse_known_args(argv)
 
   from celerity_jax.main import parse
@@ -55,8 +72,10 @@ def bench(argv: list[str]) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   resolved = resolve(cfg, len(jax.devices()))
   setup = state_lib.build(cfg, resolved, mesh)
-  state = setup.init()
   step = make_train_step(setup, cfg, resolved, mesh)
+  if args.compile_only:
+    return compile_time(cfg, resolved, setup, step)
+  state = setup.init()
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
   batch_sharding = sharding.batch_sharding(mesh)
   batches = [{k: jax.device_put(v, batch_sharding) for k, v in data.batch(i).items()}

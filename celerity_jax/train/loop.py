@@ -71,7 +71,10 @@ def run(cfg) -> dict:
                 "tokens_per_s": rate, "microbatches": cfg.train.microbatches,
                 "dtype": cfg.model.dtype}
     writer.row(last_row)
-    bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{rate or 0:,.0f}", refresh=False)
+    shown = {"loss": f"{values['loss']:.4f}"}
+    if rate is not None:
+      shown["tok_s"] = f"{rate:,.0f}"
+    bar.set_postfix(shown, refresh=False)
 
   try:
     for step in range(int(state.step), resolved.stop_step):
