@@ -64,7 +64,7 @@ def run_steps(cfg, n_devices, n_steps):
   resolved = resolve(cfg, n_devices)
   setup = state_lib.build(cfg, resolved, mesh)
   state = setup.init()
-  step = make_train_step(setup, cfg, resolved, mesh)
+  step = make_train_step(setup, cfg, mesh)
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
   losses = []
   for i in range(n_steps):

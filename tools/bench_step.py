@@ -72,7 +72,7 @@ def bench(argv: list[str]) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   resolved = resolve(cfg, len(jax.devices()))
   setup = state_lib.build(cfg, resolved, mesh)
-  step = make_train_step(setup, cfg, resolved, mesh)
+  step = make_train_step(setup, cfg, mesh)
   if args.compile_only:
     return compile_time(cfg, resolved, setup, step)
   state = setup.init()

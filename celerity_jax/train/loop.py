@@ -6,7 +6,6 @@ host never waits on the device it is feeding.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -20,17 +19,20 @@ from celerity_jax.resolve import Resolved, resolve
 from celerity_jax.train import state as state_lib
 from celerity_jax.train.step import make_train_step
 
-log = logging.getLogger("celerity_jax")
-
-
 def describe(cfg, resolved: Resolved) -> dict:
   """The resolved config: what a user chose plus every derived quantity."""
   return {"config": config_lib.to_dict(cfg), "derived": resolved.as_dict()}
 
 
-def _device_batch(batch: dict, batch_sharding) -> dict:
-  # Each process contributes its rows; with one process this is the whole global batch.
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+def _device_batch(global_batch: dict, batch_sharding) -> dict:
+  """Global arrays from each process's contiguous slice of the rows (all rows on one process)."""
+  n, i = jax.process_count(), jax.process_index()
+  out = {}
+  for key, value in global_batch.items():
+    rows = value.shape[0] // n
+    out[key] = jax.make_array_from_process_local_data(
+        batch_sharding, value[i * rows:(i + 1) * rows], global_shape=value.shape)
+  return out
 
 
 def run(cfg) -> dict:
@@ -44,7 +46,7 @@ def run(cfg) -> dict:
 
   setup = state_lib.build(cfg, resolved, mesh)
   state = setup.init()
-  train_step = make_train_step(setup, cfg, resolved, mesh)
+  train_step = make_train_step(setup, cfg, mesh)
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs,
                          cfg.train.seed)
   batch_sharding = sharding.batch_sharding(mesh)

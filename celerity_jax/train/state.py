@@ -30,7 +30,6 @@ class Setup:
   lr_fn: Callable
   state_shardings: TrainState
   init: Callable[[], TrainState]     # jitted; returns the state already sharded on the mesh
-  groups: dict                       # param path -> optimizer group
 
 
 def build(cfg, resolved, mesh: Mesh) -> Setup:
@@ -50,5 +49,4 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
   specs = TrainState(P(), param_specs,
                      sharding.opt_state_specs(optimizer, abstract_state.opt_state, param_specs))
   shardings = sharding.named(mesh, specs)
-  return Setup(graphdef, optimizer, lr_fn, shardings, jax.jit(init_fn, out_shardings=shardings),
-               groups)
+  return Setup(graphdef, optimizer, lr_fn, shardings, jax.jit(init_fn, out_shardings=shardings))

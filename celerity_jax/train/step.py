@@ -34,7 +34,7 @@ def make_loss_fn(setup: Setup, cfg, constrain=None):
   return loss_fn
 
 
-def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh | None):
+def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
   """Mean gradient over `micro` equal microbatches via lax.scan: equals the full-batch gradient."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if micro == 1:
@@ -43,10 +43,8 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh | None):
 
   def split(x):  # row i*micro + j -> microbatch j, so each device keeps its own rows (no reshard)
     x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
-    if mesh is not None:
-      spec = P(None, *sharding.logical_spec(("batch", "length")))
-      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-    return x
+    spec = P(None, *sharding.logical_spec(("batch", "length")))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   def body(carry, mb):
     (_, (ce, z)), grads = grad_fn(params, mb)
@@ -57,11 +55,10 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh | None):
   return jax.tree.map(lambda x: x / micro, total)
 
 
-def make_train_step(setup: Setup, cfg, resolved, mesh: Mesh | None = None, jit: bool = True):
-  """Returns step(state, batch) -> (state, metrics); jitted with in/out shardings and donated state
-  when `mesh` is given."""
-  constrain = sharding.make_constrain(mesh) if mesh is not None else None
-  loss_fn = make_loss_fn(setup, cfg, constrain)
+def make_train_step(setup: Setup, cfg, mesh: Mesh):
+  """Returns step(state, batch) -> (state, metrics), jitted with in/out shardings on `mesh` and the
+  state donated."""
+  loss_fn = make_loss_fn(setup, cfg, sharding.make_constrain(mesh))
 
   def train_step(state: TrainState, batch):
     ce, z, grads = _accumulate(loss_fn, state.params, batch, cfg.train.microbatches, mesh)
@@ -75,10 +72,6 @@ def make_train_step(setup: Setup, cfg, resolved, mesh: Mesh | None = None, jit: 
     }
     return TrainState(step, params, opt_state), metrics
 
-  if not jit:
-    return train_step
-  if mesh is None:
-    return jax.jit(train_step, donate_argnums=0)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sharding),
