@@ -75,7 +75,15 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-  kind: Literal["synthetic"] = "synthetic"   # real corpora land with the data issue
+  corpus: Literal["stdlib", "synthetic"] = "stdlib"   # built-in corpus, used when `paths` is empty
+  paths: str = ""                 # comma-separated .txt / .jsonl (+ .gz) files, directories or globs
+  tokenizer: str = ""             # an existing sentencepiece .model; "" = train one on the corpus
+  tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+  cache_dir: str = ""             # "" = $CELERITY_JAX_CACHE or ~/.cache/celerity_jax
+  packing: Literal["concat", "segments"] = "concat"
+  eval_frac: float = 0.02         # fraction of documents held out (chosen by a hash of their text)
+  eval_batches: int = 2           # held-out batches per evaluation
+  threads: int = 2                # grain reader threads
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class TrainConfig:
   seed: int = 0                  # changes initialization and data order, nothing else
   stop_frac: float = 1.0         # end early at this fraction of T without changing T
   stop_step: int = 0             # end early at this step (0 = off); the earlier stop wins
+  eval_every: int = 0            # held-out loss every this many steps and at the end (0 = off)
 
 
 @dataclass(frozen=True)
@@ -218,6 +227,10 @@ def validate(cfg: Config) -> Config:
                       "model.z_loss must be >= 0")
   if o.weight_decay is not None and o.weight_decay < 0:
     raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+  if not 0.0 < cfg.data.eval_frac < 1.0:
+    raise ConfigError(f"data.eval_frac={cfg.data.eval_frac}: must be in (0, 1)")
+  if cfg.data.eval_batches < 1 or cfg.data.threads < 0 or t.eval_every < 0:
+    raise ConfigError("data.eval_batches must be >= 1; data.threads, train.eval_every >= 0")
   if not 0.0 <= s.warmup_frac < 1.0:
     raise ConfigError(f"scaling.warmup_frac={s.warmup_frac}: must be in [0, 1)")
   sizes = dataclasses.asdict(cfg.mesh)

@@ -1,6 +1,7 @@
 """CLI: python -m celerity_jax.main recipe=NAME [section.key=value ...] [--print-config]
 
-Exit status: 0 done, 2 configuration error (message names the key), other non-zero for a halted run.
+Exit status: 0 done, 2 configuration error (message names the key), 3 data error (names the file),
+other non-zero for a halted run.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import sys
 
 from celerity_jax.config import ConfigError, apply_overrides, validate
+from celerity_jax.data import DataError
 
 
 def parse(argv: list[str]):
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  except DataError as e:
+    print(f"data error: {e}", file=sys.stderr)
+    return 3
   return 0
 
 

@@ -6,8 +6,10 @@ d_model / layers = 44 vs the family's 49-53). At 20 TPP: D = 19.7B tokens, B = 3
 (2.79M tokens; rounded to a multiple of the data-parallel size, e.g. 344 on 8-way), T = 7,057 steps,
 134 warmup steps, tau = 0.175, lambda = 0.225, 1.28e20 training FLOPs (6N + causal attention).
 
-Meant for a TPU v5p-64 / 8x H100 class slice, bfloat16 compute:
-  python -m celerity_jax.main recipe=celerity_1b mesh.fsdp=-1 mesh.data=1
+Meant for a TPU v5p-64 / 8x H100 class slice, bfloat16 compute, on your corpus and a 128,256-piece
+sentencepiece tokenizer (the built-in stdlib corpus is far too small for this vocabulary):
+  python -m celerity_jax.main recipe=celerity_1b mesh.fsdp=-1 mesh.data=1 \
+      data.paths=/data/corpus/ data.tokenizer=/data/tokenizer.model
 `--print-config` works on any machine (nothing is allocated).
 """
 from recipes.family import celerity

@@ -20,7 +20,8 @@ from celerity_jax.config import apply_overrides, validate  # noqa: E402
 # A model small enough to compile and step in about a second, shardable on a 2x2x2 mesh.
 SMALL = ["model.d_model=32", "model.n_heads=2", "model.d_head=16", "model.d_ff=128",
          "model.vocab_size=256", "model.seq_len=32", "train.batch_size=16", "scaling.tpp=0.5",
-         "run.progress=false", "run.tensorboard=false", "param.d_base=32"]
+         "run.progress=false", "run.tensorboard=false", "param.d_base=32", "data.corpus=synthetic",
+         "train.eval_every=0"]
 
 
 def small_config(*overrides: str):

@@ -1,8 +1,8 @@
-"""A deterministic synthetic token stream, until real corpora land (data issue).
+"""A deterministic synthetic token stream (`data.corpus=synthetic`), for tests and benchmarks.
 
 Tokens follow a fixed random sparse Markov chain (each token has `branching` possible successors),
 so a model can learn it: the loss falls from ln(vocab) towards ln(branching). The chain is fixed by
-`chain_seed`; which sequences a step sees is a pure function of (train.seed, step).
+`chain_seed`; which sequences a step sees is a pure function of (seed, step).
 """
 from __future__ import annotations
 
@@ -11,19 +11,24 @@ import numpy as np
 
 class SyntheticTokens:
 
-  def __init__(self, vocab_size: int, seq_len: int, batch_seqs: int, seed: int,
-               branching: int = 4, chain_seed: int = 1234):
+  def __init__(self, vocab_size: int, seq_len: int, global_batch: int, seed: int,
+               process_index: int = 0, process_count: int = 1, branching: int = 4,
+               chain_seed: int = 1234):
     chain_rng = np.random.default_rng(chain_seed)
     self.successors_VxC = chain_rng.integers(0, vocab_size, (vocab_size, branching), np.int32)
-    self.vocab_size, self.seq_len, self.batch_seqs, self.seed = vocab_size, seq_len, batch_seqs, seed
+    self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+    self.global_batch = global_batch
+    self.rows = slice(process_index * global_batch // process_count,
+                      (process_index + 1) * global_batch // process_count)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """The global batch for `step`: inputs and next-token targets, int32 BxL."""
+    """This process's rows of the batch for `step`: inputs and next-token targets, int32 BxL."""
     rng = np.random.default_rng([self.seed, step])
-    b, length = self.batch_seqs, self.seq_len + 1
+    b, length = self.global_batch, self.seq_len + 1
     choice_BxL = rng.integers(0, self.successors_VxC.shape[1], (b, length), np.int32)
     tokens_BxL = np.empty((b, length), np.int32)
     tokens_BxL[:, 0] = rng.integers(0, self.vocab_size, b)
     for i in range(1, length):
       tokens_BxL[:, i] = self.successors_VxC[tokens_BxL[:, i - 1], choice_BxL[:, i]]
+    tokens_BxL = tokens_BxL[self.rows]
     return {"inputs": tokens_BxL[:, :-1], "targets": tokens_BxL[:, 1:]}

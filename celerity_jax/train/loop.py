@@ -13,11 +13,12 @@ import jax
 
 from celerity_jax import config as config_lib
 from celerity_jax import sharding
-from celerity_jax.data.synthetic import SyntheticTokens
+from celerity_jax.data.pipeline import prefetch
+from celerity_jax.data.sources import make_sources
 from celerity_jax.metrics import MetricsWriter, Throughput, progress_bar
 from celerity_jax.resolve import Resolved, resolve
 from celerity_jax.train import state as state_lib
-from celerity_jax.train.step import make_train_step
+from celerity_jax.train.step import make_eval_step, make_train_step
 
 def describe(cfg, resolved: Resolved) -> dict:
   """The resolved config: what a user chose plus every derived quantity."""
@@ -44,12 +45,18 @@ def run(cfg) -> dict:
   run_dir.mkdir(parents=True, exist_ok=True)
   (run_dir / "config.json").write_text(json.dumps(describe(cfg, resolved), indent=2) + "\n")
 
+  train_data, held_out = make_sources(cfg, resolved, cfg.run.progress)
   setup = state_lib.build(cfg, resolved, mesh)
   state = setup.init()
   train_step = make_train_step(setup, cfg, mesh)
-  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs,
-                         cfg.train.seed)
+  eval_step = make_eval_step(setup, cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
+  eval_batches = [_device_batch(held_out.batch(i), batch_sharding)
+                  for i in range(cfg.data.eval_batches)] if cfg.train.eval_every else []
+
+  def evaluate(params) -> float:
+    return sum(float(eval_step(params, b)) for b in eval_batches) / len(eval_batches)
+
   writer = MetricsWriter(run_dir, cfg.run.tensorboard)
   writer.row({"event": "start", "mesh": dict(mesh.shape), "n_params": resolved.n_params,
               "steps": resolved.steps, "stop_step": resolved.stop_step,
@@ -64,9 +71,9 @@ def run(cfg) -> dict:
   bar = progress_bar(resolved.stop_step, int(state.step), cfg.run.progress)
   last_row, pending = {}, None
 
-  def emit(step, metrics):
+  def emit(step, metrics, extra):
     nonlocal last_row
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()} | extra
     tokens = step * resolved.batch_tokens
     rate = throughput.update(tokens)
     last_row = {"step": step, "tokens": tokens, "frac": step / resolved.steps, **values,
@@ -78,16 +85,21 @@ def run(cfg) -> dict:
       shown["tok_s"] = f"{rate:,.0f}"
     bar.set_postfix(shown, refresh=False)
 
+  start = int(state.step)
+  batches = prefetch(train_data.batch, start, resolved.stop_step, cfg.data.threads)
   try:
-    for step in range(int(state.step), resolved.stop_step):
-      batch = _device_batch(data.batch(step), batch_sharding)
-      state, metrics = train_step(state, batch)
+    for step, host_batch in zip(range(start, resolved.stop_step), batches, strict=True):
+      state, metrics = train_step(state, _device_batch(host_batch, batch_sharding))
       if pending is not None:
         emit(*pending)
         pending = None
       done = step + 1
-      if done % cfg.run.log_every == 0 or done == resolved.stop_step or done == 1:
-        pending = (done, metrics)
+      evaluate_now = eval_batches and (done % cfg.train.eval_every == 0
+                                       or done == resolved.stop_step)
+      extra = {"eval_loss": evaluate(state.params)} if evaluate_now else {}
+      if (done % cfg.run.log_every == 0 or done == resolved.stop_step or done == 1
+          or evaluate_now):
+        pending = (done, metrics, extra)
       bar.update(1)
     if pending is not None:
       emit(*pending)

@@ -76,3 +76,15 @@ def make_train_step(setup: Setup, cfg, mesh: Mesh):
   replicated = NamedSharding(mesh, P())
   return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sharding),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(setup: Setup, cfg, mesh: Mesh):
+  """Returns eval(params, batch) -> mean token cross-entropy, jitted with the train shardings."""
+  loss_fn = make_loss_fn(setup, cfg, sharding.make_constrain(mesh))
+
+  def eval_step(params, batch):
+    return loss_fn(params, batch)[1][0]
+
+  return jax.jit(eval_step, in_shardings=(setup.state_shardings.params,
+                                          sharding.batch_sharding(mesh)),
+                 out_shardings=NamedSharding(mesh, P()))

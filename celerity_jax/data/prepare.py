@@ -1,0 +1,107 @@
+"""Corpus -> tokenizer + train/eval token stores, built on first use and cached.
+
+The cache entry is keyed by the corpus content, the tokenizer settings (or the given tokenizer's
+own fingerprint) and the split, so a changed corpus is rebuilt, never silently reused. The held-out
+split is per document, by a hash of its text: stable under reordering of the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from celerity_jax.data import DataError, corpus, store, tokenizer
+
+ENCODE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Prepared:
+  tokenizer: tokenizer.Tokenizer
+  train: store.TokenStore
+  eval: store.TokenStore
+  entry: Path
+
+
+def cache_root(data_cfg) -> Path:
+  root = data_cfg.cache_dir or os.environ.get("CELERITY_JAX_CACHE") or "~/.cache/celerity_jax"
+  return Path(root).expanduser()
+
+
+def _held_out(text: str, eval_frac: float) -> bool:
+  bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:4], "big")
+  return bucket < eval_frac * 2 ** 32
+
+
+def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
+  files = corpus.stdlib_files() if not data_cfg.paths else corpus.resolve_paths(data_cfg.paths)
+  given = tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
+  settings = {"corpus": corpus.fingerprint(files), "eval_frac": data_cfg.eval_frac,
+              "tokenizer": given.fingerprint if given else
+              {"vocab_size": vocab_size, "type": data_cfg.tokenizer_type}, "format": store.FORMAT}
+  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+  entry = cache_root(data_cfg) / f"{'stdlib' if not data_cfg.paths else 'files'}-{key}"
+  model_path = entry / "tokenizer.model"
+  if not (entry / "train" / "meta.json").exists() or not (entry / "eval" / "meta.json").exists():
+    _build(files, given, data_cfg, vocab_size, entry, settings, progress)
+  tok = given or tokenizer.load(model_path)
+  if tok.vocab_size > vocab_size:
+    raise DataError(f"tokenizer {data_cfg.tokenizer or model_path}: vocab {tok.vocab_size} > "
+                    f"model.vocab_size={vocab_size}")
+  return Prepared(tok, store.TokenStore(str(entry / "train"), tok.fingerprint, vocab_size),
+                  store.TokenStore(str(entry / "eval"), tok.fingerprint, vocab_size), entry)
+
+
+def _build(files, given, data_cfg, vocab_size, entry: Path, settings: dict, progress: bool):
+  entry.mkdir(parents=True, exist_ok=True)
+  print(f"celerity_jax: building token stores in {entry} from {len(files)} files", file=sys.stderr)
+  if given is None:
+    tok = tokenizer.train(lambda: corpus.documents(files), vocab_size, data_cfg.tokenizer_type)
+    partial = entry / "tokenizer.model.partial"
+    tok.save(partial)
+    os.replace(partial, entry / "tokenizer.model")
+  else:
+    tok = given
+  held_out: list = []
+  nbytes = 0
+  bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
+             desc="tokenize", disable=not progress, file=sys.stderr)
+  start = time.perf_counter()
+
+  def train_docs():
+    batch: list[str] = []
+    for doc in corpus.documents(files):
+      batch.append(doc)
+      if len(batch) == ENCODE_BATCH:
+        yield from _encode(batch)
+        batch = []
+    yield from _encode(batch)
+
+  def _encode(texts):
+    nonlocal nbytes
+    for text, ids in zip(texts, tok.encode(texts, threads=data_cfg.threads), strict=True):
+      size = len(text.encode("utf-8", "replace"))
+      nbytes += size
+      bar.update(size)
+      if _held_out(text, data_cfg.eval_frac):
+        held_out.append(ids)
+      else:
+        yield ids
+
+  meta = {"tokenizer": tok.fingerprint, "settings": settings}
+  train_meta = store.build(str(entry / "train"), train_docs(), tokenizer.EOS, meta)
+  seconds = time.perf_counter() - start
+  bar.close()
+  if not held_out:
+    raise DataError(f"corpus of {len(files)} files has no held-out document at data.eval_frac="
+                    f"{data_cfg.eval_frac}; raise it or add documents")
+  store.build(str(entry / "eval"), held_out, tokenizer.EOS, meta)
+  megabytes = nbytes / 1e6
+  print(f"celerity_jax: tokenized {megabytes:.1f} MB into {train_meta['n_tokens']:,} train tokens "
+        f"in {seconds:.1f} s ({megabytes / seconds:.2f} MB/s)", file=sys.stderr)

@@ -1,0 +1,144 @@
+"""Token store: one flat token array plus document offsets, written with tensorstore (zarr3).
+
+Layout of a store directory (local path or gs://bucket/path):
+  tokens/       zarr3 int32 [n_tokens]       every document's tokens followed by EOS
+  offsets/      zarr3 int64 [n_docs + 1]     document d is tokens[offsets[d]:offsets[d+1]]
+  meta.json     written last; a store without it is incomplete and is never read
+Local builds go to a sibling `.partial` directory renamed into place, so an interrupted build never
+leaves a store that looks complete and never touches an existing one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import tensorstore as ts
+
+from celerity_jax.data import DataError
+
+FORMAT = 1
+WRITE_CHUNK = 1 << 20    # tokens per file (zarr3 shard)
+READ_CHUNK = 1 << 14     # tokens per independently readable inner chunk: windows read ~64 KB
+CACHE_BYTES = 256 << 20  # decoded chunks kept in memory by each reader
+
+
+def _url(path: str) -> str:
+  if "://" in path:
+    return path.rstrip("/") + "/"
+  return "file://" + str(Path(path).resolve()) + "/"
+
+
+def _spec(path: str, name: str) -> dict:
+  return {"driver": "zarr3", "kvstore": _url(path) + name + "/"}
+
+
+def _create(path: str, name: str, dtype) -> ts.TensorStore:
+  # both chunk sizes explicitly: left unset, zarr3 picks one-element inner chunks (100x slower)
+  layout = ts.ChunkLayout(write_chunk_shape=[WRITE_CHUNK], read_chunk_shape=[READ_CHUNK])
+  return ts.open(_spec(path, name), create=True, delete_existing=True, dtype=dtype, shape=[0],
+                 chunk_layout=layout).result()
+
+
+def _append(array: ts.TensorStore, values: np.ndarray, at: int) -> ts.TensorStore:
+  array = array.resize(exclusive_max=[at + len(values)], expand_only=True).result()
+  array[at:at + len(values)].write(values).result()
+  return array
+
+
+def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict) -> dict:
+  """Writes a store from per-document token arrays (EOS appended here); returns its meta."""
+  local = "://" not in path
+  final = Path(path) if local else None
+  target = str(final.with_name(final.name + ".partial")) if local else path
+  if local:
+    shutil.rmtree(target, ignore_errors=True)
+    Path(target).mkdir(parents=True)
+  tokens = _create(target, "tokens", ts.int32)
+  n_tokens, offsets, max_id = 0, [0], -1
+  buffer: list[np.ndarray] = []
+
+  def flush():
+    nonlocal tokens, n_tokens, buffer
+    if buffer:
+      block = np.concatenate(buffer)
+      tokens = _append(tokens, block, n_tokens)
+      n_tokens += len(block)
+      buffer = []
+
+  pending = 0
+  for ids in encoded_docs:
+    doc = np.append(np.asarray(ids, np.int32), np.int32(eos_id))
+    max_id = max(max_id, int(doc.max()))
+    buffer.append(doc)
+    pending += len(doc)
+    offsets.append(offsets[-1] + len(doc))
+    if pending >= WRITE_CHUNK:
+      flush()
+      pending = 0
+  flush()
+  if n_tokens == 0:
+    if local:
+      shutil.rmtree(target, ignore_errors=True)
+    raise DataError(f"token store {path}: the corpus has no non-empty documents")
+  _append(_create(target, "offsets", ts.int64), np.asarray(offsets, np.int64), 0)
+  meta = {**meta, "format": FORMAT, "n_tokens": n_tokens, "n_docs": len(offsets) - 1,
+          "max_token_id": max_id}
+  _write_text(target, "meta.json", json.dumps(meta, indent=2))
+  if local:
+    if final.exists():
+      shutil.rmtree(final)
+    os.replace(target, final)
+  return meta
+
+
+def _write_text(path: str, name: str, text: str):
+  kv = ts.KvStore.open(_url(path)).result()
+  kv.write(name, text.encode()).result()
+
+
+class TokenStore:
+  """Read access to a complete, validated store."""
+
+  def __init__(self, path: str, tokenizer_fingerprint: str | None = None,
+               vocab_size: int | None = None):
+    self.path = path
+    try:
+      raw = ts.KvStore.open(_url(path)).result().read("meta.json").result()
+    except (ValueError, RuntimeError) as e:
+      raise DataError(f"token store {path}: cannot read meta.json: {e}") from None
+    if raw.state != "value":
+      raise DataError(f"token store {path}: incomplete or not a store (no meta.json); rebuild it")
+    try:
+      self.meta = json.loads(raw.value)
+    except json.JSONDecodeError:
+      raise DataError(f"token store {path}: meta.json is corrupt; rebuild the store") from None
+    if self.meta.get("format") != FORMAT:
+      raise DataError(f"token store {path}: format {self.meta.get('format')}, expected {FORMAT}")
+    if tokenizer_fingerprint and self.meta.get("tokenizer") != tokenizer_fingerprint:
+      raise DataError(f"token store {path}: built with tokenizer {self.meta.get('tokenizer')}, "
+                      f"not the configured one ({tokenizer_fingerprint}); rebuild the store")
+    if vocab_size is not None and self.meta["max_token_id"] >= vocab_size:
+      raise DataError(f"token store {path}: token id {self.meta['max_token_id']} >= "
+                      f"model.vocab_size={vocab_size}")
+    try:
+      context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
+      self.tokens = ts.open(_spec(path, "tokens"), open=True, read=True, context=context).result()
+      self.offsets = ts.open(_spec(path, "offsets"), open=True, read=True, context=context).result()
+    except (ValueError, RuntimeError) as e:
+      raise DataError(f"token store {path}: corrupt arrays ({e}); rebuild the store") from None
+    if (self.tokens.shape[0] != self.meta["n_tokens"]
+        or self.offsets.shape[0] != self.meta["n_docs"] + 1):
+      raise DataError(f"token store {path}: arrays do not match meta.json (truncated?); rebuild")
+    self.n_tokens = self.meta["n_tokens"]
+
+  def read(self, starts: np.ndarray, length: int) -> np.ndarray:
+    """Rows tokens[s:s+length] for each start, read concurrently; int32 [len(starts), length]."""
+    futures = [self.tokens[int(s):int(s) + length].read() for s in starts]
+    return np.stack([f.result() for f in futures]) if futures else np.zeros((0, length), np.int32)
+
+  def doc_offsets(self) -> np.ndarray:
+    return self.offsets.read().result()
