@@ -41,6 +41,9 @@ def _held_out(text: str, eval_frac: float) -> bool:
 
 def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
   files = corpus.stdlib_files() if not data_cfg.paths else corpus.resolve_paths(data_cfg.paths)
+  if next(corpus.documents(files), None) is None:
+    names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    raise DataError(f"corpus {names}: no non-empty documents")
   given = tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
   settings = {"corpus": corpus.fingerprint(files), "eval_frac": data_cfg.eval_frac,
               "tokenizer": given.fingerprint if given else

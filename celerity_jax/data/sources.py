@@ -9,16 +9,20 @@ EVAL_SEED = 2 ** 31 - 1     # the held-out batches are fixed: independent of tra
 
 
 def make_sources(cfg, resolved, progress: bool = True):
-  """Returns (train, held_out): objects with .batch(step) -> this process's rows of a batch."""
+  """Returns (train, held_out) with .batch(step) -> this process's rows of a batch; held_out is
+  None when `train.eval_every` is 0."""
   m, d = cfg.model, cfg.data
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  evaluate = cfg.train.eval_every > 0
   if not d.paths and d.corpus == "synthetic":
-    return (SyntheticTokens(m.vocab_size, m.seq_len, resolved.batch_seqs, cfg.train.seed, **process),
-            SyntheticTokens(m.vocab_size, m.seq_len, resolved.batch_seqs, EVAL_SEED, **process))
+    def synthetic(seed):
+      return SyntheticTokens(m.vocab_size, m.seq_len, resolved.batch_seqs, seed, **process)
+    return synthetic(cfg.train.seed), synthetic(EVAL_SEED) if evaluate else None
   from celerity_jax.data.pipeline import WindowBatches
   from celerity_jax.data.prepare import prepare
   prepared = prepare(d, m.vocab_size, progress)
-  return (WindowBatches(prepared.train, m.seq_len, resolved.batch_seqs, cfg.train.seed, d.packing,
-                        **process),
-          WindowBatches(prepared.eval, m.seq_len, resolved.batch_seqs, EVAL_SEED, d.packing,
-                        **process))
+
+  def windows(split, seed):
+    return WindowBatches(split, m.seq_len, resolved.batch_seqs, seed, d.packing, **process)
+  return (windows(prepared.train, cfg.train.seed),
+          windows(prepared.eval, EVAL_SEED) if evaluate else None)

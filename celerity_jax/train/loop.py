@@ -52,7 +52,7 @@ def run(cfg) -> dict:
   eval_step = make_eval_step(setup, cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   eval_batches = [_device_batch(held_out.batch(i), batch_sharding)
-                  for i in range(cfg.data.eval_batches)] if cfg.train.eval_every else []
+                  for i in range(cfg.data.eval_batches)] if held_out else []
 
   def evaluate(params) -> float:
     return sum(float(eval_step(params, b)) for b in eval_batches) / len(eval_batches)

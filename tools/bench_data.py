@@ -1,0 +1,72 @@
+"""Data benchmark: tokenization MB/s, and loader tokens/s against the tokens/s training consumes.
+
+  python -m tools.bench_data recipe=celerity_tiny [--steps 40] [--train-steps 4]
+
+Tokenization is timed on a fresh build of the recipe's corpus (a temporary cache). The loader is the
+run's pipeline (grain window batches, `data.threads` reader threads, tensorstore reads) timed over
+--steps batches; training throughput is the recipe's jitted step timed in the same process on the
+same batches, after compilation. Target: loader >= 20x training.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+
+
+def main(argv: list[str]) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--train-steps", type=int, default=4)
+  args, rest = parser.parse_known_args(argv)
+
+  import jax
+  from celerity_jax import sharding
+  from celerity_jax.data import corpus
+  from celerity_jax.data.pipeline import WindowBatches, prefetch
+  from celerity_jax.data.prepare import prepare
+  from celerity_jax.main import parse
+  from celerity_jax.resolve import resolve
+  from celerity_jax.train import state as state_lib
+  from celerity_jax.train.step import make_train_step
+
+  cfg, _ = parse(rest)
+  files = corpus.stdlib_files() if not cfg.data.paths else corpus.resolve_paths(cfg.data.paths)
+  megabytes = sum(f.stat().st_size for f in files) / 1e6
+  with tempfile.TemporaryDirectory() as cache:
+    t0 = time.perf_counter()
+    prepared = prepare(dataclasses.replace(cfg.data, cache_dir=cache), cfg.model.vocab_size,
+                       progress=False)
+    build_s = time.perf_counter() - t0
+    resolved = resolve(cfg, len(jax.devices()))
+    source = WindowBatches(prepared.train, cfg.model.seq_len, resolved.batch_seqs, 0,
+                           cfg.data.packing)
+    t0 = time.perf_counter()
+    batches = list(prefetch(source.batch, 0, args.steps, cfg.data.threads))
+    loader_tps = args.steps * resolved.batch_tokens / (time.perf_counter() - t0)
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    setup = state_lib.build(cfg, resolved, mesh)
+    state = setup.init()
+    step = make_train_step(setup, cfg, mesh)
+    put = [{k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
+           for b in batches[:args.train_steps + 1]]
+    state, metrics = step(state, put[0])
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for b in put[1:]:
+      state, metrics = step(state, b)
+    jax.block_until_ready(metrics)
+    train_tps = args.train_steps * resolved.batch_tokens / (time.perf_counter() - t0)
+  return {"corpus_mb": round(megabytes, 1), "build_s": round(build_s, 1),
+          "tokenize_mb_per_s": round(megabytes / build_s, 2),
+          "train_tokens": prepared.train.n_tokens, "threads": cfg.data.threads,
+          "loader_tokens_per_s": round(loader_tps), "train_tokens_per_s": round(train_tps),
+          "loader_over_train": round(loader_tps / train_tps, 1)}
+
+
+if __name__ == "__main__":
+  print(json.dumps(main(sys.argv[1:])))
