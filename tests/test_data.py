@@ -209,3 +209,25 @@ def test_celerity_tiny_trains_on_stdlib_and_held_out_loss_falls(tmp_path):
   evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
   assert len(evals) == 2 and evals[1] < evals[0] - 0.5
   assert rows[-1]["loss"] < rows[1]["loss"] - 3.0
+
+
+def test_pipeline_segment_ids_stop_attention_across_documents(prepared):
+  import jax.numpy as jnp
+  from flax import nnx
+  from celerity_jax.config import ModelConfig, ParamConfig
+  from celerity_jax.models.dense import Decoder
+  from celerity_jax.parametrization import multipliers
+  batch = WindowBatches(prepared.train, 64, 8, seed=0, packing="segments").batch(0)
+  row = int(np.argmax((batch["segment_ids"].max(axis=1) >= 1)))     # a row with two documents
+  tokens, segments = batch["inputs"][row:row + 1], batch["segment_ids"][row:row + 1]
+  boundary = int(np.argmax(segments[0] == 1))
+  cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_head=16, d_ff=64,
+                    seq_len=64)
+  model = Decoder(cfg, multipliers(ParamConfig(d_base=32), cfg), nnx.Rngs(params=0))
+  changed = tokens.copy()
+  changed[0, :boundary] = (changed[0, :boundary] + 7) % 300           # rewrite the first document
+  a = model(jnp.asarray(tokens), jnp.asarray(segments))
+  b = model(jnp.asarray(changed), jnp.asarray(segments))
+  second = segments[0] == 1
+  np.testing.assert_allclose(np.asarray(a)[0, second], np.asarray(b)[0, second], atol=1e-5)
+  assert np.abs(np.asarray(a - b)[0, :boundary]).max() > 1e-3
