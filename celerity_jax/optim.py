@@ -3,10 +3,12 @@
 The update of a parameter in group g at step t is
     theta <- theta - s(t) * eta_g * (adam(grad) + lambda * mask_g * theta)
 which is `optax.adamw(eta_g * s(t), weight_decay=lambda, mask=mask_g)` per group (coupled decay, as
-SCIENCE.md section 1), built from the same optax pieces so one Adam state covers every group.
+SCIENCE.md section 1), built from the same optax pieces so one Adam state covers every group; s(t)
+is applied at the train state's step.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
@@ -43,10 +45,29 @@ def scale_by_tree(multipliers) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(optim_cfg, resolved, groups) -> tuple[optax.GradientTransformation, Callable]:
-  """Returns (optimizer, lr_fn). `groups` is a pure-dict tree of group names matching the params;
-  lr_fn(step) is the hidden-matrix LR, the one tau is defined by."""
-  factor = schedule(optim_cfg.schedule, resolved.warmup_steps, resolved.steps)
+@dataclass(frozen=True)
+class ScheduledAdamW:
+  """AdamW whose schedule is read at the train state's step, not an optimizer counter, so a skipped
+  (non-finite) step leaves the optimizer state untouched while data and schedule move on together."""
+  tx: optax.GradientTransformation     # clip -> adam -> decay -> group peak LRs (no schedule)
+  factor: Callable                     # step -> schedule factor in [0, 1]
+  eta_hidden: float
+
+  def init(self, params):
+    return self.tx.init(params)
+
+  def update(self, grads, opt_state, params, step):
+    direction, opt_state = self.tx.update(grads, opt_state, params)
+    scale = -self.factor(step)
+    return jax.tree.map(lambda d: scale * d, direction), opt_state
+
+  def lr(self, step):
+    """The hidden-matrix LR at `step`: the one tau is defined by."""
+    return self.eta_hidden * self.factor(step)
+
+
+def make_optimizer(optim_cfg, resolved, groups) -> ScheduledAdamW:
+  """`groups` is a pure-dict tree of group names matching the params."""
   peak_tree = jax.tree.map(lambda g: resolved.lr_peak[g], groups)
   decay_mask = jax.tree.map(lambda g: g in DECAYED_GROUPS, groups)
   parts = []
@@ -56,10 +77,7 @@ def make_optimizer(optim_cfg, resolved, groups) -> tuple[optax.GradientTransform
       optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
       optax.add_decayed_weights(resolved.weight_decay, mask=decay_mask),
       scale_by_tree(peak_tree),
-      optax.scale_by_schedule(lambda count: -factor(count)),
   ]
-
-  def lr_fn(step):
-    return resolved.eta_hidden * factor(step)
-
-  return optax.chain(*parts), lr_fn
+  return ScheduledAdamW(optax.chain(*parts),
+                        schedule(optim_cfg.schedule, resolved.warmup_steps, resolved.steps),
+                        resolved.eta_hidden)

@@ -34,26 +34,31 @@ class FakeResolved:
 def test_decay_mask_and_group_learning_rates():
   params = {"w": jnp.full((3,), 2.0), "e": jnp.full((3,), 2.0), "g": jnp.full((3,), 2.0)}
   groups = {"w": "hidden", "e": "embed", "g": "norm"}
-  opt, lr_fn = make_optimizer(OptimConfig(schedule="constant"), FakeResolved, groups)
+  opt = make_optimizer(OptimConfig(schedule="constant"), FakeResolved, groups)
   state = opt.init(params)
   # zero gradients: Adam's direction is 0, so the update is the coupled decay -eta_g * lambda * theta
   zeros = jax.tree.map(jnp.zeros_like, params)
-  updates, _ = opt.update(zeros, state, params)
+  updates, _ = opt.update(zeros, state, params, 5)
   np.testing.assert_allclose(updates["w"], -0.01 * 0.5 * 2.0, rtol=1e-6)
   np.testing.assert_allclose(updates["e"], -0.04 * 0.5 * 2.0, rtol=1e-6)
   np.testing.assert_array_equal(updates["g"], 0.0)                    # norms are not decayed
   # a gradient step: Adam's first update has magnitude ~1, scaled by the group's peak LR
   ones = jax.tree.map(jnp.ones_like, params)
-  updates, _ = opt.update(ones, state, params)
+  updates, _ = opt.update(ones, state, params, 5)
   np.testing.assert_allclose(updates["g"], -0.04, rtol=1e-5)
   np.testing.assert_allclose(updates["w"], -0.01 * (1 + 0.5 * 2.0), rtol=1e-5)
-  assert float(lr_fn(5)) == pytest.approx(0.01)
+  assert float(opt.lr(5)) == pytest.approx(0.01)
+  # the schedule is read at the step passed in: under linear D2Z the update at T is exactly zero
+  linear = make_optimizer(OptimConfig(schedule="linear"), FakeResolved, groups)
+  np.testing.assert_array_equal(linear.update(ones, state, params, 100)[0]["w"], 0.0)
+  assert float(linear.lr(50)) == pytest.approx(0.005)
 
 
 def test_global_norm_clipping():
   params = {"w": jnp.zeros((4,))}
-  opt, _ = make_optimizer(OptimConfig(schedule="constant", clip_norm=1.0, b1=0.0, b2=0.0, eps=0.0),
-                          FakeResolved, {"w": "norm"})
+  opt = make_optimizer(OptimConfig(schedule="constant", clip_norm=1.0, b1=0.0, b2=0.0, eps=0.0),
+                       FakeResolved, {"w": "norm"})
   # with b1 = b2 = 0 Adam returns sign(g); clipping must not change that direction
-  updates, _ = opt.update({"w": jnp.asarray([300.0, -400.0, 0.0, 0.0])}, opt.init(params), params)
+  updates, _ = opt.update({"w": jnp.asarray([300.0, -400.0, 0.0, 0.0])}, opt.init(params), params,
+                          0)
   np.testing.assert_allclose(updates["w"][:2], [-0.04, 0.04], rtol=1e-5)

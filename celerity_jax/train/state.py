@@ -6,14 +6,13 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.models.dense import Decoder
 from celerity_jax.models.layers import map_variables
-from celerity_jax.optim import make_optimizer
+from celerity_jax.optim import ScheduledAdamW, make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -26,8 +25,7 @@ class TrainState(NamedTuple):
 class Setup:
   """Everything the step and loop need, derived once from (config, resolved, mesh)."""
   graphdef: Any
-  optimizer: optax.GradientTransformation
-  lr_fn: Callable
+  optimizer: ScheduledAdamW
   state_shardings: TrainState
   init: Callable[[], TrainState]     # jitted; returns the state already sharded on the mesh
 
@@ -38,7 +36,7 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
 
   graphdef, abstract = nnx.split(nnx.eval_shape(new_model))
   groups = map_variables(abstract, lambda v: v.get_metadata()["group"])
-  optimizer, lr_fn = make_optimizer(cfg.optim, resolved, groups)
+  optimizer = make_optimizer(cfg.optim, resolved, groups)
 
   def init_fn() -> TrainState:
     params = nnx.to_pure_dict(nnx.state(new_model()))
@@ -47,6 +45,6 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
   abstract_state = jax.eval_shape(init_fn)
   param_specs = sharding.param_specs(abstract, mesh)
   specs = TrainState(P(), param_specs,
-                     sharding.opt_state_specs(optimizer, abstract_state.opt_state, param_specs))
+                     sharding.opt_state_specs(optimizer.tx, abstract_state.opt_state, param_specs))
   shardings = sharding.named(mesh, specs)
-  return Setup(graphdef, optimizer, lr_fn, shardings, jax.jit(init_fn, out_shardings=shardings))
+  return Setup(graphdef, optimizer, shardings, jax.jit(init_fn, out_shardings=shardings))

@@ -62,13 +62,13 @@ def make_train_step(setup: Setup, cfg, mesh: Mesh):
 
   def train_step(state: TrainState, batch):
     ce, z, grads = _accumulate(loss_fn, state.params, batch, cfg.train.microbatches, mesh)
-    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params, state.step)
     params = optax.apply_updates(state.params, updates)
     step = state.step + 1
     metrics = {
         "loss": ce, "z_loss": z, "grad_norm": optax.tree.norm(grads),
         "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
-        "lr": setup.lr_fn(state.step),
+        "lr": setup.optimizer.lr(state.step),
     }
     return TrainState(step, params, opt_state), metrics
 
