@@ -94,6 +94,8 @@ class TrainConfig:
   stop_frac: float = 1.0         # end early at this fraction of T without changing T
   stop_step: int = 0             # end early at this step (0 = off); the earlier stop wins
   eval_every: int = 0            # held-out loss every this many steps and at the end (0 = off)
+  on_nonfinite: Literal["skip", "halt"] = "skip"   # skip: leave params/optimizer untouched
+  max_bad_steps: int = 8         # consecutive skipped steps before halting anyway
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,13 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-  """Orbax checkpointing; its fields arrive with the checkpoint issue."""
+  """Orbax checkpoints in run.dir/checkpoints; the same command with the same run.dir resumes."""
+  every_steps: int = 500          # save every this many steps (0 = off)
+  every_minutes: float = 15.0     # and at least this often in wall time (0 = off)
+  keep: int = 3                   # latest checkpoints kept
+  keep_every: int = 0             # also keep every checkpoint whose step is a multiple (0 = off)
+  async_save: bool = True
+  allow_config_change: bool = False   # resume even if trajectory settings differ (logged)
 
 
 @dataclass(frozen=True)
@@ -227,6 +235,12 @@ def validate(cfg: Config) -> Config:
                       "model.z_loss must be >= 0")
   if o.weight_decay is not None and o.weight_decay < 0:
     raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+  c = cfg.checkpoint
+  if c.every_steps < 0 or c.every_minutes < 0 or c.keep < 1 or c.keep_every < 0:
+    raise ConfigError("checkpoint.every_steps, every_minutes, keep_every must be >= 0 and "
+                      "checkpoint.keep >= 1")
+  if t.max_bad_steps < 1:
+    raise ConfigError(f"train.max_bad_steps={t.max_bad_steps}: must be >= 1")
   if not 0.0 < cfg.data.eval_frac < 1.0:
     raise ConfigError(f"data.eval_frac={cfg.data.eval_frac}: must be in (0, 1)")
   if cfg.data.eval_batches < 1 or cfg.data.threads < 0 or t.eval_every < 0:

@@ -1,7 +1,7 @@
 """CLI: python -m celerity_jax.main recipe=NAME [section.key=value ...] [--print-config]
 
-Exit status: 0 done, 2 configuration error (message names the key), 3 data error (names the file),
-other non-zero for a halted run.
+Exit status: 0 done (or stopped by SIGTERM/SIGINT after saving a checkpoint), 2 configuration
+error (message names the key), 3 data error (names the file), 4 halted on non-finite losses.
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
   if "--help" in argv:
     print(__doc__.strip())
     return 0
+  import jax
+  from celerity_jax.resolve import resolve
+  from celerity_jax.train import loop
   try:
     cfg, print_only = parse(argv)
-    import jax
-    from celerity_jax.resolve import resolve
-    from celerity_jax.train import loop
     resolved = resolve(cfg, len(jax.devices()))
     if print_only:
       print(json.dumps(loop.describe(cfg, resolved), indent=2))
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
   except DataError as e:
     print(f"data error: {e}", file=sys.stderr)
     return 3
+  except loop.RunHalted as e:
+    print(f"halted: {e}", file=sys.stderr)
+    return e.code
   return 0
 
 

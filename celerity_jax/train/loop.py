@@ -1,24 +1,40 @@
-"""The training loop: mesh, state, data in; metrics.jsonl, TensorBoard and progress out.
+"""The training loop: mesh, state, data in; metrics, checkpoints, TensorBoard and progress out.
 
 Metrics are fetched one step late: step k's metrics are read after step k+1 is dispatched, so the
-host never waits on the device it is feeding.
+host never waits on the device it is feeding. The same command with the same run.dir resumes from
+the latest complete checkpoint and continues bit-identically.
 """
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
 
+from celerity_jax import checkpoint as ckpt_lib
 from celerity_jax import config as config_lib
 from celerity_jax import sharding
+from celerity_jax.config import ConfigError
 from celerity_jax.data.pipeline import prefetch
 from celerity_jax.data.sources import make_sources
 from celerity_jax.metrics import MetricsWriter, Throughput, progress_bar
 from celerity_jax.resolve import Resolved, resolve
 from celerity_jax.train import state as state_lib
+from celerity_jax.train.signals import PreemptionGuard
 from celerity_jax.train.step import make_eval_step, make_train_step
+
+HALT_NONFINITE = 4
+
+
+class RunHalted(Exception):
+  """The run stopped itself (non-finite losses); `code` is the exit status."""
+
+  def __init__(self, code: int, message: str):
+    super().__init__(message)
+    self.code = code
+
 
 def describe(cfg, resolved: Resolved) -> dict:
   """The resolved config: what a user chose plus every derived quantity."""
@@ -36,18 +52,50 @@ def _device_batch(global_batch: dict, batch_sharding) -> dict:
   return out
 
 
+def _drop_rows_after(path: Path, step: int):
+  """On resume, forget rows logged after the restored step: they are about to be recomputed."""
+  if not path.exists():
+    return
+  kept = [line for line in path.read_text().splitlines()
+          if line.strip() and ("event" in (row := json.loads(line)) or row["step"] <= step)]
+  path.write_text("".join(line + "\n" for line in kept))
+
+
+def _resume(cfg, described, ckpt, setup, writer):
+  """Returns (state, restarts): restored from the latest complete checkpoint, or fresh."""
+  latest = ckpt.latest()
+  if latest is None:
+    return setup.init(), 0
+  meta = ckpt.meta(latest)
+  changes = ckpt_lib.config_changes(meta["described"], described)
+  if changes and not cfg.checkpoint.allow_config_change:
+    raise ConfigError(f"run.dir {cfg.run.dir} holds a checkpoint (step {latest}) made with "
+                      f"different settings: {', '.join(changes)}; use another run.dir, restore "
+                      f"the settings, or pass checkpoint.allow_config_change=true")
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          jax.eval_shape(setup.init), setup.state_shardings)
+  state = ckpt.restore(latest, abstract)
+  restarts = meta["restarts"] + 1
+  _drop_rows_after(writer.path, latest)
+  writer.row({"event": "restart", "step": latest, "restarts": restarts,
+              "config_changes": changes})
+  print(f"celerity_jax: resumed from step {latest} (restart {restarts})"
+        + (f"; changed settings: {', '.join(changes)}" if changes else ""), file=sys.stderr)
+  return state, restarts
+
+
 def run(cfg) -> dict:
-  """Trains per `cfg` and returns the last metrics row."""
+  """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
   mesh = sharding.make_mesh(cfg.mesh)
   resolved = resolve(cfg, len(jax.devices()))
   sharding.check_batch(resolved.batch_seqs, cfg.train.microbatches, mesh)
   run_dir = Path(cfg.run.dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(json.dumps(describe(cfg, resolved), indent=2) + "\n")
+  described = describe(cfg, resolved)
+  (run_dir / "config.json").write_text(json.dumps(described, indent=2) + "\n")
 
   train_data, held_out = make_sources(cfg, resolved, cfg.run.progress)
   setup = state_lib.build(cfg, resolved, mesh)
-  state = setup.init()
   train_step = make_train_step(setup, cfg, mesh)
   eval_step = make_eval_step(setup, cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -58,52 +106,96 @@ def run(cfg) -> dict:
     return sum(float(eval_step(params, b)) for b in eval_batches) / len(eval_batches)
 
   writer = MetricsWriter(run_dir, cfg.run.tensorboard)
-  writer.row({"event": "start", "mesh": dict(mesh.shape), "n_params": resolved.n_params,
-              "steps": resolved.steps, "stop_step": resolved.stop_step,
-              "tau": resolved.tau, "tau_groups": resolved.tau_groups})
+  ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+  try:
+    state, restarts = _resume(cfg, described, ckpt, setup, writer)
+    return _train(cfg, resolved, described, state, restarts, train_step, train_data,
+                  batch_sharding, evaluate if eval_batches else None, writer, ckpt, mesh, run_dir)
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def _train(cfg, resolved, described, state, restarts, train_step, train_data, batch_sharding,
+           evaluate, writer, ckpt, mesh, run_dir) -> dict:
+  start = int(state.step)
+  writer.row({"event": "start", "step": start, "mesh": dict(mesh.shape), "restarts": restarts,
+              "n_params": resolved.n_params, "steps": resolved.steps,
+              "stop_step": resolved.stop_step, "tau": resolved.tau,
+              "tau_groups": resolved.tau_groups})
   print(f"celerity_jax: N={resolved.n_params:,} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
         f"{cfg.model.seq_len} T={resolved.steps} warmup={resolved.warmup_steps} "
         f"lambda={resolved.weight_decay:.4g} tau={resolved.tau:.4g} per-group tau="
         + ", ".join(f"{g}:{t:.4g}" for g, t in resolved.tau_groups.items() if t is not None),
         file=sys.stderr)
+  c = cfg.checkpoint
+  meta = {"described": described, "config_hash": ckpt_lib.trajectory_hash(described),
+          "restarts": restarts, "versions": ckpt_lib.versions()}
+  throughput, last_row, pending, last_save = Throughput(), {}, None, time.monotonic()
+  bar = progress_bar(resolved.stop_step, start, cfg.run.progress)
 
-  throughput = Throughput()
-  bar = progress_bar(resolved.stop_step, int(state.step), cfg.run.progress)
-  last_row, pending = {}, None
+  def save(step, state, force=False):
+    nonlocal last_save
+    ckpt.save(step, state, {**meta, "step": step, "tokens": step * resolved.batch_tokens,
+                            "data": {"seed": cfg.train.seed, "next_step": step}}, force=force)
+    last_save = time.monotonic()
 
-  def emit(step, metrics, extra):
+  def emit(step, metrics, extra, log):
     nonlocal last_row
     values = {k: float(v) for k, v in jax.device_get(metrics).items()} | extra
+    if values["nonfinite"] and (cfg.train.on_nonfinite == "halt"
+                                or values["bad_steps"] >= cfg.train.max_bad_steps):
+      record = {"step": step, **values, "config_hash": meta["config_hash"], "last_row": last_row}
+      (run_dir / "diagnostics.json").write_text(json.dumps(record, indent=2) + "\n")
+      writer.row({"event": "halt", "step": step, "cause": "nonfinite", **values})
+      raise RunHalted(HALT_NONFINITE, f"non-finite loss or gradient at step {step} "
+                      f"({int(values['bad_steps'])} in a row, policy {cfg.train.on_nonfinite}); "
+                      f"diagnostics in {run_dir / 'diagnostics.json'}")
+    if not log:
+      return
     tokens = step * resolved.batch_tokens
     rate = throughput.update(tokens)
     last_row = {"step": step, "tokens": tokens, "frac": step / resolved.steps, **values,
                 "tokens_per_s": rate, "microbatches": cfg.train.microbatches,
-                "dtype": cfg.model.dtype}
+                "dtype": cfg.model.dtype, "restarts": restarts}
     writer.row(last_row)
     shown = {"loss": f"{values['loss']:.4f}"}
     if rate is not None:
       shown["tok_s"] = f"{rate:,.0f}"
     bar.set_postfix(shown, refresh=False)
 
-  start = int(state.step)
   batches = prefetch(train_data.batch, start, resolved.stop_step, cfg.data.threads)
-  try:
-    for step, host_batch in zip(range(start, resolved.stop_step), batches, strict=True):
-      state, metrics = train_step(state, _device_batch(host_batch, batch_sharding))
+  with PreemptionGuard() as guard:
+    try:
+      for step, host_batch in zip(range(start, resolved.stop_step), batches, strict=True):
+        state, metrics = train_step(state, _device_batch(host_batch, batch_sharding))
+        if pending is not None:
+          emit(*pending)
+        done = step + 1
+        evaluate_now = evaluate is not None and (done % cfg.train.eval_every == 0
+                                                 or done == resolved.stop_step)
+        extra = {"eval_loss": evaluate(state.params)} if evaluate_now else {}
+        log = (done % cfg.run.log_every == 0 or done == resolved.stop_step or done == 1
+               or evaluate_now)
+        pending = (done, metrics, extra, log)
+        bar.update(1)
+        if guard.signal is not None:
+          emit(*pending)
+          pending = None
+          save(done, state, force=True)
+          ckpt.wait()
+          writer.row({"event": "preempted", "step": done, "signal": guard.signal})
+          print(f"celerity_jax: stopped at step {done} by signal {guard.signal}; checkpoint "
+                f"saved; run the same command to resume", file=sys.stderr)
+          return last_row
+        due = ((c.every_steps and done % c.every_steps == 0)
+               or (c.every_minutes and time.monotonic() - last_save >= 60 * c.every_minutes)
+               or (done == resolved.stop_step and (c.every_steps or c.every_minutes)))
+        if due:
+          save(done, state, force=True)
       if pending is not None:
         emit(*pending)
-        pending = None
-      done = step + 1
-      evaluate_now = eval_batches and (done % cfg.train.eval_every == 0
-                                       or done == resolved.stop_step)
-      extra = {"eval_loss": evaluate(state.params)} if evaluate_now else {}
-      if (done % cfg.run.log_every == 0 or done == resolved.stop_step or done == 1
-          or evaluate_now):
-        pending = (done, metrics, extra)
-      bar.update(1)
-    if pending is not None:
-      emit(*pending)
-  finally:
-    bar.close()
-    writer.close()
+      ckpt.wait()
+    finally:
+      bar.close()
   return last_row

@@ -16,9 +16,11 @@ from celerity_jax.optim import ScheduledAdamW, make_optimizer
 
 
 class TrainState(NamedTuple):
-  step: jax.Array           # optimizer steps taken
+  step: jax.Array           # steps taken (batches consumed), skipped ones included
   params: dict              # pure-dict tree of float32 arrays (nnx.merge accepts it directly)
   opt_state: Any
+  bad_steps: jax.Array      # consecutive non-finite steps so far
+  skipped: jax.Array        # non-finite steps skipped in the whole run
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,13 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
 
   def init_fn() -> TrainState:
     params = nnx.to_pure_dict(nnx.state(new_model()))
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, optimizer.init(params), zero, zero)
 
   abstract_state = jax.eval_shape(init_fn)
   param_specs = sharding.param_specs(abstract, mesh)
   specs = TrainState(P(), param_specs,
-                     sharding.opt_state_specs(optimizer.tx, abstract_state.opt_state, param_specs))
+                     sharding.opt_state_specs(optimizer.tx, abstract_state.opt_state, param_specs),
+                     P(), P())
   shardings = sharding.named(mesh, specs)
   return Setup(graphdef, optimizer, shardings, jax.jit(init_fn, out_shardings=shardings))

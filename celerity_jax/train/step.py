@@ -64,13 +64,21 @@ def make_train_step(setup: Setup, cfg, mesh: Mesh):
     ce, z, grads = _accumulate(loss_fn, state.params, batch, cfg.train.microbatches, mesh)
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params, state.step)
     params = optax.apply_updates(state.params, updates)
-    step = state.step + 1
+    grad_norm = optax.tree.norm(grads)
+    # a non-finite loss or gradient leaves params and optimizer state as they were (no host sync);
+    # the loop reads the counters one step late and halts per train.on_nonfinite
+    finite = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    bad = jnp.where(finite, 0, state.bad_steps + 1)
+    skipped = state.skipped + (~finite).astype(jnp.int32)
     metrics = {
-        "loss": ce, "z_loss": z, "grad_norm": optax.tree.norm(grads),
+        "loss": ce, "z_loss": z, "grad_norm": grad_norm,
         "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
-        "lr": setup.optimizer.lr(state.step),
+        "lr": setup.optimizer.lr(state.step), "nonfinite": (~finite).astype(jnp.int32),
+        "bad_steps": bad, "skipped_steps": skipped,
     }
-    return TrainState(step, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, bad, skipped), metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
