@@ -1,0 +1,74 @@
+"""Checkpoint benchmark: how long the training loop is blocked per async save, against step time.
+
+  python -m tools.bench_checkpoint recipe=celerity_tiny [section.key=value ...] [--saves 5]
+
+The blocked time is the duration of the `save()` call (device-to-host copy and dispatch; the write
+itself runs in the background), measured over --saves saves with the previous save finished first.
+Reported as a fraction of one step and amortized over checkpoint.every_steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--saves", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=5)
+  args, rest = parser.parse_known_args(argv)
+
+  import jax
+  from celerity_jax import sharding
+  from celerity_jax.checkpoint import Checkpointer
+  from celerity_jax.data.synthetic import SyntheticTokens
+  from celerity_jax.main import parse
+  from celerity_jax.resolve import resolve
+  from celerity_jax.train import state as state_lib
+  from celerity_jax.train.step import make_train_step
+
+  cfg, _ = parse(rest)
+  mesh = sharding.make_mesh(cfg.mesh)
+  resolved = resolve(cfg, len(jax.devices()))
+  setup = state_lib.build(cfg, resolved, mesh)
+  state = setup.init()
+  step = make_train_step(setup, cfg, mesh)
+  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
+  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  step_times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    step_times.append(time.perf_counter() - t0)
+  step_s = statistics.median(step_times)
+  state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 1e6
+
+  blocked = []
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpt = Checkpointer(Path(tmp), cfg.checkpoint)
+    for i in range(args.saves):
+      state, metrics = step(state, batch)
+      jax.block_until_ready(metrics)
+      t0 = time.perf_counter()
+      ckpt.save(i + 1, state, {"step": i + 1}, force=True)
+      blocked.append(time.perf_counter() - t0)
+      ckpt.wait()
+    ckpt.close()
+  blocked_s = statistics.median(blocked)
+  every = cfg.checkpoint.every_steps or 1
+  return {"n_params": resolved.n_params, "state_mb": round(state_mb, 1),
+          "step_s": round(step_s, 4), "blocked_s": round(blocked_s, 4),
+          "blocked_over_step": round(blocked_s / step_s, 4), "every_steps": every,
+          "blocked_over_step_amortized": round(blocked_s / (every * step_s), 5)}
+
+
+if __name__ == "__main__":
+  print(json.dumps(main(sys.argv[1:])))
