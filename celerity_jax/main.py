@@ -27,21 +27,11 @@ def parse(argv: list[str]):
   return cfg, "--print-config" in flags
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  if "--help" in argv:
-    print(__doc__.strip())
-    return 0
-  import jax
-  from celerity_jax.resolve import resolve
+def run_cli(action) -> int:
+  """Runs action() and maps the contract's errors to exit statuses with a one-line message."""
   from celerity_jax.train import loop
   try:
-    cfg, print_only = parse(argv)
-    resolved = resolve(cfg, len(jax.devices()))
-    if print_only:
-      print(json.dumps(loop.describe(cfg, resolved), indent=2))
-      return 0
-    loop.run(cfg)
+    action()
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
@@ -52,6 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"halted: {e}", file=sys.stderr)
     return e.code
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if "--help" in argv:
+    print(__doc__.strip())
+    return 0
+
+  def train_or_print():
+    import jax
+    from celerity_jax.resolve import resolve
+    from celerity_jax.train import loop
+    cfg, print_only = parse(argv)
+    resolved = resolve(cfg, len(jax.devices()))
+    if print_only:
+      print(json.dumps(loop.describe(cfg, resolved), indent=2))
+    else:
+      loop.run(cfg)
+
+  return run_cli(train_or_print)
 
 
 if __name__ == "__main__":

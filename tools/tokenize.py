@@ -12,26 +12,20 @@ import sys
 
 
 def main(argv: list[str]) -> int:
-  from celerity_jax.config import ConfigError
-  from celerity_jax.data import DataError
   from celerity_jax.data.prepare import prepare
-  from celerity_jax.main import parse
-  try:
+  from celerity_jax.main import parse, run_cli
+
+  def build():
     cfg, _ = parse(argv)
     prepared = prepare(cfg.data, cfg.model.vocab_size, cfg.run.progress)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
-  except DataError as e:
-    print(f"data error: {e}", file=sys.stderr)
-    return 3
-  print(json.dumps({"entry": str(prepared.entry),
-                    "tokenizer": str(prepared.entry / "tokenizer.model")
-                    if not cfg.data.tokenizer else cfg.data.tokenizer,
-                    "vocab_size": prepared.tokenizer.vocab_size,
-                    "train": {k: prepared.train.meta[k] for k in ("n_tokens", "n_docs")},
-                    "eval": {k: prepared.eval.meta[k] for k in ("n_tokens", "n_docs")}}, indent=2))
-  return 0
+    print(json.dumps({"entry": str(prepared.entry),
+                      "tokenizer": cfg.data.tokenizer or str(prepared.entry / "tokenizer.model"),
+                      "vocab_size": prepared.tokenizer.vocab_size,
+                      "train": {k: prepared.train.meta[k] for k in ("n_tokens", "n_docs")},
+                      "eval": {k: prepared.eval.meta[k] for k in ("n_tokens", "n_docs")}},
+                     indent=2))
+
+  return run_cli(build)
 
 
 if __name__ == "__main__":
