@@ -1,0 +1,18 @@
+"""celerity_300m: the Celerity 300M member, N = 270.7M (paper: 271M).
+
+Shape: d_model 640, 10 heads x 64, 13 layers, d_ff 5120, vocab 128,256, context 8192,
+Celerity rules (recipes/family.py). TPP band by scaling.tpp=20|80|234 (default 20); on one
+data-parallel replica (B rounds to the data-parallel size):
+  TPP  20: D = 5.4B tokens, B = 178 x 8192, T = 3,713 steps, warmup 257, tau 0.175, 1.32e+19 FLOPs
+  TPP  80: D = 21.7B tokens, B = 357 x 8192, T = 7,405 steps, warmup 128, tau 0.087, 5.29e+19 FLOPs
+  TPP 234: D = 63.3B tokens, B = 610 x 8192, T = 12,676 steps, warmup 75, tau 0.051, 1.55e+20 FLOPs
+FLOPs are the paper's convention (6 N D + full attention). Meant for a TPU v5e-8 or 1x H100 class slice,
+bfloat16 compute, on your corpus and a 128,256-piece sentencepiece tokenizer:
+  python -m celerity_jax.main recipe=celerity_300m scaling.tpp=234 mesh.fsdp=-1 mesh.data=1 \\
+      data.paths=/data/corpus/ data.tokenizer=/data/tokenizer.model
+"""
+from recipes.family import celerity
+
+
+def config():
+  return celerity("celerity_300m", d_model=640, n_layers=13, d_head=64, tpp=20.0)

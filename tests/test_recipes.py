@@ -1,0 +1,57 @@
+"""The Celerity family recipes, the TPP chooser, FLOPs conventions and the planner."""
+import json
+
+import pytest
+
+import recipes
+from celerity_jax import scaling
+from celerity_jax.config import apply_overrides
+from celerity_jax.main import main
+from celerity_jax.resolve import resolve
+
+# recipe: (paper N, paper FLOPs at 234 TPP, paper 20-TPP batch in sequences of 8192)
+PAPER = {"celerity_300m": (271e6, 1.47e20, 176), "celerity_500m": (503e6, 5.15e20, 240),
+         "celerity_900m": (906e6, 1.68e21, 336), "celerity_1_8b": (1.81e9, 6.54e21, 464),
+         "celerity_3_9b": (3.88e9, 2.89e22, 672)}
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_family_matches_the_paper(name):
+  n, flops, batch = PAPER[name]
+  r20 = resolve(recipes.load(name))
+  assert r20.n_params == pytest.approx(n, rel=0.01)
+  assert r20.batch_seqs == pytest.approx(batch, rel=0.03)
+  cfg = apply_overrides(recipes.load(name), ["scaling.tpp=234"])
+  r = resolve(cfg)
+  assert r.tau == pytest.approx(0.051, rel=0.05)
+  paper_convention = scaling.flops_per_token(cfg.model, causal=False, all_params=True)
+  assert paper_convention * r.tokens == pytest.approx(flops, rel=0.06)
+
+
+def test_every_recipe_resolves_and_prints_its_config(capsys):
+  for name in recipes.available():
+    assert main([f"recipe={name}", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["derived"]["n_params"] > 0
+
+
+def test_chinchilla_tpp_chooser():
+  chosen = scaling.chinchilla_tpp(0.38)
+  assert chosen["tpp"] == pytest.approx(234, rel=0.02)
+  assert chosen["compute_ratio"] == pytest.approx(1.67, rel=0.01)
+  assert scaling.chinchilla_tpp(1.0)["tpp"] == pytest.approx(20.0)
+  with pytest.raises(ValueError, match="k_n"):
+    scaling.chinchilla_tpp(0.1)
+
+
+def test_planner_lists_the_family_with_the_overrides(capsys):
+  from tools import plan
+  assert plan.main(["recipe=celerity_1b", "scaling.tpp=80", "--json", "--chips", "8",
+                    "--accelerator", "h100", "--mfu", "0.5"]) == 0
+  rows = json.loads(capsys.readouterr().out)
+  names = [r["recipe"] for r in rows]
+  assert {"celerity_300m", "celerity_1b", "celerity_3_9b"} <= set(names)
+  assert [r["N"] for r in rows] == sorted(r["N"] for r in rows)
+  big = rows[-1]
+  assert big["TPP"] == 80 and big["tau"] == pytest.approx(0.087, rel=0.05)
+  assert big["hours"] == pytest.approx(big["flops"] / (8 * 989e12 * 0.5) / 3600)
+  assert plan.main(["recipe=celerity_1b", "scaling.tppp=2"]) == 2
