@@ -55,8 +55,9 @@ class ScalingConfig:
   tpp: float = 20.0
   tau_c: float = 0.785           # tau_opt = tau_c * TPP ** tau_m: log-space least squares on the
   tau_m: float = -0.501          #   Celerity bands (0.175, 0.087, 0.051 at 20, 80, 234), within 0.3%
-  batch_coef: float = 19.87      # B_tokens = batch_coef * D ** batch_exp: Celerity's exponent 0.5,
-  batch_exp: float = 0.5         #   coef fit to its five 20-TPP batch sizes, all within 2.8%
+  batch_coef: float = 19.87      # B_tokens = batch_coef * D ** 0.5 at batch_exp 0.5 (Celerity; fit to
+  batch_exp: float = 0.5         #   its five 20-TPP batch sizes, all within 2.8%); another exponent
+  batch_anchor: float = 5.41e9   #   (Power Lines: 0.383) rotates the law about D = batch_anchor
   warmup_frac: float = 0.10      # warmup = min(warmup_frac * D, warmup_max_tokens)
   warmup_max_tokens: float = 375e6
 
@@ -218,7 +219,8 @@ def validate(cfg: Config) -> Config:
   positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
               "model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_head": m.d_head,
               "model.d_ff": m.d_ff, "model.seq_len": m.seq_len, "param.d_base": cfg.param.d_base,
-              "param.l_base": cfg.param.l_base, "scaling.tpp": s.tpp, "optim.lr_base": o.lr_base,
+              "param.l_base": cfg.param.l_base, "scaling.tpp": s.tpp, "scaling.batch_anchor": s.batch_anchor,
+              "optim.lr_base": o.lr_base,
               "train.microbatches": t.microbatches, "run.log_every": cfg.run.log_every}
   for key, value in positive.items():
     if value <= 0:

@@ -55,7 +55,7 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
                         f"{dp} x train.microbatches {t.microbatches} = {granule}")
     batch_seqs = t.batch_size
   else:
-    law = scaling.batch_tokens(d_tokens, s.batch_coef, s.batch_exp) / m.seq_len
+    law = scaling.batch_tokens(d_tokens, s.batch_coef, s.batch_exp, s.batch_anchor) / m.seq_len
     batch_seqs = scaling.round_batch(law, granule)
   b_tokens = batch_seqs * m.seq_len
   steps = scaling.total_steps(d_tokens, b_tokens)

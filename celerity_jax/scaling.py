@@ -28,9 +28,14 @@ def tau_opt(tpp: float, c: float, m: float) -> float:
   return c * tpp ** m
 
 
-def batch_tokens(d_tokens: float, coef: float, exponent: float) -> float:
-  """Batch size in tokens from the power law B = coef * D**exponent."""
-  return coef * d_tokens ** exponent
+def batch_tokens(d_tokens: float, coef: float, exponent: float, anchor: float) -> float:
+  """Batch size in tokens: B = coef * sqrt(anchor) * (D / anchor)**exponent.
+
+  At exponent 0.5 this is coef * sqrt(D), the Celerity fit. Another exponent (Power Lines' 0.383
+  for B_opt, 0.462 for B_crit; their prefactors are unpublished) rotates the law about the anchor
+  D, where the batch size was tuned before extrapolating, so B there is unchanged.
+  """
+  return coef * anchor ** 0.5 * (d_tokens / anchor) ** exponent
 
 
 def round_batch(sequences: float, granule: int) -> int:

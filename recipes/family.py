@@ -10,6 +10,8 @@ not used because its base width and the other base values are unpublished. The b
 """
 from __future__ import annotations
 
+import dataclasses
+
 from celerity_jax.config import (Config, ModelConfig, OptimConfig, ParamConfig, RunConfig,
                                  ScalingConfig)
 
@@ -28,3 +30,16 @@ def celerity(name: str, d_model: int, n_layers: int, d_head: int, tpp: float = 2
       scaling=ScalingConfig(tpp=tpp),
       optim=OptimConfig(lr_base=1.62e-2, b1=0.9, b2=0.95, eps=1e-8, schedule="linear"),
       run=RunConfig(dir=f"runs/{name}"))
+
+
+def nano(name: str, d_model: int) -> Config:
+  """The CPU-sized family: Celerity rules at laptop scale for collapse experiments.
+
+  d_head 16, n_layers = round(d_model / 32) (at least 1), d_ff 8 d_model, vocab 512 (a BPE tokenizer
+  built from the stdlib corpus on first use), context 128, float32; base width 256 and depth 2 (the
+  published proxy HPs, extrapolated down); held-out loss every 20 steps, a checkpoint every 25.
+  """
+  cfg = celerity(name, d_model=d_model, n_layers=max(1, round(d_model / 32)), d_head=16, tpp=20.0,
+                 vocab_size=512, seq_len=128, dtype="float32", l_base=2)
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=20),
+                             checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=25))

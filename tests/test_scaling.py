@@ -61,8 +61,17 @@ def test_celerity_param_counts_and_batch_law(name):
   n = scaling.param_counts(celerity_model(d, h, layers))["total"]
   assert n == pytest.approx(params, rel=0.01)
   cfg = ScalingConfig()
-  b_seqs = scaling.batch_tokens(20 * n, cfg.batch_coef, cfg.batch_exp) / 8192
+  b_seqs = scaling.batch_tokens(20 * n, cfg.batch_coef, cfg.batch_exp, cfg.batch_anchor) / 8192
   assert b_seqs == pytest.approx(batch, rel=0.03)
+
+
+def test_power_lines_exponent_rotates_the_batch_law_about_its_anchor():
+  cfg = ScalingConfig()
+  celerity = [scaling.batch_tokens(d, cfg.batch_coef, 0.5, cfg.batch_anchor) for d in (5.41e9, 8e10)]
+  power = [scaling.batch_tokens(d, cfg.batch_coef, 0.383, cfg.batch_anchor) for d in (5.41e9, 8e10)]
+  assert power[0] == pytest.approx(celerity[0])                     # same B where it was tuned
+  assert power[1] / power[0] == pytest.approx((8e10 / 5.41e9) ** 0.383)
+  assert celerity[1] == pytest.approx(cfg.batch_coef * 8e10 ** 0.5)
 
 
 def test_warmup_is_min_of_ten_percent_and_375m_tokens():
