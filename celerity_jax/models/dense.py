@@ -108,7 +108,10 @@ class Decoder(nnx.Module):
     self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), mult.unembed_init_std,
                          ("embed", "vocab"), "unembed")
 
-  def __call__(self, tokens_BxL, segment_ids_BxL=None, constrain: Constrain = no_constraint):
+  def __call__(self, tokens_BxL, segment_ids_BxL=None, constrain: Constrain = no_constraint,
+               residuals: bool = False):
+    """Logits BxLxV; with `residuals`, also the residual stream after each block, stacked
+    [layers, B, L, D] (for coordinate checks; decided at trace time, so training pays nothing)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     if segment_ids_BxL is None:
@@ -121,17 +124,21 @@ class Decoder(nnx.Module):
     graphdef, stacked = nnx.split(self.blocks)
 
     def layer(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, mask, bias, constrain), None
+      x = nnx.merge(graphdef, layer_state)(x, mask, bias, constrain)
+      return x, (x if residuals else None)
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
-      x_BxLxD, _ = jax.lax.scan(layer, x_BxLxD, stacked)
+      x_BxLxD, stream = jax.lax.scan(layer, x_BxLxD, stacked)
     else:
+      outs = [None] * cfg.n_layers
       for i in range(cfg.n_layers):
-        x_BxLxD, _ = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+        x_BxLxD, outs[i] = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
+      stream = jnp.stack(outs) if residuals else None
 
     x_BxLxD = self.final_norm(x_BxLxD)
     logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.unembed[...].astype(dt),
                               preferred_element_type=jnp.float32)
-    return constrain(logits_BxLxV * self.mult.logit_scale, ("batch", "length", "act_vocab"))
+    logits_BxLxV = constrain(logits_BxLxV * self.mult.logit_scale, ("batch", "length", "act_vocab"))
+    return (logits_BxLxV, stream) if residuals else logits_BxLxV
