@@ -32,3 +32,9 @@ def small_config(*overrides: str):
 @pytest.fixture
 def small():
   return small_config
+
+
+@pytest.fixture(scope="session")
+def stdlib_cache(tmp_path_factory):
+  """One data cache per test session, so the stdlib tokenizer and stores are built once."""
+  return tmp_path_factory.mktemp("stdlib_cache")

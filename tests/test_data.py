@@ -199,10 +199,10 @@ def test_tokenizer_larger_than_the_model_vocab_exits_3(capsys, prepared, tmp_pat
   assert code == 3 and "model.vocab_size=256" in err
 
 
-def test_celerity_tiny_trains_on_stdlib_and_held_out_loss_falls(tmp_path):
+def test_celerity_tiny_trains_on_stdlib_and_held_out_loss_falls(tmp_path, stdlib_cache):
   from celerity_jax.train import loop
   cfg = apply_overrides(recipes.load("celerity_tiny"), [
-      f"run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "run.progress=false",
+      f"run.dir={tmp_path / 'run'}", f"data.cache_dir={stdlib_cache}", "run.progress=false",
       "run.tensorboard=false", "train.stop_step=20", "train.eval_every=10"])
   loop.run(cfg)
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

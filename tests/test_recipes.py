@@ -55,3 +55,26 @@ def test_planner_lists_the_family_with_the_overrides(capsys):
   assert big["TPP"] == 80 and big["tau"] == pytest.approx(0.087, rel=0.05)
   assert big["hours"] == pytest.approx(big["flops"] / (8 * 989e12 * 0.5) / 3600)
   assert plan.main(["recipe=celerity_1b", "scaling.tppp=2"]) == 2
+
+
+def test_nano_family_spans_8x_and_tiny_is_its_largest_member():
+  import dataclasses
+  nanos = [m for m in recipes.available() if m.startswith("celerity_nano_")]
+  sizes = [resolve(recipes.load(m)).n_params for m in nanos]
+  assert len(nanos) >= 4 and max(sizes) / min(sizes) >= 8
+  assert sizes == sorted(sizes)
+  tiny, largest = recipes.load("celerity_tiny"), recipes.load(nanos[-1])
+  assert dataclasses.replace(tiny, run=largest.run) == largest
+
+
+def test_a_nano_recipe_trains_to_its_horizon(tmp_path, stdlib_cache):
+  from celerity_jax.train import loop
+  cfg = apply_overrides(recipes.load("celerity_nano_1"), [
+      f"run.dir={tmp_path}", f"data.cache_dir={stdlib_cache}", "run.progress=false",
+      "run.tensorboard=false"])
+  last = loop.run(cfg)
+  steps = json.loads((tmp_path / "config.json").read_text())["derived"]["steps"]
+  assert last["step"] == steps and last["frac"] == 1.0
+  rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  first = next(r for r in rows if "event" not in r)
+  assert last["loss"] < first["loss"] - 3.0 and last["eval_loss"] < 6.0
