@@ -28,16 +28,11 @@ def main(argv: list[str]) -> dict:
   from celerity_jax.checkpoint import Checkpointer
   from celerity_jax.data.synthetic import SyntheticTokens
   from celerity_jax.main import parse
-  from celerity_jax.resolve import resolve
-  from celerity_jax.train import state as state_lib
-  from celerity_jax.train.step import make_train_step
+  from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
-  mesh = sharding.make_mesh(cfg.mesh)
-  resolved = resolve(cfg, len(jax.devices()))
-  setup = state_lib.build(cfg, resolved, mesh)
+  mesh, resolved, setup, step = prepare_training(cfg)
   state = setup.init()
-  step = make_train_step(setup, cfg, mesh)
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
   state, metrics = step(state, batch)

@@ -30,8 +30,7 @@ def main(argv: list[str]) -> dict:
   from celerity_jax.data.prepare import prepare
   from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
-  from celerity_jax.train import state as state_lib
-  from celerity_jax.train.step import make_train_step
+  from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
   files = corpus.stdlib_files() if not cfg.data.paths else corpus.resolve_paths(cfg.data.paths)
@@ -48,10 +47,8 @@ def main(argv: list[str]) -> dict:
     batches = list(prefetch(source.batch, 0, args.steps, cfg.data.threads))
     loader_tps = args.steps * resolved.batch_tokens / (time.perf_counter() - t0)
 
-    mesh = sharding.make_mesh(cfg.mesh)
-    setup = state_lib.build(cfg, resolved, mesh)
+    mesh, _, setup, step = prepare_training(cfg)
     state = setup.init()
-    step = make_train_step(setup, cfg, mesh)
     put = [{k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
            for b in batches[:args.train_steps + 1]]
     state, metrics = step(state, put[0])

@@ -64,15 +64,10 @@ def bench(argv: list[str]) -> dict:
   from celerity_jax.main import parse
   from celerity_jax import sharding
   from celerity_jax.data.synthetic import SyntheticTokens
-  from celerity_jax.resolve import resolve
-  from celerity_jax.train import state as state_lib
-  from celerity_jax.train.step import make_train_step
+  from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
-  mesh = sharding.make_mesh(cfg.mesh)
-  resolved = resolve(cfg, len(jax.devices()))
-  setup = state_lib.build(cfg, resolved, mesh)
-  step = make_train_step(setup, cfg, mesh)
+  mesh, resolved, setup, step = prepare_training(cfg)
   if args.compile_only:
     return compile_time(cfg, resolved, setup, step)
   state = setup.init()

@@ -23,12 +23,9 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
   from flax import nnx
 
   import recipes
-  from celerity_jax import sharding
   from celerity_jax.config import apply_overrides, validate
   from celerity_jax.data.synthetic import SyntheticTokens
-  from celerity_jax.resolve import resolve
-  from celerity_jax.train import state as state_lib
-  from celerity_jax.train.step import make_train_step
+  from celerity_jax.train.step import prepare_training
 
   d = 32 * width
   cfg = validate(apply_overrides(recipes.load("celerity_nano_1"), [
@@ -37,10 +34,8 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
       f"model.n_layers={2 * depth}", "model.vocab_size=256", "model.seq_len=64",
       "train.batch_size=16", "optim.schedule=constant", "scaling.warmup_frac=0",
       "optim.weight_decay=0", f"optim.lr_base={lr_base}", "data.corpus=synthetic"]))
-  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])
-  setup = state_lib.build(cfg, resolve(cfg, 1), mesh)
+  _, _, setup, step = prepare_training(cfg, jax.devices()[:1])
   state = setup.init()
-  step = make_train_step(setup, cfg, mesh)
   data = SyntheticTokens(256, 64, 16, seed=0)
   probe = jnp.asarray(data.batch(10_000)["inputs"])
   stream = jax.jit(lambda p: nnx.merge(setup.graphdef, p)(probe, residuals=True)[1])

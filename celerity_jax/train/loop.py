@@ -20,10 +20,9 @@ from celerity_jax.config import ConfigError
 from celerity_jax.data.pipeline import prefetch
 from celerity_jax.data.sources import make_sources
 from celerity_jax.metrics import MetricsWriter, Throughput, progress_bar
-from celerity_jax.resolve import Resolved, resolve
-from celerity_jax.train import state as state_lib
+from celerity_jax.resolve import Resolved
 from celerity_jax.train.signals import PreemptionGuard
-from celerity_jax.train.step import make_eval_step, make_train_step
+from celerity_jax.train.step import make_eval_step, prepare_training
 
 HALT_NONFINITE = 4
 
@@ -86,17 +85,13 @@ def _resume(cfg, described, ckpt, setup, writer):
 
 def run(cfg) -> dict:
   """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
-  mesh = sharding.make_mesh(cfg.mesh)
-  resolved = resolve(cfg, len(jax.devices()))
-  sharding.check_batch(resolved.batch_seqs, cfg.train.microbatches, mesh)
+  mesh, resolved, setup, train_step = prepare_training(cfg)
   run_dir = Path(cfg.run.dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   described = describe(cfg, resolved)
   (run_dir / "config.json").write_text(json.dumps(described, indent=2) + "\n")
 
   train_data, held_out = make_sources(cfg, resolved, cfg.run.progress)
-  setup = state_lib.build(cfg, resolved, mesh)
-  train_step = make_train_step(setup, cfg, mesh)
   eval_step = make_eval_step(setup, cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   eval_batches = [_device_batch(held_out.batch(i), batch_sharding)

@@ -4,6 +4,8 @@ Everything a log row needs is computed here, on device, and fetched by the loop 
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -12,6 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.models.dense import no_constraint
+from celerity_jax.resolve import Resolved, resolve
+from celerity_jax.train import state as state_lib
 from celerity_jax.train.state import Setup, TrainState
 
 
@@ -96,3 +100,20 @@ def make_eval_step(setup: Setup, cfg, mesh: Mesh):
   return jax.jit(eval_step, in_shardings=(setup.state_shardings.params,
                                           sharding.batch_sharding(mesh)),
                  out_shardings=NamedSharding(mesh, P()))
+
+
+class Training(NamedTuple):
+  mesh: Mesh
+  resolved: Resolved
+  setup: Setup
+  train_step: Callable
+
+
+def prepare_training(cfg, devices=None) -> Training:
+  """Mesh over `devices` (default all), derived quantities, sharded setup and the jitted step."""
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  resolved = resolve(cfg, len(devices))
+  sharding.check_batch(resolved.batch_seqs, cfg.train.microbatches, mesh)
+  setup = state_lib.build(cfg, resolved, mesh)
+  return Training(mesh, resolved, setup, make_train_step(setup, cfg, mesh))
