@@ -22,7 +22,8 @@ from celerity_jax.config import ConfigError
 # Settings that do not change the training trajectory: they may differ on resume.
 FREE_KEYS = ("run.", "checkpoint.", "mesh.", "train.stop_frac", "train.stop_step",
              "train.eval_every", "data.threads", "data.cache_dir", "data.eval_batches",
-             "model.remat", "derived.stop_step", "derived.data_parallel")
+             "model.remat", "derived.stop_step", "derived.data_parallel",
+             "collapse.threshold", "collapse.patience", "collapse.policy", "collapse.spike_factor")
 VERSIONED = ("celerity_jax", "jax", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 

@@ -121,7 +121,16 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class CollapseConfig:
-  """The in-step collapse monitor; its fields arrive with the collapse issue."""
+  """The in-step collapse monitor (SCIENCE.md section 7), computed inside the jitted step."""
+  reference: str = "surrogate"    # "surrogate" | "none" (spike checks only) | a finished run's dir
+  surrogate: str = ""             # surrogate constants JSON; "" = the fit shipped in the package
+  align_start: float = 0.25       # window of t = step/T over which L(T) is estimated by alignment
+  align_end: float = 0.5
+  smooth_frac: float = 0.02       # loss EMA time constant as a fraction of T
+  threshold: float = 0.05         # |residual| that counts as off the reference (README "Collapse")
+  patience: int = 5               # consecutive steps over the threshold before an alert
+  policy: Literal["warn", "halt"] = "warn"   # halt: checkpoint, then exit 5
+  spike_factor: float = 1.2       # smoothed loss above this x its running minimum = a loss spike
 
 
 @dataclass(frozen=True)
@@ -249,6 +258,15 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("data.eval_batches must be >= 1; data.threads, train.eval_every >= 0")
   if not 0.0 <= s.warmup_frac < 1.0:
     raise ConfigError(f"scaling.warmup_frac={s.warmup_frac}: must be in [0, 1)")
+  k = cfg.collapse
+  if not 0.0 < k.align_start < k.align_end < 1.0:
+    raise ConfigError(f"collapse.align_start={k.align_start}, collapse.align_end={k.align_end}: "
+                      f"need 0 < align_start < align_end < 1")
+  if not 0.0 <= k.smooth_frac < 0.5:
+    raise ConfigError(f"collapse.smooth_frac={k.smooth_frac}: must be in [0, 0.5)")
+  if k.threshold <= 0 or k.patience < 1 or k.spike_factor <= 1.0:
+    raise ConfigError(f"collapse.threshold={k.threshold} must be > 0, collapse.patience="
+                      f"{k.patience} >= 1 and collapse.spike_factor={k.spike_factor} > 1")
   sizes = dataclasses.asdict(cfg.mesh)
   if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
     raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, at most one may be -1")

@@ -1,7 +1,8 @@
 """CLI: python -m celerity_jax.main recipe=NAME [section.key=value ...] [--print-config]
 
 Exit status: 0 done (or stopped by SIGTERM/SIGINT after saving a checkpoint), 2 configuration
-error (message names the key), 3 data error (names the file), 4 halted on non-finite losses.
+error (message names the key), 3 data error (names the file), 4 halted on non-finite losses,
+5 halted on a collapse alert (collapse.policy=halt).
 """
 from __future__ import annotations
 

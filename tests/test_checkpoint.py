@@ -15,6 +15,7 @@ import pytest
 
 from celerity_jax import sharding
 from celerity_jax.checkpoint import Checkpointer
+from celerity_jax.collapse.monitor import build_spec
 from celerity_jax.data.synthetic import SyntheticTokens
 from celerity_jax.main import main
 from celerity_jax.resolve import resolve
@@ -39,7 +40,8 @@ def abstract(setup):
 
 def trained_state(cfg, steps=3):
   mesh, setup = build(cfg)
-  state, train_step = setup.init(), step_lib.make_train_step(setup, cfg, mesh)
+  spec = build_spec(cfg, resolve(cfg, len(mesh.devices.flat)))
+  state, train_step = setup.init(), step_lib.make_train_step(setup, cfg, mesh, spec)
   data = SyntheticTokens(256, 32, 16, 0)
   for i in range(steps):
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(i).items()}
@@ -97,8 +99,10 @@ def subprocess_env():
 
 
 def losses(run_dir):
+  """Per step: the loss and the collapse monitor's outputs (its state is checkpointed too)."""
   rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  return [(r["step"], r["loss"]) for r in rows if "event" not in r]
+  return [(r["step"], r["loss"], r["loss_smooth"], r.get("collapse_residual"),
+           r.get("final_loss_estimate")) for r in rows if "event" not in r]
 
 
 def final_params(run_dir, step):
@@ -112,7 +116,7 @@ def final_params(run_dir, step):
 def wait_for_step(run_dir, step, proc, timeout=120):
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if (run_dir / "metrics.jsonl").exists() and any(s >= step for s, _ in losses(run_dir)):
+    if (run_dir / "metrics.jsonl").exists() and any(row[0] >= step for row in losses(run_dir)):
       return
     assert proc.poll() is None, proc.stderr.read()
     time.sleep(0.05)
@@ -129,6 +133,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   proc.wait()
   assert main(cli(killed)) == 0                          # same command, same run.dir: resumes
   assert losses(killed) == losses(full)                  # every logged loss, bit for bit
+  assert losses(full)[-1][3] is not None                 # the monitor aligned across the restart
   steps = losses(full)[-1][0]
   assert_trees_equal(final_params(killed, steps), final_params(full, steps))
   events = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ from celerity_jax.data.synthetic import SyntheticTokens
 from celerity_jax.resolve import resolve
 from celerity_jax.train import loop
 from celerity_jax.train import state as state_lib
-from celerity_jax.train.step import make_train_step
+from celerity_jax.train.step import prepare_training
 
 MESH_222 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 
@@ -60,11 +60,8 @@ def test_same_seed_is_deterministic_and_seed_changes_the_run(small, tmp_path):
 
 
 def run_steps(cfg, n_devices, n_steps):
-  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:n_devices])
-  resolved = resolve(cfg, n_devices)
-  setup = state_lib.build(cfg, resolved, mesh)
+  mesh, resolved, setup, step, _ = prepare_training(cfg, jax.devices()[:n_devices])
   state = setup.init()
-  step = make_train_step(setup, cfg, mesh)
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
   losses = []
   for i in range(n_steps):

@@ -16,6 +16,7 @@ import jax
 from celerity_jax import checkpoint as ckpt_lib
 from celerity_jax import config as config_lib
 from celerity_jax import sharding
+from celerity_jax.collapse import monitor
 from celerity_jax.config import ConfigError
 from celerity_jax.data.pipeline import prefetch
 from celerity_jax.data.sources import make_sources
@@ -25,10 +26,12 @@ from celerity_jax.train.signals import PreemptionGuard
 from celerity_jax.train.step import make_eval_step, prepare_training
 
 HALT_NONFINITE = 4
+HALT_COLLAPSE = 5
 
 
 class RunHalted(Exception):
-  """The run stopped itself (non-finite losses); `code` is the exit status."""
+  """The run stopped itself (non-finite losses, a collapse alert under policy halt); `code` is the
+  exit status."""
 
   def __init__(self, code: int, message: str):
     super().__init__(message)
@@ -85,7 +88,7 @@ def _resume(cfg, described, ckpt, setup, writer):
 
 def run(cfg) -> dict:
   """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
-  mesh, resolved, setup, train_step = prepare_training(cfg)
+  mesh, resolved, setup, train_step, monitor_spec = prepare_training(cfg)
   run_dir = Path(cfg.run.dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   described = describe(cfg, resolved)
@@ -105,19 +108,20 @@ def run(cfg) -> dict:
   try:
     state, restarts = _resume(cfg, described, ckpt, setup, writer)
     return _train(cfg, resolved, described, state, restarts, train_step, train_data,
-                  batch_sharding, evaluate if eval_batches else None, writer, ckpt, mesh, run_dir)
+                  batch_sharding, evaluate if eval_batches else None, writer, ckpt, mesh, run_dir,
+                  monitor_spec.source)
   finally:
     ckpt.close()
     writer.close()
 
 
 def _train(cfg, resolved, described, state, restarts, train_step, train_data, batch_sharding,
-           evaluate, writer, ckpt, mesh, run_dir) -> dict:
+           evaluate, writer, ckpt, mesh, run_dir, reference) -> dict:
   start = int(state.step)
   writer.row({"event": "start", "step": start, "mesh": dict(mesh.shape), "restarts": restarts,
               "n_params": resolved.n_params, "steps": resolved.steps,
               "stop_step": resolved.stop_step, "tau": resolved.tau,
-              "tau_groups": resolved.tau_groups})
+              "tau_groups": resolved.tau_groups, "collapse_reference": reference})
   print(f"celerity_jax: N={resolved.n_params:,} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
         f"{cfg.model.seq_len} T={resolved.steps} warmup={resolved.warmup_steps} "
         f"lambda={resolved.weight_decay:.4g} tau={resolved.tau:.4g} per-group tau="
@@ -127,6 +131,7 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
   meta = {"described": described, "config_hash": ckpt_lib.trajectory_hash(described),
           "restarts": restarts, "versions": ckpt_lib.versions()}
   throughput, last_row, pending, last_save = Throughput(), {}, None, time.monotonic()
+  flags = {"loss_spike": 0, "collapse_alert": 0}     # last step's flags: report rising edges once
   bar = progress_bar(resolved.stop_step, start, cfg.run.progress)
 
   def save(step, state, force=False):
@@ -135,17 +140,46 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
                             "data": {"seed": cfg.train.seed, "next_step": step}}, force=force)
     last_save = time.monotonic()
 
+  def halt(step, values, cause, code, message):
+    record = {"step": step, "cause": cause, **values, "config_hash": meta["config_hash"],
+              "last_row": last_row}
+    (run_dir / "diagnostics.json").write_text(json.dumps(record, indent=2) + "\n")
+    writer.row({"event": "halt", "step": step, "cause": cause, **values})
+    raise RunHalted(code, f"{message}; diagnostics in {run_dir / 'diagnostics.json'}")
+
+  def check_collapse(step, values):
+    """Spike and collapse-alert events on their first step; halts per collapse.policy."""
+    for key in flags:
+      now, before = int(values.get(key, 0)), flags[key]
+      flags[key] = now
+      if not now or before:
+        continue
+      detail = {k: values[k] for k in ("loss", "loss_smooth", "collapse_residual",
+                                       "final_loss_estimate") if k in values}
+      writer.row({"event": key, "step": step, "frac": step / resolved.steps, **detail})
+      text = ", ".join(f"{k} {v:.4g}" for k, v in detail.items())
+      if key == "loss_spike":
+        print(f"celerity_jax: warning: loss spike at step {step} ({text}; smoothed loss above "
+              f"{cfg.collapse.spike_factor}x its minimum)", file=sys.stderr)
+      elif cfg.collapse.policy == "halt":
+        halt(step, values, "collapse", HALT_COLLAPSE,
+             f"off the collapse reference at step {step} ({text}; |residual| > "
+             f"{cfg.collapse.threshold} for {cfg.collapse.patience} steps)")
+      else:
+        print(f"celerity_jax: warning: off the collapse reference at step {step} ({text}; "
+              f"|residual| > {cfg.collapse.threshold} for {cfg.collapse.patience} steps)",
+              file=sys.stderr)
+
   def emit(step, metrics, extra, log):
     nonlocal last_row
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()} | extra
+    values = monitor.host_fields({k: float(v) for k, v in jax.device_get(metrics).items()})
+    values |= extra
     if values["nonfinite"] and (cfg.train.on_nonfinite == "halt"
                                 or values["bad_steps"] >= cfg.train.max_bad_steps):
-      record = {"step": step, **values, "config_hash": meta["config_hash"], "last_row": last_row}
-      (run_dir / "diagnostics.json").write_text(json.dumps(record, indent=2) + "\n")
-      writer.row({"event": "halt", "step": step, "cause": "nonfinite", **values})
-      raise RunHalted(HALT_NONFINITE, f"non-finite loss or gradient at step {step} "
-                      f"({int(values['bad_steps'])} in a row, policy {cfg.train.on_nonfinite}); "
-                      f"diagnostics in {run_dir / 'diagnostics.json'}")
+      halt(step, values, "nonfinite", HALT_NONFINITE,
+           f"non-finite loss or gradient at step {step} ({int(values['bad_steps'])} in a row, "
+           f"policy {cfg.train.on_nonfinite})")
+    check_collapse(step, values)
     if not log:
       return
     tokens = step * resolved.batch_tokens
@@ -165,7 +199,13 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
       for step, host_batch in zip(range(start, resolved.stop_step), batches, strict=True):
         state, metrics = train_step(state, _device_batch(host_batch, batch_sharding))
         if pending is not None:
-          emit(*pending)
+          try:
+            emit(*pending)
+          except RunHalted as halted:
+            if halted.code == HALT_COLLAPSE:      # keep the state for a look or a resume
+              save(step + 1, state, force=True)
+              ckpt.wait()
+            raise
         done = step + 1
         evaluate_now = evaluate is not None and (done % cfg.train.eval_every == 0
                                                  or done == resolved.stop_step)

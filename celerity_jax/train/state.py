@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from celerity_jax import sharding
+from celerity_jax.collapse import monitor
 from celerity_jax.models.dense import Decoder
 from celerity_jax.models.layers import map_variables
 from celerity_jax.optim import ScheduledAdamW, make_optimizer
@@ -21,6 +22,7 @@ class TrainState(NamedTuple):
   opt_state: Any
   bad_steps: jax.Array      # consecutive non-finite steps so far
   skipped: jax.Array        # non-finite steps skipped in the whole run
+  collapse: dict            # the collapse monitor's scalars (celerity_jax.collapse.monitor)
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,12 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
   def init_fn() -> TrainState:
     params = nnx.to_pure_dict(nnx.state(new_model()))
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(zero, params, optimizer.init(params), zero, zero)
+    return TrainState(zero, params, optimizer.init(params), zero, zero, monitor.init_state())
 
   abstract_state = jax.eval_shape(init_fn)
   param_specs = sharding.param_specs(abstract, mesh)
   specs = TrainState(P(), param_specs,
                      sharding.opt_state_specs(optimizer.tx, abstract_state.opt_state, param_specs),
-                     P(), P())
+                     P(), P(), jax.tree.map(lambda _: P(), abstract_state.collapse))
   shardings = sharding.named(mesh, specs)
   return Setup(graphdef, optimizer, shardings, jax.jit(init_fn, out_shardings=shardings))

@@ -4,7 +4,7 @@ Everything a log row needs is computed here, on device, and fetched by the loop 
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from celerity_jax import sharding
+from celerity_jax.collapse import monitor
 from celerity_jax.models.dense import no_constraint
 from celerity_jax.resolve import Resolved, resolve
 from celerity_jax.train import state as state_lib
@@ -59,9 +60,9 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
   return jax.tree.map(lambda x: x / micro, total)
 
 
-def make_train_step(setup: Setup, cfg, mesh: Mesh):
+def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monitor.MonitorSpec]):
   """Returns step(state, batch) -> (state, metrics), jitted with in/out shardings on `mesh` and the
-  state donated."""
+  state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks)."""
   loss_fn = make_loss_fn(setup, cfg, sharding.make_constrain(mesh))
 
   def train_step(state: TrainState, batch):
@@ -76,13 +77,17 @@ def make_train_step(setup: Setup, cfg, mesh: Mesh):
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     bad = jnp.where(finite, 0, state.bad_steps + 1)
     skipped = state.skipped + (~finite).astype(jnp.int32)
+    collapse, collapse_metrics = state.collapse, {}
+    if monitor_spec is not None:
+      collapse, collapse_metrics = monitor.update(monitor_spec, state.collapse, ce, state.step + 1,
+                                                  finite)
     metrics = {
         "loss": ce, "z_loss": z, "grad_norm": grad_norm,
         "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
         "lr": setup.optimizer.lr(state.step), "nonfinite": (~finite).astype(jnp.int32),
-        "bad_steps": bad, "skipped_steps": skipped,
+        "bad_steps": bad, "skipped_steps": skipped, **collapse_metrics,
     }
-    return TrainState(state.step + 1, params, opt_state, bad, skipped), metrics
+    return TrainState(state.step + 1, params, opt_state, bad, skipped, collapse), metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
@@ -107,13 +112,17 @@ class Training(NamedTuple):
   resolved: Resolved
   setup: Setup
   train_step: Callable
+  monitor: monitor.MonitorSpec
 
 
-def prepare_training(cfg, devices=None) -> Training:
-  """Mesh over `devices` (default all), derived quantities, sharded setup and the jitted step."""
+def prepare_training(cfg, devices=None, with_monitor: bool = True) -> Training:
+  """Mesh over `devices` (default all), derived quantities, sharded setup, the collapse monitor and
+  the jitted step (`with_monitor=False` compiles the step without the monitor)."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   resolved = resolve(cfg, len(devices))
   sharding.check_batch(resolved.batch_seqs, cfg.train.microbatches, mesh)
   setup = state_lib.build(cfg, resolved, mesh)
-  return Training(mesh, resolved, setup, make_train_step(setup, cfg, mesh))
+  spec = monitor.build_spec(cfg, resolved)
+  return Training(mesh, resolved, setup,
+                  make_train_step(setup, cfg, mesh, spec if with_monitor else None), spec)

@@ -1,0 +1,122 @@
+"""Loss curves of finished or partial runs, their smoothing and normalization, and collapse spreads.
+
+A run's collapse curve is its training loss smoothed by a debiased EMA whose time constant is a fixed
+fraction of T (`collapse.smooth_frac`), so every size lags by the same t = step/T; normalized, it is
+divided by its value at t = 1 (SCIENCE.md section 6). The monitor computes the same EMA in-step and
+logs it as `loss_smooth`, so what a run logs is exactly what a later run compares against.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from celerity_jax.config import ConfigError
+
+
+def ema_decay(smooth_frac: float, spacing: float) -> float:
+  """Per-point EMA decay on a grid with `spacing` in t units (1/T for a per-step grid)."""
+  return math.exp(-spacing / smooth_frac) if smooth_frac > 0 else 0.0
+
+
+def ema(values: np.ndarray, decay: float) -> np.ndarray:
+  """Debiased EMA along the last axis: m = d m + (1 - d) x, w = d w + (1 - d), out = m / w."""
+  values = np.asarray(values, np.float64)
+  out = np.empty_like(values)
+  m = np.zeros(values.shape[:-1])
+  w = 0.0
+  for i in range(values.shape[-1]):
+    m = decay * m + (1 - decay) * values[..., i]
+    w = decay * w + (1 - decay)
+    out[..., i] = m / w
+  return out
+
+
+@dataclass(frozen=True)
+class Curve:
+  """One run's logged curve plus the controls that shape it (SCIENCE.md section 6)."""
+  name: str
+  steps: int                 # T
+  warmup: int
+  schedule: str
+  tau: float
+  tpp: float
+  n_params: int
+  seed: int
+  smooth_frac: float
+  t_hat: np.ndarray          # logged steps / T
+  loss: np.ndarray           # raw training loss at those steps
+  loss_smooth: np.ndarray    # the monitor's EMA at those steps
+
+  @property
+  def finished(self) -> bool:
+    return len(self.t_hat) > 0 and self.t_hat[-1] >= 1.0 - 1e-9
+
+  @property
+  def final_loss(self) -> float:
+    """L(T) as the collapse defines it: the smoothed loss at the last step."""
+    if not self.finished:
+      raise ValueError(f"run {self.name} is not finished (last logged t = {self.t_hat[-1]:.3f})")
+    return float(self.loss_smooth[-1])
+
+  def normalized(self) -> np.ndarray:
+    return self.loss_smooth / self.final_loss
+
+  def lr_factor(self, t_hat: np.ndarray) -> np.ndarray:
+    """The LR schedule, peak 1, at the steps whose loss is logged at t_hat (step t's loss is
+    measured before its update, which uses the LR at index t - 1)."""
+    from celerity_jax.optim import schedule
+    return np.asarray(schedule(self.schedule, self.warmup, self.steps)(
+        np.round(np.asarray(t_hat) * self.steps) - 1.0))
+
+
+def load_run(run_dir, require_finished: bool = False) -> Curve:
+  """The curve of a run directory (config.json + metrics.jsonl); errors name the file and problem."""
+  run_dir = Path(run_dir)
+  config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
+  for path in (config_path, metrics_path):
+    if not path.is_file():
+      raise ConfigError(f"{path}: not found; a run directory holds config.json and metrics.jsonl")
+  described = json.loads(config_path.read_text())
+  cfg, derived = described["config"], described["derived"]
+  rows = {}
+  for line in metrics_path.read_text().splitlines():
+    row = json.loads(line) if line.strip() else {}
+    if "event" not in row and "loss_smooth" in row:
+      rows[row["step"]] = row            # a resumed run may repeat steps: the last write wins
+  if not rows:
+    raise ConfigError(f"{metrics_path}: no rows with loss_smooth (written by the collapse monitor)")
+  steps = sorted(rows)
+  T = derived["steps"]
+  curve = Curve(
+      name=run_dir.name, steps=T, warmup=derived["warmup_steps"], schedule=cfg["optim"]["schedule"],
+      tau=derived["tau"], tpp=derived["tpp"], n_params=derived["n_params"],
+      seed=cfg["train"]["seed"], smooth_frac=cfg["collapse"]["smooth_frac"],
+      t_hat=np.array(steps, np.float64) / T,
+      loss=np.array([float(rows[s]["loss"]) for s in steps]),
+      loss_smooth=np.array([float(rows[s]["loss_smooth"]) for s in steps]))
+  if require_finished and not curve.finished:
+    raise ConfigError(f"{run_dir}: run not finished (last logged step {steps[-1]} of T={T}); a "
+                      f"reference curve needs the final loss")
+  return curve
+
+
+def on_grid(curves: list[Curve], grid: np.ndarray) -> np.ndarray:
+  """Normalized curves interpolated onto a common t grid: [len(curves), len(grid)]."""
+  return np.stack([np.interp(grid, c.t_hat, c.normalized()) for c in curves])
+
+
+def spread(curves: list[Curve], grid: np.ndarray) -> np.ndarray:
+  """Delta(t): population std across the curves (sizes) of the normalized loss (Qiu et al.)."""
+  return on_grid(curves, grid).std(axis=0)
+
+
+def seed_noise(groups: list[list[Curve]], grid: np.ndarray) -> np.ndarray:
+  """sigma(t): root mean over groups (one size, several seeds) of the seed variance (ddof 1)."""
+  variances = [on_grid(g, grid).var(axis=0, ddof=1) for g in groups if len(g) > 1]
+  if not variances:
+    raise ValueError("seed noise needs at least one size with two or more seeds")
+  return np.sqrt(np.mean(variances, axis=0))

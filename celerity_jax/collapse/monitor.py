@@ -1,0 +1,119 @@
+"""The collapse monitor, run inside the jitted train step (SCIENCE.md section 7).
+
+Each step: smooth the loss (debiased EMA, time constant smooth_frac * T), flag a spike when the
+smoothed loss exceeds spike_factor x its running minimum, and, with a reference curve l_ref(t):
+accumulate the closed-form alignment sums S_LL = sum L^2, S_Ll = sum L l_ref over t in
+[align_start, align_end], which fix L_hat(T) = S_LL / S_Ll once the window ends; from then on the
+residual r = L / L_hat(T) - l_ref(t) and an alert after `patience` consecutive |r| > threshold.
+The state is a few scalars in the train state (so it is checkpointed); nothing syncs with the host.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import NamedTuple, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from celerity_jax.collapse import curves, surrogate
+
+
+class MonitorSpec(NamedTuple):
+  """Static settings and the reference curve (host arrays, baked into the jitted step)."""
+  steps: int
+  decay: float
+  align_start: float
+  align_end: float
+  threshold: float
+  patience: int
+  spike_factor: float
+  ref_t: Optional[np.ndarray]      # None: no reference (spike checks only)
+  ref_l: Optional[np.ndarray]
+  source: str                      # "none", "surrogate" or the reference run's directory
+
+
+def init_state() -> dict:
+  f, i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+  return {"ema_m": f, "ema_w": f, "min_smooth": jnp.full((), jnp.inf, jnp.float32),
+          "s_ll": f, "s_lr": f, "over": i, "alert_steps": i, "spike_steps": i}
+
+
+def update(spec: MonitorSpec, state: dict, loss, step_done, finite) -> tuple[dict, dict]:
+  """One step of the monitor: `loss` measured at the step that brings the count to `step_done`;
+  a non-finite step leaves the state as it was."""
+  loss = jnp.where(finite, loss, 0.0).astype(jnp.float32)
+  d = spec.decay
+  ema_m = jnp.where(finite, d * state["ema_m"] + (1 - d) * loss, state["ema_m"])
+  ema_w = jnp.where(finite, d * state["ema_w"] + (1 - d), state["ema_w"])
+  smooth = ema_m / jnp.maximum(ema_w, 1e-30)
+  spike = finite & (smooth > spec.spike_factor * state["min_smooth"])
+  new = dict(state, ema_m=ema_m, ema_w=ema_w,
+             min_smooth=jnp.where(finite, jnp.minimum(state["min_smooth"], smooth),
+                                  state["min_smooth"]),
+             spike_steps=state["spike_steps"] + spike.astype(jnp.int32))
+  metrics = {"loss_smooth": smooth, "loss_spike": spike.astype(jnp.int32)}
+  if spec.ref_t is None:
+    return new, metrics
+
+  t = jnp.asarray(step_done, jnp.float32) / spec.steps
+  ref = jnp.interp(t, jnp.asarray(spec.ref_t, jnp.float32), jnp.asarray(spec.ref_l, jnp.float32))
+  window = finite & (t >= spec.align_start) & (t <= spec.align_end)
+  s_ll = state["s_ll"] + jnp.where(window, smooth * smooth, 0.0)
+  s_lr = state["s_lr"] + jnp.where(window, smooth * ref, 0.0)
+  active = (t > spec.align_end) & (s_lr > 0)
+  estimate = jnp.where(active, s_ll / jnp.where(s_lr > 0, s_lr, 1.0), 0.0)
+  residual = jnp.where(active, smooth / jnp.where(active, estimate, 1.0) - ref, 0.0)
+  off = active & finite & (jnp.abs(residual) > spec.threshold)
+  over = jnp.where(off, state["over"] + 1, jnp.where(finite, 0, state["over"]))
+  alert = over >= spec.patience
+  new.update(s_ll=s_ll, s_lr=s_lr, over=over,
+             alert_steps=state["alert_steps"] + alert.astype(jnp.int32))
+  metrics.update(collapse_active=active.astype(jnp.int32), collapse_residual=residual,
+                 collapse_alert=alert.astype(jnp.int32), final_loss_estimate=estimate)
+  return new, metrics
+
+
+def host_fields(values: dict) -> dict:
+  """The metrics a log row carries: the reference-based ones only once alignment is done."""
+  values = dict(values)
+  if not values.pop("collapse_active", 0):
+    for key in ("collapse_residual", "collapse_alert", "final_loss_estimate"):
+      values.pop(key, None)
+  return values
+
+
+# Controls that must match for curves to collapse (SCIENCE.md section 6), with a relative tolerance.
+_MATCHED = {"tau": 0.02, "tpp": 0.02, "warmup_frac": 0.1, "smooth_frac": 1e-6}
+
+
+def build_spec(cfg, resolved) -> MonitorSpec:
+  """The monitor for a run: reference curve per collapse.reference; warns on mismatched controls."""
+  k = cfg.collapse
+  steps = resolved.steps
+  t, ell, source = None, None, k.reference
+  if k.reference == "surrogate":
+    constants = surrogate.load_constants(k.surrogate)
+    t, ell = surrogate.normalized_curve(steps, resolved.warmup_steps, cfg.optim.schedule,
+                                        resolved.tau, resolved.tpp, constants, k.smooth_frac)
+  elif k.reference != "none":
+    ref = curves.load_run(k.reference, require_finished=True)
+    t, ell = ref.t_hat, ref.normalized()
+    mine = {"tau": resolved.tau, "tpp": resolved.tpp, "warmup_frac": resolved.warmup_steps / steps,
+            "smooth_frac": k.smooth_frac}
+    theirs = {"tau": ref.tau, "tpp": ref.tpp, "warmup_frac": ref.warmup / ref.steps,
+              "smooth_frac": ref.smooth_frac}
+    off = [f"{key} {mine[key]:.4g} vs {theirs[key]:.4g}" for key, tol in _MATCHED.items()
+           if not math.isclose(mine[key], theirs[key], rel_tol=tol)]
+    if ref.schedule != cfg.optim.schedule:
+      off.append(f"schedule {cfg.optim.schedule} vs {ref.schedule}")
+    if off:
+      print(f"celerity_jax: warning: collapse.reference {k.reference} was trained with other "
+            f"controls ({'; '.join(off)}); curves collapse only when they match", file=sys.stderr)
+  if t is not None and not ((t >= k.align_start) & (t <= k.align_end)).any():
+    print(f"celerity_jax: warning: no reference point in the alignment window "
+          f"[{k.align_start}, {k.align_end}]", file=sys.stderr)
+  return MonitorSpec(steps, curves.ema_decay(k.smooth_frac, 1.0 / steps), k.align_start,
+                     k.align_end, k.threshold, k.patience, k.spike_factor,
+                     None if t is None else np.asarray(t, np.float64),
+                     None if ell is None else np.asarray(ell, np.float64), source)
