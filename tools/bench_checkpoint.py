@@ -31,7 +31,7 @@ def main(argv: list[str]) -> dict:
   from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
-  mesh, resolved, setup, step = prepare_training(cfg)
+  mesh, resolved, setup, step, _ = prepare_training(cfg)
   state = setup.init()
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}

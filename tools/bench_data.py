@@ -47,7 +47,7 @@ def main(argv: list[str]) -> dict:
     batches = list(prefetch(source.batch, 0, args.steps, cfg.data.threads))
     loader_tps = args.steps * resolved.batch_tokens / (time.perf_counter() - t0)
 
-    mesh, _, setup, step = prepare_training(cfg)
+    mesh, _, setup, step, _ = prepare_training(cfg)
     state = setup.init()
     put = [{k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
            for b in batches[:args.train_steps + 1]]

@@ -2,6 +2,7 @@
 
   python -m tools.bench_step recipe=celerity_tiny [section.key=value ...] [--steps 10]
   python -m tools.bench_step recipe=celerity_1b --compile-only   # compile time only, allocates nothing
+  python -m tools.bench_step recipe=celerity_tiny --monitor-overhead   # collapse monitor cost
 
 FLOPs convention: 6 x (matmul params, unembedding included, input embedding excluded) per token
 plus causal attention 6 x layers x seq_len x heads x d_head (MaxText; full attention doubles the
@@ -50,6 +51,45 @@ def compile_time(cfg, resolved, setup, step) -> dict:
           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def monitor_overhead(cfg, setup, with_monitor, without, mesh, resolved, steps: int) -> dict:
+  """Interleaved rounds of `steps` steps of each variant; the ratio of median round times."""
+  from celerity_jax import sharding
+  from celerity_jax.data.synthetic import SyntheticTokens
+  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
+  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
+  states = {"with": setup.init(), "without": setup.init()}
+  fns = {"with": with_monitor, "without": without}
+  times = {"with": [], "without": []}
+  for round_ in range(7):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        states[name], metrics = fn(states[name], batch)
+      jax.block_until_ready(metrics)
+      if round_:                                   # round 0 compiles
+        times[name].append((time.perf_counter() - t0) / steps)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  # the ratio above is within this machine's noise, so also time the monitor alone: 1000 updates
+  # in one jitted scan, per update (an upper bound: in the step XLA fuses it with the loss)
+  from celerity_jax.collapse import monitor
+  spec = monitor.build_spec(cfg, resolved)
+
+  @jax.jit
+  def updates(losses):
+    body = lambda st, x: monitor.update(spec, st, x[0], x[1], True)  # noqa: E731
+    return jax.lax.scan(body, monitor.init_state(), (losses, jnp.arange(1, 1001)))[1]
+  losses = jnp.linspace(5.0, 3.0, 1000)
+  jax.block_until_ready(updates(losses))
+  t0 = time.perf_counter()
+  jax.block_until_ready(updates(losses))
+  alone = (time.perf_counter() - t0) / 1000
+  return {"n_params": resolved.n_params, "batch_tokens": resolved.batch_tokens,
+          "reference": cfg.collapse.reference, "step_s_with_monitor": round(med["with"], 5),
+          "step_s_without": round(med["without"], 5),
+          "monitor_overhead_frac": round(med["with"] / med["without"] - 1, 4),
+          "monitor_update_s": alone, "monitor_update_frac_of_step": alone / med["without"]}
+
+
 def bench(argv: list[str]) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
@@ -59,6 +99,8 @@ def bench(argv: list[str]) -> dict:
                       help="use this chip peak (TFLOP/s) instead of the measured matmul ceiling")
   parser.add_argument("--compile-only", action="store_true",
                       help="lower and compile the step from abstract shapes; report compile time")
+  parser.add_argument("--monitor-overhead", action="store_true",
+                      help="step time with the collapse monitor vs the same step without it")
   args, rest = parser.parse_known_args(argv)
 
   from celerity_jax.main import parse
@@ -67,9 +109,12 @@ def bench(argv: list[str]) -> dict:
   from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
-  mesh, resolved, setup, step = prepare_training(cfg)
+  mesh, resolved, setup, step, _ = prepare_training(cfg)
   if args.compile_only:
     return compile_time(cfg, resolved, setup, step)
+  if args.monitor_overhead:
+    return monitor_overhead(cfg, setup, step, prepare_training(cfg, with_monitor=False).train_step,
+                            mesh, resolved, args.steps)
   state = setup.init()
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
   batch_sharding = sharding.batch_sharding(mesh)

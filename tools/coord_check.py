@@ -34,7 +34,7 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
       f"model.n_layers={2 * depth}", "model.vocab_size=256", "model.seq_len=64",
       "train.batch_size=16", "optim.schedule=constant", "scaling.warmup_frac=0",
       "optim.weight_decay=0", f"optim.lr_base={lr_base}", "data.corpus=synthetic"]))
-  _, _, setup, step = prepare_training(cfg, jax.devices()[:1])
+  _, _, setup, step, _ = prepare_training(cfg, jax.devices()[:1])
   state = setup.init()
   data = SyntheticTokens(256, 64, 16, seed=0)
   probe = jnp.asarray(data.batch(10_000)["inputs"])

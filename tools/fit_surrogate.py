@@ -1,0 +1,42 @@
+"""Fit the loss-curve surrogate's four constants to finished runs and write them as JSON.
+
+  python -m tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] [--holdout RUN_DIR ...]
+
+The fit is the alternating grid search of SCIENCE.md section 8 (celerity_jax.collapse.surrogate.fit);
+--holdout runs are not fitted but their MAE is reported. The package's shipped constants come from
+`python -m tools.collapse_experiment --write-constants`, which fits every run of that experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from celerity_jax.collapse import surrogate
+from celerity_jax.collapse.curves import load_run
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("runs", nargs="+")
+  parser.add_argument("--holdout", nargs="*", default=[])
+  parser.add_argument("--out", default="surrogate.json")
+  args = parser.parse_args(argv)
+  fitted = [load_run(r, require_finished=True) for r in args.runs]
+  held = [load_run(r, require_finished=True) for r in args.holdout]
+  if len({(c.tau, c.tpp) for c in fitted}) < 2:
+    print("warning: every run has the same (tau, TPP); b and q are then not separately "
+          "identifiable", file=sys.stderr)
+  constants, objective = surrogate.fit(fitted)
+  report = {"fit_mae": objective, "runs": args.runs,
+            "mae": {c.name: surrogate.mae(c, constants) for c in fitted},
+            "holdout_mae": {c.name: surrogate.mae(c, constants) for c in held},
+            "command": "python -m tools.fit_surrogate " + " ".join(sys.argv[1:] if argv is None
+                                                                  else argv)}
+  surrogate.save_constants(args.out, constants, report)
+  print(json.dumps({"constants": constants._asdict(), **report}, indent=2))
+
+
+if __name__ == "__main__":
+  from celerity_jax.main import run_cli
+  sys.exit(run_cli(main))
