@@ -163,6 +163,23 @@ def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, cap
   assert late[-1]["final_loss_estimate"] == pytest.approx(estimate, rel=1e-4)
   assert late[-1]["collapse_residual"] == pytest.approx(
       run.loss_smooth[-1] / estimate - ref_at[-1], abs=1e-4)
+  # the predict tool gives the same alignment over [0.2, 0.5]; a reference with other controls warns
+  from tools import predict as predict_tool
+  capsys.readouterr()
+  predict_tool.main([str(run_dir), "--stop", "0.5", "--reference", str(ref_dir)])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["predicted_final"] == pytest.approx(predict.predict_final_loss(
+      run, stop=0.5, reference=ref)) and printed["true_final"] == pytest.approx(run.final_loss)
+  from celerity_jax.resolve import resolve
+  other = small(*base, f"collapse.reference={ref_dir}", "optim.tau=0.5")
+  monitor.build_spec(other, resolve(other))
+  assert "trained with other controls (tau 0.5 vs" in capsys.readouterr().err
+  # fit_surrogate writes constants the monitor can load, and says when b and q are not identifiable
+  from tools import fit_surrogate
+  fit_surrogate.main([str(ref_dir), str(run_dir), "--out", str(tmp_path / "fit.json")])
+  assert "not separately identifiable" in capsys.readouterr().err
+  fitted = surrogate.load_constants(str(tmp_path / "fit.json"))
+  assert surrogate.mae(run, fitted) < 0.05
   # policy halt with a threshold nothing meets: checkpoint, diagnostics, exit 5
   capsys.readouterr()
   code = main([*args, *SMALL, f"run.dir={halt_dir}", "train.seed=1", "collapse.threshold=1e-6",
