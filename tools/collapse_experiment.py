@@ -18,6 +18,7 @@ every run (e.g. param.alpha_out=0.136875 for the README's lower-logit variant).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from celerity_jax.collapse import predict, surrogate
-from celerity_jax.collapse.curves import Curve, seed_noise, spread
+from celerity_jax.collapse.curves import Curve, ema, ema_decay, seed_noise, spread
 from tools import runs
 from tools.plot_collapse import plot
 
@@ -68,6 +69,24 @@ def monitor_residual(run: Curve, reference: Curve) -> float:
   return float(np.abs(run.loss_smooth[after] / estimate - ref[after]).max())
 
 
+def sustained_surrogate_residual(run: Curve, constants: surrogate.Constants,
+                                 patience: int) -> float:
+  """The largest |r| held for `patience` steps against the surrogate: what an alert would need."""
+  lo, hi = monitor_window()
+  ref = surrogate.predict(run, constants)
+  window = (run.t_hat >= lo) & (run.t_hat <= hi)
+  estimate = predict.aligned_final_loss(run.loss_smooth[window], ref[window])
+  after = run.t_hat > hi
+  r = np.abs(run.loss_smooth[after] / estimate - ref[after])
+  return float(max(r[i:i + patience].min() for i in range(len(r) - patience + 1)))
+
+
+def resmoothed(c: Curve, smooth_frac: float) -> Curve:
+  """The curve re-smoothed offline from its raw losses with another EMA time constant."""
+  return dataclasses.replace(c, smooth_frac=smooth_frac,
+                             loss_smooth=ema(c.loss, ema_decay(smooth_frac, 1.0 / c.steps)))
+
+
 def analyse(c: dict[str, Curve]) -> tuple[dict, surrogate.Constants]:
   matched = [c["matched_nano_2"], c["matched_nano_3"], c["matched_nano_4"]]
   mismatched = [c["mismatched_nano_2"], c["matched_nano_3"], c["mismatched_nano_4"]]
@@ -86,6 +105,12 @@ def analyse(c: dict[str, Curve]) -> tuple[dict, surrogate.Constants]:
                           / big.final_loss - 1)
   seed_pairs = [(g[i], g[j]) for g in seeds for i in range(len(g)) for j in range(len(g)) if i != j]
   consts_all, objective_all = surrogate.fit(list(c.values()))
+  smoothing = {sf: {"max_delta_matched": float(spread([resmoothed(x, sf) for x in matched], GRID).max()),
+                    "max_delta_mismatched": float(spread([resmoothed(x, sf) for x in mismatched],
+                                                         GRID).max())}
+               for sf in (0.05, 0.1)}
+  import recipes
+  patience = recipes.load(SIZES[-1]).collapse.patience
   report = {
       "max_delta_matched": float(spread(matched, GRID).max()),
       "max_delta_mismatched": float(spread(mismatched, GRID).max()),
@@ -108,9 +133,13 @@ def analyse(c: dict[str, Curve]) -> tuple[dict, surrogate.Constants]:
       "final_loss_err_surrogate": err_surrogate, "final_loss_err_nano_3_curve": err_collapse,
       "final_loss_err_30pct_surrogate": err_surrogate[0.3],
       "final_loss_err_30pct_nano_3_curve": err_collapse[0.3],
+      "smoothing_sensitivity": smoothing,
+      "sustained_residual_nano_4_vs_surrogate_all": sustained_surrogate_residual(big, consts_all,
+                                                                                 patience),
       "surrogate_all": consts_all._asdict(), "surrogate_fit_mae_all": objective_all,
       "runs": {k: {"n_params": x.n_params, "tpp": x.tpp, "tau": x.tau, "seed": x.seed,
-                   "steps": x.steps, "final_loss": x.final_loss,
+                   "steps": x.steps, "final_loss": x.final_loss, "initial_loss": float(x.loss[0]),
+                   "normalized_at_0_2": float(np.interp(0.2, x.t_hat, x.normalized())),
                    "surrogate_mae": surrogate.mae(x, consts_all)} for k, x in c.items()},
   }
   return report, consts_all
@@ -123,6 +152,9 @@ TABLE = """| quantity | value |
 | max Delta(t), t in [0.4, 1]: matched / mismatched | {max_delta_matched_late:.4f} / {max_delta_mismatched_late:.4f} |
 | seed noise sigma(t): max / mean; max over t in [0.4, 1] | {max_sigma_seeds:.4f} / {mean_sigma_seeds:.4f}; {max_sigma_seeds_late:.4f} |
 | fraction of t where Delta < sigma (supercollapse) | {supercollapse_frac:.2f} |
+| max Delta, [0.2, 1], re-smoothed offline at smooth_frac 0.05 / 0.1: matched | {sm05m:.4f} / {sm10m:.4f} |
+| ... mismatched | {sm05x:.4f} / {sm10x:.4f} |
+| nano_4 residual against the shipped surrogate, held for `patience` steps | {sustained_residual_nano_4_vs_surrogate_all:.4f} |
 | monitor residual max (window {monitor_window}), seed vs seed | {monitor_seed_residual_max:.4f} |
 | monitor residual max, nano_4 vs nano_3 curve: matched / mismatched | {monitor_residual_matched_vs_nano_3:.4f} / {monitor_residual_mismatched_vs_nano_3:.4f} |
 | surrogate MAE on nano_4 fit without it: matched / mismatched | {surrogate_mae_largest_matched:.4f} / {surrogate_mae_largest_mismatched:.4f} |
@@ -147,6 +179,7 @@ def main(argv=None):
     print(f"{name}: final loss {curves[name].final_loss:.4f} "
           f"({time.monotonic() - started:.0f} s so far)", file=sys.stderr)
   report, constants = analyse(curves)
+  smoothing = report["smoothing_sensitivity"]
   report["wall_s"] = time.monotonic() - started
   (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
   if args.write_constants:
@@ -161,7 +194,11 @@ def main(argv=None):
   print(TABLE.format(**report, err_s50=report["final_loss_err_surrogate"][0.5],
                      err_s70=report["final_loss_err_surrogate"][0.7],
                      err_c50=report["final_loss_err_nano_3_curve"][0.5],
-                     err_c70=report["final_loss_err_nano_3_curve"][0.7]))
+                     err_c70=report["final_loss_err_nano_3_curve"][0.7],
+                     sm05m=smoothing[0.05]["max_delta_matched"],
+                     sm10m=smoothing[0.1]["max_delta_matched"],
+                     sm05x=smoothing[0.05]["max_delta_mismatched"],
+                     sm10x=smoothing[0.1]["max_delta_mismatched"]))
   print(f"report: {out / 'report.json'}; figure: {args.figure}")
 
 

@@ -20,7 +20,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from celerity_jax.collapse import curves as curves_lib, surrogate  # noqa: E402
+from celerity_jax.collapse import curves as curves_lib, predict  # noqa: E402
 from celerity_jax.collapse.curves import Curve  # noqa: E402
 from celerity_jax.scaling import fmt_count  # noqa: E402
 
@@ -38,9 +38,8 @@ def reference_curve(curve: Curve, reference) -> np.ndarray | None:
   """The reference's normalized curve at `curve`'s points: a Curve, "surrogate" or None."""
   if reference is None or reference == "none":
     return None
-  if isinstance(reference, Curve):
-    return np.interp(curve.t_hat, reference.t_hat, reference.normalized())
-  return surrogate.predict(curve, surrogate.load_constants())
+  return predict.reference_at(curve, curve.t_hat,
+                              reference=reference if isinstance(reference, Curve) else None)
 
 
 def plot(families: dict[str, list[Curve]], out, reference=None, title: str = "") -> Path:

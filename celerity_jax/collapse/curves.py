@@ -65,13 +65,6 @@ class Curve:
   def normalized(self) -> np.ndarray:
     return self.loss_smooth / self.final_loss
 
-  def lr_factor(self, t_hat: np.ndarray) -> np.ndarray:
-    """The LR schedule, peak 1, at the steps whose loss is logged at t_hat (step t's loss is
-    measured before its update, which uses the LR at index t - 1)."""
-    from celerity_jax.optim import schedule
-    return np.asarray(schedule(self.schedule, self.warmup, self.steps)(
-        np.round(np.asarray(t_hat) * self.steps) - 1.0))
-
 
 def load_run(run_dir, require_finished: bool = False) -> Curve:
   """The curve of a run directory (config.json + metrics.jsonl); errors name the file and problem."""

@@ -7,6 +7,7 @@ same formula over its alignment window.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -47,7 +48,6 @@ def predict_final_loss(curve: Curve, stop: Optional[float] = None,
 
 def truncate(curve: Curve, stop: float) -> Curve:
   """The curve as it was at t = stop: for testing predictions on finished runs."""
-  import dataclasses
   keep = curve.t_hat <= stop + 1e-9
   return dataclasses.replace(curve, t_hat=curve.t_hat[keep], loss=curve.loss[keep],
                              loss_smooth=curve.loss_smooth[keep])
