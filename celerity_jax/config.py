@@ -36,6 +36,17 @@ class ModelConfig:
   z_loss: float = 0.0            # coefficient of logsumexp(logits)^2, 0 = off
   remat: Literal["none", "full", "dots"] = "none"
   scan_layers: bool = True
+  # mixture of experts (models/moe.py, README "Mixture of experts"); experts = 0 is a dense model
+  experts: int = 0               # routed experts per MoE layer
+  top_k: int = 1                 # experts per token
+  router: Literal["topk", "hash"] = "topk"   # learned softmax top-k | fixed token-id hash (top-1)
+  dispatch: Literal["dropless", "capacity"] = "dropless"   # grouped matmul | capacity + dropping
+  capacity_factor: float = 1.25  # per-sequence capacity per expert = ceil(cf * seq_len * k / E)
+  moe_every: int = 1             # the last layer of every group of this many layers is MoE
+  expert_d_ff: int = 0           # hidden width of each expert; 0 = d_ff
+  shared_expert: bool = False    # plus one always-on expert of width expert_d_ff
+  aux_loss: float = 0.01         # load-balancing loss coefficient (Switch), topk router only
+  router_z_loss: float = 0.001   # router z-loss coefficient (ST-MoE), topk router only
 
 
 @dataclass(frozen=True)
@@ -267,7 +278,25 @@ def validate(cfg: Config) -> Config:
   if k.threshold <= 0 or k.patience < 1 or k.spike_factor <= 1.0:
     raise ConfigError(f"collapse.threshold={k.threshold} must be > 0, collapse.patience="
                       f"{k.patience} >= 1 and collapse.spike_factor={k.spike_factor} > 1")
+  _validate_moe(m)
   sizes = dataclasses.asdict(cfg.mesh)
   if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
     raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, at most one may be -1")
   return cfg
+
+
+def _validate_moe(m: ModelConfig):
+  if m.experts < 0 or m.expert_d_ff < 0 or m.aux_loss < 0 or m.router_z_loss < 0:
+    raise ConfigError("model.experts, model.expert_d_ff, model.aux_loss and model.router_z_loss "
+                      "must be >= 0")
+  if not m.experts:
+    return
+  if not 1 <= m.top_k <= m.experts:
+    raise ConfigError(f"model.top_k={m.top_k}: must be in [1, model.experts={m.experts}]")
+  if m.router == "hash" and m.top_k != 1:
+    raise ConfigError(f"model.router=hash routes each token to one expert; got model.top_k={m.top_k}")
+  if m.moe_every < 1 or m.n_layers % m.moe_every:
+    raise ConfigError(f"model.moe_every={m.moe_every}: must be >= 1 and divide "
+                      f"model.n_layers={m.n_layers}")
+  if m.capacity_factor <= 0:
+    raise ConfigError(f"model.capacity_factor={m.capacity_factor}: must be > 0")

@@ -16,11 +16,13 @@ from celerity_jax.parametrization import DECAYED_GROUPS, Multipliers, multiplier
 
 @dataclass(frozen=True)
 class Resolved:
-  n_params: int
+  n_params: int                 # every parameter
+  n_active: int                 # parameters one token uses (= n_params for a dense model)
   n_embedding: int
   n_non_embedding: int
-  tpp: float
-  tokens: float                 # D = TPP * N
+  tpp: float                    # tokens per active parameter
+  tpp_effective: float          # what sets tau_opt and the collapse shape (scaling.effective_tpp)
+  tokens: float                 # D = TPP * N_active
   data_parallel: int
   batch_seqs: int
   batch_tokens: int             # B
@@ -31,7 +33,7 @@ class Resolved:
   eta_hidden: float             # the LR that defines tau
   weight_decay: float           # lambda (coupled, as optax.adamw)
   tau: float                    # B / (eta_hidden * lambda * D)
-  tau_opt: float                # c * TPP**m, for reference
+  tau_opt: float                # c * TPP_effective**m
   tau_groups: dict              # group -> 1 / (eta_group * lambda * T); None = not decayed
   flops_per_token: float        # 6N + causal attention (MaxText convention)
   flops_per_token_full_attn: float
@@ -45,7 +47,7 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
   from celerity_jax.sharding import data_parallel_size, mesh_shape
   s, t, o, m = cfg.scaling, cfg.train, cfg.optim, cfg.model
   counts = scaling.param_counts(m)
-  n = counts["total"]
+  n = counts["active"]
   d_tokens = s.tpp * n
   dp = data_parallel_size(mesh_shape(cfg.mesh, n_devices))
   granule = dp * t.microbatches
@@ -70,7 +72,8 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
   mult = multipliers(cfg.param, m)
   lr_peak = {g: o.lr_base * k for g, k in mult.lr.items()}
   eta_hidden = lr_peak["hidden"]
-  tau_opt = scaling.tau_opt(s.tpp, s.tau_c, s.tau_m)
+  tpp_effective = scaling.effective_tpp(s.tpp, m)
+  tau_opt = scaling.tau_opt(tpp_effective, s.tau_c, s.tau_m)
   if o.weight_decay is not None:
     lam = o.weight_decay
     tau = 1.0 / (eta_hidden * lam * steps) if lam > 0 else math.inf
@@ -80,8 +83,9 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
   tau_groups = {g: (1.0 / (lr_peak[g] * lam * steps) if lam > 0 and g in DECAYED_GROUPS else None)
                 for g in lr_peak}
   return Resolved(
-      n_params=n, n_embedding=counts["embedding"], n_non_embedding=counts["non_embedding"],
-      tpp=s.tpp, tokens=d_tokens, data_parallel=dp, batch_seqs=batch_seqs, batch_tokens=b_tokens,
+      n_params=counts["total"], n_active=n, n_embedding=counts["embedding"],
+      n_non_embedding=counts["non_embedding"], tpp=s.tpp, tpp_effective=tpp_effective,
+      tokens=d_tokens, data_parallel=dp, batch_seqs=batch_seqs, batch_tokens=b_tokens,
       steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak, eta_hidden=eta_hidden,
       weight_decay=lam, tau=tau, tau_opt=tau_opt, tau_groups=tau_groups,
       flops_per_token=scaling.flops_per_token(m, causal=True),

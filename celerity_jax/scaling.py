@@ -10,17 +10,42 @@ from __future__ import annotations
 
 
 def param_counts(model) -> dict[str, int]:
-  """Parameter counts of a dense decoder as the paper's tables count them (embeddings included)."""
+  """Parameter counts as the paper's tables count them (embeddings included).
+
+  `total` counts every parameter, `active` those one token uses: for a mixture of experts, top_k of
+  the routed experts (plus the router and any shared expert) in each MoE layer. Dense: equal.
+  """
   d, v, f, h = model.d_model, model.vocab_size, model.d_ff, model.d_head
   q_heads, kv_heads = model.n_heads, model.n_kv_heads or model.n_heads
   attention = d * h * (2 * q_heads + 2 * kv_heads)         # Wq, Wo and Wk, Wv
-  mlp = (3 if model.mlp == "swiglu" else 2) * d * f
+  matrices = 3 if model.mlp == "swiglu" else 2
+  mlp = matrices * d * f
   norm = (2 if model.norm == "layernorm" else 1) * d       # gain (+ bias)
   per_layer = attention + mlp + 2 * norm
   embedding = 2 * v * d                                    # untied input and output tables
-  total = model.n_layers * per_layer + norm + embedding
-  return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
-          "per_layer": per_layer}
+  total = active = model.n_layers * per_layer + norm + embedding
+  expert = 0
+  if model.experts:
+    n_moe = model.n_layers // model.moe_every
+    expert = matrices * d * (model.expert_d_ff or f)
+    fixed = (d * model.experts if model.router == "topk" else 0) + (
+        expert if model.shared_expert else 0)
+    total += n_moe * (model.experts * expert + fixed - mlp)
+    active += n_moe * (model.top_k * expert + fixed - mlp)
+  return {"total": total, "active": active, "embedding": embedding,
+          "non_embedding": total - embedding, "per_layer": per_layer, "expert": expert}
+
+
+def effective_tpp(tpp: float, model) -> float:
+  """The TPP that sets tau_opt and the collapse curve's shape: TPP * top_k / experts for a mixture
+  of experts (TPP counts active parameters), TPP for a dense model.
+
+  Under balanced routing each routed expert trains on top_k * D / E of the D tokens, so its
+  parameters see top_k / E of the tokens a dense MLP's would. Top-1: TPP / E, as Celerity App. B.4
+  found for hash routing. Attention, embeddings and shared experts see every token; the routed
+  experts' share sets the effective TPP, as in the paper.
+  """
+  return tpp * model.top_k / model.experts if model.experts else tpp
 
 
 def tau_opt(tpp: float, c: float, m: float) -> float:
@@ -70,11 +95,12 @@ def flops_per_token(model, causal: bool = True, all_params: bool = False) -> flo
   Attention score and value matmuls cost 12 * layers * seq_len * (heads * d_head) per token with full
   attention (Megatron/Levanter convention) and half that when causal (MaxText convention).
   `all_params=True, causal=False` is the paper's convention (6 N D with N counting every parameter,
-  plus full attention): it reproduces Celerity's 234-TPP FLOPs (Table 2) within 5%.
+  plus full attention): it reproduces Celerity's 234-TPP FLOPs (Table 2) within 5%. A mixture of
+  experts counts its active parameters, the ones a token uses.
   """
   counts = param_counts(model)
   norms = (2 * model.n_layers + 1) * ((2 if model.norm == "layernorm" else 1) * model.d_model)
-  matmul = counts["total"] if all_params else counts["total"] - counts["embedding"] // 2 - norms
+  matmul = counts["active"] if all_params else counts["active"] - counts["embedding"] // 2 - norms
   attention = 12 * model.n_layers * model.seq_len * model.n_heads * model.d_head
   return 6.0 * matmul + (0.5 if causal else 1.0) * attention
 

@@ -31,7 +31,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "norm": None,
     "layers": None,                        # the stacked-layer axis of scanned blocks
-    "expert": "expert",
+    "expert": "expert",                    # MoE experts: expert parallelism
+    "router": None,                        # the router's expert logits stay whole
 }
 
 

@@ -190,12 +190,12 @@ def poisoned_steps(monkeypatch):
       out["inputs"][0] = 0
     return out
 
-  def make_loss_fn(setup, cfg, constrain=None):
-    loss_fn = real_loss(setup, cfg, constrain)
+  def make_loss_fn(setup, cfg, mesh=None):
+    loss_fn = real_loss(setup, cfg, mesh)
     def poisoned(params, batch):
-      total, (ce, z) = loss_fn(params, batch)
+      total, aux = loss_fn(params, batch)
       nan = jnp.where(jnp.all(batch["inputs"][0] == 0), jnp.nan, 0.0)
-      return total + nan, (ce + nan, z)
+      return total + nan, {**aux, "ce": aux["ce"] + nan}
     return poisoned
 
   monkeypatch.setattr(SyntheticTokens, "batch", batch)

@@ -38,7 +38,7 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
   state = setup.init()
   data = SyntheticTokens(256, 64, 16, seed=0)
   probe = jnp.asarray(data.batch(10_000)["inputs"])
-  stream = jax.jit(lambda p: nnx.merge(setup.graphdef, p)(probe, residuals=True)[1])
+  stream = jax.jit(lambda p: nnx.merge(setup.graphdef, p)(probe, residuals=True)[1]["residuals"])
   h0 = stream(state.params)
   for i in range(steps):
     batch = {k: jnp.asarray(v) for k, v in data.batch(i).items()}

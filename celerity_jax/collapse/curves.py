@@ -43,7 +43,7 @@ class Curve:
   warmup: int
   schedule: str
   tau: float
-  tpp: float
+  tpp: float                 # effective TPP (a mixture of experts': TPP * top_k / experts)
   n_params: int
   seed: int
   smooth_frac: float
@@ -86,7 +86,7 @@ def load_run(run_dir, require_finished: bool = False) -> Curve:
   T = derived["steps"]
   curve = Curve(
       name=run_dir.name, steps=T, warmup=derived["warmup_steps"], schedule=cfg["optim"]["schedule"],
-      tau=derived["tau"], tpp=derived["tpp"], n_params=derived["n_params"],
+      tau=derived["tau"], tpp=derived.get("tpp_effective", derived["tpp"]), n_params=derived["n_params"],
       seed=cfg["train"]["seed"], smooth_frac=cfg["collapse"]["smooth_frac"],
       t_hat=np.array(steps, np.float64) / T,
       loss=np.array([float(rows[s]["loss"]) for s in steps]),

@@ -83,7 +83,8 @@ def host_fields(values: dict) -> dict:
   return values
 
 
-# Controls that must match for curves to collapse (SCIENCE.md section 6), with a relative tolerance.
+# Controls that must match for curves to collapse (SCIENCE.md section 6), with a relative tolerance;
+# "tpp" is the effective TPP, so a mixture of experts compares as TPP * top_k / experts.
 _MATCHED = {"tau": 0.02, "tpp": 0.02, "warmup_frac": 0.1, "smooth_frac": 1e-6}
 
 
@@ -95,11 +96,11 @@ def build_spec(cfg, resolved) -> MonitorSpec:
   if k.reference == "surrogate":
     constants = surrogate.load_constants(k.surrogate)
     t, ell = surrogate.normalized_curve(steps, resolved.warmup_steps, cfg.optim.schedule,
-                                        resolved.tau, resolved.tpp, constants, k.smooth_frac)
+                                        resolved.tau, resolved.tpp_effective, constants, k.smooth_frac)
   elif k.reference != "none":
     ref = curves.load_run(k.reference, require_finished=True)
     t, ell = ref.t_hat, ref.normalized()
-    mine = {"tau": resolved.tau, "tpp": resolved.tpp, "warmup_frac": resolved.warmup_steps / steps,
+    mine = {"tau": resolved.tau, "tpp": resolved.tpp_effective, "warmup_frac": resolved.warmup_steps / steps,
             "smooth_frac": k.smooth_frac}
     theirs = {"tau": ref.tau, "tpp": ref.tpp, "warmup_frac": ref.warmup / ref.steps,
               "smooth_frac": ref.smooth_frac}

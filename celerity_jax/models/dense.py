@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from celerity_jax.models.layers import Norm, alibi_bias, attention_mask, param, rope
+from celerity_jax.models.layers import (Norm, alibi_bias, attention_mask, mlp_activation, param,
+                                       rope)
+from celerity_jax.models.moe import MoeMlp
 from celerity_jax.parametrization import Multipliers
 
 Constrain = Callable[[jax.Array, tuple], jax.Array]
@@ -55,8 +57,8 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
 
-  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
-    d, f, std = cfg.d_model, cfg.d_ff, mult.hidden_init_std
+  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs, d_ff: int = 0):
+    d, f, std = cfg.d_model, d_ff or cfg.d_ff, mult.hidden_init_std
     self.kind = cfg.mlp
     self.wi = param(rngs, (d, f), std, ("embed", "mlp"), "hidden")
     if self.kind == "swiglu":
@@ -66,52 +68,79 @@ class Mlp(nnx.Module):
   def __call__(self, x_BxLxD):
     dt = x_BxLxD.dtype
     h_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wi[...].astype(dt))
-    if self.kind == "swiglu":
-      h_BxLxF = jax.nn.silu(jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wg[...].astype(dt))) * h_BxLxF
-    else:                                        # squared ReLU (Celerity)
-      h_BxLxF = jnp.square(jax.nn.relu(h_BxLxF))
+    gate_BxLxF = (jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wg[...].astype(dt))
+                  if self.kind == "swiglu" else None)
+    h_BxLxF = mlp_activation(h_BxLxF, gate_BxLxF, self.kind)
     return jnp.einsum("BLF,FD->BLD", h_BxLxF, self.wo[...].astype(dt))
 
 
 class Block(nnx.Module):
-  """x + m_L^-1 * Attn(LN(x)), then x + m_L^-1 * MLP(LN(x))."""
+  """x + m_L^-1 * Attn(LN(x)), then x + m_L^-1 * MLP(LN(x)); with `moe`, the MLP is routed.
+  Returns (x, aux): the MoE layer's statistics (models/moe.py), {} for a dense block."""
 
-  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
+  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs, moe: bool = False):
     self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.attn = Attention(cfg, mult, rngs)
     self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
-    self.mlp = Mlp(cfg, mult, rngs)
+    self.mlp = MoeMlp(cfg, mult, rngs) if moe else Mlp(cfg, mult, rngs)
+    self.moe = moe
     self.residual_scale = mult.residual_scale
 
-  def __call__(self, x_BxLxD, mask, bias, constrain: Constrain):
+  def __call__(self, x_BxLxD, mask, bias, constrain: Constrain, tokens_BxL, mesh):
     x_BxLxD = x_BxLxD + self.residual_scale * self.attn(self.ln1(x_BxLxD), mask, bias)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-    x_BxLxD = x_BxLxD + self.residual_scale * self.mlp(self.ln2(x_BxLxD))
-    return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+    aux = {}
+    if self.moe:
+      y_BxLxD, aux = self.mlp(self.ln2(x_BxLxD), tokens_BxL, mesh)
+    else:
+      y_BxLxD = self.mlp(self.ln2(x_BxLxD))
+    x_BxLxD = x_BxLxD + self.residual_scale * y_BxLxD
+    return constrain(x_BxLxD, ("batch", "length", "act_embed")), aux
+
+
+def _stacked_blocks(cfg, mult, rngs, count: int, moe: bool):
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return Block(cfg, mult, rngs, moe)
+  return make(rngs)
+
+
+def moe_summary(aux: dict) -> dict:
+  """Per-MoE-layer statistics [layers, ...] -> what the loss and metrics use: the mean balance and
+  router z-losses, mean dropped share, mean per-expert load and the largest load x E (1 = even)."""
+  out = {k: aux[k].mean() for k in ("balance", "router_z", "dropped") if k in aux}
+  out["load"] = aux["load"].mean(0)
+  out["load_max"] = aux["load"].max() * aux["load"].shape[-1]
+  return out
 
 
 class Decoder(nnx.Module):
-  """Untied-embedding decoder; returns float32 logits BxLxV."""
+  """Untied-embedding decoder; returns float32 logits BxLxV.
+
+  A mixture of experts (model.experts > 0) routes the MLP of the last layer in every group of
+  model.moe_every layers: `blocks` holds the dense layers and `moe_blocks` the routed ones, each
+  stacked, and the scan runs over groups of moe_every layers.
+  """
 
   def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
     self.cfg, self.mult = cfg, mult
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), mult.embed_init_std,
                        ("vocab", "embed"), "embed")
-
-    @nnx.split_rngs(splits=cfg.n_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make_blocks(rngs):
-      return Block(cfg, mult, rngs)
-
-    self.blocks = make_blocks(rngs)
+    n_moe = cfg.n_layers // cfg.moe_every if cfg.experts else 0
+    n_dense = cfg.n_layers - n_moe
+    self.blocks = _stacked_blocks(cfg, mult, rngs, n_dense, moe=False) if n_dense else None
+    self.moe_blocks = _stacked_blocks(cfg, mult, rngs, n_moe, moe=True) if n_moe else None
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
     self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), mult.unembed_init_std,
                          ("embed", "vocab"), "unembed")
 
   def __call__(self, tokens_BxL, segment_ids_BxL=None, constrain: Constrain = no_constraint,
-               residuals: bool = False):
-    """Logits BxLxV; with `residuals`, also the residual stream after each block, stacked
-    [layers, B, L, D] (for coordinate checks; decided at trace time, so training pays nothing)."""
+               mesh=None, residuals: bool = False, with_aux: bool = False):
+    """Logits BxLxV; with `residuals` or `with_aux`, (logits, aux) where aux["residuals"] is the
+    residual stream after each group of layers, stacked [groups, B, L, D] (for coordinate checks;
+    decided at trace time, so training pays nothing) and aux["moe"] the MoE statistics
+    (moe_summary). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     if segment_ids_BxL is None:
@@ -121,24 +150,40 @@ class Decoder(nnx.Module):
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0) * self.mult.input_scale
     x_BxLxD = constrain(x_BxLxD.astype(dt), ("batch", "length", "act_embed"))
 
-    graphdef, stacked = nnx.split(self.blocks)
+    groups = cfg.n_layers // cfg.moe_every if self.moe_blocks is not None else cfg.n_layers
+    per_group = cfg.n_layers // groups - (self.moe_blocks is not None)   # dense layers per group
+    dense_def, dense = nnx.split(self.blocks) if self.blocks is not None else (None, None)
+    moe_def, moe = nnx.split(self.moe_blocks) if self.moe_blocks is not None else (None, None)
+    if dense is not None and per_group > 1:
+      dense = jax.tree.map(lambda a: a.reshape(groups, per_group, *a.shape[1:]), dense)
 
-    def layer(x, layer_state):
-      x = nnx.merge(graphdef, layer_state)(x, mask, bias, constrain)
-      return x, (x if residuals else None)
+    def group(x, states):
+      dense_states, moe_state = states
+      aux = {}
+      for i in range(per_group if dense_states is not None else 0):
+        layer = dense_states if per_group == 1 else jax.tree.map(lambda a, i=i: a[i], dense_states)
+        x, _ = nnx.merge(dense_def, layer)(x, mask, bias, constrain, tokens_BxL, mesh)
+      if moe_state is not None:
+        x, aux = nnx.merge(moe_def, moe_state)(x, mask, bias, constrain, tokens_BxL, mesh)
+      return x, ((x if residuals else None), aux)
 
     if cfg.remat != "none":
-      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat])
+      group = jax.checkpoint(group, policy=REMAT_POLICIES[cfg.remat])
     if cfg.scan_layers:
-      x_BxLxD, stream = jax.lax.scan(layer, x_BxLxD, stacked)
+      x_BxLxD, (stream, moe_aux) = jax.lax.scan(group, x_BxLxD, (dense, moe))
     else:
-      outs = [None] * cfg.n_layers
-      for i in range(cfg.n_layers):
-        x_BxLxD, outs[i] = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], stacked))
-      stream = jnp.stack(outs) if residuals else None
+      outs = [None] * groups
+      for i in range(groups):
+        x_BxLxD, outs[i] = group(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], (dense, moe)))
+      stream, moe_aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if groups else (None, {})
 
     x_BxLxD = self.final_norm(x_BxLxD)
     logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.unembed[...].astype(dt),
                               preferred_element_type=jnp.float32)
     logits_BxLxV = constrain(logits_BxLxV * self.mult.logit_scale, ("batch", "length", "act_vocab"))
-    return (logits_BxLxV, stream) if residuals else logits_BxLxV
+    if not (residuals or with_aux):
+      return logits_BxLxV
+    aux = {"residuals": stream} if residuals else {}
+    if moe_aux:
+      aux["moe"] = moe_summary(moe_aux)
+    return logits_BxLxV, aux

@@ -44,6 +44,14 @@ class Norm(nnx.Module):
     return x.astype(x_BxLxD.dtype)
 
 
+def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array:
+  """The MLP nonlinearity on the up-projection h: squared ReLU (Celerity) or SwiGLU (silu(gate) * h),
+  shared by the dense MLP and the experts."""
+  if kind == "swiglu":
+    return jax.nn.silu(gate) * h
+  return jnp.square(jax.nn.relu(h))
+
+
 def alibi_slopes(n_heads: int) -> jax.Array:
   """Per-head ALiBi slopes (Press et al. 2022), including their rule for non-power-of-2 counts."""
   def powers(n):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from celerity_jax import checkpoint as ckpt_lib
 from celerity_jax import config as config_lib
@@ -119,10 +120,13 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
            evaluate, writer, ckpt, mesh, run_dir, reference) -> dict:
   start = int(state.step)
   writer.row({"event": "start", "step": start, "mesh": dict(mesh.shape), "restarts": restarts,
-              "n_params": resolved.n_params, "steps": resolved.steps,
+              "n_params": resolved.n_params, "n_active": resolved.n_active,
+              "tpp_effective": resolved.tpp_effective, "steps": resolved.steps,
               "stop_step": resolved.stop_step, "tau": resolved.tau,
               "tau_groups": resolved.tau_groups, "collapse_reference": reference})
-  print(f"celerity_jax: N={resolved.n_params:,} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
+  moe = (f" (active {resolved.n_active:,}, effective TPP {resolved.tpp_effective:.3g})"
+         if resolved.n_active != resolved.n_params else "")
+  print(f"celerity_jax: N={resolved.n_params:,}{moe} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
         f"{cfg.model.seq_len} T={resolved.steps} warmup={resolved.warmup_steps} "
         f"lambda={resolved.weight_decay:.4g} tau={resolved.tau:.4g} per-group tau="
         + ", ".join(f"{g}:{t:.4g}" for g, t in resolved.tau_groups.items() if t is not None),
@@ -172,7 +176,8 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
 
   def emit(step, metrics, extra, log):
     nonlocal last_row
-    values = monitor.host_fields({k: float(v) for k, v in jax.device_get(metrics).items()})
+    values = monitor.host_fields({k: (float(v) if np.ndim(v) == 0 else np.round(v, 5).tolist())
+                                  for k, v in jax.device_get(metrics).items()})
     values |= extra
     if values["nonfinite"] and (cfg.train.on_nonfinite == "halt"
                                 or values["bad_steps"] >= cfg.train.max_bad_steps):

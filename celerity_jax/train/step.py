@@ -27,24 +27,35 @@ def cross_entropy(logits_BxLxV, targets_BxL, z_coef: float):
   return (lse_BxL - target_logit_BxL).mean(), z_coef * jnp.square(lse_BxL).mean()
 
 
-def make_loss_fn(setup: Setup, cfg, constrain=None):
-  """loss_fn(params, batch) -> (ce + z, (ce, z)); `constrain` shards activations (None = off)."""
-  constrain = constrain or no_constraint
+def make_loss_fn(setup: Setup, cfg, mesh: Optional[Mesh] = None):
+  """loss_fn(params, batch) -> (objective, aux). The objective adds to the cross-entropy the logit
+  z-loss and, for a mixture of experts, the weighted load-balancing and router z-losses; aux holds
+  `ce`, `z` and the MoE statistics (models/dense.moe_summary). With `mesh`, activations are sharded
+  on it and experts run expert-parallel."""
+  constrain = sharding.make_constrain(mesh) if mesh is not None else no_constraint
+  m = cfg.model
 
   def loss_fn(params, batch):
     model = nnx.merge(setup.graphdef, params)
-    logits = model(batch["inputs"], batch.get("segment_ids"), constrain)
-    ce, z = cross_entropy(logits, batch["targets"], cfg.model.z_loss)
-    return ce + z, (ce, z)
+    logits, extra = model(batch["inputs"], batch.get("segment_ids"), constrain, mesh=mesh,
+                          with_aux=True)
+    ce, z = cross_entropy(logits, batch["targets"], m.z_loss)
+    aux, objective = {"ce": ce, "z": z}, ce + z
+    if "moe" in extra:
+      aux.update({f"moe_{k}": v for k, v in extra["moe"].items()})
+      objective = objective + m.aux_loss * aux.get("moe_balance", 0.0) + (
+          m.router_z_loss * aux.get("moe_router_z", 0.0))
+    return objective, aux
   return loss_fn
 
 
 def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
-  """Mean gradient over `micro` equal microbatches via lax.scan: equals the full-batch gradient."""
+  """Mean gradient (and mean aux) over `micro` equal microbatches via lax.scan: equals the
+  full-batch gradient. Returns (aux, grads)."""
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if micro == 1:
-    (_, (ce, z)), grads = grad_fn(params, batch)
-    return ce, z, grads
+    (_, aux), grads = grad_fn(params, batch)
+    return aux, grads
 
   def split(x):  # row i*micro + j -> microbatch j, so each device keeps its own rows (no reshard)
     x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
@@ -52,21 +63,25 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   def body(carry, mb):
-    (_, (ce, z)), grads = grad_fn(params, mb)
-    return jax.tree.map(jnp.add, carry, (ce, z, grads)), None
+    (_, aux), grads = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, carry, (aux, grads)), None
 
-  zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-  total, _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+  microbatches = jax.tree.map(split, batch)
+  (_, aux_shapes), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatches))
+  zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes),
+           jax.tree.map(jnp.zeros_like, params))
+  total, _ = jax.lax.scan(body, zeros, microbatches)
   return jax.tree.map(lambda x: x / micro, total)
 
 
 def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monitor.MonitorSpec]):
   """Returns step(state, batch) -> (state, metrics), jitted with in/out shardings on `mesh` and the
   state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks)."""
-  loss_fn = make_loss_fn(setup, cfg, sharding.make_constrain(mesh))
+  loss_fn = make_loss_fn(setup, cfg, mesh)
 
   def train_step(state: TrainState, batch):
-    ce, z, grads = _accumulate(loss_fn, state.params, batch, cfg.train.microbatches, mesh)
+    aux, grads = _accumulate(loss_fn, state.params, batch, cfg.train.microbatches, mesh)
+    ce, z = aux.pop("ce"), aux.pop("z")
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params, state.step)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -85,7 +100,7 @@ def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monito
         "loss": ce, "z_loss": z, "grad_norm": grad_norm,
         "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
         "lr": setup.optimizer.lr(state.step), "nonfinite": (~finite).astype(jnp.int32),
-        "bad_steps": bad, "skipped_steps": skipped, **collapse_metrics,
+        "bad_steps": bad, "skipped_steps": skipped, **collapse_metrics, **aux,
     }
     return TrainState(state.step + 1, params, opt_state, bad, skipped, collapse), metrics
 
@@ -97,10 +112,10 @@ def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monito
 
 def make_eval_step(setup: Setup, cfg, mesh: Mesh):
   """Returns eval(params, batch) -> mean token cross-entropy, jitted with the train shardings."""
-  loss_fn = make_loss_fn(setup, cfg, sharding.make_constrain(mesh))
+  loss_fn = make_loss_fn(setup, cfg, mesh)
 
   def eval_step(params, batch):
-    return loss_fn(params, batch)[1][0]
+    return loss_fn(params, batch)[1]["ce"]
 
   return jax.jit(eval_step, in_shardings=(setup.state_shardings.params,
                                           sharding.batch_sharding(mesh)),
