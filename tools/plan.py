@@ -3,18 +3,25 @@
   python -m tools.plan recipe=celerity_1b [scaling.tpp=80 ...] [--family celerity]
                        [--accelerator v5p|v6e|v5e|h100|h200] [--chips 64] [--mfu 0.4] [--json]
 
-The family is every recipe whose name starts with --family (default: the recipe name up to its first
-underscore); the recipe's overrides apply to each member. FLOPs use the paper's convention
-(6 N D + full attention); wall time = FLOPs / (chips x bf16 peak x MFU).
+The family is every recipe whose name minus its size suffix (`_1b`, `_1_8b`, `_300m`, `_3`) equals
+--family (default: the recipe's own): celerity, celerity_nano, celerity_moe, celerity_moe_nano. The
+recipe's overrides apply to each member. FLOPs use the paper's convention with active parameters
+(6 N_active D + full attention); wall time = FLOPs / (chips x bf16 peak x MFU). A mixture-of-experts
+family also shows its active parameters and effective TPP (what sets tau).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 # dense bf16 peak TFLOP/s per chip (vendor figures)
 PEAK_TFLOPS = {"v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "h200": 989.0}
+
+
+def family_of(recipe: str) -> str:
+  return re.sub(r"_(\d+(_\d+)?[mb]|\d+)$", "", recipe)
 
 
 def plan(argv: list[str]) -> list[dict]:
@@ -34,15 +41,16 @@ def plan(argv: list[str]) -> list[dict]:
 
   cfg, _ = parse(rest)                                  # validates the recipe and overrides
   name = next((a.split("=", 1)[1] for a in rest if a.startswith("recipe=")), recipes.DEFAULT)
-  family = args.family or name.split("_")[0]
+  family = args.family or family_of(name)
   overrides = [a for a in rest if not a.startswith("recipe=")]
   rows = []
   peak = PEAK_TFLOPS[args.accelerator] * 1e12 * args.chips * args.mfu
-  for member in (m for m in recipes.available() if m.startswith(family)):
+  for member in (m for m in recipes.available() if family_of(m) == family):
     member_cfg = validate(apply_overrides(recipes.load(member), overrides))
     r = resolve(member_cfg, n_devices=1)
     flops = scaling.flops_per_token(member_cfg.model, causal=False, all_params=True) * r.tokens
-    rows.append({"recipe": member, "N": r.n_params, "D": r.tokens, "TPP": r.tpp,
+    rows.append({"recipe": member, "N": r.n_params, "N_active": r.n_active, "D": r.tokens,
+                 "TPP": r.tpp, "TPP_eff": r.tpp_effective,
                  "B_seqs": r.batch_seqs, "B_tokens": r.batch_tokens, "T": r.steps,
                  "warmup": r.warmup_steps, "eta_hidden": r.eta_hidden,
                  "eta_embed": r.lr_peak["embed"], "lambda": r.weight_decay, "tau": r.tau,
@@ -54,12 +62,17 @@ def plan(argv: list[str]) -> list[dict]:
 
 def table(rows: list[dict], args) -> str:
   from celerity_jax.scaling import fmt_count
-  head = (f"{'recipe':<16}{'N':>8}{'D':>8}{'TPP':>6}{'B seq':>7}{'B tok':>8}{'T':>8}{'warm':>6}"
+  moe = any(r["N_active"] != r["N"] for r in rows)
+  head = (f"{'recipe':<20}{'N':>8}" + (f"{'N act':>8}" if moe else "") + f"{'D':>8}{'TPP':>6}"
+          + (f"{'TPPeff':>7}" if moe else "") + f"{'B seq':>7}{'B tok':>8}{'T':>8}{'warm':>6}"
           f"{'eta_h':>9}{'eta_emb':>9}{'lambda':>8}{'tau':>7}{'FLOPs':>10}{'hours':>9}")
   lines = [f"wall time on {args.chips} x {args.accelerator} at MFU {args.mfu:g}", head]
   for r in rows:
-    lines.append(f"{r['recipe']:<16}{fmt_count(r['N']):>8}{fmt_count(r['D']):>8}{r['TPP']:>6g}"
-                 f"{r['B_seqs']:>7}{fmt_count(r['B_tokens']):>8}{r['T']:>8,}{r['warmup']:>6}"
+    lines.append(f"{r['recipe']:<20}{fmt_count(r['N']):>8}"
+                 + (f"{fmt_count(r['N_active']):>8}" if moe else "")
+                 + f"{fmt_count(r['D']):>8}{r['TPP']:>6g}"
+                 + (f"{r['TPP_eff']:>7.3g}" if moe else "")
+                 + f"{r['B_seqs']:>7}{fmt_count(r['B_tokens']):>8}{r['T']:>8,}{r['warmup']:>6}"
                  f"{r['eta_hidden']:>9.2e}{r['eta_embed']:>9.2e}{r['lambda']:>8.3g}"
                  f"{r['tau']:>7.3f}{r['flops']:>10.3g}{r['hours']:>9.3g}")
   return "\n".join(lines)

@@ -1,0 +1,12 @@
+"""celerity_moe_nano_1: celerity_nano_1 with 8 routed experts, top-2 (recipes/family.py `moe`).
+
+Every MLP becomes 8 experts of width 4 d_model (64) with a learned top-2 router and dropless
+dispatch, so the active parameters equal celerity_nano_1's plus the router. Effective TPP
+20 x 2 / 8 = 5, so tau = tau_opt(5) = 0.35. Trains on 2 CPU cores:
+  python -m celerity_jax.main recipe=celerity_moe_nano_1
+"""
+from recipes.family import moe, nano
+
+
+def config():
+  return moe(nano("celerity_moe_nano_1", d_model=16), experts=8, top_k=2)

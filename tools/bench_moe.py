@@ -1,0 +1,83 @@
+"""MoE step-time benchmark: a mixture-of-experts recipe against the dense model with the same active
+parameters, both dispatch modes, timed in interleaved rounds in one process.
+
+  python -m tools.bench_moe recipe=celerity_moe_nano_4 [section.key=value ...] [--steps 3]
+      [--rounds 5] [--peak-tflops 989]
+
+The dense twin is the recipe with model.experts=0 and d_ff = top_k x expert width, so its active
+parameters equal the MoE's minus the router, and D, B and T match. MFU counts active-parameter FLOPs
+(6 N_active + causal attention, as bench_step) against the measured matmul ceiling or the given chip
+peak. Ratios are medians of per-round step times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def variants(cfg) -> dict:
+  from celerity_jax.config import apply_overrides, validate
+  m = cfg.model
+  if not m.experts:
+    raise SystemExit("tools.bench_moe: the recipe has model.experts=0; give an MoE recipe")
+  width = m.top_k * (m.expert_d_ff or m.d_ff)
+  out = {"dense": validate(apply_overrides(cfg, ["model.experts=0", f"model.d_ff={width}"]))}
+  for dispatch in ("dropless", "capacity"):
+    out[f"moe_{dispatch}"] = validate(apply_overrides(cfg, [f"model.dispatch={dispatch}"]))
+  return out
+
+
+def bench(argv: list[str]) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=3, help="steps per round")
+  parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm round)")
+  parser.add_argument("--peak-tflops", type=float, default=0.0)
+  parser.add_argument("--ceiling-n", type=int, default=2048)
+  args, rest = parser.parse_known_args(argv)
+
+  import jax.numpy as jnp
+
+  from celerity_jax import sharding
+  from celerity_jax.data.synthetic import SyntheticTokens
+  from celerity_jax.main import parse
+  from celerity_jax.train.step import prepare_training
+  from tools.bench_step import matmul_ceiling
+
+  cfg, _ = parse(rest)
+  runs = {}
+  for name, variant in variants(cfg).items():
+    mesh, resolved, setup, step, _ = prepare_training(variant)
+    data = SyntheticTokens(variant.model.vocab_size, variant.model.seq_len, resolved.batch_seqs, 0)
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
+    runs[name] = {"step": step, "state": setup.init(), "batch": batch, "resolved": resolved,
+                  "times": []}
+  for round_ in range(args.rounds + 1):
+    for run in runs.values():
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        run["state"], metrics = run["step"](run["state"], run["batch"])
+      jax.block_until_ready(metrics)
+      if round_:                                   # round 0 compiles
+        run["times"].append((time.perf_counter() - t0) / args.steps)
+  ceiling = (args.peak_tflops * 1e12 if args.peak_tflops
+             else matmul_ceiling(args.ceiling_n, jnp.dtype(cfg.model.dtype)))
+  dense_s = float(np.median(runs["dense"]["times"]))
+  out = {"backend": jax.default_backend(), "devices": len(jax.devices()),
+         "ceiling": "chip peak" if args.peak_tflops else f"measured {args.ceiling_n}^3 matmul",
+         "experts": cfg.model.experts, "top_k": cfg.model.top_k}
+  for name, run in runs.items():
+    r, step_s = run["resolved"], float(np.median(run["times"]))
+    out[name] = {"n_params": r.n_params, "n_active": r.n_active,
+                 "batch_tokens": r.batch_tokens, "flops_per_token": r.flops_per_token,
+                 "step_s": round(step_s, 4), "step_ratio_vs_dense": round(step_s / dense_s, 3),
+                 "mfu": round(r.batch_tokens / step_s * r.flops_per_token / ceiling, 4)}
+  return out
+
+
+if __name__ == "__main__":
+  print(json.dumps(bench(sys.argv[1:])))
