@@ -32,14 +32,15 @@ def celerity(name: str, d_model: int, n_layers: int, d_head: int, tpp: float = 2
       run=RunConfig(dir=f"runs/{name}"))
 
 
-def moe(cfg: Config, experts: int = 8, top_k: int = 2) -> Config:
+def moe(cfg: Config, experts: int = 8, top_k: int = 2, aux_loss: float = 0.01) -> Config:
   """A mixture-of-experts member: every MLP becomes `experts` routed experts (learned top-k router,
   dropless dispatch) of width d_ff / top_k, so the active parameters, and with them D = TPP x N_active
   and the FLOPs, equal the dense member's (plus the small router). The tau law and the collapse
-  monitor then see the effective TPP = TPP * top_k / experts (scaling.effective_tpp)."""
+  monitor then see the effective TPP = TPP * top_k / experts (scaling.effective_tpp). `aux_loss` is
+  the load-balancing weight (Switch's 0.01 by default)."""
   m = cfg.model
   model = dataclasses.replace(m, experts=experts, top_k=top_k, router="topk", dispatch="dropless",
-                              expert_d_ff=m.d_ff // top_k, aux_loss=0.01, router_z_loss=0.001)
+                              expert_d_ff=m.d_ff // top_k, aux_loss=aux_loss, router_z_loss=0.001)
   return dataclasses.replace(cfg, model=model)
 
 
