@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import jax
-import numpy as np
 
 
 def variants(cfg) -> dict:
@@ -46,7 +44,7 @@ def bench(argv: list[str]) -> dict:
   from celerity_jax.data.synthetic import SyntheticTokens
   from celerity_jax.main import parse
   from celerity_jax.train.step import prepare_training
-  from tools.bench_step import matmul_ceiling
+  from tools.bench_step import interleaved_step_times, matmul_ceiling
 
   cfg, _ = parse(rest)
   runs = {}
@@ -54,28 +52,20 @@ def bench(argv: list[str]) -> dict:
     mesh, resolved, setup, step, _ = prepare_training(variant)
     data = SyntheticTokens(variant.model.vocab_size, variant.model.seq_len, resolved.batch_seqs, 0)
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
-    runs[name] = {"step": step, "state": setup.init(), "batch": batch, "resolved": resolved,
-                  "times": []}
-  for round_ in range(args.rounds + 1):
-    for run in runs.values():
-      t0 = time.perf_counter()
-      for _ in range(args.steps):
-        run["state"], metrics = run["step"](run["state"], run["batch"])
-      jax.block_until_ready(metrics)
-      if round_:                                   # round 0 compiles
-        run["times"].append((time.perf_counter() - t0) / args.steps)
+    runs[name] = {"step": step, "state": setup.init(), "batch": batch, "resolved": resolved}
+  step_s = interleaved_step_times(runs, args.steps, args.rounds)
   ceiling = (args.peak_tflops * 1e12 if args.peak_tflops
              else matmul_ceiling(args.ceiling_n, jnp.dtype(cfg.model.dtype)))
-  dense_s = float(np.median(runs["dense"]["times"]))
+  dense_s = step_s["dense"]
   out = {"backend": jax.default_backend(), "devices": len(jax.devices()),
          "ceiling": "chip peak" if args.peak_tflops else f"measured {args.ceiling_n}^3 matmul",
          "experts": cfg.model.experts, "top_k": cfg.model.top_k}
   for name, run in runs.items():
-    r, step_s = run["resolved"], float(np.median(run["times"]))
+    r, s = run["resolved"], step_s[name]
     out[name] = {"n_params": r.n_params, "n_active": r.n_active,
                  "batch_tokens": r.batch_tokens, "flops_per_token": r.flops_per_token,
-                 "step_s": round(step_s, 4), "step_ratio_vs_dense": round(step_s / dense_s, 3),
-                 "mfu": round(r.batch_tokens / step_s * r.flops_per_token / ceiling, 4)}
+                 "step_s": round(s, 4), "step_ratio_vs_dense": round(s / dense_s, 3),
+                 "mfu": round(r.batch_tokens / s * r.flops_per_token / ceiling, 4)}
   return out
 
 

@@ -51,24 +51,30 @@ def compile_time(cfg, resolved, setup, step) -> dict:
           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def interleaved_step_times(runs: dict, steps: int, rounds: int) -> dict:
+  """Median seconds per step of each run {name: {"step", "state", "batch"}}, timed in interleaved
+  rounds of `steps` steps (round 0 compiles and is dropped), so machine noise hits all alike."""
+  times = {name: [] for name in runs}
+  for round_ in range(rounds + 1):
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        run["state"], metrics = run["step"](run["state"], run["batch"])
+      jax.block_until_ready(metrics)
+      if round_:
+        times[name].append((time.perf_counter() - t0) / steps)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def monitor_overhead(cfg, setup, with_monitor, without, mesh, resolved, steps: int) -> dict:
   """Interleaved rounds of `steps` steps of each variant; the ratio of median round times."""
   from celerity_jax import sharding
   from celerity_jax.data.synthetic import SyntheticTokens
   data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
-  states = {"with": setup.init(), "without": setup.init()}
-  fns = {"with": with_monitor, "without": without}
-  times = {"with": [], "without": []}
-  for round_ in range(7):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      for _ in range(steps):
-        states[name], metrics = fn(states[name], batch)
-      jax.block_until_ready(metrics)
-      if round_:                                   # round 0 compiles
-        times[name].append((time.perf_counter() - t0) / steps)
-  med = {k: float(np.median(v)) for k, v in times.items()}
+  runs = {name: {"step": fn, "state": setup.init(), "batch": batch}
+          for name, fn in (("with", with_monitor), ("without", without))}
+  med = interleaved_step_times(runs, steps, rounds=6)
   # the ratio above is within this machine's noise, so also time the monitor alone: 1000 updates
   # in one jitted scan, per update (an upper bound: in the step XLA fuses it with the loss)
   from celerity_jax.collapse import monitor

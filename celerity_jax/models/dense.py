@@ -14,7 +14,7 @@ from flax import nnx
 
 from celerity_jax.models.layers import (Norm, alibi_bias, attention_mask, mlp_activation, param,
                                        rope)
-from celerity_jax.models.moe import MoeMlp
+from celerity_jax.models.moe import MoeMlp, moe_summary
 from celerity_jax.parametrization import Multipliers
 
 Constrain = Callable[[jax.Array, tuple], jax.Array]
@@ -106,15 +106,6 @@ def _stacked_blocks(cfg, mult, rngs, count: int, moe: bool):
   return make(rngs)
 
 
-def moe_summary(aux: dict) -> dict:
-  """Per-MoE-layer statistics [layers, ...] -> what the loss and metrics use: the mean balance and
-  router z-losses, mean dropped share, mean per-expert load and the largest load x E (1 = even)."""
-  out = {k: aux[k].mean() for k in ("balance", "router_z", "dropped") if k in aux}
-  out["load"] = aux["load"].mean(0)
-  out["load_max"] = aux["load"].max() * aux["load"].shape[-1]
-  return out
-
-
 class Decoder(nnx.Module):
   """Untied-embedding decoder; returns float32 logits BxLxV.
 
@@ -140,7 +131,7 @@ class Decoder(nnx.Module):
     """Logits BxLxV; with `residuals` or `with_aux`, (logits, aux) where aux["residuals"] is the
     residual stream after each group of layers, stacked [groups, B, L, D] (for coordinate checks;
     decided at trace time, so training pays nothing) and aux["moe"] the MoE statistics
-    (moe_summary). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py)."""
+    (moe.moe_summary). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     if segment_ids_BxL is None:

@@ -140,6 +140,15 @@ def capacity(cfg, seq_len: int) -> int:
   return min(seq_len, max(1, math.ceil(cfg.capacity_factor * seq_len * cfg.top_k / cfg.experts)))
 
 
+def moe_summary(aux: dict) -> dict:
+  """Per-MoE-layer statistics [layers, ...] -> what the loss and metrics use: the mean balance and
+  router z-losses, mean dropped share, mean per-expert load and the largest load x E (1 = even)."""
+  out = {k: aux[k].mean() for k in ("balance", "router_z", "dropped") if k in aux}
+  out["load"] = aux["load"].mean(0)
+  out["load_max"] = aux["load"].max() * aux["load"].shape[-1]
+  return out
+
+
 # ---------------------------------------------------------------- the layer
 
 class MoeMlp(nnx.Module):

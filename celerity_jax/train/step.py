@@ -30,7 +30,7 @@ def cross_entropy(logits_BxLxV, targets_BxL, z_coef: float):
 def make_loss_fn(setup: Setup, cfg, mesh: Optional[Mesh] = None):
   """loss_fn(params, batch) -> (objective, aux). The objective adds to the cross-entropy the logit
   z-loss and, for a mixture of experts, the weighted load-balancing and router z-losses; aux holds
-  `ce`, `z` and the MoE statistics (models/dense.moe_summary). With `mesh`, activations are sharded
+  `ce`, `z` and the MoE statistics (models/moe.moe_summary). With `mesh`, activations are sharded
   on it and experts run expert-parallel."""
   constrain = sharding.make_constrain(mesh) if mesh is not None else no_constraint
   m = cfg.model
