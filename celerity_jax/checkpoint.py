@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from celerity_jax.config import ConfigError
 
 # Settings that do not change the training trajectory: they may differ on resume.
-FREE_KEYS = ("run.", "checkpoint.", "mesh.", "train.stop_frac", "train.stop_step",
+FREE_KEYS = ("run.", "checkpoint.", "mesh.", "dist.", "train.stop_frac", "train.stop_step",
              "train.eval_every", "data.threads", "data.cache_dir", "data.eval_batches",
              "model.remat", "derived.stop_step", "derived.data_parallel",
              "collapse.threshold", "collapse.patience", "collapse.policy", "collapse.spike_factor")

@@ -112,11 +112,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh sizes; one axis may be -1 to take the remaining devices."""
+  """Device mesh sizes within one slice; one axis may be -1 to take the slice's remaining devices.
+  With several slices (TPU multislice, or several GPU/CPU processes) the data axis also spans the
+  slices over the data-center network: its total size is slices x data."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
   expert: int = 1
+  slices: int = 1
+
+
+@dataclass(frozen=True)
+class DistConfig:
+  """Multi-process runs (jax.distributed). Unset values come from JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID; on a Cloud TPU VM with none of them set, from the TPU
+  metadata; otherwise the run is one process."""
+  coordinator: str = ""           # host:port of process 0
+  num_processes: int = 0          # 0 = from the environment
+  process_id: int = -1            # -1 = from the environment
+  init_timeout_s: int = 300       # how long processes wait for each other at start
+  heartbeat_timeout_s: int = 100  # a process silent this long is dead, and every other one exits
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,7 @@ class Config:
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
+  dist: DistConfig = field(default_factory=DistConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
   collapse: CollapseConfig = field(default_factory=CollapseConfig)
   run: RunConfig = field(default_factory=RunConfig)
@@ -280,8 +296,15 @@ def validate(cfg: Config) -> Config:
                       f"{k.patience} >= 1 and collapse.spike_factor={k.spike_factor} > 1")
   _validate_moe(m)
   sizes = dataclasses.asdict(cfg.mesh)
+  slices = sizes.pop("slices")
   if sum(v == -1 for v in sizes.values()) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
     raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, at most one may be -1")
+  if slices < 1:
+    raise ConfigError(f"mesh.slices={slices}: must be >= 1")
+  g = cfg.dist
+  if g.num_processes < 0 or g.process_id < -1 or g.init_timeout_s < 1 or g.heartbeat_timeout_s < 1:
+    raise ConfigError("dist.num_processes must be >= 0, dist.process_id >= -1 (-1 = from the "
+                      "environment), dist.init_timeout_s and dist.heartbeat_timeout_s >= 1")
   return cfg
 
 

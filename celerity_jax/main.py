@@ -53,9 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
   def train_or_print():
     import jax
+    from celerity_jax import distributed
     from celerity_jax.resolve import resolve
     from celerity_jax.train import loop
     cfg, print_only = parse(argv)
+    if not print_only:           # printing allocates nothing, so it never waits for other hosts
+      distributed.initialize(cfg.dist)
     resolved = resolve(cfg, len(jax.devices()))
     if print_only:
       print(json.dumps(loop.describe(cfg, resolved), indent=2))

@@ -18,17 +18,20 @@ def _clean(value):
 
 class MetricsWriter:
   """Appends rows to run_dir/metrics.jsonl (one JSON object per line) and mirrors scalars to
-  TensorBoard. Rows with an `event` key are run events (start, restart, ...), not step metrics."""
+  TensorBoard. Rows with an `event` key are run events (start, restart, ...), not step metrics.
+  Disabled (every call a no-op) on all but process 0."""
 
-  def __init__(self, run_dir: Path, tensorboard: bool):
+  def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool = True):
     self.path = run_dir / "metrics.jsonl"
-    self.file = self.path.open("a", buffering=1)
+    self.file = self.path.open("a", buffering=1) if enabled else None
     self.tb = None
-    if tensorboard:
+    if tensorboard and enabled:
       from tensorboardX import SummaryWriter
       self.tb = SummaryWriter(str(run_dir / "tb"))
 
   def row(self, row: dict):
+    if self.file is None:          # not process 0 of a multi-process run
+      return
     self.file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
     if self.tb is not None and "step" in row and "event" not in row:
       for key, value in row.items():
@@ -36,7 +39,8 @@ class MetricsWriter:
           self.tb.add_scalar(key, value, row["step"])
 
   def close(self):
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     if self.tb is not None:
       self.tb.close()
 

@@ -11,6 +11,7 @@ import math
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from celerity_jax.config import ConfigError
@@ -41,25 +42,52 @@ class ShardingError(ConfigError):
 
 
 def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
-  """Resolves the one -1 axis and checks the mesh covers exactly the devices."""
+  """Total size of every mesh axis: resolves the one -1 axis over a slice's devices and checks
+  that a slice's axes cover exactly its devices; `data` includes the slices (slices x data)."""
   sizes = dataclasses.asdict(mesh_cfg)
+  slices = sizes.pop("slices")
+  if n_devices % slices:
+    raise ShardingError(f"mesh.slices={slices} does not divide the {n_devices} devices")
+  per_slice = n_devices // slices
+  where = f"{per_slice} devices" + (f" per slice ({slices} slices)" if slices > 1 else "")
   fixed = math.prod(v for v in sizes.values() if v != -1)
   for name, value in sizes.items():
     if value == -1:
-      if n_devices % fixed:
-        raise ShardingError(f"mesh: {n_devices} devices do not divide by the fixed axes {sizes}")
-      sizes[name] = n_devices // fixed
-  if math.prod(sizes.values()) != n_devices:
+      if per_slice % fixed:
+        raise ShardingError(f"mesh: {where} do not divide by the fixed axes {sizes}")
+      sizes[name] = per_slice // fixed
+  if math.prod(sizes.values()) != per_slice:
     raise ShardingError(f"mesh {sizes} has {math.prod(sizes.values())} devices but "
-                        f"{n_devices} are available; set mesh.* so the product is {n_devices}")
+                        f"{per_slice} are available" + (" per slice" if slices > 1 else "")
+                        + f"; set mesh.* so the product is {per_slice}")
+  sizes["data"] *= slices
   return sizes
+
+
+def device_grid(mesh_cfg, devices) -> np.ndarray:
+  """Devices laid out on MESH_AXES by the hardware's topology (jax's mesh_utils): inside a slice
+  the axes follow the TPU torus (elsewhere the device order); slices are stacked along `data`, so
+  only data parallelism crosses the slower data-center network (DCN). A slice is a TPU slice
+  (`slice_index`) or, on GPU and CPU, a process."""
+  sizes, slices = mesh_shape(mesh_cfg, len(devices)), mesh_cfg.slices
+  ici = [sizes[a] // slices if a == "data" else sizes[a] for a in MESH_AXES]
+  if slices == 1:
+    return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  on_tpu = devices[0].platform == "tpu"
+  granules = {d.slice_index if on_tpu else d.process_index for d in devices}
+  if len(granules) != slices:
+    kind = "TPU slices" if on_tpu else "processes (each is a slice off TPU)"
+    raise ShardingError(f"mesh.slices={slices} but the {len(devices)} devices are in "
+                        f"{len(granules)} {kind}; set mesh.slices={len(granules)}")
+  dcn = [slices if a == "data" else 1 for a in MESH_AXES]
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not on_tpu,
+                                              allow_split_physical_axes=True)
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(mesh_cfg, len(devices))
-  grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(device_grid(mesh_cfg, devices), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def data_parallel_size(mesh_sizes: dict[str, int]) -> int:
@@ -130,6 +158,13 @@ def named(mesh: Mesh, specs):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_spec(("batch", "length"), "batch"))
+
+
+def process_rows(mesh: Mesh, n_rows: int) -> np.ndarray:
+  """The global batch rows this process's devices hold, ascending: what its data source reads.
+  Processes that hold the same rows (model axes across hosts) read the same rows."""
+  shards = batch_sharding(mesh).addressable_devices_indices_map((n_rows, 1)).values()
+  return np.asarray(sorted({r for rows, _ in shards for r in range(*rows.indices(n_rows))}))
 
 
 def check_batch(batch_size: int, microbatches: int, mesh: Mesh):

@@ -109,12 +109,14 @@ def test_resume_at_step_k_is_bit_identical(prepared):
       np.testing.assert_array_equal(before[key], after[key])
 
 
-def test_two_hosts_read_the_global_batch_disjointly(prepared):
+def test_a_process_reads_exactly_its_rows_of_the_global_batch(prepared):
   whole = WindowBatches(prepared.train, 16, 8, seed=2).batch(4)["inputs"]
-  halves = [WindowBatches(prepared.train, 16, 8, seed=2, process_index=i, process_count=2)
-            .batch(4)["inputs"] for i in range(2)]
+  halves = [WindowBatches(prepared.train, 16, 8, seed=2, rows=rows).batch(4)["inputs"]
+            for rows in (range(0, 4), range(4, 8))]
   assert all(h.shape == (4, 16) for h in halves)
   np.testing.assert_array_equal(np.concatenate(halves), whole)
+  strided = WindowBatches(prepared.train, 16, 8, seed=2, rows=[1, 5, 6]).batch(4)["inputs"]
+  np.testing.assert_array_equal(strided, whole[[1, 5, 6]])
 
 
 def test_every_window_appears_once_per_epoch(prepared):

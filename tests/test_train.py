@@ -26,7 +26,7 @@ def test_loop_on_2x2x2_mesh_lowers_loss_and_writes_the_run_directory(small, tmp_
   rows, events = read_metrics(tmp_path)
   described = json.loads((tmp_path / "config.json").read_text())
   steps = described["derived"]["steps"]
-  assert described["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+  assert described["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1, "slices": 1}
   assert events[0]["event"] == "start" and events[0]["tau_groups"]["norm"] is None
   assert rows[-1] == last and last["step"] == steps and last["frac"] == 1.0
   assert [r["step"] for r in rows] == [1] + list(range(5, steps + 1, 5)) + (
@@ -75,7 +75,9 @@ def test_one_device_and_eight_device_mesh_agree(small):
   losses_1, params_1 = run_steps(small(), 1, 4)
   losses_8, params_8 = run_steps(small(*MESH_222), 8, 4)
   np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6),
+  # summation order differs across meshes; Adam's 1/sqrt(v) turns that rounding into up to ~1e-3
+  # of one update (lr ~ 1e-2) on near-zero-gradient elements (as in the accumulation test below)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                params_8, params_1)
 
 

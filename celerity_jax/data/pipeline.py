@@ -3,7 +3,7 @@
 The token array is cut into windows of seq_len + 1 tokens (stride seq_len, so every token is a
 target once per epoch). Window order is a grain shuffle per epoch; global row g of the run is window
 order[g], so step s holds rows s*B ... s*B + B - 1 and resuming at step k needs no replay. Each
-process reads only its contiguous slice of rows. Packing: `concat` joins documents with EOS and lets
+process reads only the rows its devices hold (sharding.process_rows). Packing: `concat` joins documents with EOS and lets
 them attend across; `segments` also returns segment ids so the model masks attention per document.
 """
 from __future__ import annotations
@@ -18,26 +18,23 @@ from celerity_jax.data.store import TokenStore
 class WindowBatches:
 
   def __init__(self, store: TokenStore, seq_len: int, global_batch: int, seed: int,
-               packing: str = "concat", process_index: int = 0, process_count: int = 1):
+               packing: str = "concat", rows=None):
     self.store, self.seq_len, self.packing = store, seq_len, packing
     n_windows = (store.n_tokens - 1) // seq_len
     if n_windows < global_batch:
       raise DataError(f"token store {store.path}: {store.n_tokens:,} tokens make {n_windows} windows "
                       f"of {seq_len + 1} tokens, fewer than one batch of {global_batch}; use a "
                       f"larger corpus or a smaller train.batch_size / model.seq_len")
-    if global_batch % process_count:
-      raise DataError(f"batch {global_batch} does not split over {process_count} processes")
     self.n_windows = n_windows
-    self.rows = global_batch // process_count
-    self.first_row = process_index * self.rows
+    self.rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
     self.global_batch = global_batch
     self.order = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat()
     self.offsets = store.doc_offsets() if packing == "segments" else None
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the global batch at `step`: inputs, targets (and segment_ids)."""
-    first = step * self.global_batch + self.first_row
-    windows = np.asarray([self.order[g] for g in range(first, first + self.rows)], np.int64)
+    """The global batch's `rows` (default all) at `step`: inputs, targets (and segment_ids)."""
+    first = step * self.global_batch
+    windows = np.asarray([self.order[int(first + r)] for r in self.rows], np.int64)
     starts = windows * self.seq_len
     tokens = self.store.read(starts, self.seq_len + 1)
     out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}

@@ -12,17 +12,15 @@ import numpy as np
 class SyntheticTokens:
 
   def __init__(self, vocab_size: int, seq_len: int, global_batch: int, seed: int,
-               process_index: int = 0, process_count: int = 1, branching: int = 4,
-               chain_seed: int = 1234):
+               rows=None, branching: int = 4, chain_seed: int = 1234):
     chain_rng = np.random.default_rng(chain_seed)
     self.successors_VxC = chain_rng.integers(0, vocab_size, (vocab_size, branching), np.int32)
     self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
     self.global_batch = global_batch
-    self.rows = slice(process_index * global_batch // process_count,
-                      (process_index + 1) * global_batch // process_count)
+    self.rows = slice(None) if rows is None else np.asarray(rows)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the batch for `step`: inputs and next-token targets, int32 BxL."""
+    """The batch's `rows` (default all) at `step`: inputs and next-token targets, int32 BxL."""
     rng = np.random.default_rng([self.seed, step])
     b, length = self.global_batch, self.seq_len + 1
     choice_BxL = rng.integers(0, self.successors_VxC.shape[1], (b, length), np.int32)

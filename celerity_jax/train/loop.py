@@ -6,6 +6,7 @@ the latest complete checkpoint and continues bit-identically.
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -16,13 +17,14 @@ import numpy as np
 
 from celerity_jax import checkpoint as ckpt_lib
 from celerity_jax import config as config_lib
-from celerity_jax import sharding
+from celerity_jax import distributed, sharding
 from celerity_jax.collapse import monitor
 from celerity_jax.config import ConfigError
 from celerity_jax.data.pipeline import prefetch
 from celerity_jax.data.sources import make_sources
 from celerity_jax.metrics import MetricsWriter, Throughput, progress_bar
 from celerity_jax.resolve import Resolved
+from celerity_jax.train import control
 from celerity_jax.train.signals import PreemptionGuard
 from celerity_jax.train.step import make_eval_step, prepare_training
 
@@ -44,20 +46,17 @@ def describe(cfg, resolved: Resolved) -> dict:
   return {"config": config_lib.to_dict(cfg), "derived": resolved.as_dict()}
 
 
-def _device_batch(global_batch: dict, batch_sharding) -> dict:
-  """Global arrays from each process's contiguous slice of the rows (all rows on one process)."""
-  n, i = jax.process_count(), jax.process_index()
-  out = {}
-  for key, value in global_batch.items():
-    rows = value.shape[0] // n
-    out[key] = jax.make_array_from_process_local_data(
-        batch_sharding, value[i * rows:(i + 1) * rows], global_shape=value.shape)
-  return out
+def _device_batch(local_batch: dict, batch_sharding, n_rows: int) -> dict:
+  """Global arrays of `n_rows` rows from this process's rows (sharding.process_rows) of each key:
+  every process contributes only the rows its devices hold, so each row is read once."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding, value,
+                                                      (n_rows, *value.shape[1:]))
+          for key, value in local_batch.items()}
 
 
 def _drop_rows_after(path: Path, step: int):
   """On resume, forget rows logged after the restored step: they are about to be recomputed."""
-  if not path.exists():
+  if not distributed.is_primary() or not path.exists():
     return
   kept = [line for line in path.read_text().splitlines()
           if line.strip() and ("event" in (row := json.loads(line)) or row["step"] <= step)]
@@ -82,41 +81,51 @@ def _resume(cfg, described, ckpt, setup, writer):
   _drop_rows_after(writer.path, latest)
   writer.row({"event": "restart", "step": latest, "restarts": restarts,
               "config_changes": changes})
-  print(f"celerity_jax: resumed from step {latest} (restart {restarts})"
-        + (f"; changed settings: {', '.join(changes)}" if changes else ""), file=sys.stderr)
+  _say(f"celerity_jax: resumed from step {latest} (restart {restarts})"
+       + (f"; changed settings: {', '.join(changes)}" if changes else ""))
   return state, restarts
+
+
+def _say(text: str):
+  """A line on stderr from process 0 only (every process runs the same loop)."""
+  if distributed.is_primary():
+    print(text, file=sys.stderr)
 
 
 def run(cfg) -> dict:
   """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
   mesh, resolved, setup, train_step, monitor_spec = prepare_training(cfg)
   run_dir = Path(cfg.run.dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
   described = describe(cfg, resolved)
-  (run_dir / "config.json").write_text(json.dumps(described, indent=2) + "\n")
+  if distributed.is_primary():
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(described, indent=2) + "\n")
 
-  train_data, held_out = make_sources(cfg, resolved, cfg.run.progress)
+  rows = sharding.process_rows(mesh, resolved.batch_seqs)
+  train_data, held_out = make_sources(cfg, resolved, rows, cfg.run.progress)
   eval_step = make_eval_step(setup, cfg, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  eval_batches = [_device_batch(held_out.batch(i), batch_sharding)
+  device_batch = functools.partial(_device_batch, batch_sharding=batch_sharding,
+                                   n_rows=resolved.batch_seqs)
+  eval_batches = [device_batch(held_out.batch(i))
                   for i in range(cfg.data.eval_batches)] if held_out else []
 
   def evaluate(params) -> float:
     return sum(float(eval_step(params, b)) for b in eval_batches) / len(eval_batches)
 
-  writer = MetricsWriter(run_dir, cfg.run.tensorboard)
+  writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
   ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
   try:
     state, restarts = _resume(cfg, described, ckpt, setup, writer)
     return _train(cfg, resolved, described, state, restarts, train_step, train_data,
-                  batch_sharding, evaluate if eval_batches else None, writer, ckpt, mesh, run_dir,
+                  device_batch, evaluate if eval_batches else None, writer, ckpt, mesh, run_dir,
                   monitor_spec.source)
   finally:
     ckpt.close()
     writer.close()
 
 
-def _train(cfg, resolved, described, state, restarts, train_step, train_data, batch_sharding,
+def _train(cfg, resolved, described, state, restarts, train_step, train_data, device_batch,
            evaluate, writer, ckpt, mesh, run_dir, reference) -> dict:
   start = int(state.step)
   writer.row({"event": "start", "step": start, "mesh": dict(mesh.shape), "restarts": restarts,
@@ -126,28 +135,35 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
               "tau_groups": resolved.tau_groups, "collapse_reference": reference})
   moe = (f" (active {resolved.n_active:,}, effective TPP {resolved.tpp_effective:.3g})"
          if resolved.n_active != resolved.n_params else "")
-  print(f"celerity_jax: N={resolved.n_params:,}{moe} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
-        f"{cfg.model.seq_len} T={resolved.steps} warmup={resolved.warmup_steps} "
-        f"lambda={resolved.weight_decay:.4g} tau={resolved.tau:.4g} per-group tau="
-        + ", ".join(f"{g}:{t:.4g}" for g, t in resolved.tau_groups.items() if t is not None),
-        file=sys.stderr)
+  _say(f"celerity_jax: N={resolved.n_params:,}{moe} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
+       f"{cfg.model.seq_len} T={resolved.steps} warmup={resolved.warmup_steps} "
+       f"lambda={resolved.weight_decay:.4g} tau={resolved.tau:.4g} per-group tau="
+       + ", ".join(f"{g}:{t:.4g}" for g, t in resolved.tau_groups.items() if t is not None))
   c = cfg.checkpoint
   meta = {"described": described, "config_hash": ckpt_lib.trajectory_hash(described),
           "restarts": restarts, "versions": ckpt_lib.versions()}
-  throughput, last_row, pending, last_save = Throughput(), {}, None, time.monotonic()
+  throughput, last_row, pending = Throughput(), {}, None
+  last_save, last_save_step = time.monotonic(), start
   flags = {"loss_spike": 0, "collapse_alert": 0}     # last step's flags: report rising edges once
-  bar = progress_bar(resolved.stop_step, start, cfg.run.progress)
+  bar = progress_bar(resolved.stop_step, start, cfg.run.progress and distributed.is_primary())
+  agreement = control.Agreement(mesh)
 
-  def save(step, state, force=False):
-    nonlocal last_save
+  def save(step, state):
+    nonlocal last_save, last_save_step
     ckpt.save(step, state, {**meta, "step": step, "tokens": step * resolved.batch_tokens,
-                            "data": {"seed": cfg.train.seed, "next_step": step}}, force=force)
-    last_save = time.monotonic()
+                            "data": {"seed": cfg.train.seed, "next_step": step}}, force=True)
+    last_save, last_save_step = time.monotonic(), step
+
+  def local_flags(signal) -> int:
+    """This process's votes: a signal reached it; its clock says a timed save is due."""
+    timed = c.every_minutes and time.monotonic() - last_save >= 60 * c.every_minutes
+    return (control.STOP if signal is not None else 0) | (control.SAVE if timed else 0)
 
   def halt(step, values, cause, code, message):
     record = {"step": step, "cause": cause, **values, "config_hash": meta["config_hash"],
               "last_row": last_row}
-    (run_dir / "diagnostics.json").write_text(json.dumps(record, indent=2) + "\n")
+    if distributed.is_primary():
+      (run_dir / "diagnostics.json").write_text(json.dumps(record, indent=2) + "\n")
     writer.row({"event": "halt", "step": step, "cause": cause, **values})
     raise RunHalted(code, f"{message}; diagnostics in {run_dir / 'diagnostics.json'}")
 
@@ -163,21 +179,26 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
       writer.row({"event": key, "step": step, "frac": step / resolved.steps, **detail})
       text = ", ".join(f"{k} {v:.4g}" for k, v in detail.items())
       if key == "loss_spike":
-        print(f"celerity_jax: warning: loss spike at step {step} ({text}; smoothed loss above "
-              f"{cfg.collapse.spike_factor}x its minimum)", file=sys.stderr)
+        _say(f"celerity_jax: warning: loss spike at step {step} ({text}; smoothed loss above "
+             f"{cfg.collapse.spike_factor}x its minimum)")
       elif cfg.collapse.policy == "halt":
         halt(step, values, "collapse", HALT_COLLAPSE,
              f"off the collapse reference at step {step} ({text}; |residual| > "
              f"{cfg.collapse.threshold} for {cfg.collapse.patience} steps)")
       else:
-        print(f"celerity_jax: warning: off the collapse reference at step {step} ({text}; "
-              f"|residual| > {cfg.collapse.threshold} for {cfg.collapse.patience} steps)",
-              file=sys.stderr)
+        _say(f"celerity_jax: warning: off the collapse reference at step {step} ({text}; "
+             f"|residual| > {cfg.collapse.threshold} for {cfg.collapse.patience} steps)")
 
-  def emit(step, metrics, extra, log):
+  def emit(step, metrics, decision, extra, log) -> int:
+    """Logs a step's metrics and acts on them (halts, events); returns the processes' agreed
+    decision voted at that step (control.STOP | control.SAVE bits)."""
     nonlocal last_row
+    fetched, decision = jax.device_get((metrics, decision))
+    decision = int(decision)
+    if decision & control.SAVE and step <= last_save_step:
+      decision &= ~control.SAVE       # voted before the save that has since happened
     values = monitor.host_fields({k: (float(v) if np.ndim(v) == 0 else np.round(v, 5).tolist())
-                                  for k, v in jax.device_get(metrics).items()})
+                                  for k, v in fetched.items()})
     values |= extra
     if values["nonfinite"] and (cfg.train.on_nonfinite == "halt"
                                 or values["bad_steps"] >= cfg.train.max_bad_steps):
@@ -186,7 +207,7 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
            f"policy {cfg.train.on_nonfinite})")
     check_collapse(step, values)
     if not log:
-      return
+      return decision
     tokens = step * resolved.batch_tokens
     rate = throughput.update(tokens)
     last_row = {"step": step, "tokens": tokens, "frac": step / resolved.steps, **values,
@@ -197,42 +218,45 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, ba
     if rate is not None:
       shown["tok_s"] = f"{rate:,.0f}"
     bar.set_postfix(shown, refresh=False)
+    return decision
 
   batches = prefetch(train_data.batch, start, resolved.stop_step, cfg.data.threads)
   with PreemptionGuard() as guard:
     try:
       for step, host_batch in zip(range(start, resolved.stop_step), batches, strict=True):
-        state, metrics = train_step(state, _device_batch(host_batch, batch_sharding))
+        state, metrics = train_step(state, device_batch(host_batch))
+        decision = agreement.vote(local_flags(guard.signal))
+        done = step + 1
+        agreed = 0
         if pending is not None:
           try:
-            emit(*pending)
+            agreed = emit(*pending)
           except RunHalted as halted:
             if halted.code == HALT_COLLAPSE:      # keep the state for a look or a resume
-              save(step + 1, state, force=True)
+              save(done, state)
               ckpt.wait()
             raise
-        done = step + 1
         evaluate_now = evaluate is not None and (done % cfg.train.eval_every == 0
                                                  or done == resolved.stop_step)
         extra = {"eval_loss": evaluate(state.params)} if evaluate_now else {}
         log = (done % cfg.run.log_every == 0 or done == resolved.stop_step or done == 1
                or evaluate_now)
-        pending = (done, metrics, extra, log)
+        pending = (done, metrics, decision, extra, log)
         bar.update(1)
-        if guard.signal is not None:
+        if agreed & control.STOP:               # every process stops here, at the same step
           emit(*pending)
           pending = None
-          save(done, state, force=True)
+          save(done, state)
           ckpt.wait()
           writer.row({"event": "preempted", "step": done, "signal": guard.signal})
-          print(f"celerity_jax: stopped at step {done} by signal {guard.signal}; checkpoint "
-                f"saved; run the same command to resume", file=sys.stderr)
+          print(f"celerity_jax: stopped at step {done} "
+                + (f"by signal {guard.signal}" if guard.signal else "(a signal reached another "
+                   "process)") + "; checkpoint saved; run the same command to resume",
+                file=sys.stderr)
           return last_row
-        due = ((c.every_steps and done % c.every_steps == 0)
-               or (c.every_minutes and time.monotonic() - last_save >= 60 * c.every_minutes)
-               or (done == resolved.stop_step and (c.every_steps or c.every_minutes)))
-        if due:
-          save(done, state, force=True)
+        if ((c.every_steps and done % c.every_steps == 0) or agreed & control.SAVE
+            or (done == resolved.stop_step and (c.every_steps or c.every_minutes))):
+          save(done, state)
       if pending is not None:
         emit(*pending)
       ckpt.wait()

@@ -1,0 +1,87 @@
+"""Starting a run that spans several processes (jax.distributed), before jax touches a device.
+
+Where the settings come from, first match wins:
+1. `dist.coordinator`, `dist.num_processes`, `dist.process_id` (config keys), each falling back to
+   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
+2. on a Cloud TPU VM with none of those set, jax reads the workers from the TPU metadata;
+3. otherwise the run is one process and nothing is initialized.
+
+A process that dies is noticed by the coordination service's heartbeat: every other process is
+terminated by jax within `dist.heartbeat_timeout_s` (exit by SIGABRT, with jax's line "the JAX
+distributed service detected fatal errors ... another task died"), so a pod never hangs on a dead
+worker's collective.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+from celerity_jax.config import ConfigError
+
+GOOGLE_PCI_VENDOR = "0x1ae0"       # TPU chips show up as PCI devices of this vendor
+
+
+def on_cloud_tpu_vm(sysfs: Path = Path("/sys/bus/pci/devices")) -> bool:
+  try:
+    return any((d / "vendor").read_text().strip() == GOOGLE_PCI_VENDOR for d in sysfs.iterdir())
+  except OSError:
+    return False
+
+
+def settings(dist_cfg, environ=None, tpu_vm: bool | None = None) -> dict | None:
+  """The keyword arguments for jax.distributed.initialize, {} for the TPU metadata, or None for a
+  single process. Raises ConfigError naming the key (and environment variable) that is missing
+  or wrong."""
+  environ = os.environ if environ is None else environ
+
+  def pick(key: str, value, unset, env: str):
+    if value != unset:
+      return value, f"dist.{key}"
+    return environ.get(env), env
+
+  address, address_from = pick("coordinator", dist_cfg.coordinator, "", "JAX_COORDINATOR_ADDRESS")
+  count, count_from = pick("num_processes", dist_cfg.num_processes, 0, "JAX_NUM_PROCESSES")
+  rank, rank_from = pick("process_id", dist_cfg.process_id, -1, "JAX_PROCESS_ID")
+  if address is None and count is None and rank is None:
+    on_tpu = on_cloud_tpu_vm() if tpu_vm is None else tpu_vm
+    return {} if on_tpu else None
+  missing = [name for name, value in (("dist.coordinator or JAX_COORDINATOR_ADDRESS", address),
+                                      ("dist.num_processes or JAX_NUM_PROCESSES", count),
+                                      ("dist.process_id or JAX_PROCESS_ID", rank)) if value is None]
+  if missing:
+    raise ConfigError(f"a multi-process run needs {', '.join(missing)} as well")
+  host, _, port = str(address).rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(f"{address_from}={address!r}: expected host:port of process 0")
+  try:
+    count, rank = int(count), int(rank)
+  except ValueError:
+    raise ConfigError(f"{count_from}={count!r} and {rank_from}={rank!r} must be integers") from None
+  if count < 1 or not 0 <= rank < count:
+    raise ConfigError(f"{rank_from}={rank} must be in [0, {count_from}={count})")
+  return {"coordinator_address": str(address), "num_processes": count, "process_id": rank}
+
+
+def initialize(dist_cfg) -> None:
+  """Joins the other processes of a multi-process run; does nothing for a single process."""
+  kwargs = settings(dist_cfg)
+  if kwargs is None:
+    return
+  # CPU processes exchange collectives over gloo (TCP); other platforms ignore the setting
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # SIGTERM is handled by the training loop and agreed on by all processes (train/control.py)
+  jax.config.update("jax_enable_preemption_service", False)
+  jax.distributed.initialize(**kwargs, initialization_timeout=dist_cfg.init_timeout_s,
+                             heartbeat_timeout_seconds=dist_cfg.heartbeat_timeout_s)
+  if jax.process_index() == 0:
+    print(f"celerity_jax: {jax.process_count()} processes, {jax.device_count()} devices "
+          f"({jax.local_device_count()} per process)", file=sys.stderr)
+
+
+def is_primary() -> bool:
+  """Process 0 writes the run's files (config, metrics, TensorBoard, diagnostics) and the progress
+  bar; every process takes part in checkpoint saves and restores."""
+  return jax.process_index() == 0
