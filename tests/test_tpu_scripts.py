@@ -130,8 +130,8 @@ def test_create_setup_babysit_through_a_preemption_then_delete(cloud, tmp_path):
   cloud.pod("create", settings=vm)
   assert cloud.verbs()[:3] == ["tpu-vm describe", "tpu-vm create", "tpu-vm describe"]
   cloud.pod("setup", settings=vm)
-  first = cloud.pod("setup", settings=vm).stdout             # idempotent: nothing to install
-  assert first.count("environment up to date") == 2
+  again = cloud.pod("setup", settings=vm).stdout             # idempotent: nothing to install
+  assert again.count("environment up to date") == 2
 
   run_dir = tmp_path / "run"
   babysit = subprocess.Popen([str(POD), "babysit", *cli(run_dir, *MESH)],
