@@ -102,6 +102,8 @@ class DataConfig:
 class TrainConfig:
   batch_size: int = 0            # sequences per step; 0 = from the batch law
   microbatches: int = 1          # gradient accumulation steps per optimizer step
+  microbatch_rows: int = 0       # or: sequences per device per microbatch (microbatches follow from
+                                 #   B); 0 = off. Memory per device is then the same on any slice
   seed: int = 0                  # changes initialization and data order, nothing else
   stop_frac: float = 1.0         # end early at this fraction of T without changing T
   stop_step: int = 0             # end early at this step (0 = off); the earlier stop wins
@@ -277,6 +279,9 @@ def validate(cfg: Config) -> Config:
   if c.every_steps < 0 or c.every_minutes < 0 or c.keep < 1 or c.keep_every < 0:
     raise ConfigError("checkpoint.every_steps, every_minutes, keep_every must be >= 0 and "
                       "checkpoint.keep >= 1")
+  if t.microbatch_rows < 0 or (t.microbatch_rows and t.microbatches != 1):
+    raise ConfigError(f"train.microbatch_rows={t.microbatch_rows} with train.microbatches="
+                      f"{t.microbatches}: set one of them (rows >= 0; microbatches follow from rows)")
   if t.max_bad_steps < 1:
     raise ConfigError(f"train.max_bad_steps={t.max_bad_steps}: must be >= 1")
   if not 0.0 < cfg.data.eval_frac < 1.0:

@@ -8,9 +8,11 @@ GOOGLE_PCI_VENDOR = "0x1ae0"       # TPU chips show up as PCI devices of this ve
 
 # libtpu, when installed (the test extra installs it for compiling to TPU topologies), asks for a
 # TPU VM's metadata whenever jax starts, and prints warnings where there is none; these tell it
-# there is nothing to find. They are set only off TPU VMs and only where unset.
+# there is nothing to find. They are set only off TPU VMs and only where unset. libtpu also takes
+# a machine-wide lock file so that two processes never drive the same chips; off a TPU VM there are
+# no chips, and the lock would only stop two compile-only processes (tools.aot) running at once.
 QUIET_LIBTPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
-                "TPU_WORKER_HOSTNAMES": "localhost"}
+                "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def on_cloud_tpu_vm(sysfs: Path = Path("/sys/bus/pci/devices")) -> bool:

@@ -18,6 +18,13 @@ def available() -> list[str]:
                 if not m.name.startswith("_") and m.name not in _HELPERS)
 
 
+def target_slice(name: str) -> str | None:
+  """The Cloud TPU slice a recipe's layout (mesh, remat, microbatch rows) is made to fit, from the
+  recipe module's SLICE (e.g. "v5p-64"); None for recipes sized for any machine."""
+  load(name)
+  return getattr(importlib.import_module(f"recipes.{name}"), "SLICE", None)
+
+
 def load(name: str) -> Config:
   if name not in available():
     raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(available())}")

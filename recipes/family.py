@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import dataclasses
 
-from celerity_jax.config import (Config, ModelConfig, OptimConfig, ParamConfig, RunConfig,
-                                 ScalingConfig)
+from celerity_jax.config import (Config, MeshConfig, ModelConfig, OptimConfig, ParamConfig,
+                                 RunConfig, ScalingConfig, TrainConfig)
 
 
 def celerity(name: str, d_model: int, n_layers: int, d_head: int, tpp: float = 20.0,
              vocab_size: int = 128_256, seq_len: int = 8192, dtype: str = "bfloat16",
-             d_base: int = 256, l_base: int = 32) -> Config:
+             d_base: int = 256, l_base: int = 32, remat: str = "none",
+             microbatch_rows: int = 0) -> Config:
+  """A Celerity member. `remat` and `microbatch_rows` (with FSDP over every device) are the layout
+  a pod recipe ships for its slice (`python -m tools.aot recipe=NAME --topology SLICE --fit`
+  finds one); without rows the mesh is data parallel over the devices."""
   model = ModelConfig(
       vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=d_model // d_head,
       d_head=d_head, d_ff=8 * d_model, seq_len=seq_len, norm="layernorm", norm_eps=1e-5,
-      position="alibi", mlp="squared_relu", dtype=dtype)
+      position="alibi", mlp="squared_relu", dtype=dtype, remat=remat)
+  layout = microbatch_rows > 0
   return Config(
       model=model,
+      mesh=MeshConfig(data=1, fsdp=-1) if layout else MeshConfig(),
+      train=TrainConfig(microbatch_rows=microbatch_rows),
       param=ParamConfig(kind="completep", d_base=d_base, l_base=l_base, sigma_base=8.67e-2,
                         alpha_in=9.17, alpha_out=1.095),
       scaling=ScalingConfig(tpp=tpp),

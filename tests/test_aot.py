@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 
 from celerity_jax.main import parse
 from conftest import CACHE
-from tools import aot, hlo_collectives
+import dataclasses
+
+from tools import aot, aot_fit, hlo_collectives, tpu_chips
 
 # celerity_tiny's rules on a shape whose dims are multiples of TPU tiles (8 x 128), so arrays carry
 # no layout padding and the argument bytes can be predicted exactly
@@ -80,7 +83,7 @@ def test_expert_parallel_moe_compiles_with_all_to_all():
 
 
 def test_bad_topologies_and_settings_exit_2_with_one_line(capsys):
-  for argv in (["--topology", "v5litepod-4"], ["--topology", "v9z:2x2"],
+  for argv in (["--topology", "v5litepod-6"], ["--topology", "v9z:2x2"], ["--topology", "v5p-4x4"],
                ["--topology", "v5e:2x2", "mesh.tensor=3"], ["--topology", "v5e:2x2", "model.nope=1"]):
     assert aot.main(["recipe=celerity_tiny", *argv]) == 2, argv
     err = capsys.readouterr().err
@@ -130,3 +133,63 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   assert gather["traffic"] == pytest.approx(5 * 8 * 128 * 2 * 3 / 4)     # a ring of 4
   assert found["all-reduce"]["count"] == 1
   assert found["all-reduce"]["traffic"] == pytest.approx(2 * 4096 * 7 / 8)
+
+
+@pytest.mark.parametrize("accelerator, topology, chips", [
+    ("v5litepod-8", "v5e:2x4", 8), ("v5litepod-16", "v5e:4x4", 16), ("v6e-32", "v6e:4x8", 32),
+    ("v5p-8", "v5p:2x2x1", 4), ("v5p-64", "v5p:2x4x4", 32), ("v5p-128", "v5p:4x4x4", 64)])
+def test_accelerator_types_name_the_topology_libtpu_builds(accelerator, topology, chips):
+  """Cloud TPU types count TensorCores on v5p (two per chip) and chips on v5e and v6e."""
+  assert tpu_chips.topology_for(accelerator) == topology
+  assert len(aot.topology_devices(tpu_chips.resolve_topology(accelerator))[1]) == chips
+
+
+def test_fit_candidates_keep_the_batch_near_the_law_and_the_model_divisible():
+  """celerity_1b on a v5p-64 (32 chips): B = 340.6 sequences by the law; 9 heads allow no tensor
+  parallelism on 32 chips; every layout kept rounds B within 5%, the others say by how much."""
+  cfg, _ = parse(["recipe=celerity_1b"])
+  chip = tpu_chips.CHIPS["v5p"]
+  kept, rejected = aot_fit.candidates(cfg, chip, 32, 1, 0.05)
+  law = aot_fit.law_batch_seqs(cfg)
+  assert law == pytest.approx(340.6, abs=0.1)
+  assert kept and all(abs(r.batch_seqs / law - 1) <= 0.05 for _, _, r, _ in kept)
+  assert {layout.tensor for layout, *_ in kept} == {1}
+  assert {r.batch_seqs for _, _, r, _ in kept} == {352}      # granule 32: 352 (+3.4%), not 320
+  assert {(layout.rows, r.microbatches) for layout, _, r, _ in kept} == {(1, 11), (11, 1)}
+  assert any("-6.0% from the law's 340.6 (allowed 5.0%)" in why for _, why in rejected)
+  runs = [guess["run_s"] for *_, guess in kept]
+  assert runs == sorted(runs) and kept[0][0].remat == "none"
+  # a slice that cannot come within 5%: the closest B it allows, reported as such
+  kept, _ = aot_fit.candidates(cfg, chip, 128, 1, 0.05)
+  assert {r.batch_seqs for _, _, r, _ in kept} == {384}      # +12.8%, the nearest multiple of 128
+  # a fixed batch is kept exactly: only granules that divide it
+  fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=320))
+  kept, _ = aot_fit.candidates(fixed, chip, 32, 1, 0.05)
+  assert {r.batch_seqs for _, _, r, _ in kept} == {320}
+  assert {layout.rows for layout, *_ in kept} == {1, 2, 5, 10}
+
+
+def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
+  """A fixed 512 x 2048 batch, pure data parallel without remat, needs ~26 GB per v5e chip; the
+  search finds one that fits (keeping B) and says why it rejected the others. A second tools.aot
+  runs at the same time in another process: libtpu's lock file does not stop it."""
+  big = [*ALIGNED[:-1], "model.seq_len=2048", "train.batch_size=512"]
+  other = subprocess.Popen([sys.executable, "-m", "tools.aot", *big, "--topology", "v5e:2x2",
+                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(1)
+  assert aot.main([*big, "--topology", "v5litepod-4", "--fit", "--keep", "1", "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  out, err = other.communicate(timeout=300)
+  assert other.returncode == 1, err[-2000:]
+  default = json.loads(out)["memory"]
+  assert not default["fits"] and default["needed_bytes"] > default["hbm_bytes"]
+  best = result["best"]
+  assert best["memory"]["fits"] and best["memory"]["peak_bytes"] <= 0.95 * best["memory"]["hbm_bytes"]
+  assert best["recipe_shape"]["batch_seqs"] == 512 and best["batch"]["change"] == 0
+  assert best["layout"] != "mesh.data=4 mesh.fsdp=1 mesh.tensor=1 mesh.expert=1 model.remat=none " \
+                           "train.microbatch_rows=128"
+  cfg, _ = parse(big + best["overrides"])                    # the printed overrides reproduce it
+  assert aot.report(cfg, "v5e:2x2")["memory"]["peak_bytes"] == best["memory"]["peak_bytes"]
+  kinds = {r["kind"] for r in result["rejected"]}
+  assert "slower" in kinds and kinds <= {"memory", "dominated", "slower", "budget", "batch"}
+  assert all("GB per device" in r["reason"] for r in result["rejected"] if r["kind"] == "memory")

@@ -78,3 +78,19 @@ def test_a_nano_recipe_trains_to_its_horizon(tmp_path, stdlib_cache):
   rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   first = next(r for r in rows if "event" not in r)
   assert last["loss"] < first["loss"] - 3.0 and last["eval_loss"] < 6.0
+
+
+def test_planner_shows_each_members_slice_and_layout_and_checks_the_fit(capsys):
+  """Pod recipes name their slice and ship a layout; B is resolved on the slice's chips (celerity_1b:
+  32 v5p chips, one row per device per microbatch: 352 sequences in 11 microbatches)."""
+  from tools import plan
+  assert plan.main(["recipe=celerity_1b", "--json"]) == 0
+  rows = {r["recipe"]: r for r in json.loads(capsys.readouterr().out)}
+  one = rows["celerity_1b"]
+  assert one["slice"] == "v5p-64" and "remat=dots rows=1" in one["layout"]
+  assert one["B_seqs"] == 352 and one["fit"] is None
+  assert rows["celerity_300m"]["slice"] is None
+  cfg = recipes.load("celerity_nano_2")
+  verdict = plan.check_fit(cfg, "v5litepod-4")
+  assert verdict["fits"] and 0 < verdict["peak_bytes"] < verdict["hbm_bytes"] < 20e9
+  assert plan.main(["recipe=celerity_1b", "--topology", "v9x-8"]) == 2     # one line, exit 2

@@ -114,3 +114,21 @@ def test_explicit_weight_decay_sets_tau_and_stop_frac_keeps_horizon():
   assert r.weight_decay == 0.1
   assert r.tau == pytest.approx(1 / (r.eta_hidden * 0.1 * r.steps))
   assert r.steps == r0.steps and r.stop_step == math.ceil(0.3 * r0.steps)
+
+
+def test_microbatch_rows_fix_each_devices_load_and_let_the_count_follow_b():
+  """train.microbatch_rows=R: B rounds to data-parallel x R, and the microbatch count is what is
+  left, so one recipe holds the same activations per device on any slice."""
+  from celerity_jax.config import ConfigError
+  base = apply_overrides(recipes.load("celerity_1b"), ["mesh.data=1", "mesh.fsdp=-1"])
+  for devices, rows, batch, micro in ((32, 1, 352, 11), (64, 1, 320, 5), (8, 2, 336, 21)):
+    r = resolve(apply_overrides(base, [f"train.microbatch_rows={rows}"]), n_devices=devices)
+    assert (r.batch_seqs, r.microbatches) == (batch, micro)
+    assert r.batch_seqs == r.data_parallel * rows * r.microbatches
+  fixed = apply_overrides(base, ["train.microbatch_rows=4", "train.batch_size=256"])
+  assert resolve(fixed, n_devices=16).microbatches == 4
+  with pytest.raises(ConfigError, match="multiple of data-parallel size 48 x train.microbatch_rows 4"):
+    resolve(fixed, n_devices=48)
+  from celerity_jax.config import validate
+  with pytest.raises(ConfigError, match="set one of them"):
+    validate(apply_overrides(base, ["train.microbatch_rows=2", "train.microbatches=4"]))

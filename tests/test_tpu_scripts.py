@@ -39,6 +39,7 @@ def cloud(tmp_path):
   scenario = {"repo": str(REPO), "image_venv": str(venv), "workers": 2, "workers_devices": 4}
   env = {**os.environ, **SETTINGS, "PATH": f"{bin_dir}:{os.environ['PATH']}",
          "FAKE_GCLOUD_ROOT": str(root), "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+         "CELERITY_TPU_PYTHON": sys.executable,
          "PYTHONUNBUFFERED": "1"}
   env.pop("XLA_FLAGS", None)
 
@@ -84,9 +85,23 @@ def test_missing_or_bad_settings_fail_before_any_gcloud_call(cloud):
   assert cloud.calls() == []
 
 
+def test_a_run_that_cannot_fit_the_slice_is_refused_before_any_gcloud_call(cloud):
+  """celerity_1b as shipped cannot fit a v5e-8's 16 GB chips: `up` compiles its step here for the
+  slice (tools.aot) and stops with XLA's numbers before it asks for the slice."""
+  result = cloud.pod("up", "recipe=celerity_1b", "run.dir=gs://bucket/run", check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "DOES NOT FIT: needs" in result.stderr and "refusing to launch" in result.stderr
+  assert "--topology v5litepod-8 --slices 1 --fit" in result.stderr
+  assert cloud.calls() == []
+  broken = cloud.pod("up", "recipe=celerity_1b", check=False,
+                     settings={"CELERITY_TPU_PYTHON": str(REPO / "no" / "python")})
+  assert broken.returncode == 2 and "needs libtpu" in broken.stderr and cloud.calls() == []
+
+
 def test_dry_run_prints_every_gcloud_command_and_calls_none(cloud):
   result = cloud.pod("--dry-run", "up", "recipe=celerity_1b", "run.dir=gs://bucket/run",
-                     settings={"CELERITY_TPU_CAPACITY": "spot", "CELERITY_TPU_SLICES": "2"})
+                     settings={"CELERITY_TPU_CAPACITY": "spot", "CELERITY_TPU_SLICES": "2",
+                               "CELERITY_TPU_FIT_CHECK": "off"})
   printed = [x[11:] for x in result.stderr.splitlines() if x.startswith("tpu/pod: + ")]
   assert printed[1] == ("gcloud compute tpus queued-resources create celerity-test --project=proj "
                         "--zone=us-east5-a --accelerator-type=v5litepod-8 "
@@ -144,6 +159,8 @@ def test_create_setup_babysit_through_a_preemption_then_delete(gcs, cloud, tmp_p
   out, err = babysit.communicate(timeout=600)
   assert babysit.returncode == 0, err[-4000:]
   assert "restart 1 of 5" in err and "the run finished" in err
+  assert err.count("checking that the step fits v5litepod-8") == 1      # once, not per relaunch
+  assert "tpu/pod: memory per device:" in err and ": fits" in err
 
   run_dir = storage.location(run_url)
   events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

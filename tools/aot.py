@@ -1,6 +1,7 @@
 """Compile a recipe's train step for a TPU slice on any machine, and say whether it fits.
 
   python -m tools.aot recipe=NAME [key=value ...] --topology v5p:4x4x4 [--slices N] [--json]
+  python -m tools.aot recipe=NAME [key=value ...] --topology v5p-64 --fit [--max-batch-change 0.05]
 
 Needs `libtpu` (the test extra installs the version the pinned jax pairs with); no TPU is used.
 The step is the one the training loop runs: `prepare_training` builds it with the same mesh,
@@ -10,6 +11,8 @@ temporary and peak bytes against the chip's HBM; XLA's FLOPs and bytes per step;
 by kind with their bytes (loops counted by trip count); and a roofline lower bound on step time
 from the chip's peak FLOP/s, HBM and ICI bandwidth (tools/tpu_chips.py), with the MFU it implies.
 A step that does not fit is a result (exit 1), never a traceback; a bad setting exits 2.
+`--topology` takes a topology (v5p:2x4x4) or a Cloud TPU accelerator type (v5p-64). `--fit` searches
+the layouts (tools/aot_fit.py) and exits 1 when none fits.
 """
 from __future__ import annotations
 
@@ -92,13 +95,18 @@ def _needed_bytes(error: str) -> tuple[float | None, float | None]:
           number(r"available HBM \(([\d.]+)([KMGT]?)\)"))
 
 
-def report(cfg, topology: str, slices: int = 1) -> dict:
-  """Everything tools.aot prints, as one JSON-able dict."""
-  chip, devices = topology_devices(topology, slices)
+# a step is said to fit when its peak leaves this share of HBM free: the eval step's program, the
+# runtime's own buffers and fragmentation need some
+HEADROOM = 0.05
+
+
+def report(cfg, topology: str, slices: int = 1, devices=None) -> dict:
+  """Everything tools.aot prints, as one JSON-able dict (`devices`: reuse topology_devices)."""
+  chip, devices = topology_devices(topology, slices) if devices is None else devices
   training, compiled, seconds, error = compile_step(cfg, devices)
   r, n = training.resolved, len(devices)
   out = {"recipe_shape": {"n_params": r.n_params, "batch_seqs": r.batch_seqs,
-                          "seq_len": cfg.model.seq_len, "microbatches": cfg.train.microbatches,
+                          "seq_len": cfg.model.seq_len, "microbatches": r.microbatches,
                           "remat": cfg.model.remat, "mesh": dict(training.mesh.shape)},
          "topology": topology, "slices": slices, "devices": n, "chip": chip.name,
          "compile_s": round(seconds, 2)}
@@ -106,10 +114,10 @@ def report(cfg, topology: str, slices: int = 1) -> dict:
     needed, available = _needed_bytes(error)
     available = available or chip.hbm_bytes
     out["memory"] = {"fits": False, "hbm_bytes": available, "needed_bytes": needed,
-                     "over_bytes": needed - available if needed else None,
+                     "usable_bytes": available, "over_bytes": needed - available if needed else None,
                      "xla": error.strip().splitlines()[0][:500]}
     return out
-  mem = compiled.memory_analysis()
+  mem, usable = compiled.memory_analysis(), (1 - HEADROOM) * chip.hbm_bytes
   peak = getattr(mem, "peak_memory_in_bytes", 0) or (
       mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
       - mem.alias_size_in_bytes)
@@ -117,7 +125,7 @@ def report(cfg, topology: str, slices: int = 1) -> dict:
                    "output_bytes": mem.output_size_in_bytes,
                    "alias_bytes": mem.alias_size_in_bytes,
                    "temp_bytes": mem.temp_size_in_bytes, "peak_bytes": peak,
-                   "hbm_bytes": chip.hbm_bytes, "fits": peak <= chip.hbm_bytes,
+                   "hbm_bytes": chip.hbm_bytes, "usable_bytes": usable, "fits": peak <= usable,
                    "headroom_bytes": chip.hbm_bytes - peak}
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -125,22 +133,39 @@ def report(cfg, topology: str, slices: int = 1) -> dict:
   out["xla_cost"] = {"flops": float(cost.get("flops", 0.0)),
                      "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
   out["collectives"] = comms
-  out["bound"] = roofline(chip, out["xla_cost"], comms, r, n)
+  out["bound"] = roofline(chip, out["xla_cost"], comms, r, cfg.model, n)
   return out
 
 
-def roofline(chip, cost: dict, comms: dict, resolved, n_devices: int) -> dict:
+def recompute_flops_per_token(model) -> float:
+  """Forward FLOPs per token that rematerialization runs again in the backward pass: every block's
+  matmuls and attention under `full`; under `dots` (matmul results without batch dimensions are
+  saved) the attention score and value products, whose dot_generals batch over heads."""
+  from celerity_jax import scaling
+  if model.remat == "none":
+    return 0.0
+  attention_forward = 2.0 * model.n_layers * model.seq_len * model.n_heads * model.d_head
+  if model.remat == "dots":
+    return attention_forward
+  counts = scaling.param_counts(model)
+  norms = (2 * model.n_layers + 1) * (2 if model.norm == "layernorm" else 1) * model.d_model
+  return 2.0 * (counts["active"] - counts["embedding"] - norms) + attention_forward
+
+
+def roofline(chip, cost: dict, comms: dict, resolved, model, n_devices: int) -> dict:
   """Lower bounds on one step's time per device from compute, HBM traffic and ICI traffic. XLA
   counts a loop body's FLOPs once, so compute uses the larger of XLA's FLOPs and the model's
-  (6 N D per step plus attention, tools.plan's count) shared by the devices."""
+  (6 N D per step plus attention, tools.plan's count, plus what remat computes again) shared by
+  the devices. MFU counts the model's FLOPs only, as MFU does."""
   model_flops = resolved.flops_per_token * resolved.batch_tokens
-  flops = max(cost["flops"], model_flops / n_devices)
+  executed = (resolved.flops_per_token + recompute_flops_per_token(model)) * resolved.batch_tokens
+  flops = max(cost["flops"], executed / n_devices)
   times = {"compute_s": flops / chip.peak_flops,
            "hbm_s": cost["bytes_accessed"] / chip.hbm_bandwidth,
            "ici_s": sum(c["traffic"] for c in comms.values()) / chip.ici_bandwidth}
   step = max(times.values())
   return {**times, "step_s": step, "limited_by": max(times, key=times.get)[:-2],
-          "model_flops_per_step": model_flops,
+          "model_flops_per_step": model_flops, "executed_flops_per_step": executed,
           "mfu_at_bound": model_flops / (n_devices * chip.peak_flops * step) if step else None}
 
 
@@ -162,14 +187,16 @@ def table(rep: dict) -> str:
            + f"; B={shape['batch_seqs']}x{shape['seq_len']}, microbatches "
            f"{shape['microbatches']}, remat {shape['remat']}; compiled in {rep['compile_s']} s"]
   m = rep["memory"]
-  if not m["fits"]:
-    lines.append(f"DOES NOT FIT: needs {_gb(m['needed_bytes'])} per device, the chip has "
-                 f"{_gb(m['hbm_bytes'])} (over by {_gb(m['over_bytes'])})")
+  if "needed_bytes" in m:                             # XLA refused to compile it
+    lines.append(f"DOES NOT FIT: needs {_gb(m['needed_bytes'])} per device, XLA has "
+                 f"{_gb(m['hbm_bytes'])} of HBM (over by {_gb(m['over_bytes'])})")
     return "\n".join(lines)
   lines.append(f"memory per device: arguments {_gb(m['argument_bytes'])}, outputs "
                f"{_gb(m['output_bytes'])} (aliased {_gb(m['alias_bytes'])}), temporaries "
-               f"{_gb(m['temp_bytes'])}; peak {_gb(m['peak_bytes'])} of {_gb(m['hbm_bytes'])}: "
-               f"fits, {m['peak_bytes'] / m['hbm_bytes']:.0%} used")
+               f"{_gb(m['temp_bytes'])}; peak {_gb(m['peak_bytes'])} of {_gb(m['hbm_bytes'])} ("
+               f"{m['peak_bytes'] / m['hbm_bytes']:.0%}): "
+               + ("fits" if m["fits"] else f"DOES NOT FIT in the {1 - HEADROOM:.0%} a step may "
+                  f"use ({_gb(m['usable_bytes'])})"))
   c = rep["xla_cost"]
   lines.append(f"XLA per device and step: {c['flops']:.4g} FLOPs, {_gb(c['bytes_accessed'])} "
                "accessed (a loop body counted once)")
@@ -190,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+  parser.add_argument("--fit", action="store_true",
+                      help="search meshes, remat and microbatches for the fastest layout that fits")
+  parser.add_argument("--max-batch-change", type=float, default=0.05,
+                      help="--fit: largest change of B from the law's (default 0.05; the slice "
+                           "may force more, which is then reported)")
+  parser.add_argument("--max-compiles", type=int, default=12, help="--fit: compile budget")
+  parser.add_argument("--keep", type=int, default=3, help="--fit: fitting layouts to compile")
   args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   try:
     cfg, _ = parse(overrides)
@@ -197,7 +231,18 @@ def main(argv: list[str] | None = None) -> int:
       raise ConfigError(f"--slices {args.slices}: must be at least 1")
     if args.slices != cfg.mesh.slices:
       cfg = parse(overrides + [f"mesh.slices={args.slices}"])[0]
-    rep = report(cfg, args.topology, args.slices)
+    topology = tpu_chips.resolve_topology(args.topology)
+    if args.fit:
+      from tools import aot_fit
+      if args.max_batch_change < 0 or args.max_compiles < 1 or args.keep < 1:
+        raise ConfigError("--max-batch-change must be >= 0, --max-compiles and --keep >= 1")
+      say = None if args.json else lambda line: print(f"aot: {line}", file=sys.stderr, flush=True)
+      result = aot_fit.search(cfg, topology, args.slices, args.max_batch_change, args.keep,
+                              args.max_compiles, progress=say,
+                              fixed=aot_fit.fixed_keys(overrides))
+      print(json.dumps(result, indent=2) if args.json else aot_fit.table(result))
+      return 0 if result["best"] else 1
+    rep = report(cfg, topology, args.slices)
   except (ConfigError, ValueError) as e:
     print(f"aot: error: {e}", file=sys.stderr)
     return 2

@@ -2,12 +2,19 @@
 
   python -m tools.plan recipe=celerity_1b [scaling.tpp=80 ...] [--family celerity]
                        [--accelerator v5p|v6e|v5e|h100|h200] [--chips 64] [--mfu 0.4] [--json]
+                       [--check-fit [--topology v5p-64]]
 
 The family is every recipe whose name minus its size suffix (`_1b`, `_1_8b`, `_300m`, `_3`) equals
 --family (default: the recipe's own): celerity, celerity_nano, celerity_moe, celerity_moe_nano. The
 recipe's overrides apply to each member. FLOPs use the paper's convention with active parameters
 (6 N_active D + full attention); wall time = FLOPs / (chips x bf16 peak x MFU). A mixture-of-experts
 family also shows its active parameters and effective TPP (what sets tau).
+
+Each member shows the slice its recipe is made for (the recipe's SLICE, or --topology) and its
+layout: the mesh axes, remat and sequences per device per microbatch; B and T are resolved on that
+slice's chips (on one device for a member without a slice). `--check-fit` compiles each member's train
+step for that slice (or for --topology) with tools.aot and adds whether it fits, with the peak
+bytes per chip; this needs libtpu and takes a minute or more per large member.
 """
 from __future__ import annotations
 
@@ -31,13 +38,18 @@ def plan(argv: list[str]) -> list[dict]:
   parser.add_argument("--chips", type=int, default=64)
   parser.add_argument("--mfu", type=float, default=0.4)
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--check-fit", action="store_true",
+                      help="compile each member for its slice (tools.aot) and say if it fits")
+  parser.add_argument("--topology", default=None,
+                      help="with --check-fit: this slice for every member instead of the recipe's")
   args, rest = parser.parse_known_args(argv)
 
   import recipes
   from celerity_jax import scaling
-  from celerity_jax.config import apply_overrides, validate
+  from celerity_jax.config import ConfigError, apply_overrides, validate
   from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
+  from tools import tpu_chips
 
   cfg, _ = parse(rest)                                  # validates the recipe and overrides
   name = next((a.split("=", 1)[1] for a in rest if a.startswith("recipe=")), recipes.DEFAULT)
@@ -47,17 +59,43 @@ def plan(argv: list[str]) -> list[dict]:
   peak = PEAK_TFLOPS[args.accelerator] * 1e12 * args.chips * args.mfu
   for member in (m for m in recipes.available() if family_of(m) == family):
     member_cfg = validate(apply_overrides(recipes.load(member), overrides))
-    r = resolve(member_cfg, n_devices=1)
+    target = args.topology or recipes.target_slice(member)
+    try:
+      chips = tpu_chips.chip_count(target) if target else 1
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    r = resolve(member_cfg, n_devices=chips)
     flops = scaling.flops_per_token(member_cfg.model, causal=False, all_params=True) * r.tokens
     rows.append({"recipe": member, "N": r.n_params, "N_active": r.n_active, "D": r.tokens,
                  "TPP": r.tpp, "TPP_eff": r.tpp_effective,
                  "B_seqs": r.batch_seqs, "B_tokens": r.batch_tokens, "T": r.steps,
                  "warmup": r.warmup_steps, "eta_hidden": r.eta_hidden,
                  "eta_embed": r.lr_peak["embed"], "lambda": r.weight_decay, "tau": r.tau,
-                 "flops": flops, "hours": flops / peak / 3600})
+                 "flops": flops, "hours": flops / peak / 3600,
+                 "slice": target,
+                 "layout": layout(member_cfg), "fit": None})
+    if args.check_fit and rows[-1]["slice"]:
+      rows[-1]["fit"] = check_fit(member_cfg, rows[-1]["slice"])
   del cfg
   rows.sort(key=lambda row: row["N"])
   return rows, args
+
+
+def layout(cfg) -> str:
+  """Mesh axes other than 1 (-1: the rest of the slice), remat, rows per microbatch."""
+  mesh = " ".join(f"{k}={v}" for k, v in vars(cfg.mesh).items() if v != 1 and k != "slices")
+  t = cfg.train
+  micro = f"rows={t.microbatch_rows}" if t.microbatch_rows else f"micro={t.microbatches}"
+  return f"{mesh} remat={cfg.model.remat} {micro}"
+
+
+def check_fit(cfg, slice_name: str) -> dict:
+  """tools.aot's verdict for cfg on a slice: fits, peak and HBM bytes per chip."""
+  from tools import aot, tpu_chips
+  rep = aot.report(cfg, tpu_chips.resolve_topology(slice_name))
+  m = rep["memory"]
+  return {"fits": m["fits"], "peak_bytes": m.get("peak_bytes") or m.get("needed_bytes"),
+          "hbm_bytes": m["hbm_bytes"], "batch_seqs": rep["recipe_shape"]["batch_seqs"]}
 
 
 def table(rows: list[dict], args) -> str:
@@ -75,6 +113,13 @@ def table(rows: list[dict], args) -> str:
                  + f"{r['B_seqs']:>7}{fmt_count(r['B_tokens']):>8}{r['T']:>8,}{r['warmup']:>6}"
                  f"{r['eta_hidden']:>9.2e}{r['eta_embed']:>9.2e}{r['lambda']:>8.3g}"
                  f"{r['tau']:>7.3f}{r['flops']:>10.3g}{r['hours']:>9.3g}")
+  lines.append(f"\n{'recipe':<20}{'slice':<12}{'layout':<42}fits (peak / HBM per chip, B on it)")
+  for r in rows:
+    fit = r["fit"]
+    verdict = ("not checked (--check-fit)" if fit is None and r["slice"] else "" if fit is None
+               else f"{'yes' if fit['fits'] else 'NO'}: {fit['peak_bytes'] / 1e9:.1f} / "
+               f"{fit['hbm_bytes'] / 1e9:.1f} GB, B = {fit['batch_seqs']}")
+    lines.append(f"{r['recipe']:<20}{r['slice'] or 'any':<12}{r['layout']:<42}{verdict}")
   return "\n".join(lines)
 
 

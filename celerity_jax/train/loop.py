@@ -210,7 +210,7 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, de
     tokens = step * resolved.batch_tokens
     rate = throughput.update(tokens)
     last_row = {"step": step, "tokens": tokens, "frac": step / resolved.steps, **values,
-                "tokens_per_s": rate, "microbatches": cfg.train.microbatches,
+                "tokens_per_s": rate, "microbatches": resolved.microbatches,
                 "dtype": cfg.model.dtype, "restarts": restarts}
     writer.row(last_row)
     shown = {"loss": f"{values['loss']:.4f}"}

@@ -74,13 +74,15 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
   return jax.tree.map(lambda x: x / micro, total)
 
 
-def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monitor.MonitorSpec]):
+def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monitor.MonitorSpec],
+                    microbatches: int = 1):
   """Returns step(state, batch) -> (state, metrics), jitted with in/out shardings on `mesh` and the
-  state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks)."""
+  state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks);
+  the batch's gradient is accumulated over `microbatches` (Resolved.microbatches)."""
   loss_fn = make_loss_fn(setup, cfg, mesh)
 
   def train_step(state: TrainState, batch):
-    aux, grads = _accumulate(loss_fn, state.params, batch, cfg.train.microbatches, mesh)
+    aux, grads = _accumulate(loss_fn, state.params, batch, microbatches, mesh)
     ce, z = aux.pop("ce"), aux.pop("z")
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params, state.step)
     params = optax.apply_updates(state.params, updates)
@@ -136,8 +138,9 @@ def prepare_training(cfg, devices=None, with_monitor: bool = True) -> Training:
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   resolved = resolve(cfg, len(devices))
-  sharding.check_batch(resolved.batch_seqs, cfg.train.microbatches, mesh)
+  sharding.check_batch(resolved.batch_seqs, resolved.microbatches, mesh)
   setup = state_lib.build(cfg, resolved, mesh)
   spec = monitor.build_spec(cfg, resolved)
   return Training(mesh, resolved, setup,
-                  make_train_step(setup, cfg, mesh, spec if with_monitor else None), spec)
+                  make_train_step(setup, cfg, mesh, spec if with_monitor else None,
+                                  resolved.microbatches), spec)
