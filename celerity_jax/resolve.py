@@ -90,8 +90,8 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
   return Resolved(
       n_params=counts["total"], n_active=n, n_embedding=counts["embedding"],
       n_non_embedding=counts["non_embedding"], tpp=s.tpp, tpp_effective=tpp_effective,
-      tokens=d_tokens, data_parallel=dp, microbatches=microbatches, batch_seqs=batch_seqs, batch_tokens=b_tokens,
-      steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak, eta_hidden=eta_hidden,
+      tokens=d_tokens, data_parallel=dp, microbatches=microbatches, batch_seqs=batch_seqs,
+      batch_tokens=b_tokens, steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak, eta_hidden=eta_hidden,
       weight_decay=lam, tau=tau, tau_opt=tau_opt, tau_groups=tau_groups,
       flops_per_token=scaling.flops_per_token(m, causal=True),
       flops_per_token_full_attn=scaling.flops_per_token(m, causal=False),

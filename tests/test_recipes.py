@@ -89,7 +89,7 @@ def test_planner_shows_each_members_slice_and_layout_and_checks_the_fit(capsys):
   one = rows["celerity_1b"]
   assert one["slice"] == "v5p-64" and "remat=dots rows=1" in one["layout"]
   assert one["B_seqs"] == 352 and one["fit"] is None
-  assert rows["celerity_300m"]["slice"] is None
+  assert rows["celerity_300m"]["slice"] == "v5litepod-8"
   cfg = recipes.load("celerity_nano_2")
   verdict = plan.check_fit(cfg, "v5litepod-4")
   assert verdict["fits"] and 0 < verdict["peak_bytes"] < verdict["hbm_bytes"] < 20e9

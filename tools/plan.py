@@ -113,13 +113,13 @@ def table(rows: list[dict], args) -> str:
                  + f"{r['B_seqs']:>7}{fmt_count(r['B_tokens']):>8}{r['T']:>8,}{r['warmup']:>6}"
                  f"{r['eta_hidden']:>9.2e}{r['eta_embed']:>9.2e}{r['lambda']:>8.3g}"
                  f"{r['tau']:>7.3f}{r['flops']:>10.3g}{r['hours']:>9.3g}")
-  lines.append(f"\n{'recipe':<20}{'slice':<12}{'layout':<42}fits (peak / HBM per chip, B on it)")
+  lines.append(f"\n{'recipe':<20}{'slice':<14}{'layout':<42}fits (peak / HBM per chip, B on it)")
   for r in rows:
     fit = r["fit"]
     verdict = ("not checked (--check-fit)" if fit is None and r["slice"] else "" if fit is None
                else f"{'yes' if fit['fits'] else 'NO'}: {fit['peak_bytes'] / 1e9:.1f} / "
                f"{fit['hbm_bytes'] / 1e9:.1f} GB, B = {fit['batch_seqs']}")
-    lines.append(f"{r['recipe']:<20}{r['slice'] or 'any':<12}{r['layout']:<42}{verdict}")
+    lines.append(f"{r['recipe']:<20}{r['slice'] or 'any':<14}{r['layout']:<42}{verdict}")
   return "\n".join(lines)
 
 
