@@ -23,6 +23,7 @@ from celerity_jax.config import ConfigError
 FREE_KEYS = ("run.", "checkpoint.", "mesh.", "dist.", "train.stop_frac", "train.stop_step",
              "train.eval_every", "data.threads", "data.cache_dir", "data.eval_batches",
              "model.remat", "derived.stop_step", "derived.data_parallel",
+             "derived.microbatches", "derived.batch_seqs_law",   # follow from settings kept
              "collapse.threshold", "collapse.patience", "collapse.policy", "collapse.spike_factor")
 VERSIONED = ("celerity_jax", "jax", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 

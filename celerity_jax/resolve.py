@@ -25,6 +25,7 @@ class Resolved:
   tokens: float                 # D = TPP * N_active
   data_parallel: int
   microbatches: int             # gradient accumulation steps (train.microbatches, or from rows)
+  batch_seqs_law: float         # B in sequences before rounding (train.batch_size when fixed)
   batch_seqs: int
   batch_tokens: int             # B
   steps: int                    # T = D / B: the schedule horizon
@@ -55,13 +56,14 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
   granule = dp * (t.microbatch_rows or t.microbatches)
   per = (f"train.microbatch_rows {t.microbatch_rows}" if t.microbatch_rows
          else f"train.microbatches {t.microbatches}")
+  law = (t.batch_size or
+         scaling.batch_tokens(d_tokens, s.batch_coef, s.batch_exp, s.batch_anchor) / m.seq_len)
   if t.batch_size:
     if t.batch_size % granule:
       raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of data-parallel size "
                         f"{dp} x {per} = {granule}")
     batch_seqs = t.batch_size
   else:
-    law = scaling.batch_tokens(d_tokens, s.batch_coef, s.batch_exp, s.batch_anchor) / m.seq_len
     batch_seqs = scaling.round_batch(law, granule)
   microbatches = batch_seqs // granule if t.microbatch_rows else t.microbatches
   b_tokens = batch_seqs * m.seq_len
@@ -90,7 +92,8 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
   return Resolved(
       n_params=counts["total"], n_active=n, n_embedding=counts["embedding"],
       n_non_embedding=counts["non_embedding"], tpp=s.tpp, tpp_effective=tpp_effective,
-      tokens=d_tokens, data_parallel=dp, microbatches=microbatches, batch_seqs=batch_seqs,
+      tokens=d_tokens, data_parallel=dp, microbatches=microbatches,
+      batch_seqs_law=float(law), batch_seqs=batch_seqs,
       batch_tokens=b_tokens, steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak, eta_hidden=eta_hidden,
       weight_decay=lam, tau=tau, tau_opt=tau_opt, tau_groups=tau_groups,
       flops_per_token=scaling.flops_per_token(m, causal=True),

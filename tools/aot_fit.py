@@ -74,13 +74,12 @@ def meshes(model, per_slice: int) -> list[tuple[int, int, int, int]]:
 
 
 def law_batch_seqs(cfg) -> float:
-  """The batch law's B in sequences, before rounding to any granule."""
-  from celerity_jax import scaling
-  if cfg.train.batch_size:
-    return float(cfg.train.batch_size)
-  tokens = cfg.scaling.tpp * scaling.param_counts(cfg.model)["active"]
-  s = cfg.scaling
-  return scaling.batch_tokens(tokens, s.batch_coef, s.batch_exp, s.batch_anchor) / cfg.model.seq_len
+  """The batch law's B in sequences before any rounding (resolve's, on one device)."""
+  from celerity_jax.config import MeshConfig
+  from celerity_jax.resolve import resolve
+  one = dataclasses.replace(cfg, mesh=MeshConfig(),
+                            train=dataclasses.replace(cfg.train, microbatches=1, microbatch_rows=0))
+  return resolve(one, 1).batch_seqs_law
 
 
 def with_layout(cfg, layout: Layout):
@@ -205,7 +204,7 @@ def search(cfg, topology: str, slices: int = 1, max_batch_change: float = 0.05,
     mem = rep["memory"]
     rep.update(layout=str(layout), overrides=layout.overrides() + (
         ["train.microbatches=1"] if cfg.train.microbatches != 1 else []), predicted=guess,
-               batch=_batch_change(cfg, r), run_s=rep.get("bound", {}).get("step_s", 0) * r.steps)
+               batch=_batch_change(r), run_s=rep.get("bound", {}).get("step_s", 0) * r.steps)
     if mem["fits"]:
       fits.append(rep)
     else:
@@ -227,9 +226,9 @@ def search(cfg, topology: str, slices: int = 1, max_batch_change: float = 0.05,
           "compiles": compiles, "search_s": round(time.perf_counter() - start, 1)}
 
 
-def _batch_change(cfg, resolved) -> dict:
+def _batch_change(resolved) -> dict:
   """B and lambda of a layout next to the law's (lambda follows B at fixed tau)."""
-  law = law_batch_seqs(cfg)
+  law = resolved.batch_seqs_law
   return {"batch_seqs": resolved.batch_seqs, "law_batch_seqs": law,
           "change": resolved.batch_seqs / law - 1, "weight_decay": resolved.weight_decay,
           "weight_decay_at_law": resolved.weight_decay * law / resolved.batch_seqs,
