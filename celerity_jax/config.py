@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -220,9 +221,12 @@ def _parse_value(key: str, text: str, tp) -> object:
     return int(number)
   if tp is float:
     try:
-      return float(text.replace("_", ""))
+      number = float(text.replace("_", ""))
     except ValueError:
-      raise ConfigError(f"{key}={text!r}: expected a float") from None
+      number = None
+    if number is None or not math.isfinite(number):   # nan/inf would only surface as a NaN loss
+      raise ConfigError(f"{key}={text!r}: expected a finite float")
+    return number
   return text
 
 
@@ -251,8 +255,24 @@ def to_dict(cfg: Config) -> dict:
 
 # ---------------------------------------------------------------- validation
 
+INT_MAX = 2 ** 31 - 1   # every int setting is a count, size or seed that int32 code must hold
+
+
+def _check_numbers(cfg: Config):
+  """Every number is finite and every int fits int32, whether it came from a recipe or the CLI."""
+  for section in dataclasses.fields(cfg):
+    for f in dataclasses.fields(getattr(cfg, section.name)):
+      value = getattr(getattr(cfg, section.name), f.name)
+      key = f"{section.name}.{f.name}"
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value}: must be a finite number")
+      if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
+        raise ConfigError(f"{key}={value}: out of range (at most {INT_MAX:,} in size)")
+
+
 def validate(cfg: Config) -> Config:
   """Cross-field checks; returns cfg unchanged or raises ConfigError naming the keys."""
+  _check_numbers(cfg)
   m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.scaling
   positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
               "model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_head": m.d_head,
@@ -263,6 +283,10 @@ def validate(cfg: Config) -> Config:
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f"{key}={value}: must be > 0")
+  if m.n_kv_heads < 0:
+    raise ConfigError(f"model.n_kv_heads={m.n_kv_heads}: must be >= 0 (0 = model.n_heads)")
+  if t.seed < 0:
+    raise ConfigError(f"train.seed={t.seed}: must be >= 0")
   kv = m.n_kv_heads or m.n_heads
   if m.n_heads % kv:
     raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")

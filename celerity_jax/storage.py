@@ -61,10 +61,14 @@ def check_writable(path: epath.Path, key: str):
                            f"visible with these credentials")
     else:
       make_dir(path)
+      probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"   # an existing read-only directory
+      probe.write_bytes(b"")                                   # passes mkdir, not this
+      probe.unlink()
   except StorageError:
     raise
   except Exception as e:                 # gcsfs/auth/OS errors: one line, naming the setting
-    raise StorageError(f"{key}={path}: cannot be used ({type(e).__name__}: {e})") from None
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    raise StorageError(f"{key}={path}: cannot be used ({reason})") from None
 
 
 def write_atomic(path: epath.Path, data: bytes | str):
@@ -101,6 +105,26 @@ def append(path: epath.Path, data: bytes | str):
     finally:
       fs.rm(tail)
   _forget(path)
+
+
+def file_sizes(directory: epath.Path) -> dict[str, int]:
+  """{relative path: bytes} of every file under `directory` (one listing on Cloud Storage)."""
+  if not is_remote(directory):
+    root = Path(os.fspath(directory))
+    return {p.relative_to(root).as_posix(): p.stat().st_size
+            for p in root.rglob("*") if p.is_file()}
+  prefix = os.fspath(directory)[len("gs://"):].rstrip("/") + "/"
+  return {key[len(prefix):]: int(info["size"])
+          for key, info in _gcs().find(prefix, detail=True).items() if info["type"] == "file"}
+
+
+def move(source: epath.Path, target: epath.Path):
+  """Renames a file or directory (on Cloud Storage: copies each object, then deletes it)."""
+  if not is_remote(source):
+    os.replace(source, target)
+    return
+  _gcs().mv(os.fspath(source)[len("gs://"):], os.fspath(target)[len("gs://"):], recursive=True)
+  _gcs().invalidate_cache()
 
 
 def _gcs():

@@ -44,7 +44,7 @@ def test_bad_value_names_expected_type(capsys):
   code, _, err = run_main(capsys, "model.n_layers=two", "--print-config")
   assert code == 2 and "model.n_layers" in err and "expected an int" in err
   code, _, err = run_main(capsys, "optim.lr_base=fast", "--print-config")
-  assert code == 2 and "expected a float" in err
+  assert code == 2 and "expected a finite float" in err
   code, _, err = run_main(capsys, "model.n_layers=2.5", "--print-config")
   assert code == 2 and "expected an int" in err
 
@@ -108,3 +108,20 @@ def test_validate_accepts_recipes():
     validate(recipes.load(name))
   with pytest.raises(ConfigError):
     validate(apply_overrides(recipes.load("celerity_tiny"), ["scaling.warmup_frac=1.0"]))
+
+
+def test_out_of_device_memory_is_a_one_line_config_error(capsys):
+  """XLA reports an allocation that does not fit as RESOURCE_EXHAUSTED; other errors still raise."""
+  from celerity_jax.main import run_cli
+
+  def allocate():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68.00GiB.\n"
+                       "BufferAssignment OOM Debugging.\n...")
+  assert run_cli(allocate) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "out of memory" in err and "68.00GiB" in err
+
+  def bug():
+    raise RuntimeError("something else")
+  with pytest.raises(RuntimeError):
+    run_cli(bug)

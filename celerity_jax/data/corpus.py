@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -78,13 +79,17 @@ def documents(files: list[Path]) -> Iterator[str]:
               text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError):
               raise DataError(f"{path}:{number}: not a JSON object with a 'text' field") from None
-            if text:
+            if not isinstance(text, str):
+              raise DataError(f"{path}:{number}: 'text' is a {type(text).__name__}, not a string")
+            if text.strip():
               yield text
         else:
           text = f.read()
-          if text:
+          if "\0" in text:                # text has no NUL; binaries nearly always do
+            raise DataError(f"{path}: not a text file (it holds NUL bytes)")
+          if text.strip():                 # whitespace alone is no document
             yield text
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:      # gzip.BadGzipFile is an OSError
       raise DataError(f"{path}: cannot read: {e}") from None
 
 

@@ -36,6 +36,11 @@ def cache_root(data_cfg) -> epath.Path:
   return storage.location(root)
 
 
+def _names(files) -> str:
+  return ", ".join(str(f) for f in files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3
+                                                  else "")
+
+
 def _held_out(text: str, eval_frac: float) -> bool:
   bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:4], "big")
   return bucket < eval_frac * 2 ** 32
@@ -44,8 +49,7 @@ def _held_out(text: str, eval_frac: float) -> bool:
 def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
   files = corpus.stdlib_files() if not data_cfg.paths else corpus.resolve_paths(data_cfg.paths)
   if next(corpus.documents(files), None) is None:
-    names = ", ".join(str(f) for f in files[:3]) + (", ..." if len(files) > 3 else "")
-    raise DataError(f"corpus {names}: no non-empty documents")
+    raise DataError(f"corpus {_names(files)}: no non-empty documents")
   given = tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
   settings = {"corpus": corpus.fingerprint(files), "eval_frac": data_cfg.eval_frac,
               "tokenizer": given.fingerprint if given else
@@ -66,9 +70,12 @@ def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
 def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict,
            progress: bool):
   storage.check_writable(entry, "data.cache_dir")
-  print(f"celerity_jax: building token stores in {entry} from {len(files)} files", file=sys.stderr)
+  if progress:                           # run.progress=false keeps stderr to warnings and errors
+    print(f"celerity_jax: building token stores in {entry} from {len(files)} files",
+          file=sys.stderr)
   if given is None:
-    tok = tokenizer.train(lambda: corpus.documents(files), vocab_size, data_cfg.tokenizer_type)
+    tok = tokenizer.train(lambda: corpus.documents(files), vocab_size, data_cfg.tokenizer_type,
+                          source=f"corpus {_names(files)}")
     tok.save(entry / "tokenizer.model")
   else:
     tok = given
@@ -103,9 +110,10 @@ def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict
   seconds = time.perf_counter() - start
   bar.close()
   if not held_out:
-    raise DataError(f"corpus of {len(files)} files has no held-out document at data.eval_frac="
+    raise DataError(f"corpus {_names(files)}: no held-out document at data.eval_frac="
                     f"{data_cfg.eval_frac}; raise it or add documents")
   store.build(os.fspath(entry / "eval"), held_out, tokenizer.EOS, meta)
   megabytes = nbytes / 1e6
-  print(f"celerity_jax: tokenized {megabytes:.1f} MB into {train_meta['n_tokens']:,} train tokens "
-        f"in {seconds:.1f} s ({megabytes / seconds:.2f} MB/s)", file=sys.stderr)
+  if progress:
+    print(f"celerity_jax: tokenized {megabytes:.1f} MB into {train_meta['n_tokens']:,} train "
+          f"tokens in {seconds:.1f} s ({megabytes / seconds:.2f} MB/s)", file=sys.stderr)

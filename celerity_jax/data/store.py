@@ -4,6 +4,10 @@ Layout of a store directory (local path or gs://bucket/path):
   tokens/       zarr3 int32 [n_tokens]       every document's tokens followed by EOS
   offsets/      zarr3 int64 [n_docs + 1]     document d is tokens[offsets[d]:offsets[d+1]]
   meta.json     written last; a store without it is incomplete and is never read
+meta.json lists every array file with its size, checked when the store is opened (a deleted or
+truncated shard is refused before training starts); every inner chunk carries a crc32c checksum
+(corrupted bytes fail the read) and the token fill value is -1, so a read of a chunk that is not
+there can never pass as tokens.
 Local builds go to a sibling `.partial` directory renamed into place, so an interrupted build never
 leaves a store that looks complete and never touches an existing one. On Cloud Storage (no renames)
 the store is written in place and meta.json, written last, is what marks it complete.
@@ -22,7 +26,8 @@ import tensorstore as ts
 from celerity_jax import storage
 from celerity_jax.data import DataError
 
-FORMAT = 1
+FORMAT = 2
+FILL = -1                # no token id is negative: a read that returns it found no data
 WRITE_CHUNK = 1 << 20    # tokens per file (zarr3 shard)
 READ_CHUNK = 1 << 14     # tokens per independently readable inner chunk: windows read ~64 KB
 CACHE_BYTES = 256 << 20  # decoded chunks kept in memory by each reader
@@ -32,11 +37,15 @@ def _spec(path: str, name: str) -> dict:
   return {"driver": "zarr3", "kvstore": storage.kvstore_url(path) + name + "/"}
 
 
-def _create(path: str, name: str, dtype) -> ts.TensorStore:
+def _create(path: str, name: str, dtype: str) -> ts.TensorStore:
   # both chunk sizes explicitly: left unset, zarr3 picks one-element inner chunks (100x slower)
-  layout = ts.ChunkLayout(write_chunk_shape=[WRITE_CHUNK], read_chunk_shape=[READ_CHUNK])
-  return ts.open(_spec(path, name), create=True, delete_existing=True, dtype=dtype, shape=[0],
-                 chunk_layout=layout).result()
+  checked = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+  metadata = {"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [WRITE_CHUNK]}},
+              "codecs": [{"name": "sharding_indexed", "configuration": {
+                  "chunk_shape": [READ_CHUNK], "codecs": checked, "index_codecs": checked}}],
+              "data_type": dtype, "fill_value": FILL, "shape": [0]}
+  return ts.open({**_spec(path, name), "metadata": metadata}, create=True,
+                 delete_existing=True).result()
 
 
 def _append(array: ts.TensorStore, values: np.ndarray, at: int) -> ts.TensorStore:
@@ -53,7 +62,7 @@ def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict
   if local:
     shutil.rmtree(target, ignore_errors=True)
     Path(target).mkdir(parents=True)
-  tokens = _create(target, "tokens", ts.int32)
+  tokens = _create(target, "tokens", "int32")
   n_tokens, offsets, max_id = 0, [0], -1
   buffer: list[np.ndarray] = []
 
@@ -80,9 +89,9 @@ def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict
     if local:
       shutil.rmtree(target, ignore_errors=True)
     raise DataError(f"token store {path}: the corpus has no non-empty documents")
-  _append(_create(target, "offsets", ts.int64), np.asarray(offsets, np.int64), 0)
+  _append(_create(target, "offsets", "int64"), np.asarray(offsets, np.int64), 0)
   meta = {**meta, "format": FORMAT, "n_tokens": n_tokens, "n_docs": len(offsets) - 1,
-          "max_token_id": max_id}
+          "max_token_id": max_id, "files": storage.file_sizes(storage.location(target))}
   _write_text(target, "meta.json", json.dumps(meta, indent=2))
   if local:
     if final.exists():
@@ -120,6 +129,7 @@ class TokenStore:
     if vocab_size is not None and self.meta["max_token_id"] >= vocab_size:
       raise DataError(f"token store {path}: token id {self.meta['max_token_id']} >= "
                       f"model.vocab_size={vocab_size}")
+    self._check_files()
     try:
       context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
       self.tokens = ts.open(_spec(path, "tokens"), open=True, read=True, context=context).result()
@@ -131,10 +141,35 @@ class TokenStore:
       raise DataError(f"token store {path}: arrays do not match meta.json (truncated?); rebuild")
     self.n_tokens = self.meta["n_tokens"]
 
+  def _check_files(self):
+    """Every array file meta.json lists is there with its size: before any step reads one."""
+    found = storage.file_sizes(storage.location(self.path))
+    for name, size in sorted(self.meta["files"].items()):
+      if name not in found:
+        raise DataError(f"token store {self.path}: file {name} is missing; the store is "
+                        f"incomplete: delete the directory to rebuild it")
+      if found[name] != size:
+        raise DataError(f"token store {self.path}: file {name} has {found[name]:,} bytes, "
+                        f"meta.json says {size:,} (truncated or overwritten); delete the "
+                        f"directory to rebuild it")
+
   def read(self, starts: np.ndarray, length: int) -> np.ndarray:
     """Rows tokens[s:s+length] for each start, read concurrently; int32 [len(starts), length]."""
     futures = [self.tokens[int(s):int(s) + length].read() for s in starts]
-    return np.stack([f.result() for f in futures]) if futures else np.zeros((0, length), np.int32)
+    rows = (np.stack([self._result(f) for f in futures]) if futures
+            else np.zeros((0, length), np.int32))
+    if (rows == FILL).any():
+      raise DataError(f"token store {self.path}: a read found no data (a chunk is missing); "
+                      f"delete the directory to rebuild it")
+    return rows
 
   def doc_offsets(self) -> np.ndarray:
-    return self.offsets.read().result()
+    return self._result(self.offsets.read())
+
+  def _result(self, future):
+    try:
+      return future.result()
+    except (ValueError, RuntimeError) as e:      # tensorstore: DATA_LOSS (checksum), NOT_FOUND
+      message = " ".join(str(e).split())[:200]
+      raise DataError(f"token store {self.path}: unreadable ({message}); delete the directory "
+                      f"to rebuild it") from None

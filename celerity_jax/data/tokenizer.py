@@ -57,7 +57,7 @@ def _lines(documents: Iterable[str]) -> Iterator[str]:
 
 
 def train(documents: Callable[[], Iterable[str]], vocab_size: int, model_type: str = "bpe",
-          max_sentences: int = 300_000) -> Tokenizer:
+          max_sentences: int = 300_000, source: str = "the corpus") -> Tokenizer:
   """Trains on every k-th non-empty line of `documents()` (called twice: count, then sample), at
   most `max_sentences` lines. The sample is deterministic, unlike sentencepiece's own shuffle, so
   the same corpus gives the same tokenizer on every machine."""
@@ -71,6 +71,8 @@ def train(documents: Callable[[], Iterable[str]], vocab_size: int, model_type: s
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, input_sentence_size=0, shuffle_input_sentence=False,
         minloglevel=2, num_threads=2)
-  except RuntimeError as e:
-    raise DataError(f"tokenizer training failed (vocab {vocab_size}): {e}") from None
+  except RuntimeError as e:         # sentencepiece's reason follows its source location
+    reason = str(e).split("] ", 1)[-1].strip() if "] " in str(e) else "no usable training text"
+    raise DataError(f"{source}: tokenizer training failed (model.vocab_size={vocab_size}): "
+                    f"{reason}") from None
   return Tokenizer(proto.getvalue())
