@@ -4,6 +4,11 @@ A checkpoint holds the train state (params, optimizer state, step, non-finite co
 metadata: the resolved config and its trajectory hash, tokens seen, the data position (batches are
 a pure function of (seed, step), so the step *is* the data-iterator state), library versions and the
 restart count. Saves are async: the loop blocks only while device arrays are copied to host.
+
+A damaged checkpoint (a truncated or missing array file, an unreadable manifest or metadata) is
+never fatal while an older one is usable: `first_usable` warns, moves the damaged step aside to
+`<step>.damaged` (kept for a look, out of Orbax's listing so that step can be saved again) and tries
+the one before. Only when none is usable is it an error (`CheckpointUnusable`, exit 6).
 """
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ import hashlib
 import json
 import sys
 from importlib import metadata as importlib_metadata
+from typing import Callable, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from celerity_jax import storage
@@ -25,6 +32,18 @@ FREE_KEYS = ("run.", "checkpoint.", "mesh.", "dist.", "train.stop_frac", "train.
              "model.remat", "derived.stop_step", "derived.data_parallel",
              "derived.microbatches", "derived.batch_seqs_law",   # follow from settings kept
              "collapse.threshold", "collapse.patience", "collapse.policy", "collapse.spike_factor")
+DAMAGED_SUFFIX = ".damaged"
+T = TypeVar("T")
+
+
+class CheckpointUnusable(Exception):
+  """Checkpoints exist but none can be read; the CLI prints it and exits with status 6."""
+
+
+class _Damaged(Exception):
+  """A step whose files cannot be read back (internal: triggers the fall back)."""
+
+
 VERSIONED = ("celerity_jax", "jax", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
@@ -65,13 +84,17 @@ def versions() -> dict:
 
 class Checkpointer:
   """CheckpointManager over run_dir/checkpoints (a local path or gs://): keeps the latest `keep`
-  plus every `keep_every`."""
+  plus every `keep_every`. `read_only` never creates, moves or deletes anything."""
 
-  def __init__(self, directory, ckpt_cfg):
+  def __init__(self, directory, ckpt_cfg=None, read_only: bool = False):
     self.directory = storage.location(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=ckpt_cfg.keep, keep_period=ckpt_cfg.keep_every or None,
-        enable_async_checkpointing=ckpt_cfg.async_save, create=True)
+    self.read_only = read_only
+    if read_only:                    # (Orbax's own read_only mode logs warnings on every open)
+      options = ocp.CheckpointManagerOptions(create=False, save_root_metadata=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=ckpt_cfg.keep, keep_period=ckpt_cfg.keep_every or None,
+          enable_async_checkpointing=ckpt_cfg.async_save, create=True)
     # explicit handlers: a fresh process can then read item metadata before any save or restore
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -80,26 +103,86 @@ class Checkpointer:
 
   def incomplete(self) -> list[str]:
     """Step directories a killed save left behind, which Orbax never lists as checkpoints: a
-    temporary directory on disk, a step without its commit marker on Cloud Storage."""
+    temporary directory on disk, a step without its commit marker on Cloud Storage. Steps moved
+    aside as damaged are not listed again."""
     if not self.directory.exists():
       return []
     committed = {str(step) for step in self.manager.all_steps()}
     return sorted(p.name for p in self.directory.iterdir()
-                  if p.is_dir() and p.name not in committed)
+                  if p.is_dir() and p.name not in committed
+                  and DAMAGED_SUFFIX not in p.name)
 
-  def latest(self) -> int | None:
+  def steps(self) -> list[int]:
+    """Committed steps, newest first; warns once about each incomplete save."""
     for name in self.incomplete():
       print(f"celerity_jax: warning: ignoring incomplete checkpoint {self.directory / name}",
             file=sys.stderr)
-    return self.manager.latest_step()
+    return sorted(self.manager.all_steps(), reverse=True)
+
+  def latest(self) -> int | None:
+    steps = self.steps()
+    return steps[0] if steps else None
+
+  def first_usable(self, load: Callable[[int], T], steps: list[int] | None = None
+                   ) -> tuple[int, T] | None:
+    """(step, load(step)) for the newest step `load` can read, falling back past damaged ones
+    with a warning each; None when there is no checkpoint. `load` raises ConfigError to refuse a
+    readable checkpoint (a changed setting), which is not damage and ends the search."""
+    steps = self.steps() if steps is None else steps
+    damaged: list[tuple[int, str]] = []
+    for step in steps:
+      try:
+        result, reason = load(step), None
+      except ConfigError:
+        raise
+      except Exception as e:           # Orbax, tensorstore, JSON: any unreadable part
+        result, reason = None, _one_line(e)
+        _quiet_abandoned_reads()
+      if _all_processes_agree(reason is None):
+        self._set_aside([s for s, _ in damaged])
+        return step, result
+      reason = reason or "unreadable on another process"
+      damaged.append((step, reason))
+      print(f"celerity_jax: warning: checkpoint {self.directory / str(step)} is damaged "
+            f"({reason}); trying an older one", file=sys.stderr)
+    if damaged:
+      listed = "; ".join(f"step {s}: {r}" for s, r in damaged)
+      raise CheckpointUnusable(f"no usable checkpoint in {self.directory} ({listed}); move the "
+                               f"directory aside to start over, or restore it from a copy")
+    return None
+
+  def _set_aside(self, steps: list[int]):
+    """Renames damaged steps so Orbax no longer lists them (nothing is deleted)."""
+    if self.read_only or not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        source, target = self.directory / str(step), self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while target.exists():         # the same step was damaged before: keep both
+          n, target = n + 1, self.directory / f"{step}{DAMAGED_SUFFIX}.{n + 1}"
+        storage.move(source, target)
+        print(f"celerity_jax: warning: moved damaged checkpoint {source} to {target.name}",
+              file=sys.stderr)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("celerity_jax damaged checkpoints moved")
+    self.manager.reload()
 
   def meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, abstract_state):
-    """The state at `step`, placed with the shardings of `abstract_state` (any mesh)."""
+  def restore(self, step: int, abstract_state=None):
+    """The state at `step`, placed with the shardings of `abstract_state` (any mesh); without
+    one, as saved (host arrays, for export)."""
+    if abstract_state is None:
+      return self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     saved = self.manager.item_metadata(step)["state"]
-    saved_shapes = {path: tuple(leaf.shape) for path, leaf in _leaves(saved)}
+    saved_shapes = {path: tuple(leaf.shape) for path, leaf in _leaves(saved or {})
+                    if getattr(leaf, "shape", None) is not None}
+    if not saved_shapes:
+      raise _Damaged("no array metadata")
     mismatched = [f"{path}: checkpoint {saved_shapes.get(path)} vs model {tuple(leaf.shape)}"
                   for path, leaf in _leaves(abstract_state)
                   if saved_shapes.get(path) != tuple(leaf.shape)]
@@ -120,6 +203,43 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def _one_line(error: Exception, limit: int = 200) -> str:
+  """On one line; Orbax's wrapper gives way to tensorstore's precise message inside it."""
+  while "TensorStore details" in str(error) and (error.__cause__ or error.__context__):
+    error = error.__cause__ or error.__context__
+  text = " ".join(str(error).split()) or type(error).__name__
+  return f"{type(error).__name__}: {text[:limit]}" + ("..." if len(text) > limit else "")
+
+
+def _quiet_abandoned_reads():
+  """A failed Orbax restore abandons its other array reads; when they finish, after Orbax closed
+  its event loop, each one prints a traceback about the closed loop or the unawaited read. They
+  say nothing the warning has not said, so those two kinds alone are dropped from here on."""
+  if getattr(sys.excepthook, "celerity_quiet", False):
+    return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def quiet_excepthook(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      excepthook(kind, value, tb)
+
+  def quiet_unraisablehook(unraisable):
+    text = str(unraisable.exc_value)
+    if "Encountered error while reading array" not in text and text != "Event loop is closed":
+      unraisablehook(unraisable)
+
+  quiet_excepthook.celerity_quiet = True
+  sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True when `ok` holds on every process: they must all restore the same step."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _leaves(tree):

@@ -24,7 +24,7 @@ from celerity_jax.data.sources import make_sources
 from celerity_jax.metrics import MetricsWriter, Throughput, progress_bar
 from celerity_jax.resolve import Resolved
 from celerity_jax.train import control
-from celerity_jax.train.signals import PreemptionGuard
+from celerity_jax.train import signals
 from celerity_jax.train.state import abstract_state
 from celerity_jax.train.step import make_eval_step, prepare_training
 
@@ -54,34 +54,47 @@ def _device_batch(local_batch: dict, batch_sharding, n_rows: int) -> dict:
           for key, value in local_batch.items()}
 
 
-def _drop_rows_after(path, step: int):
-  """On resume, forget rows logged after the restored step: they are about to be recomputed."""
+def _keep_rows_until(path, step: int):
+  """On resume, forget rows logged after the restored step (they are about to be recomputed,
+  events included) and lines a crash cut short or garbled (warned about, never fatal)."""
   if not distributed.is_primary() or not path.exists():
     return
-  kept = [line for line in path.read_text().splitlines()
-          if line.strip() and ("event" in (row := json.loads(line)) or row["step"] <= step)]
-  storage.write_atomic(path, "".join(line + "\n" for line in kept))
+  lines = path.read_bytes().split(b"\n")
+  kept, unreadable, later = [], 0, 0
+  for line in lines:
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode("utf-8"))
+      row_step = row.get("step", 0) if isinstance(row, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      row_step = None
+    if not isinstance(row_step, (int, float)):
+      unreadable += 1
+    elif row_step > step:
+      later += 1
+    else:
+      kept.append(line.decode("utf-8") + "\n")
+  if unreadable:
+    _say(f"celerity_jax: warning: {path}: dropped {unreadable} unreadable line(s) (a write cut "
+         f"short by a crash?); the complete rows are kept")
+  if unreadable or later:
+    storage.write_atomic(path, "".join(kept))
 
 
-def _resume(cfg, described, ckpt, setup, writer):
-  """Returns (state, restarts): restored from the latest complete checkpoint, or fresh."""
-  latest = ckpt.latest()
-  if latest is None:
-    return setup.init(), 0
-  meta = ckpt.meta(latest)
-  changes = ckpt_lib.config_changes(meta["described"], described)
-  if changes and not cfg.checkpoint.allow_config_change:
-    raise ConfigError(f"run.dir {cfg.run.dir} holds a checkpoint (step {latest}) made with "
-                      f"different settings: {', '.join(changes)}; use another run.dir, restore "
-                      f"the settings, or pass checkpoint.allow_config_change=true")
-  state = ckpt.restore(latest, abstract_state(setup))
-  restarts = meta["restarts"] + 1
-  _drop_rows_after(writer.path, latest)
-  writer.row({"event": "restart", "step": latest, "restarts": restarts,
-              "config_changes": changes})
-  _say(f"celerity_jax: resumed from step {latest} (restart {restarts})"
-       + (f"; changed settings: {', '.join(changes)}" if changes else ""))
-  return state, restarts
+def _restore(cfg, described, ckpt, setup):
+  """(step, state, meta) from the newest usable checkpoint, or None for a fresh run. Refuses
+  (ConfigError) a checkpoint made with other trajectory settings before anything is written."""
+  def load(step):
+    meta = ckpt.meta(step)
+    changes = ckpt_lib.config_changes(meta["described"], described)
+    if changes and not cfg.checkpoint.allow_config_change:
+      raise ConfigError(f"run.dir {cfg.run.dir} holds a checkpoint (step {step}) made with "
+                        f"different settings: {', '.join(changes)}; use another run.dir, restore "
+                        f"the settings, or pass checkpoint.allow_config_change=true")
+    return ckpt.restore(step, abstract_state(setup)), meta, changes
+  found = ckpt.first_usable(load)
+  return None if found is None else (found[0], *found[1])
 
 
 def _say(text: str):
@@ -96,9 +109,6 @@ def run(cfg) -> dict:
   storage.check_writable(run_dir, "run.dir")        # before any compile: a typo fails at once
   mesh, resolved, setup, train_step, monitor_spec = prepare_training(cfg)
   described = describe(cfg, resolved)
-  if distributed.is_primary():
-    storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
-
   rows = sharding.process_rows(mesh, resolved.batch_seqs)
   train_data, held_out = make_sources(cfg, resolved, rows, cfg.run.progress)
   eval_step = make_eval_step(setup, cfg, mesh)
@@ -111,16 +121,31 @@ def run(cfg) -> dict:
   def evaluate(params) -> float:
     return sum(float(eval_step(params, b)) for b in eval_batches) / len(eval_batches)
 
-  writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
   ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+  writer = None
   try:
-    state, restarts = _resume(cfg, described, ckpt, setup, writer)
+    # nothing is written to run.dir until the data, the settings and a checkpoint are accepted
+    restored = _restore(cfg, described, ckpt, setup)
+    if distributed.is_primary():
+      storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
+    writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
+    _keep_rows_until(writer.path, restored[0] if restored else 0)
+    if restored is None:
+      state, restarts = setup.init(), 0
+    else:
+      step, state, meta, changes = restored
+      restarts = meta["restarts"] + 1
+      writer.row({"event": "restart", "step": step, "restarts": restarts,
+                  "config_changes": changes})
+      _say(f"celerity_jax: resumed from step {step} (restart {restarts})"
+           + (f"; changed settings: {', '.join(changes)}" if changes else ""))
     return _train(cfg, resolved, described, state, restarts, train_step, train_data,
                   device_batch, evaluate if eval_batches else None, writer, ckpt, mesh, run_dir,
                   monitor_spec.source)
   finally:
     ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
 
 
 def _train(cfg, resolved, described, state, restarts, train_step, train_data, device_batch,
@@ -229,10 +254,11 @@ def _train(cfg, resolved, described, state, restarts, train_step, train_data, de
       raise
 
   batches = prefetch(train_data.batch, start, resolved.stop_step, cfg.data.threads)
-  with PreemptionGuard() as guard:
+  with signals.guarded() as guard:
     try:
       for step, host_batch in zip(range(start, resolved.stop_step), batches, strict=True):
         state, metrics = train_step(state, device_batch(host_batch))
+        guard.training()              # compiled and stepped: a signal now saves first
         decision = agreement.vote(local_flags(guard.signal))
         done = step + 1
         agreed = emit_or_halt(pending, done, state) if pending is not None else 0
