@@ -1,11 +1,13 @@
 """CLI: python -m celerity_jax.main recipe=NAME [section.key=value ...] [--print-config]
 
-Exit status: 0 done (or stopped by SIGTERM/SIGINT after saving a checkpoint), 2 configuration
-error (message names the key), 3 data error (names the file), 4 halted on non-finite losses,
-5 halted on a collapse alert (collapse.policy=halt).
+Exit status: 0 done (or stopped by SIGTERM/SIGINT: after saving a checkpoint, or before the first
+step, when there is nothing to save), 2 configuration error (message names the key), 3 data error
+(names the file), 4 halted on non-finite losses, 5 halted on a collapse alert
+(collapse.policy=halt), 6 no usable checkpoint (every one in run.dir is damaged).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -28,21 +30,41 @@ def parse(argv: list[str]):
   return cfg, "--print-config" in flags
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for the tools, whose usage errors become one-line config errors (exit 2)."""
+
+  def error(self, message):
+    raise ConfigError(f"{self.prog}: {message} (see --help)")
+
+
 def run_cli(action) -> int:
-  """Runs action() and maps the contract's errors to exit statuses with a one-line message."""
+  """Runs action() and maps the contract's errors to exit statuses with a one-line message. Every
+  entry point (main and tools) goes through here. An action returning an int sets the status."""
+  from celerity_jax.checkpoint import CheckpointUnusable
   from celerity_jax.train import loop
   try:
-    action()
+    status = action()
   except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return 2
+    return _fail("config error", e, 2)
   except DataError as e:
-    print(f"data error: {e}", file=sys.stderr)
-    return 3
+    return _fail("data error", e, 3)
   except loop.RunHalted as e:
-    print(f"halted: {e}", file=sys.stderr)
-    return e.code
-  return 0
+    return _fail("halted", e, e.code)
+  except CheckpointUnusable as e:
+    return _fail("checkpoint error", e, 6)
+  except Exception as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return _fail("config error", f"out of memory: the model, batch or layout does not fit the "
+                 f"devices (model.*, train.batch_size, train.microbatch_rows, mesh.*, "
+                 f"model.remat): {str(e).splitlines()[0][:300]}", 2)
+  return status if isinstance(status, int) else 0
+
+
+def _fail(kind: str, error, status: int) -> int:
+  message = " ".join(str(error).split())          # exactly one line, whatever the message holds
+  print(f"{kind}: {message}", file=sys.stderr)
+  return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,22 +72,24 @@ def main(argv: list[str] | None = None) -> int:
   if "--help" in argv:
     print(__doc__.strip())
     return 0
+  from celerity_jax.train import signals
+  with signals.guarded():             # first thing: a signal during start-up exits cleanly
+    return run_cli(lambda: _train_or_print(argv))
 
-  def train_or_print():
-    import jax
-    from celerity_jax import distributed
-    from celerity_jax.resolve import resolve
-    from celerity_jax.train import loop
-    cfg, print_only = parse(argv)
-    if not print_only:           # printing allocates nothing, so it never waits for other hosts
-      distributed.initialize(cfg.dist)
-    resolved = resolve(cfg, len(jax.devices()))
-    if print_only:
-      print(json.dumps(loop.describe(cfg, resolved), indent=2))
-    else:
-      loop.run(cfg)
 
-  return run_cli(train_or_print)
+def _train_or_print(argv: list[str]):
+  import jax
+  from celerity_jax import distributed
+  from celerity_jax.resolve import resolve
+  from celerity_jax.train import loop
+  cfg, print_only = parse(argv)
+  if not print_only:             # printing allocates nothing, so it never waits for other hosts
+    distributed.initialize(cfg.dist)
+  resolved = resolve(cfg, len(jax.devices()))
+  if print_only:
+    print(json.dumps(loop.describe(cfg, resolved), indent=2))
+  else:
+    loop.run(cfg)
 
 
 if __name__ == "__main__":
