@@ -87,7 +87,7 @@ def test_bad_topologies_and_settings_exit_2_with_one_line(capsys):
                ["--topology", "v5e:2x2", "mesh.tensor=3"], ["--topology", "v5e:2x2", "model.nope=1"]):
     assert aot.main(["recipe=celerity_tiny", *argv]) == 2, argv
     err = capsys.readouterr().err
-    assert err.startswith("aot: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("config error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_tpu_compiles_stay_out_of_the_persistent_cache():

@@ -16,13 +16,14 @@ the layouts (tools/aot_fit.py) and exits 1 when none fits.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 import time
 
+from celerity_jax.main import ArgumentParser, run_cli
 from tools import hlo_collectives, tpu_chips
+
 
 def topology_devices(name: str, slices: int = 1) -> tuple[tpu_chips.Chip, list]:
   """Compile-only devices of `slices` slices of topology `name` (e.g. 'v5e:4x4')."""
@@ -211,9 +212,14 @@ def table(rep: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Exit 0 when the step fits, 1 when it does not, 2 on a bad setting (one line)."""
+  return run_cli(lambda: _main(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
   from celerity_jax.config import ConfigError
   from celerity_jax.main import parse
-  parser = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="python -m tools.aot", description=__doc__.splitlines()[0])
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                            "may force more, which is then reported)")
   parser.add_argument("--max-compiles", type=int, default=12, help="--fit: compile budget")
   parser.add_argument("--keep", type=int, default=3, help="--fit: fitting layouts to compile")
-  args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  args, overrides = parser.parse_known_args(argv)
   try:
     cfg, _ = parse(overrides)
     if args.slices < 1:
@@ -243,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(result, indent=2) if args.json else aot_fit.table(result))
       return 0 if result["best"] else 1
     rep = report(cfg, topology, args.slices)
-  except (ConfigError, ValueError) as e:
-    print(f"aot: error: {e}", file=sys.stderr)
-    return 2
+  except ConfigError:
+    raise
+  except ValueError as e:               # a topology libtpu does not know
+    raise ConfigError(f"aot: {e}") from None
   print(json.dumps(rep, indent=2) if args.json else table(rep))
   return 0 if rep["memory"]["fits"] else 1
 

@@ -8,7 +8,6 @@ Reported as a fraction of one step and amortized over checkpoint.every_steps.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -16,9 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from celerity_jax.main import ArgumentParser, run_cli
+
 
 def main(argv: list[str]) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--saves", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5)
   args, rest = parser.parse_known_args(argv)
@@ -66,4 +67,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-  print(json.dumps(main(sys.argv[1:])))
+  sys.exit(run_cli(lambda: print(json.dumps(main(sys.argv[1:])))))

@@ -9,16 +9,17 @@ same batches, after compilation. Target: loader >= 20x training.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import tempfile
 import time
 
+from celerity_jax.main import ArgumentParser, run_cli
+
 
 def main(argv: list[str]) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--train-steps", type=int, default=4)
   args, rest = parser.parse_known_args(argv)
@@ -66,4 +67,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-  print(json.dumps(main(sys.argv[1:])))
+  sys.exit(run_cli(lambda: print(json.dumps(main(sys.argv[1:])))))

@@ -11,18 +11,19 @@ peak. Ratios are medians of per-round step times.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import jax
+from celerity_jax.config import ConfigError
+from celerity_jax.main import ArgumentParser, run_cli
 
 
 def variants(cfg) -> dict:
   from celerity_jax.config import apply_overrides, validate
   m = cfg.model
   if not m.experts:
-    raise SystemExit("tools.bench_moe: the recipe has model.experts=0; give an MoE recipe")
+    raise ConfigError("tools.bench_moe: the recipe has model.experts=0; give an MoE recipe")
   width = m.top_k * (m.expert_d_ff or m.d_ff)
   out = {"dense": validate(apply_overrides(cfg, ["model.experts=0", f"model.d_ff={width}"]))}
   for dispatch in ("dropless", "capacity"):
@@ -31,7 +32,7 @@ def variants(cfg) -> dict:
 
 
 def bench(argv: list[str]) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=3, help="steps per round")
   parser.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm round)")
   parser.add_argument("--peak-tflops", type=float, default=0.0)
@@ -70,4 +71,4 @@ def bench(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-  print(json.dumps(bench(sys.argv[1:])))
+  sys.exit(run_cli(lambda: print(json.dumps(bench(sys.argv[1:])))))

@@ -12,7 +12,6 @@ Peak RSS is the process's maximum resident set size.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -21,6 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from celerity_jax.main import ArgumentParser, run_cli
 
 
 def matmul_ceiling(n: int, dtype, repeats: int = 10) -> float:
@@ -97,7 +98,7 @@ def monitor_overhead(cfg, setup, with_monitor, without, mesh, resolved, steps: i
 
 
 def bench(argv: list[str]) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--ceiling-n", type=int, default=2048)
@@ -162,4 +163,4 @@ def bench(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-  print(json.dumps(bench(sys.argv[1:])))
+  sys.exit(run_cli(lambda: print(json.dumps(bench(sys.argv[1:])))))

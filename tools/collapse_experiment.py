@@ -17,7 +17,6 @@ every run (e.g. param.alpha_out=0.136875 for the README's lower-logit variant).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -30,6 +29,7 @@ from celerity_jax.collapse import predict, surrogate
 from celerity_jax.collapse.curves import Curve, ema, ema_decay, seed_noise, spread
 from tools import runs
 from tools.plot_collapse import plot
+from celerity_jax.main import ArgumentParser, run_cli
 
 GRID = np.linspace(0.2, 1.0, 81)
 TAU_OPT_20 = 0.785 * 20 ** -0.501
@@ -165,7 +165,7 @@ TABLE = """| quantity | value |
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="runs/collapse")
   parser.add_argument("--figure", default="docs/collapse.png")
   parser.add_argument("--write-constants", action="store_true")
@@ -203,5 +203,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from celerity_jax.main import run_cli
   sys.exit(run_cli(main))

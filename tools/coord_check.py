@@ -12,9 +12,11 @@ prints JSON with the per-width spread (max / min of the last layer's change RMS)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from celerity_jax.config import ConfigError
+from celerity_jax.main import ArgumentParser, run_cli
 
 
 def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62e-2) -> dict:
@@ -93,15 +95,24 @@ def run(widths, depths, steps) -> list[dict]:
   return results
 
 
+def _counts(flag: str, text: str) -> list[int]:
+  try:
+    counts = [int(x) for x in text.split(",")]
+  except ValueError:
+    counts = []
+  if not counts or min(counts) < 1:
+    raise ConfigError(f"{flag} {text!r}: expected comma-separated positive ints, e.g. 1,2,4")
+  return counts
+
+
 def main(argv: list[str]):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--widths", default="1,2,4,8")
   parser.add_argument("--depths", default="1,2,4")
   parser.add_argument("--out", default="coord_check.png")
   args = parser.parse_args(argv)
-  results = run([int(w) for w in args.widths.split(",")], [int(k) for k in args.depths.split(",")],
-                args.steps)
+  results = run(_counts("--widths", args.widths), _counts("--depths", args.depths), args.steps)
   plot(results, args.out)
   print(json.dumps({f"{kind}_{axis}_spread": round(spread(results, kind, axis), 3)
                     for kind in ("completep", "sp") for axis in ("width", "depth")}
@@ -109,4 +120,4 @@ def main(argv: list[str]):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  sys.exit(run_cli(lambda: main(sys.argv[1:])))

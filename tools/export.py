@@ -1,13 +1,14 @@
-"""Export a checkpoint's params to one .npz file, with the run's config.json beside it.
+"""Export a checkpoint's params to one .npz file, with the config it was trained with beside it.
 
   python -m tools.export RUN_DIR [--step N] [--out params.npz]
 
-RUN_DIR and --out may be local paths or gs:// URLs. Keys are parameter paths (`blocks/attn/wq`, `embed`, ...); scanned blocks keep their leading layer
-axis. Read it without celerity_jax: `numpy.load("params.npz")`.
+RUN_DIR and --out may be local paths or gs:// URLs. Keys are parameter paths (`blocks/attn/wq`,
+`embed`, ...); scanned blocks keep their leading layer axis. Read it without celerity_jax:
+`numpy.load("params.npz")`. Without --step the newest usable checkpoint is exported (damaged ones
+are skipped with a warning); `params.config.json` is that checkpoint's own resolved config.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -15,6 +16,8 @@ import sys
 import numpy as np
 
 from celerity_jax import storage
+from celerity_jax.config import ConfigError
+from celerity_jax.main import ArgumentParser, run_cli
 
 
 def flat_params(tree, prefix=""):
@@ -26,31 +29,43 @@ def flat_params(tree, prefix=""):
 
 
 def export(run_dir, step: int | None, out) -> dict:
-  import orbax.checkpoint as ocp
+  """Writes the params of `step` (default: the newest usable checkpoint, falling back past
+  damaged ones with a warning) and the config they were trained with."""
+  from celerity_jax.checkpoint import Checkpointer
   run_dir, out = storage.location(run_dir), storage.location(out)
-  manager = ocp.CheckpointManager(run_dir / "checkpoints",
-                                  item_names=("state", "meta"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise SystemExit(f"export: no complete checkpoint in {run_dir}/checkpoints")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = restored["state"]
+  if not (run_dir / "checkpoints").exists():
+    raise ConfigError(f"export: {run_dir} has no checkpoints directory (is it a run.dir?)")
+  ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+  try:
+    steps = ckpt.steps()
+    if step is not None and step not in steps:
+      raise ConfigError(f"export --step {step}: no complete checkpoint at that step in "
+                        f"{run_dir}/checkpoints; complete steps: "
+                        f"{', '.join(map(str, sorted(steps))) or 'none'}")
+    found = ckpt.first_usable(lambda s: (ckpt.restore(s), ckpt.meta(s)),
+                              [step] if step is not None else steps)
+    if found is None:
+      raise ConfigError(f"export: no complete checkpoint in {run_dir}/checkpoints")
+  finally:
+    ckpt.close()
+  step, (state, meta) = found
   params = state["params"] if isinstance(state, dict) else state.params
   arrays = dict(flat_params(params))
-  storage.make_dir(out.parent)
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  storage.write_atomic(out, buffer.getvalue())
-  storage.write_atomic(out.with_name(out.stem + ".config.json"),
-                       (run_dir / "config.json").read_bytes())
-  manager.close()
+  config = json.dumps(meta["described"], indent=2) + "\n"   # the checkpoint's own settings
+  try:
+    storage.make_dir(out.parent)
+    storage.write_atomic(out, buffer.getvalue())
+    storage.write_atomic(out.with_name(out.stem + ".config.json"), config)
+  except OSError as e:
+    raise ConfigError(f"export --out {out}: cannot write ({e.strerror or e})") from None
   return {"step": int(step), "out": str(out), "n_arrays": len(arrays),
           "n_params": int(sum(a.size for a in arrays.values()))}
 
 
 def main(argv):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="python -m tools.export", description=__doc__.splitlines()[0])
   parser.add_argument("run_dir")
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--out", default=None)
@@ -60,4 +75,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  sys.exit(run_cli(lambda: main(sys.argv[1:])))

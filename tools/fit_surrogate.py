@@ -8,16 +8,16 @@ The fit is the alternating grid search of SCIENCE.md section 8 (celerity_jax.col
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from celerity_jax.collapse import surrogate
 from celerity_jax.collapse.curves import load_run
+from celerity_jax.main import ArgumentParser, run_cli
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("runs", nargs="+")
   parser.add_argument("--holdout", nargs="*", default=[])
   parser.add_argument("--out", default="surrogate.json")
@@ -38,5 +38,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from celerity_jax.main import run_cli
   sys.exit(run_cli(main))

@@ -18,10 +18,11 @@ bytes per chip; this needs libtpu and takes a minute or more per large member.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
+
+from celerity_jax.main import ArgumentParser, run_cli
 
 # dense bf16 peak TFLOP/s per chip (vendor figures)
 PEAK_TFLOPS = {"v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "h200": 989.0}
@@ -32,7 +33,7 @@ def family_of(recipe: str) -> str:
 
 
 def plan(argv: list[str]) -> list[dict]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--family", default=None)
   parser.add_argument("--accelerator", choices=sorted(PEAK_TFLOPS), default="v5p")
   parser.add_argument("--chips", type=int, default=64)
@@ -52,6 +53,8 @@ def plan(argv: list[str]) -> list[dict]:
   from tools import tpu_chips
 
   cfg, _ = parse(rest)                                  # validates the recipe and overrides
+  if args.chips < 1 or not 0 < args.mfu <= 1:
+    raise ConfigError(f"--chips {args.chips} must be >= 1 and --mfu {args.mfu} in (0, 1]")
   name = next((a.split("=", 1)[1] for a in rest if a.startswith("recipe=")), recipes.DEFAULT)
   family = args.family or family_of(name)
   overrides = [a for a in rest if not a.startswith("recipe=")]
@@ -124,7 +127,6 @@ def table(rows: list[dict], args) -> str:
 
 
 def main(argv: list[str]) -> int:
-  from celerity_jax.main import run_cli
   def show():
     rows, args = plan(argv)
     print(json.dumps(rows, indent=2) if args.json else table(rows, args))

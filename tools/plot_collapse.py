@@ -9,7 +9,6 @@ size, sigma(t) every size with two or more seeds. Unfinished runs are skipped (t
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from celerity_jax.collapse import curves as curves_lib, predict  # noqa: E402
 from celerity_jax.collapse.curves import Curve  # noqa: E402
 from celerity_jax.scaling import fmt_count  # noqa: E402
+from celerity_jax.config import ConfigError
+from celerity_jax.main import ArgumentParser, run_cli
 
 GRID = np.linspace(0.2, 1.0, 81)
 
@@ -88,14 +89,14 @@ def plot(families: dict[str, list[Curve]], out, reference=None, title: str = "")
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("runs", nargs="+")
   parser.add_argument("--reference", default="surrogate")
   parser.add_argument("--out", default="collapse.png")
   args = parser.parse_args(argv)
   finished = [c for c in (curves_lib.load_run(r) for r in args.runs) if c.finished]
   if not finished:
-    raise SystemExit("no finished runs among the given directories")
+    raise ConfigError(f"no finished runs among {', '.join(args.runs)}")
   reference = args.reference
   if reference not in ("surrogate", "none"):
     reference = curves_lib.load_run(reference, require_finished=True)
@@ -103,5 +104,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from celerity_jax.main import run_cli
   sys.exit(run_cli(main))

@@ -8,16 +8,16 @@ If the run is finished, the true final loss and the error are printed too.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import json
 
 from celerity_jax.collapse import predict, surrogate
 from celerity_jax.collapse.curves import load_run
+from celerity_jax.main import ArgumentParser, run_cli
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("run")
   parser.add_argument("--stop", type=float, default=None, help="use points up to this t only")
   parser.add_argument("--reference", default="surrogate")
@@ -36,5 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from celerity_jax.main import run_cli
   sys.exit(run_cli(main))

@@ -13,7 +13,6 @@ B/eta and the curves keep their shape, so mid-training losses rank the settings 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import json
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from celerity_jax.collapse import predict, surrogate
 from celerity_jax.resolve import resolve
 from tools import runs
+from celerity_jax.main import ArgumentParser, run_cli
 
 
 def sweep(recipe: str, settings: list[list[str]], out: Path, stop: float, complete: bool,
@@ -58,7 +58,7 @@ def sweep(recipe: str, settings: list[list[str]], out: Path, stop: float, comple
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("recipe", help="recipe=NAME")
   parser.add_argument("--set", action="append", default=[], dest="settings",
                       help="one setting: space-separated section.key=value overrides")
@@ -82,5 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from celerity_jax.main import run_cli
   sys.exit(run_cli(main))
