@@ -38,28 +38,18 @@ def write(name, data):
   return setup
 
 
-def store_file(pick):
-  """The train store's array file of the copied cache chosen by pick(sorted files)."""
-  def find(tmp):
-    entry = next((tmp / "cache").glob("files-*"))
-    return pick(sorted((entry / "train" / "tokens" / "c").iterdir()))
-  return find
+def first_shard(tmp):
+  """The first array file of the copied cache's train store."""
+  entry = next((tmp / "cache").glob("files-*"))
+  return sorted((entry / "train" / "tokens" / "c").iterdir())[0]
 
 
-def truncate(find):
+def edit_first_shard(edit):
+  """A setup that opens the first shard for update and calls edit(file, size)."""
   def setup(tmp):
-    path = find(tmp)
+    path = first_shard(tmp)
     with open(path, "r+b") as f:
-      f.truncate(path.stat().st_size // 2)
-  return setup
-
-
-def overwrite_middle(find):
-  def setup(tmp):
-    path = find(tmp)
-    with open(path, "r+b") as f:
-      f.seek(path.stat().st_size // 3)
-      f.write(b"\x5a" * 64)
+      edit(f, path.stat().st_size)
   return setup
 
 
@@ -127,11 +117,11 @@ CASES = [
     ("whitespace txt", "celerity_jax.main", [*FILES, "data.paths={tmp}/ws.txt"], 3, "ws.txt",
      write("ws.txt", "  \n\t\n   \n")),
     ("store shard deleted", "celerity_jax.main", [*FILES, *CORPUS_FILES], 3, "tokens/c/0",
-     lambda tmp: store_file(lambda files: files[0])(tmp).unlink()),
+     lambda tmp: first_shard(tmp).unlink()),
     ("store shard truncated", "celerity_jax.main", [*FILES, *CORPUS_FILES], 3, "tokens/c/0",
-     truncate(store_file(lambda files: files[0]))),
+     edit_first_shard(lambda f, size: f.truncate(size // 2))),
     ("store bytes corrupted", "celerity_jax.main", [*FILES, *CORPUS_FILES], 3, "token store",
-     overwrite_middle(store_file(lambda files: files[0]))),
+     edit_first_shard(lambda f, size: (f.seek(size // 3), f.write(b"\x5a" * 64)))),
     ("store chunk missing", "celerity_jax.main", [*FILES, *CORPUS_FILES], 3, "token store",
      drop_size_check),
     # tools: the same contract

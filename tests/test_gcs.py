@@ -133,7 +133,8 @@ def write_corpus(root: Path):
 def test_token_stores_and_tokenizer_on_gcs_give_the_same_run(gcs, tmp_path, capsys):
   write_corpus(tmp_path / "corpus")
   data = [f"data.paths={tmp_path / 'corpus'}", "data.eval_frac=0.1",
-          "model.vocab_size=300", "train.stop_step=3", "run.log_every=1"]
+          "model.vocab_size=300", "train.stop_step=3", "run.log_every=1",
+          "run.progress=true"]                    # says when it builds token stores
 
   def run(run_dir, *extra):
     argv = ["recipe=celerity_tiny", *SMALL, *data, f"run.dir={run_dir}", *extra]
