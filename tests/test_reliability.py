@@ -43,7 +43,7 @@ def truncate(path):
 
 
 DAMAGE = {
-    "truncated array file": lambda d: truncate(data_files(d)[-1]),
+    "truncated array files": lambda d: [truncate(f) for f in data_files(d)],
     "deleted array file": lambda d: data_files(d)[-1].unlink(),
     "emptied OCDBT manifest": lambda d: (d / "state" / "manifest.ocdbt").write_bytes(b""),
     "torn checkpoint metadata": lambda d: truncate(d / "meta" / "metadata"),
@@ -83,7 +83,7 @@ def test_no_usable_checkpoint_exits_6_and_moves_nothing(runs, tmp_path, capsys):
   _, stopped = runs
   run = tmp_path / "run"
   shutil.copytree(stopped, run)
-  DAMAGE["truncated array file"](run / "checkpoints" / "8")
+  DAMAGE["truncated array files"](run / "checkpoints" / "8")
   DAMAGE["emptied OCDBT manifest"](run / "checkpoints" / "4")
   before = snapshot(run)
   capsys.readouterr()
