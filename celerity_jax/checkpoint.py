@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import sys
 from importlib import metadata as importlib_metadata
 from typing import Callable, TypeVar
@@ -215,8 +216,9 @@ def _one_line(error: Exception, limit: int = 200) -> str:
 
 def _quiet_abandoned_reads():
   """A failed Orbax restore abandons its other array reads; when they finish, after Orbax closed
-  its event loop, each one prints a traceback about the closed loop or the unawaited read. They
-  say nothing the warning has not said, so those two kinds alone are dropped from here on."""
+  its event loop, each one prints a traceback about the closed loop, the unawaited read or the
+  task's unretrieved exception. They say nothing the warning has not said, so those kinds alone
+  are dropped from here on."""
   if getattr(sys.excepthook, "celerity_quiet", False):
     return
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
@@ -230,8 +232,13 @@ def _quiet_abandoned_reads():
     if "Encountered error while reading array" not in text and text != "Event loop is closed":
       unraisablehook(unraisable)
 
+  def quiet_asyncio(record) -> bool:     # "Task exception was never retrieved" for the same reads
+    error = record.exc_info[1] if record.exc_info else None
+    return "Encountered error while reading array" not in record.getMessage() + str(error)
+
   quiet_excepthook.celerity_quiet = True
   sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
+  logging.getLogger("asyncio").addFilter(quiet_asyncio)
 
 
 def _all_processes_agree(ok: bool) -> bool:
