@@ -1,10 +1,20 @@
 """Test setup: 8 fake CPU devices and a persistent compilation cache, before jax initializes."""
+import logging
 import os
 import pathlib
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests never run on a Compute Engine VM with credentials to find: the Cloud Storage clients
+# (google.auth for gcsfs, tensorstore's own) are told there is no metadata server, at a port that
+# refuses at once, instead of probing 169.254.169.254 / metadata.google.internal, which on a
+# network that drops packets costs each new client (one per thread in gcsfs) seconds of timeouts.
+# Set before anything imports google.auth (it reads them once) and inherited by subprocesses.
+os.environ.update({"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
+                   "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9"})
+for noisy in ("google.auth", "gcsfs"):      # "no credentials" warnings, one per client
+  logging.getLogger(noisy).setLevel(logging.ERROR)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -35,12 +35,17 @@ def test_partial_or_wrong_settings_name_the_key(cfg, env, message):
     distributed.settings(cfg, env, tpu_vm=False)
 
 
-def test_a_tpu_vm_is_recognized_by_its_google_pci_devices(tmp_path):
-  for name, vendor in (("0000:00:04.0", "0x1af4"), ("0000:00:05.0", "0x1ae0")):
-    (tmp_path / name).mkdir()
+def test_a_tpu_vm_is_recognized_by_its_tpu_pci_devices(tmp_path):
+  def device(name, vendor, device_id):
+    (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / name / "vendor").write_text(vendor + "\n")
+    (tmp_path / name / "device").write_text(device_id + "\n")
+  device("0000:00:04.0", "0x1af4", "0x1041")            # virtio
+  device("0000:00:05.0", "0x1ae0", "0x0042")            # a Compute Engine VM's gVNIC: not a TPU
+  assert not distributed.on_cloud_tpu_vm(tmp_path)
+  device("0000:00:06.0", "0x1ae0", "0x0063")            # a TPU v5e chip
   assert distributed.on_cloud_tpu_vm(tmp_path)
-  (tmp_path / "0000:00:05.0" / "vendor").write_text("0x8086\n")
+  device("0000:00:06.0", "0x8086", "0x0063")
   assert not distributed.on_cloud_tpu_vm(tmp_path)
   assert not distributed.on_cloud_tpu_vm(tmp_path / "missing")
 

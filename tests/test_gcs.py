@@ -75,8 +75,9 @@ def test_gcs_run_dir_survives_sigkill_bit_identically(gcs, tmp_path):
   time.sleep(rng.uniform(0, 1.5))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert main(cli(killed, *tensorboard)) == 0             # the same command resumes from gs://
-  assert losses(killed) == losses(tmp_path / "full")
+  told = f"the killed run said:\n{proc.stderr.read()[-3000:]}"
+  assert main(cli(killed, *tensorboard)) == 0, told       # the same command resumes from gs://
+  assert losses(killed) == losses(tmp_path / "full"), told
   steps = losses(killed)[-1][0]
   params = []
   for run_dir in (killed, str(tmp_path / "full")):
@@ -85,7 +86,7 @@ def test_gcs_run_dir_survives_sigkill_bit_identically(gcs, tmp_path):
     ckpt.close()
   assert_trees_equal(*params)
   events = [json.loads(x) for x in (storage.location(killed) / "metrics.jsonl").read_text().splitlines()]
-  assert [e["restarts"] for e in events if e.get("event") == "restart"] == [1]
+  assert [e["restarts"] for e in events if e.get("event") == "restart"] == [1], (events, told)
   assert json.loads((storage.location(killed) / "config.json").read_text())["config"]["run"][
       "dir"] == killed
   # the tools read a gs:// run directory: export (to gs:// too) and the collapse curve
@@ -98,7 +99,7 @@ def test_gcs_run_dir_survives_sigkill_bit_identically(gcs, tmp_path):
   assert gcs.exists(f"{BUCKET}/exported/params.config.json")
   assert load_run(killed).loss_smooth.tolist() == load_run(tmp_path / "full").loss_smooth.tolist()
   tb = sorted(gcs.find(f"{BUCKET}/killed/tb"))
-  assert len(tb) == 2                                     # one event file per process start
+  assert len(tb) == 2, (tb, told)                        # one event file per process start
   records = [r for path in tb for r in tf_records(gcs.cat(path))]
   assert sum(b"loss_smooth" in r for r in records) >= steps  # every step's scalars, once or more
 

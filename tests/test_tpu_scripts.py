@@ -137,6 +137,13 @@ def wait_for_checkpoint(fs, run_url, step, proc, timeout=300):
   raise TimeoutError(step)
 
 
+def worker_logs(cloud, lines: int = 25) -> str:
+  """The last lines of every worker's run logs (the slice now up: a preempted VM's disks are gone)."""
+  logs = sorted((cloud.root / "vms").glob("*/worker-*/celerity_logs/run-*.log"))
+  return "\n".join(f"== {p.relative_to(cloud.root)}\n" + "\n".join(
+      p.read_text(errors="replace").splitlines()[-lines:]) for p in logs)
+
+
 def test_create_setup_babysit_through_a_preemption_then_delete(gcs, cloud, tmp_path):
   """The whole life of a spot TPU VM: a capacity error, creation, setup, a 2-process run, a
   preemption (SIGTERM, save, VM gone), recreation, setup again, the same command resumed to the
@@ -157,15 +164,16 @@ def test_create_setup_babysit_through_a_preemption_then_delete(gcs, cloud, tmp_p
   subprocess.run([sys.executable, str(FAKE), "preempt", "celerity-test"], env=cloud.env,
                  check=True, timeout=120)
   out, err = babysit.communicate(timeout=600)
-  assert babysit.returncode == 0, err[-4000:]
-  assert "restart 1 of 5" in err and "the run finished" in err
-  assert err.count("checking that the step fits v5litepod-8") == 1      # once, not per relaunch
-  assert "tpu/pod: memory per device:" in err and ": fits" in err
+  told = f"babysit said:\n{err[-4000:]}\nthe workers logged:\n{worker_logs(cloud)}"
+  assert babysit.returncode == 0, told
+  assert "restart 1 of 5" in err and "the run finished" in err, told
+  assert err.count("checking that the step fits v5litepod-8") == 1, told   # not per relaunch
+  assert "tpu/pod: memory per device:" in err and ": fits" in err, told
 
   run_dir = storage.location(run_url)
   events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert [e["event"] for e in events if e.get("event") in ("start", "preempted", "restart")] == [
-      "start", "preempted", "restart", "start"]
+      "start", "preempted", "restart", "start"], f"{[e for e in events if 'event' in e]}\n{told}"
   assert main(cli(tmp_path / "one", *MESH)) == 0          # the same run in one process
   ran, reference = losses(run_dir), losses(tmp_path / "one")
   assert [r[0] for r in ran] == [r[0] for r in reference]
