@@ -113,9 +113,9 @@ class Checkpointer:
                   if p.is_dir() and p.name not in committed
                   and DAMAGED_SUFFIX not in p.name)
 
-  def steps(self) -> list[int]:
-    """Committed steps, newest first; warns once about each incomplete save."""
-    for name in self.incomplete():
+  def steps(self, warn: bool = True) -> list[int]:
+    """Committed steps, newest first; warns about each incomplete save."""
+    for name in self.incomplete() if warn else ():
       print(f"celerity_jax: warning: ignoring incomplete checkpoint {self.directory / name}",
             file=sys.stderr)
     return sorted(self.manager.all_steps(), reverse=True)
@@ -180,12 +180,12 @@ class Checkpointer:
       return self.manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     saved = self.manager.item_metadata(step)["state"]
-    saved_shapes = {path: tuple(leaf.shape) for path, leaf in _leaves(saved or {})
+    saved_shapes = {path: tuple(leaf.shape) for path, leaf in leaf_paths(saved or {})
                     if getattr(leaf, "shape", None) is not None}
     if not saved_shapes:
       raise _Damaged("no array metadata")
     mismatched = [f"{path}: checkpoint {saved_shapes.get(path)} vs model {tuple(leaf.shape)}"
-                  for path, leaf in _leaves(abstract_state)
+                  for path, leaf in leaf_paths(abstract_state)
                   if saved_shapes.get(path) != tuple(leaf.shape)]
     if mismatched:
       raise ConfigError(f"checkpoint {self.directory / str(step)} does not fit this model: "
@@ -204,6 +204,24 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def saved_batch(directory) -> int | None:
+  """B in sequences of the newest checkpoint whose metadata reads, or None (no checkpoint): a
+  resumed run keeps it (resolve's `kept_batch`). Reads only; damage is reported by the restore."""
+  directory = storage.location(directory)
+  if not directory.exists():
+    return None
+  reader = Checkpointer(directory, read_only=True)
+  try:
+    for step in reader.steps(warn=False):
+      try:
+        return int(reader.meta(step)["described"]["derived"]["batch_seqs"])
+      except Exception:              # unreadable: the restore falls back past it, with a warning
+        _quiet_abandoned_reads()
+    return None
+  finally:
+    reader.close()
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:
@@ -249,7 +267,8 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
-def _leaves(tree):
+def leaf_paths(tree) -> list[tuple[str, object]]:
+  """(path, array) for every array of a params or state tree: `blocks/attn/wq`, `embed`, ..."""
   def name(path):
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
   flat, _ = jax.tree_util.tree_flatten_with_path(

@@ -41,14 +41,14 @@ def run_cli(action) -> int:
   """Runs action() and maps the contract's errors to exit statuses with a one-line message. Every
   entry point (main and tools) goes through here. An action returning an int sets the status."""
   from celerity_jax.checkpoint import CheckpointUnusable
-  from celerity_jax.train import loop
+  from celerity_jax.train.events import RunHalted
   try:
     status = action()
   except ConfigError as e:
     return _fail("config error", e, 2)
   except DataError as e:
     return _fail("data error", e, 3)
-  except loop.RunHalted as e:
+  except RunHalted as e:
     return _fail("halted", e, e.code)
   except CheckpointUnusable as e:
     return _fail("checkpoint error", e, 6)
@@ -78,18 +78,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_or_print(argv: list[str]):
-  import jax
-  from celerity_jax import distributed
-  from celerity_jax.resolve import resolve
-  from celerity_jax.train import loop
   cfg, print_only = parse(argv)
-  if not print_only:             # printing allocates nothing, so it never waits for other hosts
-    distributed.initialize(cfg.dist)
-  resolved = resolve(cfg, len(jax.devices()))
-  if print_only:
-    print(json.dumps(loop.describe(cfg, resolved), indent=2))
-  else:
-    loop.run(cfg)
+  if print_only:                 # allocates nothing and never waits for other hosts
+    import jax
+    from celerity_jax.resolve import describe, resolve
+    print(json.dumps(describe(cfg, resolve(cfg, jax.device_count())), indent=2))
+    return
+  from celerity_jax import distributed
+  from celerity_jax.train import loop
+  distributed.initialize(cfg.dist)
+  loop.run(cfg)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,34 @@ class MetricsWriter:
       self.tb.close()
 
 
+def keep_rows_until(path, step: int):
+  """On resume (process 0): forgets the rows logged after the restored `step`, events included
+  (they are about to be logged again), and lines a crash cut short or garbled (warned about,
+  never fatal); the complete rows up to `step` stay as they were."""
+  if not path.exists():
+    return
+  kept, unreadable, later = [], 0, 0
+  for line in path.read_bytes().split(b"\n"):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode("utf-8"))
+      row_step = row.get("step", 0) if isinstance(row, dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      row_step = None
+    if not isinstance(row_step, (int, float)):
+      unreadable += 1
+    elif row_step > step:
+      later += 1
+    else:
+      kept.append(line.decode("utf-8") + "\n")
+  if unreadable:
+    print(f"celerity_jax: warning: {path}: dropped {unreadable} unreadable line(s) (a write cut "
+          f"short by a crash?); the complete rows are kept", file=sys.stderr)
+  if unreadable or later:
+    storage.write_atomic(path, "".join(kept))
+
+
 class _AppendingRecordFactory:
   """tensorboardX's writers for gs:// paths: bytes are appended through storage.append when
   TensorBoard flushes (its own gs:// writer re-uploads the whole file on every flush)."""

@@ -1,7 +1,11 @@
 """Derives every run quantity from a config once: N, D, TPP, B, T, warmup, eta per group, lambda, tau.
 
 These are printed by `--print-config`, written to `run.dir/config.json` and used by the trainer;
-nothing downstream recomputes them.
+nothing downstream recomputes them. Each entry point resolves once and passes the result on.
+
+The batch B is part of a run's trajectory: a resumed run keeps its checkpoint's B (`kept_batch`)
+rather than rounding the batch law again for another data-parallel size, so a checkpoint restores
+onto any mesh whose data-parallel size divides it.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from celerity_jax import scaling
-from celerity_jax.config import Config, ConfigError
+from celerity_jax.config import Config, ConfigError, to_dict
 from celerity_jax.parametrization import DECAYED_GROUPS, Multipliers, multipliers
 
 
@@ -45,7 +49,15 @@ class Resolved:
     return dataclasses.asdict(self)
 
 
-def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
+def describe(cfg: Config, resolved: Resolved) -> dict:
+  """The resolved config: what a user chose plus every derived quantity (config.json, checkpoint
+  metadata and `--print-config` all hold this)."""
+  return {"config": to_dict(cfg), "derived": resolved.as_dict()}
+
+
+def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> Resolved:
+  """Every derived quantity for `cfg` on `n_devices` devices. `kept_batch` (sequences; a resumed
+  run's B) replaces the batch law's rounding; a fixed `train.batch_size` takes precedence."""
   from celerity_jax.sharding import data_parallel_size, mesh_shape
   s, t, o, m = cfg.scaling, cfg.train, cfg.optim, cfg.model
   counts = scaling.param_counts(m)
@@ -63,6 +75,12 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
       raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of data-parallel size "
                         f"{dp} x {per} = {granule}")
     batch_seqs = t.batch_size
+  elif kept_batch:
+    if kept_batch % granule:
+      raise ConfigError(f"the checkpoint's batch of {kept_batch} sequences does not split over "
+                        f"data-parallel size {dp} x {per} = {granule}; resume on a mesh whose "
+                        f"data-parallel size (mesh data x fsdp x expert) divides it")
+    batch_seqs = kept_batch
   else:
     batch_seqs = scaling.round_batch(law, granule)
   microbatches = batch_seqs // granule if t.microbatch_rows else t.microbatches
@@ -94,7 +112,8 @@ def resolve(cfg: Config, n_devices: int = 1) -> Resolved:
       n_non_embedding=counts["non_embedding"], tpp=s.tpp, tpp_effective=tpp_effective,
       tokens=d_tokens, data_parallel=dp, microbatches=microbatches,
       batch_seqs_law=float(law), batch_seqs=batch_seqs,
-      batch_tokens=b_tokens, steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak, eta_hidden=eta_hidden,
+      batch_tokens=b_tokens, steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak,
+      eta_hidden=eta_hidden,
       weight_decay=lam, tau=tau, tau_opt=tau_opt, tau_groups=tau_groups,
       flops_per_token=scaling.flops_per_token(m, causal=True),
       flops_per_token_full_attn=scaling.flops_per_token(m, causal=False),

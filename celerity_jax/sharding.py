@@ -167,13 +167,12 @@ def process_rows(mesh: Mesh, n_rows: int) -> np.ndarray:
   return np.asarray(sorted({r for rows, _ in shards for r in range(*rows.indices(n_rows))}))
 
 
-def check_batch(batch_size: int, microbatches: int, mesh: Mesh):
-  dp = data_parallel_size(dict(mesh.shape))
-  if batch_size % microbatches or (batch_size // microbatches) % dp:
-    raise ShardingError(
-        f"train.batch_size={batch_size} with train.microbatches={microbatches}: each microbatch "
-        f"({batch_size / microbatches:g} sequences) must divide by the data-parallel size {dp} "
-        f"(mesh data x fsdp x expert)")
+def place_batch(local_batch: dict, mesh: Mesh, n_rows: int) -> dict:
+  """Global arrays of `n_rows` rows from this process's rows of each key (process_rows; every
+  row in a single process): each process contributes only the rows its devices hold."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding(mesh), value,
+                                                      (n_rows, *value.shape[1:]))
+          for key, value in local_batch.items()}
 
 
 def make_constrain(mesh: Mesh):

@@ -16,7 +16,7 @@ import pytest
 from celerity_jax import sharding
 from celerity_jax.checkpoint import Checkpointer
 from celerity_jax.collapse.monitor import build_spec
-from celerity_jax.data.synthetic import SyntheticTokens
+from celerity_jax.data.synthetic import SyntheticTokens, placed_batches
 from celerity_jax.main import main
 from celerity_jax.resolve import resolve
 from celerity_jax.train import loop
@@ -40,9 +40,7 @@ def trained_state(cfg, steps=3):
   mesh, setup = build(cfg)
   spec = build_spec(cfg, resolve(cfg, len(mesh.devices.flat)))
   state, train_step = setup.init(), step_lib.make_train_step(setup, cfg, mesh, spec)
-  data = SyntheticTokens(256, 32, 16, 0)
-  for i in range(steps):
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(i).items()}
+  for batch in placed_batches(cfg, resolve(cfg, len(mesh.devices.flat)), mesh, steps):
     state, _ = train_step(state, batch)
   return state
 
@@ -153,6 +151,36 @@ def test_sigterm_saves_a_committed_checkpoint_and_exits_cleanly(tmp_path):
   ckpt = Checkpointer(run_dir / "checkpoints", small_config().checkpoint)
   assert ckpt.latest() == stopped and not ckpt.incomplete()
   ckpt.close()
+
+
+def test_a_batch_law_run_resumes_on_another_device_count_with_its_own_batch(tmp_path, capsys):
+  """The batch law rounds B to the data-parallel size: 176 sequences on 8 devices, 180 on 4. A
+  resumed run keeps the checkpoint's B (it is part of the trajectory), so 8 -> 4 devices resumes
+  and follows the uninterrupted run; 6 devices cannot split 176 and are refused, naming why."""
+  law = ["train.batch_size=0", "scaling.tpp=2"]
+  full, moved = tmp_path / "full", tmp_path / "moved"
+  assert main(cli(full, *law)) == 0
+  assert main(cli(moved, *law, "train.stop_step=5")) == 0
+  derived = json.loads((full / "config.json").read_text())["derived"]
+  assert (derived["batch_seqs"], derived["steps"], derived["data_parallel"]) == (176, 15, 8)
+
+  def on_devices(n):
+    env = {**subprocess_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    return subprocess.run([sys.executable, "-m", "celerity_jax.main", *cli(moved, *law)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+  refused = on_devices(6)
+  assert refused.returncode == 2, refused.stderr[-2000:]
+  assert "the checkpoint's batch of 176 sequences does not split over data-parallel size 6" in (
+      refused.stderr)
+  resumed = on_devices(4)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resumed from step 5" in resumed.stderr
+  derived = json.loads((moved / "config.json").read_text())["derived"]
+  assert (derived["batch_seqs"], derived["steps"], derived["data_parallel"]) == (176, 15, 4)
+  ran, reference = losses(moved), losses(full)
+  assert [r[0] for r in ran] == [r[0] for r in reference] == list(range(1, 16))
+  np.testing.assert_allclose([r[1] for r in ran], [r[1] for r in reference], rtol=1e-5)
 
 
 def test_config_change_is_refused_unless_allowed(tmp_path, capsys):

@@ -54,11 +54,20 @@ def test_decay_mask_and_group_learning_rates():
   assert float(linear.lr(50)) == pytest.approx(0.005)
 
 
-def test_global_norm_clipping():
-  params = {"w": jnp.zeros((4,))}
-  opt = make_optimizer(OptimConfig(schedule="constant", clip_norm=1.0, b1=0.0, b2=0.0, eps=0.0),
-                       FakeResolved, {"w": "norm"})
-  # with b1 = b2 = 0 Adam returns sign(g); clipping must not change that direction
-  updates, _ = opt.update({"w": jnp.asarray([300.0, -400.0, 0.0, 0.0])}, opt.init(params), params,
-                          0)
-  np.testing.assert_allclose(updates["w"][:2], [-0.04, 0.04], rtol=1e-5)
+def test_global_norm_clipping_rescales_the_gradient_adam_sees():
+  """With b1 = b2 = 0 and eps = 1, Adam's update is g / (|g| + 1): it depends on the gradient's
+  scale, so it shows whether the gradient was clipped to global norm 1 before Adam saw it."""
+  params = {"w": jnp.zeros((2,)), "v": jnp.zeros((2,))}
+  groups = {"w": "norm", "v": "norm"}
+  grads = {"w": jnp.asarray([300.0, -400.0]), "v": jnp.asarray([0.0, 0.0])}   # global norm 500
+
+  def update(clip_norm, grads):
+    opt = make_optimizer(OptimConfig(schedule="constant", clip_norm=clip_norm, b1=0.0, b2=0.0,
+                                     eps=1.0), FakeResolved, groups)
+    return opt.update(grads, opt.init(params), params, 0)[0]["w"] / -0.04   # Adam's direction
+
+  clipped = np.asarray([0.6, -0.8])                                          # 1/500 of g
+  np.testing.assert_allclose(update(1.0, grads), clipped / (np.abs(clipped) + 1), rtol=1e-5)
+  np.testing.assert_allclose(update(0.0, grads), [300 / 301, -400 / 401], rtol=1e-5)  # off
+  small = {"w": jnp.asarray([0.3, -0.4]), "v": jnp.asarray([0.0, 0.0])}     # norm 0.5 < 1: as is
+  np.testing.assert_allclose(update(1.0, small), [0.3 / 1.3, -0.4 / 1.4], rtol=1e-5)

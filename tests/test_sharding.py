@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
-from celerity_jax.config import MeshConfig
+from celerity_jax.config import ConfigError, MeshConfig
 from celerity_jax.resolve import resolve
 from celerity_jax.train import state as state_lib
 
@@ -27,11 +27,13 @@ def test_logical_axis_without_rule_is_an_error():
     sharding.logical_spec(("heads", "mlp"))
 
 
-def test_batch_divisibility():
-  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  sharding.check_batch(16, 2, mesh)
-  with pytest.raises(sharding.ShardingError, match="data-parallel size 4"):
-    sharding.check_batch(12, 2, mesh)
+def test_every_microbatch_splits_into_whole_sequences_per_device(small):
+  """resolve is the one guard: B must split into microbatches of whole sequences on every
+  data-parallel device of the mesh the step is built on (data x fsdp = 4 here)."""
+  mesh_keys = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.microbatches=2"]
+  assert resolve(small(*mesh_keys, "train.batch_size=16"), 8).microbatches == 2
+  with pytest.raises(ConfigError, match="data-parallel size 4 x train.microbatches 2 = 8"):
+    resolve(small(*mesh_keys, "train.batch_size=12"), 8)
 
 
 def test_param_and_optimizer_shardings(small):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from celerity_jax import sharding
-from celerity_jax.data.synthetic import SyntheticTokens
+from celerity_jax.data.synthetic import placed_batches
 from celerity_jax.resolve import resolve
 from celerity_jax.train import loop
 from celerity_jax.train import state as state_lib
@@ -60,13 +60,12 @@ def test_same_seed_is_deterministic_and_seed_changes_the_run(small, tmp_path):
 
 
 def run_steps(cfg, n_devices, n_steps):
-  mesh, resolved, setup, step, _ = prepare_training(cfg, jax.devices()[:n_devices])
-  state = setup.init()
-  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
+  resolved = resolve(cfg, n_devices)
+  training = prepare_training(cfg, resolved, jax.devices()[:n_devices])
+  state = training.setup.init()
   losses = []
-  for i in range(n_steps):
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(i).items()}
-    state, metrics = step(state, batch)
+  for batch in placed_batches(cfg, resolved, training.mesh, n_steps):
+    state, metrics = training.train_step(state, batch)
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params)
 
@@ -87,8 +86,7 @@ def test_gradient_accumulation_equals_the_big_batch_update(small):
   mesh = sharding.make_mesh(big_cfg.mesh)
   setup = state_lib.build(big_cfg, resolve(big_cfg, 8), mesh)
   state = setup.init()
-  data = SyntheticTokens(256, 32, 16, 0).batch(0)
-  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.items()}
+  [batch] = placed_batches(big_cfg, resolve(big_cfg, 8), mesh)
   loss_fn = make_loss_fn(setup, big_cfg)
   grads = {m: jax.jit(lambda p, b, m=m: _accumulate(loss_fn, p, b, m, mesh))(state.params, batch)
            for m in (1, 4)}

@@ -56,8 +56,9 @@ def abstract_inputs(training, cfg):
 
 def compile_step(cfg, devices):
   """(training, compiled or None, seconds, error text): the loop's step for `devices`."""
+  from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
-  training = prepare_training(cfg, devices)
+  training = prepare_training(cfg, resolve(cfg, len(devices)), devices)
   state, batch = abstract_inputs(training, cfg)
   start = time.perf_counter()
   with _cache_off():

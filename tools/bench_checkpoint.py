@@ -25,17 +25,18 @@ def main(argv: list[str]) -> dict:
   args, rest = parser.parse_known_args(argv)
 
   import jax
-  from celerity_jax import sharding
   from celerity_jax.checkpoint import Checkpointer
-  from celerity_jax.data.synthetic import SyntheticTokens
+  from celerity_jax.data.synthetic import placed_batches
   from celerity_jax.main import parse
+  from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
-  mesh, resolved, setup, step, _ = prepare_training(cfg)
-  state = setup.init()
-  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
-  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
+  resolved = resolve(cfg, jax.device_count())
+  training = prepare_training(cfg, resolved)
+  step = training.train_step
+  state = training.setup.init()
+  [batch] = placed_batches(cfg, resolved, training.mesh)
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   step_times = []

@@ -48,9 +48,9 @@ def main(argv: list[str]) -> dict:
     batches = list(prefetch(source.batch, 0, args.steps, cfg.data.threads))
     loader_tps = args.steps * resolved.batch_tokens / (time.perf_counter() - t0)
 
-    mesh, _, setup, step, _ = prepare_training(cfg)
-    state = setup.init()
-    put = [{k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in b.items()}
+    training = prepare_training(cfg, resolved)
+    step, state = training.train_step, training.setup.init()
+    put = [sharding.place_batch(b, training.mesh, resolved.batch_seqs)
            for b in batches[:args.train_steps + 1]]
     state, metrics = step(state, put[0])
     jax.block_until_ready(metrics)

@@ -41,19 +41,20 @@ def bench(argv: list[str]) -> dict:
 
   import jax.numpy as jnp
 
-  from celerity_jax import sharding
-  from celerity_jax.data.synthetic import SyntheticTokens
+  from celerity_jax.data.synthetic import placed_batches
   from celerity_jax.main import parse
+  from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
   from tools.bench_step import interleaved_step_times, matmul_ceiling
 
   cfg, _ = parse(rest)
   runs = {}
   for name, variant in variants(cfg).items():
-    mesh, resolved, setup, step, _ = prepare_training(variant)
-    data = SyntheticTokens(variant.model.vocab_size, variant.model.seq_len, resolved.batch_seqs, 0)
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
-    runs[name] = {"step": step, "state": setup.init(), "batch": batch, "resolved": resolved}
+    resolved = resolve(variant, jax.device_count())
+    training = prepare_training(variant, resolved)
+    [batch] = placed_batches(variant, resolved, training.mesh)
+    runs[name] = {"step": training.train_step, "state": training.setup.init(), "batch": batch,
+                  "resolved": resolved}
   step_s = interleaved_step_times(runs, args.steps, args.rounds)
   ceiling = (args.peak_tflops * 1e12 if args.peak_tflops
              else matmul_ceiling(args.ceiling_n, jnp.dtype(cfg.model.dtype)))

@@ -69,10 +69,8 @@ def interleaved_step_times(runs: dict, steps: int, rounds: int) -> dict:
 
 def monitor_overhead(cfg, setup, with_monitor, without, mesh, resolved, steps: int) -> dict:
   """Interleaved rounds of `steps` steps of each variant; the ratio of median round times."""
-  from celerity_jax import sharding
-  from celerity_jax.data.synthetic import SyntheticTokens
-  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
-  batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in data.batch(0).items()}
+  from celerity_jax.data.synthetic import placed_batches
+  [batch] = placed_batches(cfg, resolved, mesh)
   runs = {name: {"step": fn, "state": setup.init(), "batch": batch}
           for name, fn in (("with", with_monitor), ("without", without))}
   med = interleaved_step_times(runs, steps, rounds=6)
@@ -110,23 +108,22 @@ def bench(argv: list[str]) -> dict:
                       help="step time with the collapse monitor vs the same step without it")
   args, rest = parser.parse_known_args(argv)
 
+  from celerity_jax.data.synthetic import placed_batches
   from celerity_jax.main import parse
-  from celerity_jax import sharding
-  from celerity_jax.data.synthetic import SyntheticTokens
+  from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
-  mesh, resolved, setup, step, _ = prepare_training(cfg)
+  resolved = resolve(cfg, jax.device_count())
+  training = prepare_training(cfg, resolved)
+  setup, step, mesh = training.setup, training.train_step, training.mesh
   if args.compile_only:
     return compile_time(cfg, resolved, setup, step)
   if args.monitor_overhead:
-    return monitor_overhead(cfg, setup, step, prepare_training(cfg, with_monitor=False).train_step,
-                            mesh, resolved, args.steps)
+    without = prepare_training(cfg, resolved, with_monitor=False).train_step
+    return monitor_overhead(cfg, setup, step, without, mesh, resolved, args.steps)
   state = setup.init()
-  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, 0)
-  batch_sharding = sharding.batch_sharding(mesh)
-  batches = [{k: jax.device_put(v, batch_sharding) for k, v in data.batch(i).items()}
-             for i in range(2)]
+  batches = placed_batches(cfg, resolved, mesh, steps=2)
 
   t0 = time.perf_counter()
   state, metrics = step(state, batches[0])

@@ -27,6 +27,7 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
   import recipes
   from celerity_jax.config import apply_overrides, validate
   from celerity_jax.data.synthetic import SyntheticTokens
+  from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 
   d = 32 * width
@@ -36,7 +37,8 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
       f"model.n_layers={2 * depth}", "model.vocab_size=256", "model.seq_len=64",
       "train.batch_size=16", "optim.schedule=constant", "scaling.warmup_frac=0",
       "optim.weight_decay=0", f"optim.lr_base={lr_base}", "data.corpus=synthetic"]))
-  _, _, setup, step, _ = prepare_training(cfg, jax.devices()[:1])
+  training = prepare_training(cfg, resolve(cfg, 1), jax.devices()[:1])
+  setup, step = training.setup, training.train_step
   state = setup.init()
   data = SyntheticTokens(256, 64, 16, seed=0)
   probe = jnp.asarray(data.batch(10_000)["inputs"])

@@ -20,18 +20,10 @@ from celerity_jax.config import ConfigError
 from celerity_jax.main import ArgumentParser, run_cli
 
 
-def flat_params(tree, prefix=""):
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      yield from flat_params(value, f"{prefix}{key}/")
-    else:
-      yield f"{prefix}{key}", np.asarray(value)
-
-
 def export(run_dir, step: int | None, out) -> dict:
   """Writes the params of `step` (default: the newest usable checkpoint, falling back past
   damaged ones with a warning) and the config they were trained with."""
-  from celerity_jax.checkpoint import Checkpointer
+  from celerity_jax.checkpoint import Checkpointer, leaf_paths
   run_dir, out = storage.location(run_dir), storage.location(out)
   if not (run_dir / "checkpoints").exists():
     raise ConfigError(f"export: {run_dir} has no checkpoints directory (is it a run.dir?)")
@@ -50,7 +42,7 @@ def export(run_dir, step: int | None, out) -> dict:
     ckpt.close()
   step, (state, meta) = found
   params = state["params"] if isinstance(state, dict) else state.params
-  arrays = dict(flat_params(params))
+  arrays = {path: np.asarray(leaf) for path, leaf in leaf_paths(params)}
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   config = json.dumps(meta["described"], indent=2) + "\n"   # the checkpoint's own settings

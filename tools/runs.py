@@ -28,8 +28,7 @@ def reached(cfg, run_dir: Path, stop_frac: float) -> bool:
     return False
   import jax
   from celerity_jax.checkpoint import config_changes
-  from celerity_jax.resolve import resolve
-  from celerity_jax.train.loop import describe
+  from celerity_jax.resolve import describe, resolve
   saved = json.loads((run_dir / "config.json").read_text())
   changes = [k for k in config_changes(saved, describe(cfg, resolve(cfg, len(jax.devices()))))
              if not k.startswith("collapse.")]

@@ -30,3 +30,12 @@ class SyntheticTokens:
       tokens_BxL[:, i] = self.successors_VxC[tokens_BxL[:, i - 1], choice_BxL[:, i]]
     tokens_BxL = tokens_BxL[self.rows]
     return {"inputs": tokens_BxL[:, :-1], "targets": tokens_BxL[:, 1:]}
+
+
+def placed_batches(cfg, resolved, mesh, steps: int = 1, seed: int = 0) -> list[dict]:
+  """Synthetic batches for steps 0..steps-1 of the run's shape, placed on `mesh` as the step takes
+  them (for tools and tests that time or check a step without a corpus)."""
+  from celerity_jax.sharding import place_batch, process_rows
+  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, seed,
+                         rows=process_rows(mesh, resolved.batch_seqs))
+  return [place_batch(data.batch(step), mesh, resolved.batch_seqs) for step in range(steps)]

@@ -1,90 +1,97 @@
-"""The training loop: mesh, state, data in; metrics, checkpoints, TensorBoard and progress out.
+"""The training loop: a config in; metrics, checkpoints, TensorBoard and progress out.
 
-Metrics are fetched one step late: step k's metrics are read after step k+1 is dispatched, so the
-host never waits on the device it is feeding. The same command with the same run.dir resumes from
-the latest complete checkpoint and continues bit-identically.
+`run` resolves the config once (keeping a resumed run's batch), builds the mesh, the sharded state
+and the jitted step, opens the data, restores the newest usable checkpoint, and hands the rest to
+`Loop`. Metrics are fetched one step late: step k's metrics are read after step k+1 is dispatched,
+so the host never waits on the device it is feeding. The same command with the same run.dir
+resumes from the latest complete checkpoint and continues bit-identically.
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import time
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 from celerity_jax import checkpoint as ckpt_lib
-from celerity_jax import config as config_lib
 from celerity_jax import distributed, sharding, storage
 from celerity_jax.collapse import monitor
 from celerity_jax.config import ConfigError
 from celerity_jax.data.pipeline import prefetch
 from celerity_jax.data.sources import make_sources
-from celerity_jax.metrics import MetricsWriter, Throughput, progress_bar
-from celerity_jax.resolve import Resolved
-from celerity_jax.train import control
-from celerity_jax.train import signals
+from celerity_jax.metrics import MetricsWriter, Throughput, keep_rows_until, progress_bar
+from celerity_jax.resolve import describe, resolve
+from celerity_jax.train import control, events, signals
+from celerity_jax.train.events import RunHalted  # noqa: F401  (the loop's error, re-exported)
 from celerity_jax.train.state import abstract_state
-from celerity_jax.train.step import make_eval_step, prepare_training
-
-HALT_NONFINITE = 4
-HALT_COLLAPSE = 5
+from celerity_jax.train.step import Training, make_eval_step, prepare_training
 
 
-class RunHalted(Exception):
-  """The run stopped itself (non-finite losses, a collapse alert under policy halt); `code` is the
-  exit status."""
-
-  def __init__(self, code: int, message: str):
-    super().__init__(message)
-    self.code = code
-
-
-def describe(cfg, resolved: Resolved) -> dict:
-  """The resolved config: what a user chose plus every derived quantity."""
-  return {"config": config_lib.to_dict(cfg), "derived": resolved.as_dict()}
+@dataclass(frozen=True)
+class Outputs:
+  """Where a run writes: its directory, the metrics writer (process 0 only), the checkpoints."""
+  run_dir: object
+  writer: MetricsWriter
+  ckpt: ckpt_lib.Checkpointer
 
 
-def _device_batch(local_batch: dict, batch_sharding, n_rows: int) -> dict:
-  """Global arrays of `n_rows` rows from this process's rows (sharding.process_rows) of each key:
-  every process contributes only the rows its devices hold, so each row is read once."""
-  return {key: jax.make_array_from_process_local_data(batch_sharding, value,
-                                                      (n_rows, *value.shape[1:]))
-          for key, value in local_batch.items()}
-
-
-def _keep_rows_until(path, step: int):
-  """On resume, forget rows logged after the restored step (they are about to be recomputed,
-  events included) and lines a crash cut short or garbled (warned about, never fatal)."""
-  if not distributed.is_primary() or not path.exists():
-    return
-  lines = path.read_bytes().split(b"\n")
-  kept, unreadable, later = [], 0, 0
-  for line in lines:
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line.decode("utf-8"))
-      row_step = row.get("step", 0) if isinstance(row, dict) else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-      row_step = None
-    if not isinstance(row_step, (int, float)):
-      unreadable += 1
-    elif row_step > step:
-      later += 1
+def run(cfg) -> dict:
+  """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
+  run_dir = storage.location(cfg.run.dir)
+  storage.check_writable(run_dir, "run.dir")        # before any compile: a typo fails at once
+  kept = None if cfg.train.batch_size else ckpt_lib.saved_batch(run_dir / "checkpoints")
+  training = prepare_training(cfg, resolve(cfg, jax.device_count(), kept_batch=kept))
+  resolved, mesh = training.resolved, training.mesh
+  described = describe(cfg, resolved)
+  rows = sharding.process_rows(mesh, resolved.batch_seqs)
+  train_data, held_out = make_sources(cfg, resolved, rows, cfg.run.progress)
+  evaluate = _evaluator(cfg, training, held_out)
+  ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+  writer = None
+  try:
+    # nothing is written to run.dir until the data, the settings and a checkpoint are accepted
+    restored = _restore(cfg, described, ckpt, training.setup)
+    if distributed.is_primary():
+      storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
+    writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
+    if distributed.is_primary():
+      keep_rows_until(writer.path, restored[0] if restored else 0)
+    if restored is None:
+      state, restarts = training.setup.init(), 0
     else:
-      kept.append(line.decode("utf-8") + "\n")
-  if unreadable:
-    _say(f"celerity_jax: warning: {path}: dropped {unreadable} unreadable line(s) (a write cut "
-         f"short by a crash?); the complete rows are kept")
-  if unreadable or later:
-    storage.write_atomic(path, "".join(kept))
+      step, state, meta, changes = restored
+      restarts = meta["restarts"] + 1
+      writer.row({"event": "restart", "step": step, "restarts": restarts,
+                  "config_changes": changes})
+      _say(f"celerity_jax: resumed from step {step} (restart {restarts})"
+           + (f"; changed settings: {', '.join(changes)}" if changes else ""))
+    loop = Loop(cfg, training, described, Outputs(run_dir, writer, ckpt), restarts, evaluate)
+    return loop.train(state, train_data)
+  finally:
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+
+def _evaluator(cfg, training: Training, held_out):
+  """params -> mean held-out cross-entropy over data.eval_batches fixed batches; None without
+  held-out data (train.eval_every=0)."""
+  if held_out is None or not cfg.data.eval_batches:
+    return None
+  n_rows = training.resolved.batch_seqs
+  eval_step = make_eval_step(training.setup, cfg, training.mesh)
+  batches = [sharding.place_batch(held_out.batch(i), training.mesh, n_rows)
+             for i in range(cfg.data.eval_batches)]
+  return lambda params: sum(float(eval_step(params, b)) for b in batches) / len(batches)
 
 
 def _restore(cfg, described, ckpt, setup):
-  """(step, state, meta) from the newest usable checkpoint, or None for a fresh run. Refuses
-  (ConfigError) a checkpoint made with other trajectory settings before anything is written."""
+  """(step, state, meta, changes) from the newest usable checkpoint, or None for a fresh run.
+  Refuses (ConfigError) a checkpoint made with other trajectory settings before anything is
+  written."""
   def load(step):
     meta = ckpt.meta(step)
     changes = ckpt_lib.config_changes(meta["described"], described)
@@ -103,190 +110,145 @@ def _say(text: str):
     print(text, file=sys.stderr)
 
 
-def run(cfg) -> dict:
-  """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
-  run_dir = storage.location(cfg.run.dir)
-  storage.check_writable(run_dir, "run.dir")        # before any compile: a typo fails at once
-  mesh, resolved, setup, train_step, monitor_spec = prepare_training(cfg)
-  described = describe(cfg, resolved)
-  rows = sharding.process_rows(mesh, resolved.batch_seqs)
-  train_data, held_out = make_sources(cfg, resolved, rows, cfg.run.progress)
-  eval_step = make_eval_step(setup, cfg, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  device_batch = functools.partial(_device_batch, batch_sharding=batch_sharding,
-                                   n_rows=resolved.batch_seqs)
-  eval_batches = [device_batch(held_out.batch(i))
-                  for i in range(cfg.data.eval_batches)] if held_out else []
+class Loop:
+  """One process's part of a run from a restored or fresh state to the stop step: it steps,
+  votes with the other processes, logs each step one step late, saves, and halts."""
 
-  def evaluate(params) -> float:
-    return sum(float(eval_step(params, b)) for b in eval_batches) / len(eval_batches)
+  def __init__(self, cfg, training: Training, described: dict, out: Outputs, restarts: int,
+               evaluate):
+    self.cfg, self.resolved, self.out = cfg, training.resolved, out
+    self.train_step, self.mesh, self.evaluate = training.train_step, training.mesh, evaluate
+    self.reference = training.monitor.source
+    self.restarts = restarts
+    self.meta = {"described": described, "config_hash": ckpt_lib.trajectory_hash(described),
+                 "restarts": restarts, "versions": ckpt_lib.versions()}
+    self.agreement = control.Agreement(training.mesh)
+    self.throughput = Throughput()
+    self.last_row: dict = {}
+    self.flags: dict = {}                  # the last step's event flags (events.judge)
+    self.last_save, self.last_save_step = time.monotonic(), 0
+    self.bar = None
 
-  ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-  writer = None
-  try:
-    # nothing is written to run.dir until the data, the settings and a checkpoint are accepted
-    restored = _restore(cfg, described, ckpt, setup)
-    if distributed.is_primary():
-      storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
-    writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
-    _keep_rows_until(writer.path, restored[0] if restored else 0)
-    if restored is None:
-      state, restarts = setup.init(), 0
-    else:
-      step, state, meta, changes = restored
-      restarts = meta["restarts"] + 1
-      writer.row({"event": "restart", "step": step, "restarts": restarts,
-                  "config_changes": changes})
-      _say(f"celerity_jax: resumed from step {step} (restart {restarts})"
-           + (f"; changed settings: {', '.join(changes)}" if changes else ""))
-    return _train(cfg, resolved, described, state, restarts, train_step, train_data,
-                  device_batch, evaluate if eval_batches else None, writer, ckpt, mesh, run_dir,
-                  monitor_spec.source)
-  finally:
-    ckpt.close()
-    if writer is not None:
-      writer.close()
+  def announce(self, start: int):
+    r = self.resolved
+    self.out.writer.row({
+        "event": "start", "step": start, "mesh": dict(self.mesh.shape), "restarts": self.restarts,
+        "n_params": r.n_params, "n_active": r.n_active, "tpp_effective": r.tpp_effective,
+        "steps": r.steps, "stop_step": r.stop_step, "tau": r.tau, "tau_groups": r.tau_groups,
+        "collapse_reference": self.reference})
+    moe = (f" (active {r.n_active:,}, effective TPP {r.tpp_effective:.3g})"
+           if r.n_active != r.n_params else "")
+    _say(f"celerity_jax: N={r.n_params:,}{moe} D={r.tokens:.4g} B={r.batch_seqs}x"
+         f"{self.cfg.model.seq_len} T={r.steps} warmup={r.warmup_steps} "
+         f"lambda={r.weight_decay:.4g} tau={r.tau:.4g} per-group tau="
+         + ", ".join(f"{g}:{t:.4g}" for g, t in r.tau_groups.items() if t is not None))
 
+  def save(self, step: int, state):
+    self.out.writer.flush()         # rows up to `step` are stored before its checkpoint commits
+    self.out.ckpt.save(step, state, {
+        **self.meta, "step": step, "tokens": step * self.resolved.batch_tokens,
+        "data": {"seed": self.cfg.train.seed, "next_step": step}}, force=True)
+    self.last_save, self.last_save_step = time.monotonic(), step
 
-def _train(cfg, resolved, described, state, restarts, train_step, train_data, device_batch,
-           evaluate, writer, ckpt, mesh, run_dir, reference) -> dict:
-  start = int(state.step)
-  writer.row({"event": "start", "step": start, "mesh": dict(mesh.shape), "restarts": restarts,
-              "n_params": resolved.n_params, "n_active": resolved.n_active,
-              "tpp_effective": resolved.tpp_effective, "steps": resolved.steps,
-              "stop_step": resolved.stop_step, "tau": resolved.tau,
-              "tau_groups": resolved.tau_groups, "collapse_reference": reference})
-  moe = (f" (active {resolved.n_active:,}, effective TPP {resolved.tpp_effective:.3g})"
-         if resolved.n_active != resolved.n_params else "")
-  _say(f"celerity_jax: N={resolved.n_params:,}{moe} D={resolved.tokens:.4g} B={resolved.batch_seqs}x"
-       f"{cfg.model.seq_len} T={resolved.steps} warmup={resolved.warmup_steps} "
-       f"lambda={resolved.weight_decay:.4g} tau={resolved.tau:.4g} per-group tau="
-       + ", ".join(f"{g}:{t:.4g}" for g, t in resolved.tau_groups.items() if t is not None))
-  c = cfg.checkpoint
-  meta = {"described": described, "config_hash": ckpt_lib.trajectory_hash(described),
-          "restarts": restarts, "versions": ckpt_lib.versions()}
-  throughput, last_row, pending = Throughput(), {}, None
-  last_save, last_save_step = time.monotonic(), start
-  flags = {"loss_spike": 0, "collapse_alert": 0}     # last step's flags: report rising edges once
-  bar = progress_bar(resolved.stop_step, start, cfg.run.progress and distributed.is_primary())
-  agreement = control.Agreement(mesh)
-
-  def save(step, state):
-    nonlocal last_save, last_save_step
-    writer.flush()                  # rows up to `step` are stored before its checkpoint commits
-    ckpt.save(step, state, {**meta, "step": step, "tokens": step * resolved.batch_tokens,
-                            "data": {"seed": cfg.train.seed, "next_step": step}}, force=True)
-    last_save, last_save_step = time.monotonic(), step
-
-  def local_flags(signal) -> int:
+  def local_flags(self, signal) -> int:
     """This process's votes: a signal reached it; its clock says a timed save is due."""
-    timed = c.every_minutes and time.monotonic() - last_save >= 60 * c.every_minutes
+    every = self.cfg.checkpoint.every_minutes
+    timed = every and time.monotonic() - self.last_save >= 60 * every
     return (control.STOP if signal is not None else 0) | (control.SAVE if timed else 0)
 
-  def halt(step, values, cause, code, message):
-    record = {"step": step, "cause": cause, **values, "config_hash": meta["config_hash"],
-              "last_row": last_row}
+  def halt(self, step: int, values: dict, halt: events.Halt, keep):
+    """Writes diagnostics.json and the halt event, saves `keep` = (step, state) on a collapse
+    halt (for a look or a resume), and raises RunHalted with the exit status."""
+    run_dir = self.out.run_dir
+    record = {"step": step, "cause": halt.cause, **values, "config_hash": self.meta["config_hash"],
+              "last_row": self.last_row}
     if distributed.is_primary():
       storage.write_atomic(run_dir / "diagnostics.json", json.dumps(record, indent=2) + "\n")
-    writer.row({"event": "halt", "step": step, "cause": cause, **values})
-    raise RunHalted(code, f"{message}; diagnostics in {run_dir / 'diagnostics.json'}")
+    self.out.writer.row({"event": "halt", "step": step, "cause": halt.cause, **values})
+    if halt.code == events.HALT_COLLAPSE and keep is not None:
+      self.save(*keep)
+      self.out.ckpt.wait()
+    raise RunHalted(halt.code, f"{halt.message}; diagnostics in {run_dir / 'diagnostics.json'}")
 
-  def check_collapse(step, values):
-    """Spike and collapse-alert events on their first step; halts per collapse.policy."""
-    for key in flags:
-      now, before = int(values.get(key, 0)), flags[key]
-      flags[key] = now
-      if not now or before:
-        continue
-      detail = {k: values[k] for k in ("loss", "loss_smooth", "collapse_residual",
-                                       "final_loss_estimate") if k in values}
-      writer.row({"event": key, "step": step, "frac": step / resolved.steps, **detail})
-      text = ", ".join(f"{k} {v:.4g}" for k, v in detail.items())
-      if key == "loss_spike":
-        _say(f"celerity_jax: warning: loss spike at step {step} ({text}; smoothed loss above "
-             f"{cfg.collapse.spike_factor}x its minimum)")
-      elif cfg.collapse.policy == "halt":
-        halt(step, values, "collapse", HALT_COLLAPSE,
-             f"off the collapse reference at step {step} ({text}; |residual| > "
-             f"{cfg.collapse.threshold} for {cfg.collapse.patience} steps)")
-      else:
-        _say(f"celerity_jax: warning: off the collapse reference at step {step} ({text}; "
-             f"|residual| > {cfg.collapse.threshold} for {cfg.collapse.patience} steps)")
-
-  def emit(step, metrics, decision, extra, log) -> int:
-    """Logs a step's metrics and acts on them (halts, events); returns the processes' agreed
-    decision voted at that step (control.STOP | control.SAVE bits)."""
-    nonlocal last_row
+  def emit(self, pending, keep=None) -> int:
+    """Logs a dispatched step's metrics and acts on them (events, warnings, halts); returns the
+    processes' agreed decision voted at that step (control.STOP | control.SAVE bits). `keep` =
+    (step, state), the newest state, is what a collapse halt saves."""
+    step, metrics, decision, extra, log = pending
     fetched, decision = jax.device_get((metrics, decision))
     decision = int(decision)
-    if decision & control.SAVE and step <= last_save_step:
+    if decision & control.SAVE and step <= self.last_save_step:
       decision &= ~control.SAVE       # voted before the save that has since happened
     values = monitor.host_fields({k: (float(v) if np.ndim(v) == 0 else np.round(v, 5).tolist())
                                   for k, v in fetched.items()})
     values |= extra
-    if values["nonfinite"] and (cfg.train.on_nonfinite == "halt"
-                                or values["bad_steps"] >= cfg.train.max_bad_steps):
-      halt(step, values, "nonfinite", HALT_NONFINITE,
-           f"non-finite loss or gradient at step {step} ({int(values['bad_steps'])} in a row, "
-           f"policy {cfg.train.on_nonfinite})")
-    check_collapse(step, values)
+    verdict = events.judge(step, values, self.flags, steps=self.resolved.steps,
+                           train_cfg=self.cfg.train, collapse_cfg=self.cfg.collapse)
+    self.flags = verdict.flags
+    for row in verdict.events:
+      self.out.writer.row(row)
+    for line in verdict.warnings:
+      _say(line)
+    if verdict.halt is not None:
+      self.halt(step, values, verdict.halt, keep)
     if not log:
       return decision
-    tokens = step * resolved.batch_tokens
-    rate = throughput.update(tokens)
-    last_row = {"step": step, "tokens": tokens, "frac": step / resolved.steps, **values,
-                "tokens_per_s": rate, "microbatches": resolved.microbatches,
-                "dtype": cfg.model.dtype, "restarts": restarts}
-    writer.row(last_row)
+    tokens = step * self.resolved.batch_tokens
+    rate = self.throughput.update(tokens)
+    self.last_row = {"step": step, "tokens": tokens, "frac": step / self.resolved.steps, **values,
+                     "tokens_per_s": rate, "microbatches": self.resolved.microbatches,
+                     "dtype": self.cfg.model.dtype, "restarts": self.restarts}
+    self.out.writer.row(self.last_row)
     shown = {"loss": f"{values['loss']:.4f}"}
     if rate is not None:
       shown["tok_s"] = f"{rate:,.0f}"
-    bar.set_postfix(shown, refresh=False)
+    self.bar.set_postfix(shown, refresh=False)
     return decision
 
-  def emit_or_halt(pending, done, state) -> int:
-    try:
-      return emit(*pending)
-    except RunHalted as halted:
-      if halted.code == HALT_COLLAPSE:            # keep the state for a look or a resume
-        save(done, state)
-        ckpt.wait()
-      raise
-
-  batches = prefetch(train_data.batch, start, resolved.stop_step, cfg.data.threads)
-  with signals.guarded() as guard:
-    try:
-      for step, host_batch in zip(range(start, resolved.stop_step), batches, strict=True):
-        state, metrics = train_step(state, device_batch(host_batch))
-        guard.training()              # compiled and stepped: a signal now saves first
-        decision = agreement.vote(local_flags(guard.signal))
-        done = step + 1
-        agreed = emit_or_halt(pending, done, state) if pending is not None else 0
-        evaluate_now = evaluate is not None and (done % cfg.train.eval_every == 0
-                                                 or done == resolved.stop_step)
-        extra = {"eval_loss": evaluate(state.params)} if evaluate_now else {}
-        log = (done % cfg.run.log_every == 0 or done == resolved.stop_step or done == 1
-               or evaluate_now)
-        pending = (done, metrics, decision, extra, log)
-        bar.update(1)
-        stop = agreed & control.STOP              # every process stops at the same step
-        if (stop or agreed & control.SAVE or (c.every_steps and done % c.every_steps == 0)
-            or (done == resolved.stop_step and (c.every_steps or c.every_minutes))):
-          # the saved step's row is written before its checkpoint: a resume never misses it
-          stop |= emit_or_halt(pending, done, state) & control.STOP
-          pending = None
-          save(done, state)
-        if stop:
-          ckpt.wait()
-          writer.row({"event": "preempted", "step": done, "signal": guard.signal})
-          print(f"celerity_jax: stopped at step {done} "
-                + (f"by signal {guard.signal}" if guard.signal else "(a signal reached another "
-                   "process)") + "; checkpoint saved; run the same command to resume",
-                file=sys.stderr)
-          return last_row
-      if pending is not None:
-        emit(*pending)
-      ckpt.wait()
-    finally:
-      bar.close()
-  return last_row
+  def train(self, state, train_data) -> dict:
+    """Steps from `state` to the stop step (or a stop agreed by every process); returns the last
+    metrics row."""
+    cfg, r, c = self.cfg, self.resolved, self.cfg.checkpoint
+    start = int(state.step)
+    self.last_save_step = start
+    self.announce(start)
+    self.bar = progress_bar(r.stop_step, start, cfg.run.progress and distributed.is_primary())
+    batches = prefetch(train_data.batch, start, r.stop_step, cfg.data.threads)
+    pending = None
+    with signals.guarded() as guard:
+      try:
+        for step, host_batch in zip(range(start, r.stop_step), batches, strict=True):
+          state, metrics = self.train_step(state, sharding.place_batch(host_batch, self.mesh,
+                                                                        r.batch_seqs))
+          guard.training()            # compiled and stepped: a signal now saves first
+          decision = self.agreement.vote(self.local_flags(guard.signal))
+          done = step + 1
+          agreed = self.emit(pending, (done, state)) if pending is not None else 0
+          evaluate_now = self.evaluate is not None and (done % cfg.train.eval_every == 0
+                                                        or done == r.stop_step)
+          extra = {"eval_loss": self.evaluate(state.params)} if evaluate_now else {}
+          log = (done % cfg.run.log_every == 0 or done == r.stop_step or done == 1
+                 or evaluate_now)
+          pending = (done, metrics, decision, extra, log)
+          self.bar.update(1)
+          stop = agreed & control.STOP            # every process stops at the same step
+          if (stop or agreed & control.SAVE or (c.every_steps and done % c.every_steps == 0)
+              or (done == r.stop_step and (c.every_steps or c.every_minutes))):
+            # the saved step's row is written before its checkpoint: a resume never misses it
+            stop |= self.emit(pending, (done, state)) & control.STOP
+            pending = None
+            self.save(done, state)
+          if stop:
+            self.out.ckpt.wait()
+            self.out.writer.row({"event": "preempted", "step": done, "signal": guard.signal})
+            print(f"celerity_jax: stopped at step {done} "
+                  + (f"by signal {guard.signal}" if guard.signal else "(a signal reached another "
+                     "process)") + "; checkpoint saved; run the same command to resume",
+                  file=sys.stderr)
+            return self.last_row
+        if pending is not None:
+          self.emit(pending)
+        self.out.ckpt.wait()
+      finally:
+        self.bar.close()
+    return self.last_row

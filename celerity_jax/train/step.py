@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
 from celerity_jax.models.dense import no_constraint
-from celerity_jax.resolve import Resolved, resolve
+from celerity_jax.resolve import Resolved
 from celerity_jax.train import state as state_lib
 from celerity_jax.train.state import Setup, TrainState
 
@@ -132,13 +132,11 @@ class Training(NamedTuple):
   monitor: monitor.MonitorSpec
 
 
-def prepare_training(cfg, devices=None, with_monitor: bool = True) -> Training:
-  """Mesh over `devices` (default all), derived quantities, sharded setup, the collapse monitor and
-  the jitted step (`with_monitor=False` compiles the step without the monitor)."""
+def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool = True) -> Training:
+  """Mesh over `devices` (default all; `resolved` was resolved for as many), sharded setup, the
+  collapse monitor and the jitted step (`with_monitor=False` compiles it without the monitor)."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  resolved = resolve(cfg, len(devices))
-  sharding.check_batch(resolved.batch_seqs, resolved.microbatches, mesh)
   setup = state_lib.build(cfg, resolved, mesh)
   spec = monitor.build_spec(cfg, resolved)
   return Training(mesh, resolved, setup,
