@@ -17,7 +17,7 @@ from celerity_jax.data import DataError
 
 def parse(argv: list[str]):
   """Returns (config, print_only) or raises ConfigError."""
-  import recipes
+  from celerity_jax import recipes
   flags = [a for a in argv if a.startswith("--")]
   for flag in flags:
     if flag not in ("--print-config", "--help"):

@@ -13,7 +13,7 @@ TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "
 # TPU VM's metadata whenever jax starts, and prints warnings where there is none; these tell it
 # there is nothing to find. They are set only off TPU VMs and only where unset. libtpu also takes
 # a machine-wide lock file so that two processes never drive the same chips; off a TPU VM there are
-# no chips, and the lock would only stop two compile-only processes (tools.aot) running at once.
+# no chips, and the lock would only stop two compile-only processes (celerity_jax.tools.aot) running at once.
 QUIET_LIBTPU = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-1",
                 "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 

@@ -1,4 +1,4 @@
-"""tools.aot: the loop's train step compiled for TPU topologies on this CPU machine (libtpu, from
+"""celerity_jax.tools.aot: the loop's train step compiled for TPU topologies on this CPU machine (libtpu, from
 the test extra, provides compile-only TPU devices; nothing runs on a TPU)."""
 import json
 import os
@@ -14,7 +14,7 @@ from celerity_jax.main import parse
 from conftest import CACHE
 import dataclasses
 
-from tools import aot, aot_fit, hlo_collectives, tpu_chips
+from celerity_jax.tools import aot, aot_fit, hlo_collectives, tpu_chips
 
 # celerity_tiny's rules on a shape whose dims are multiples of TPU tiles (8 x 128), so arrays carry
 # no layout padding and the argument bytes can be predicted exactly
@@ -171,10 +171,10 @@ def test_fit_candidates_keep_the_batch_near_the_law_and_the_model_divisible():
 
 def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
   """A fixed 512 x 2048 batch, pure data parallel without remat, needs ~26 GB per v5e chip; the
-  search finds one that fits (keeping B) and says why it rejected the others. A second tools.aot
+  search finds one that fits (keeping B) and says why it rejected the others. A second celerity_jax.tools.aot
   runs at the same time in another process: libtpu's lock file does not stop it."""
   big = [*ALIGNED[:-1], "model.seq_len=2048", "train.batch_size=512"]
-  other = subprocess.Popen([sys.executable, "-m", "tools.aot", *big, "--topology", "v5e:2x2",
+  other = subprocess.Popen([sys.executable, "-m", "celerity_jax.tools.aot", *big, "--topology", "v5e:2x2",
                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   time.sleep(1)
   assert aot.main([*big, "--topology", "v5litepod-4", "--fit", "--keep", "1", "--json"]) == 0

@@ -21,7 +21,7 @@ import pytest
 from celerity_jax.data import corpus as corpus_lib
 from celerity_jax.main import main
 from conftest import CACHE, SMALL
-from tools import tokenize
+from celerity_jax.tools import tokenize
 
 RUN = ["recipe=celerity_tiny", *SMALL, "run.dir={tmp}/fresh"]
 FILES = ["recipe=celerity_tiny", *[a for a in SMALL if not a.startswith("data.corpus")],
@@ -125,23 +125,23 @@ CASES = [
     ("store chunk missing", "celerity_jax.main", [*FILES, *CORPUS_FILES], 3, "token store",
      drop_size_check),
     # tools: the same contract
-    ("export missing step", "tools.export", ["{run}", "--step", "7", "--out", "{tmp}/p.npz"], 2,
+    ("export missing step", "celerity_jax.tools.export", ["{run}", "--step", "7", "--out", "{tmp}/p.npz"], 2,
      "--step 7", None),
-    ("export unwritable out", "tools.export", ["{run}", "--out", "/proc/celerity/p.npz"], 2,
+    ("export unwritable out", "celerity_jax.tools.export", ["{run}", "--out", "/proc/celerity/p.npz"], 2,
      "/proc/celerity/p.npz", None),
-    ("export not a run", "tools.export", ["{tmp}"], 2, "checkpoints", None),
-    ("export bad flag", "tools.export", ["{run}", "--stpe", "3"], 2, "--stpe", None),
-    ("plan zero chips", "tools.plan", ["recipe=celerity_1b", "--chips", "0"], 2, "--chips",
+    ("export not a run", "celerity_jax.tools.export", ["{tmp}"], 2, "checkpoints", None),
+    ("export bad flag", "celerity_jax.tools.export", ["{run}", "--stpe", "3"], 2, "--stpe", None),
+    ("plan zero chips", "celerity_jax.tools.plan", ["recipe=celerity_1b", "--chips", "0"], 2, "--chips",
      None),
-    ("plan zero mfu", "tools.plan", ["recipe=celerity_1b", "--mfu", "0"], 2, "--mfu", None),
-    ("bench_step bad key", "tools.bench_step", ["model.d_modle=3"], 2, "model.d_modle", None),
-    ("bench_data bad key", "tools.bench_data", ["data.thread=3"], 2, "data.thread", None),
-    ("bench_checkpoint bad key", "tools.bench_checkpoint", ["optim.lr=3"], 2, "optim.lr", None),
-    ("bench_moe bad key", "tools.bench_moe", ["model.expert=3"], 2, "model.expert", None),
-    ("coord_check bad flag", "tools.coord_check", ["--widths", "x"], 2, "--widths", None),
-    ("tokenize bad key", "tools.tokenize", ["data.pth=x"], 2, "data.pth", None),
-    ("predict missing run", "tools.predict", ["{tmp}/nope"], 2, "nope", None),
-    ("aot bad topology", "tools.aot", ["--topology", "v9z:2x2"], 2, "v9z", None),
+    ("plan zero mfu", "celerity_jax.tools.plan", ["recipe=celerity_1b", "--mfu", "0"], 2, "--mfu", None),
+    ("bench_step bad key", "celerity_jax.tools.bench_step", ["model.d_modle=3"], 2, "model.d_modle", None),
+    ("bench_data bad key", "celerity_jax.tools.bench_data", ["data.thread=3"], 2, "data.thread", None),
+    ("bench_checkpoint bad key", "celerity_jax.tools.bench_checkpoint", ["optim.lr=3"], 2, "optim.lr", None),
+    ("bench_moe bad key", "celerity_jax.tools.bench_moe", ["model.expert=3"], 2, "model.expert", None),
+    ("coord_check bad flag", "celerity_jax.tools.coord_check", ["--widths", "x"], 2, "--widths", None),
+    ("tokenize bad key", "celerity_jax.tools.tokenize", ["data.pth=x"], 2, "data.pth", None),
+    ("predict missing run", "celerity_jax.tools.predict", ["{tmp}/nope"], 2, "nope", None),
+    ("aot bad topology", "celerity_jax.tools.aot", ["--topology", "v9z:2x2"], 2, "v9z", None),
 ]
 
 

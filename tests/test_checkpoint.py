@@ -256,7 +256,7 @@ def test_export_reads_back_without_celerity_jax(tmp_path):
   run_dir = tmp_path / "run"
   assert main(cli(run_dir, "train.stop_step=5")) == 0
   out = tmp_path / "export" / "p.npz"
-  subprocess.run([sys.executable, "-m", "tools.export", str(run_dir), "--out", str(out)],
+  subprocess.run([sys.executable, "-m", "celerity_jax.tools.export", str(run_dir), "--out", str(out)],
                  check=True, env=subprocess_env(), capture_output=True)
   code = ("import numpy, json, sys; a = numpy.load(sys.argv[1]); "
           "print(json.dumps({k: a[k].tolist() for k in a.files}))")

@@ -164,7 +164,7 @@ def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, cap
   assert late[-1]["collapse_residual"] == pytest.approx(
       run.loss_smooth[-1] / estimate - ref_at[-1], abs=1e-4)
   # the predict tool gives the same alignment over [0.2, 0.5]; a reference with other controls warns
-  from tools import predict as predict_tool
+  from celerity_jax.tools import predict as predict_tool
   capsys.readouterr()
   predict_tool.main([str(run_dir), "--stop", "0.5", "--reference", str(ref_dir)])
   printed = json.loads(capsys.readouterr().out)
@@ -175,7 +175,7 @@ def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, cap
   monitor.build_spec(other, resolve(other))
   assert "trained with other controls (tau 0.5 vs" in capsys.readouterr().err
   # fit_surrogate writes constants the monitor can load, and says when b and q are not identifiable
-  from tools import fit_surrogate
+  from celerity_jax.tools import fit_surrogate
   fit_surrogate.main([str(ref_dir), str(run_dir), "--out", str(tmp_path / "fit.json")])
   assert "not separately identifiable" in capsys.readouterr().err
   fitted = surrogate.load_constants(str(tmp_path / "fit.json"))
@@ -221,7 +221,7 @@ def test_packaged_surrogate_constants_load_and_give_a_sane_curve():
 
 @pytest.mark.slow
 def test_sweep_tool_runs_a_three_point_nano_sweep(tmp_path, stdlib_cache):
-  from tools import sweep
+  from celerity_jax.tools import sweep
   settings = [["optim.tau=0.06"], ["optim.tau=0.175"], ["optim.tau=0.5"]]
   common = [f"data.cache_dir={stdlib_cache}", "collapse.reference=none"]
   report = sweep.sweep("celerity_nano_1", [common + s for s in settings], tmp_path, 0.3,
@@ -239,7 +239,7 @@ def test_sweep_tool_runs_a_three_point_nano_sweep(tmp_path, stdlib_cache):
 
 
 def test_plot_writes_a_png_with_spread_and_seed_noise(tmp_path):
-  from tools.plot_collapse import plot
+  from celerity_jax.tools.plot_collapse import plot
   family = []
   for n, seed, scale in ((1000, 0, 1.0), (1000, 1, 1.01), (4000, 0, 0.99)):
     t, ell = surrogate.normalized_curve(100, 10, "linear", 0.175, 20.0, TRUE, 0.02)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import recipes
+from celerity_jax import recipes
 from celerity_jax.config import ConfigError, apply_overrides, validate
 from celerity_jax.main import main
 

@@ -1,7 +1,7 @@
 """CompleteP keeps activation updates O(1) across width; standard parameterization does not."""
 import pytest
 
-from tools import coord_check
+from celerity_jax.tools import coord_check
 
 
 def test_completep_is_flat_across_width_and_sp_drifts():

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-import recipes
+from celerity_jax import recipes
 from celerity_jax.config import DataConfig, apply_overrides
 from celerity_jax.data import DataError, corpus, store, tokenizer
 from celerity_jax.data.pipeline import WindowBatches, prefetch

@@ -25,7 +25,7 @@ from celerity_jax.main import main
 from conftest import CACHE, SMALL, small_config
 from gcs_emulator import BUCKET, committed_steps, gs
 from test_checkpoint import abstract, assert_trees_equal, build, cli, trained_state
-from tools import export
+from celerity_jax.tools import export
 
 
 def losses(run_dir) -> list:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import recipes
+from celerity_jax import recipes
 from celerity_jax import scaling
 from celerity_jax.config import ConfigError, apply_overrides, validate
 from celerity_jax.models import moe

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import recipes
+from celerity_jax import recipes
 from celerity_jax import scaling
 from celerity_jax.config import apply_overrides
 from celerity_jax.main import main
@@ -44,7 +44,7 @@ def test_chinchilla_tpp_chooser():
 
 
 def test_planner_lists_the_family_with_the_overrides(capsys):
-  from tools import plan
+  from celerity_jax.tools import plan
   assert plan.main(["recipe=celerity_1b", "scaling.tpp=80", "--json", "--chips", "8",
                     "--accelerator", "h100", "--mfu", "0.5"]) == 0
   rows = json.loads(capsys.readouterr().out)
@@ -83,7 +83,7 @@ def test_a_nano_recipe_trains_to_its_horizon(tmp_path, stdlib_cache):
 def test_planner_shows_each_members_slice_and_layout_and_checks_the_fit(capsys):
   """Pod recipes name their slice and ship a layout; B is resolved on the slice's chips (celerity_1b:
   32 v5p chips, one row per device per microbatch: 352 sequences in 11 microbatches)."""
-  from tools import plan
+  from celerity_jax.tools import plan
   assert plan.main(["recipe=celerity_1b", "--json"]) == 0
   rows = {r["recipe"]: r for r in json.loads(capsys.readouterr().out)}
   one = rows["celerity_1b"]

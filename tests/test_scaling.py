@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-import recipes
+from celerity_jax import recipes
 from celerity_jax import scaling
 from celerity_jax.config import ModelConfig, ScalingConfig, apply_overrides
 from celerity_jax.resolve import resolve

@@ -1,7 +1,7 @@
 """Collapse plots: raw curves, normalized curves against t = step/T, residuals against a reference,
 the spread Delta(t) across sizes and the seed noise sigma(t).
 
-  python -m tools.plot_collapse RUN_DIR [RUN_DIR ...] [--reference surrogate|none|RUN_DIR]
+  python -m celerity_jax.tools.plot_collapse RUN_DIR [RUN_DIR ...] [--reference surrogate|none|RUN_DIR]
                                 [--out collapse.png]
 
 Runs with the same parameter count are seeds of one size: Delta(t) uses the lowest seed of each

@@ -1,6 +1,6 @@
 """Plan a model family: every derived hyperparameter, FLOPs and estimated wall time per member.
 
-  python -m tools.plan recipe=celerity_1b [scaling.tpp=80 ...] [--family celerity]
+  python -m celerity_jax.tools.plan recipe=celerity_1b [scaling.tpp=80 ...] [--family celerity]
                        [--accelerator v5p|v6e|v5e|h100|h200] [--chips 64] [--mfu 0.4] [--json]
                        [--check-fit [--topology v5p-64]]
 
@@ -13,7 +13,7 @@ family also shows its active parameters and effective TPP (what sets tau).
 Each member shows the slice its recipe is made for (the recipe's SLICE, or --topology) and its
 layout: the mesh axes, remat and sequences per device per microbatch; B and T are resolved on that
 slice's chips (on one device for a member without a slice). `--check-fit` compiles each member's train
-step for that slice (or for --topology) with tools.aot and adds whether it fits, with the peak
+step for that slice (or for --topology) with celerity_jax.tools.aot and adds whether it fits, with the peak
 bytes per chip; this needs libtpu and takes a minute or more per large member.
 """
 from __future__ import annotations
@@ -40,17 +40,17 @@ def plan(argv: list[str]) -> list[dict]:
   parser.add_argument("--mfu", type=float, default=0.4)
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--check-fit", action="store_true",
-                      help="compile each member for its slice (tools.aot) and say if it fits")
+                      help="compile each member for its slice (celerity_jax.tools.aot) and say if it fits")
   parser.add_argument("--topology", default=None,
                       help="with --check-fit: this slice for every member instead of the recipe's")
   args, rest = parser.parse_known_args(argv)
 
-  import recipes
+  from celerity_jax import recipes
   from celerity_jax import scaling
   from celerity_jax.config import ConfigError, apply_overrides, validate
   from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
-  from tools import tpu_chips
+  from celerity_jax.tools import tpu_chips
 
   cfg, _ = parse(rest)                                  # validates the recipe and overrides
   if args.chips < 1 or not 0 < args.mfu <= 1:
@@ -93,8 +93,8 @@ def layout(cfg) -> str:
 
 
 def check_fit(cfg, slice_name: str) -> dict:
-  """tools.aot's verdict for cfg on a slice: fits, peak and HBM bytes per chip."""
-  from tools import aot, tpu_chips
+  """celerity_jax.tools.aot's verdict for cfg on a slice: fits, peak and HBM bytes per chip."""
+  from celerity_jax.tools import aot, tpu_chips
   rep = aot.report(cfg, tpu_chips.resolve_topology(slice_name))
   m = rep["memory"]
   return {"fits": m["fits"], "peak_bytes": m.get("peak_bytes") or m.get("needed_bytes"),

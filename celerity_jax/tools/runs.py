@@ -13,7 +13,7 @@ QUIET = ["run.progress=false", "run.tensorboard=false"]
 
 
 def config(recipe: str, overrides: list[str], run_dir: Path, stop_frac: float = 1.0):
-  import recipes
+  from celerity_jax import recipes
   return validate(apply_overrides(recipes.load(recipe), [*overrides, *QUIET,
                                                          f"run.dir={run_dir}",
                                                          f"train.stop_frac={stop_frac}"]))

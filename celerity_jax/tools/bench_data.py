@@ -1,6 +1,6 @@
 """Data benchmark: tokenization MB/s, and loader tokens/s against the tokens/s training consumes.
 
-  python -m tools.bench_data recipe=celerity_tiny [--steps 40] [--train-steps 4]
+  python -m celerity_jax.tools.bench_data recipe=celerity_tiny [--steps 40] [--train-steps 4]
 
 Tokenization is timed on a fresh build of the recipe's corpus (a temporary cache). The loader is the
 run's pipeline (grain window batches, `data.threads` reader threads, tensorstore reads) timed over

@@ -1,6 +1,6 @@
 """Export a checkpoint's params to one .npz file, with the config it was trained with beside it.
 
-  python -m tools.export RUN_DIR [--step N] [--out params.npz]
+  python -m celerity_jax.tools.export RUN_DIR [--step N] [--out params.npz]
 
 RUN_DIR and --out may be local paths or gs:// URLs. Keys are parameter paths (`blocks/attn/wq`,
 `embed`, ...); scanned blocks keep their leading layer axis. Read it without celerity_jax:
@@ -57,7 +57,7 @@ def export(run_dir, step: int | None, out) -> dict:
 
 
 def main(argv):
-  parser = ArgumentParser(prog="python -m tools.export", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="python -m celerity_jax.tools.export", description=__doc__.splitlines()[0])
   parser.add_argument("run_dir")
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--out", default=None)

@@ -2,7 +2,7 @@
 tokens, predict each final loss by aligning the partial curve to the surrogate at that run's tau,
 TPP and schedule, rank, optionally finish the winner, and report the compute saved.
 
-  python -m tools.sweep recipe=celerity_nano_2 --set optim.tau=0.09 --set optim.tau=0.175 \\
+  python -m celerity_jax.tools.sweep recipe=celerity_nano_2 --set optim.tau=0.09 --set optim.tau=0.175 \\
       --set optim.tau=0.35 [--stop 0.3] [--out runs/sweep] [--complete] [--full]
 
 Each --set is one setting: space-separated section.key=value overrides. --complete resumes the
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from celerity_jax.collapse import predict, surrogate
 from celerity_jax.resolve import resolve
-from tools import runs
+from celerity_jax.tools import runs
 from celerity_jax.main import ArgumentParser, run_cli
 
 

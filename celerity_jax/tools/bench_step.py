@@ -1,8 +1,8 @@
 """Train-step benchmark: tokens/s and MFU against the matmul ceiling measured in the same process.
 
-  python -m tools.bench_step recipe=celerity_tiny [section.key=value ...] [--steps 10]
-  python -m tools.bench_step recipe=celerity_1b --compile-only   # compile time only, allocates nothing
-  python -m tools.bench_step recipe=celerity_tiny --monitor-overhead   # collapse monitor cost
+  python -m celerity_jax.tools.bench_step recipe=celerity_tiny [section.key=value ...] [--steps 10]
+  python -m celerity_jax.tools.bench_step recipe=celerity_1b --compile-only   # compile time only, allocates nothing
+  python -m celerity_jax.tools.bench_step recipe=celerity_tiny --monitor-overhead   # collapse monitor cost
 
 FLOPs convention: 6 x (matmul params, unembedding included, input embedding excluded) per token
 plus causal attention 6 x layers x seq_len x heads x d_head (MaxText; full attention doubles the

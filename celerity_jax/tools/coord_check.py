@@ -1,6 +1,6 @@
 """Coordinate check: do activations and their updates stay O(1) as width and depth grow?
 
-  python -m tools.coord_check [--steps 4] [--widths 1,2,4,8] [--depths 1,2,4] [--out coord.png]
+  python -m celerity_jax.tools.coord_check [--steps 4] [--widths 1,2,4,8] [--depths 1,2,4] [--out coord.png]
 
 Trains a base model (d_model 32, 2 layers, 16-dim heads, d_ff 8 d_model) scaled in width by each
 multiplier (d_base 32, so m_N = multiplier) and in depth (l_base 2), under CompleteP and under
@@ -24,7 +24,7 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
   import jax.numpy as jnp
   from flax import nnx
 
-  import recipes
+  from celerity_jax import recipes
   from celerity_jax.config import apply_overrides, validate
   from celerity_jax.data.synthetic import SyntheticTokens
   from celerity_jax.resolve import resolve

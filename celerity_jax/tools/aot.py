@@ -1,7 +1,7 @@
 """Compile a recipe's train step for a TPU slice on any machine, and say whether it fits.
 
-  python -m tools.aot recipe=NAME [key=value ...] --topology v5p:4x4x4 [--slices N] [--json]
-  python -m tools.aot recipe=NAME [key=value ...] --topology v5p-64 --fit [--max-batch-change 0.05]
+  python -m celerity_jax.tools.aot recipe=NAME [key=value ...] --topology v5p:4x4x4 [--slices N] [--json]
+  python -m celerity_jax.tools.aot recipe=NAME [key=value ...] --topology v5p-64 --fit [--max-batch-change 0.05]
 
 Needs `libtpu` (the test extra installs the version the pinned jax pairs with); no TPU is used.
 The step is the one the training loop runs: `prepare_training` builds it with the same mesh,
@@ -22,7 +22,7 @@ import sys
 import time
 
 from celerity_jax.main import ArgumentParser, run_cli
-from tools import hlo_collectives, tpu_chips
+from celerity_jax.tools import hlo_collectives, tpu_chips
 
 
 def topology_devices(name: str, slices: int = 1) -> tuple[tpu_chips.Chip, list]:
@@ -103,7 +103,7 @@ HEADROOM = 0.05
 
 
 def report(cfg, topology: str, slices: int = 1, devices=None) -> dict:
-  """Everything tools.aot prints, as one JSON-able dict (`devices`: reuse topology_devices)."""
+  """Everything celerity_jax.tools.aot prints, as one JSON-able dict (`devices`: reuse topology_devices)."""
   chip, devices = topology_devices(topology, slices) if devices is None else devices
   training, compiled, seconds, error = compile_step(cfg, devices)
   r, n = training.resolved, len(devices)
@@ -157,7 +157,7 @@ def recompute_flops_per_token(model) -> float:
 def roofline(chip, cost: dict, comms: dict, resolved, model, n_devices: int) -> dict:
   """Lower bounds on one step's time per device from compute, HBM traffic and ICI traffic. XLA
   counts a loop body's FLOPs once, so compute uses the larger of XLA's FLOPs and the model's
-  (6 N D per step plus attention, tools.plan's count, plus what remat computes again) shared by
+  (6 N D per step plus attention, celerity_jax.tools.plan's count, plus what remat computes again) shared by
   the devices. MFU counts the model's FLOPs only, as MFU does."""
   model_flops = resolved.flops_per_token * resolved.batch_tokens
   executed = (resolved.flops_per_token + recompute_flops_per_token(model)) * resolved.batch_tokens
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
   from celerity_jax.config import ConfigError
   from celerity_jax.main import parse
-  parser = ArgumentParser(prog="python -m tools.aot", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(prog="python -m celerity_jax.tools.aot", description=__doc__.splitlines()[0])
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
   parser.add_argument("--slices", type=int, default=1)
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -240,7 +240,7 @@ def _main(argv: list[str]) -> int:
       cfg = parse(overrides + [f"mesh.slices={args.slices}"])[0]
     topology = tpu_chips.resolve_topology(args.topology)
     if args.fit:
-      from tools import aot_fit
+      from celerity_jax.tools import aot_fit
       if args.max_batch_change < 0 or args.max_compiles < 1 or args.keep < 1:
         raise ConfigError("--max-batch-change must be >= 0, --max-compiles and --keep >= 1")
       say = None if args.json else lambda line: print(f"aot: {line}", file=sys.stderr, flush=True)

@@ -1,7 +1,7 @@
 """The nano-family collapse experiment (issue 6): does a family at fixed TPP with tau_opt collapse,
 and how well do the surrogate and early alignment predict the largest member?
 
-  python -m tools.collapse_experiment [--out runs/collapse] [--figure docs/collapse.png]
+  python -m celerity_jax.tools.collapse_experiment [--out runs/collapse] [--figure docs/collapse.png]
                                       [--write-constants] [section.key=value ...]
 
 Runs (all 20 TPP unless said; finished runs in --out are reused, so it resumes):
@@ -27,8 +27,8 @@ import numpy as np
 
 from celerity_jax.collapse import predict, surrogate
 from celerity_jax.collapse.curves import Curve, ema, ema_decay, seed_noise, spread
-from tools import runs
-from tools.plot_collapse import plot
+from celerity_jax.tools import runs
+from celerity_jax.tools.plot_collapse import plot
 from celerity_jax.main import ArgumentParser, run_cli
 
 GRID = np.linspace(0.2, 1.0, 81)
@@ -39,7 +39,7 @@ PREDICT_STOPS = (0.3, 0.5, 0.7)
 
 def monitor_window() -> tuple[float, float]:
   """The nano recipes' alignment window (the monitor's, so residuals here are what it would log)."""
-  import recipes
+  from celerity_jax import recipes
   k = recipes.load(SIZES[-1]).collapse
   return k.align_start, k.align_end
 
@@ -109,7 +109,7 @@ def analyse(c: dict[str, Curve]) -> tuple[dict, surrogate.Constants]:
                     "max_delta_mismatched": float(spread([resmoothed(x, sf) for x in mismatched],
                                                          GRID).max())}
                for sf in (0.05, 0.1)}
-  import recipes
+  from celerity_jax import recipes
   patience = recipes.load(SIZES[-1]).collapse.patience
   report = {
       "max_delta_matched": float(spread(matched, GRID).max()),
@@ -185,7 +185,7 @@ def main(argv=None):
   if args.write_constants:
     surrogate.save_constants(surrogate.PACKAGED, constants, {
         "fit_mae": report["surrogate_fit_mae_all"], "runs": sorted(curves),
-        "command": "python -m tools.collapse_experiment --write-constants"})
+        "command": "python -m celerity_jax.tools.collapse_experiment --write-constants"})
   plot({"matched (tau_opt)": [curves[k] for k in curves if k.startswith(("matched", "seed"))],
         "mismatched tau": [curves["mismatched_nano_2"], curves["matched_nano_3"],
                            curves["mismatched_nano_4"]]},

@@ -1,7 +1,7 @@
 """MoE step-time benchmark: a mixture-of-experts recipe against the dense model with the same active
 parameters, both dispatch modes, timed in interleaved rounds in one process.
 
-  python -m tools.bench_moe recipe=celerity_moe_nano_4 [section.key=value ...] [--steps 3]
+  python -m celerity_jax.tools.bench_moe recipe=celerity_moe_nano_4 [section.key=value ...] [--steps 3]
       [--rounds 5] [--peak-tflops 989]
 
 The dense twin is the recipe with model.experts=0 and d_ff = top_k x expert width, so its active
@@ -23,7 +23,7 @@ def variants(cfg) -> dict:
   from celerity_jax.config import apply_overrides, validate
   m = cfg.model
   if not m.experts:
-    raise ConfigError("tools.bench_moe: the recipe has model.experts=0; give an MoE recipe")
+    raise ConfigError("celerity_jax.tools.bench_moe: the recipe has model.experts=0; give an MoE recipe")
   width = m.top_k * (m.expert_d_ff or m.d_ff)
   out = {"dense": validate(apply_overrides(cfg, ["model.experts=0", f"model.d_ff={width}"]))}
   for dispatch in ("dropless", "capacity"):
@@ -45,7 +45,7 @@ def bench(argv: list[str]) -> dict:
   from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
-  from tools.bench_step import interleaved_step_times, matmul_ceiling
+  from celerity_jax.tools.bench_step import interleaved_step_times, matmul_ceiling
 
   cfg, _ = parse(rest)
   runs = {}

@@ -1,6 +1,6 @@
 """Checkpoint benchmark: how long the training loop is blocked per async save, against step time.
 
-  python -m tools.bench_checkpoint recipe=celerity_tiny [section.key=value ...] [--saves 5]
+  python -m celerity_jax.tools.bench_checkpoint recipe=celerity_tiny [section.key=value ...] [--saves 5]
 
 The blocked time is the duration of the `save()` call (device-to-host copy and dispatch; the write
 itself runs in the background), measured over --saves saves with the previous save finished first.

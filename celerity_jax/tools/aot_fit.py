@@ -1,4 +1,4 @@
-"""`tools.aot --fit`: the fastest predicted layout of a recipe's step that fits a TPU slice.
+"""`celerity_jax.tools.aot --fit`: the fastest predicted layout of a recipe's step that fits a TPU slice.
 
 A layout is the mesh over one slice's chips (data x fsdp x tensor x expert), the remat policy and
 the sequences each device takes per microbatch (`train.microbatch_rows`; the microbatch count
@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from tools import aot
+from celerity_jax.tools import aot
 
 REMATS = ("none", "dots", "full")          # more memory saved, more computed again
 LAYOUT_KEYS = {"mesh.data": "data", "mesh.fsdp": "fsdp", "mesh.tensor": "tensor",

@@ -1,6 +1,6 @@
 """Predict a run's final loss from its curve so far (SCIENCE.md section 8).
 
-  python -m tools.predict RUN_DIR [--stop 0.3] [--reference surrogate|RUN_DIR] [--surrogate F]
+  python -m celerity_jax.tools.predict RUN_DIR [--stop 0.3] [--reference surrogate|RUN_DIR] [--surrogate F]
 
 Aligns the run's smoothed loss over t in [0.2, stop] to the surrogate at the run's tau, TPP and
 schedule (or to a finished reference run's normalized curve); the fitted divisor is L_hat(T).

@@ -1,10 +1,10 @@
 """Fit the loss-curve surrogate's four constants to finished runs and write them as JSON.
 
-  python -m tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] [--holdout RUN_DIR ...]
+  python -m celerity_jax.tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] [--holdout RUN_DIR ...]
 
 The fit is the alternating grid search of SCIENCE.md section 8 (celerity_jax.collapse.surrogate.fit);
 --holdout runs are not fitted but their MAE is reported. The package's shipped constants come from
-`python -m tools.collapse_experiment --write-constants`, which fits every run of that experiment.
+`python -m celerity_jax.tools.collapse_experiment --write-constants`, which fits every run of that experiment.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def main(argv=None):
   report = {"fit_mae": objective, "runs": args.runs,
             "mae": {c.name: surrogate.mae(c, constants) for c in fitted},
             "holdout_mae": {c.name: surrogate.mae(c, constants) for c in held},
-            "command": "python -m tools.fit_surrogate " + " ".join(sys.argv[1:] if argv is None
+            "command": "python -m celerity_jax.tools.fit_surrogate " + " ".join(sys.argv[1:] if argv is None
                                                                   else argv)}
   surrogate.save_constants(args.out, constants, report)
   print(json.dumps({"constants": constants._asdict(), **report}, indent=2))

@@ -1,6 +1,6 @@
 """Build (or find in the cache) the tokenizer and train/eval token stores of a recipe's data config.
 
-  python -m tools.tokenize recipe=celerity_tiny [data.paths=DIR,FILE,...] [data.cache_dir=DIR]
+  python -m celerity_jax.tools.tokenize recipe=celerity_tiny [data.paths=DIR,FILE,...] [data.cache_dir=DIR]
 
 Prints the cache entry, the tokenizer file and the token counts as JSON. Exit 2 on a config error,
 3 on a data error (the message names the file).

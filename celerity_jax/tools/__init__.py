@@ -1,0 +1,1 @@
+"""Command-line tools (python -m celerity_jax.tools.NAME)."""
