@@ -23,11 +23,16 @@ def parse(argv: list[str]):
     if flag not in ("--print-config", "--help"):
       raise ConfigError(f"unknown flag {flag!r}; known: --print-config, --help")
   args = [a for a in argv if not a.startswith("--")]
-  names = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
-  name = names[-1] if names else recipes.DEFAULT
-  cfg = recipes.load(name)
+  cfg = recipes.load(recipe_name(args))
   cfg = validate(apply_overrides(cfg, [a for a in args if not a.startswith("recipe=")]))
   return cfg, "--print-config" in flags
+
+
+def recipe_name(args: list[str]) -> str:
+  """The recipe `recipe=NAME` names; the last one wins, like every other key."""
+  from celerity_jax import recipes
+  names = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
+  return names[-1] if names else recipes.DEFAULT
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -57,6 +57,16 @@ def test_planner_lists_the_family_with_the_overrides(capsys):
   assert plan.main(["recipe=celerity_1b", "scaling.tppp=2"]) == 2
 
 
+def test_the_last_recipe_given_wins_in_main_and_in_the_planner(capsys):
+  """As for every key, a later recipe= overrides an earlier one (a wrapper script's default)."""
+  from celerity_jax.tools import plan
+  assert main(["recipe=celerity_1b", "recipe=celerity_nano_2", "--print-config"]) == 0
+  assert json.loads(capsys.readouterr().out)["config"]["run"]["dir"] == "runs/celerity_nano_2"
+  assert plan.main(["recipe=celerity_1b", "recipe=celerity_nano_2", "--json"]) == 0
+  assert {r["recipe"] for r in json.loads(capsys.readouterr().out)} == {
+      f"celerity_nano_{i}" for i in range(1, 5)}
+
+
 def test_nano_family_spans_8x_and_tiny_is_its_largest_member():
   import dataclasses
   nanos = [m for m in recipes.available() if m.startswith("celerity_nano_")]

@@ -18,6 +18,7 @@ bytes per chip; this needs libtpu and takes a minute or more per large member.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -32,7 +33,8 @@ def family_of(recipe: str) -> str:
   return re.sub(r"_(\d+(_\d+)?[mb]|\d+)$", "", recipe)
 
 
-def plan(argv: list[str]) -> list[dict]:
+def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
+  """(one row per family member, the parsed flags)."""
   parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--family", default=None)
   parser.add_argument("--accelerator", choices=sorted(PEAK_TFLOPS), default="v5p")
@@ -48,14 +50,14 @@ def plan(argv: list[str]) -> list[dict]:
   from celerity_jax import recipes
   from celerity_jax import scaling
   from celerity_jax.config import ConfigError, apply_overrides, validate
-  from celerity_jax.main import parse
+  from celerity_jax.main import parse, recipe_name
   from celerity_jax.resolve import resolve
   from celerity_jax.tools import tpu_chips
 
   cfg, _ = parse(rest)                                  # validates the recipe and overrides
   if args.chips < 1 or not 0 < args.mfu <= 1:
     raise ConfigError(f"--chips {args.chips} must be >= 1 and --mfu {args.mfu} in (0, 1]")
-  name = next((a.split("=", 1)[1] for a in rest if a.startswith("recipe=")), recipes.DEFAULT)
+  name = recipe_name(rest)
   family = args.family or family_of(name)
   overrides = [a for a in rest if not a.startswith("recipe=")]
   rows = []
