@@ -217,7 +217,7 @@ def test_pipeline_segment_ids_stop_attention_across_documents(prepared):
   import jax.numpy as jnp
   from flax import nnx
   from celerity_jax.config import ModelConfig, ParamConfig
-  from celerity_jax.models.dense import Decoder
+  from celerity_jax.models.decoder import Decoder
   from celerity_jax.parametrization import multipliers
   batch = WindowBatches(prepared.train, 64, 8, seed=0, packing="segments").batch(0)
   row = int(np.argmax((batch["segment_ids"].max(axis=1) >= 1)))     # a row with two documents
@@ -228,8 +228,8 @@ def test_pipeline_segment_ids_stop_attention_across_documents(prepared):
   model = Decoder(cfg, multipliers(ParamConfig(d_base=32), cfg), nnx.Rngs(params=0))
   changed = tokens.copy()
   changed[0, :boundary] = (changed[0, :boundary] + 7) % 300           # rewrite the first document
-  a = model(jnp.asarray(tokens), jnp.asarray(segments))
-  b = model(jnp.asarray(changed), jnp.asarray(segments))
+  a = model(jnp.asarray(tokens), jnp.asarray(segments))[0]
+  b = model(jnp.asarray(changed), jnp.asarray(segments))[0]
   second = segments[0] == 1
   np.testing.assert_allclose(np.asarray(a)[0, second], np.asarray(b)[0, second], atol=1e-5)
   assert np.abs(np.asarray(a - b)[0, :boundary]).max() > 1e-3

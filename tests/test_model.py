@@ -9,7 +9,7 @@ from flax import nnx
 
 from celerity_jax import scaling
 from celerity_jax.config import ModelConfig, ParamConfig
-from celerity_jax.models.dense import Decoder
+from celerity_jax.models.decoder import Decoder
 from celerity_jax.parametrization import multipliers
 from celerity_jax.train.step import cross_entropy
 
@@ -23,7 +23,7 @@ def build(**changes):
 
 
 def per_position_loss(model, tokens, targets):
-  logits = model(tokens)
+  logits = model(tokens)[0]
   lse = jax.nn.logsumexp(logits, -1)
   return lse - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
 
@@ -56,13 +56,13 @@ def test_segments_do_not_attend_across_documents(position):
   segments = np.array([[0] * 6 + [1] * 10])
   changed = tokens.copy()
   changed[0, :6] = rng.integers(0, 64, 6)                  # rewrite document 0 only
-  a = model(jnp.asarray(tokens), jnp.asarray(segments))
-  b = model(jnp.asarray(changed), jnp.asarray(segments))
+  a = model(jnp.asarray(tokens), jnp.asarray(segments))[0]
+  b = model(jnp.asarray(changed), jnp.asarray(segments))[0]
   np.testing.assert_allclose(a[0, 6:], b[0, 6:], atol=1e-6)   # document 1 is unaffected
   assert np.abs(np.asarray(a[0, :6] - b[0, :6])).max() > 1e-3
   # without segment ids the second document does see the first
-  c = model(jnp.asarray(changed))
-  assert np.abs(np.asarray(model(jnp.asarray(tokens))[0, 6:] - c[0, 6:])).max() > 1e-3
+  c = model(jnp.asarray(changed))[0]
+  assert np.abs(np.asarray(model(jnp.asarray(tokens))[0][0, 6:] - c[0, 6:])).max() > 1e-3
 
 
 def test_scan_unrolled_and_remat_agree():
@@ -72,7 +72,7 @@ def test_scan_unrolled_and_remat_agree():
   def loss_and_grad(model):
     graphdef, state = nnx.split(model)
     def loss(params):
-      return cross_entropy(nnx.merge(graphdef, params)(tokens), targets, 0.0)[0]
+      return cross_entropy(nnx.merge(graphdef, params)(tokens)[0], targets, 0.0)[0]
     return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
 
   ref_loss, ref_grad = loss_and_grad(build())
@@ -92,7 +92,7 @@ def test_variants_match_parameter_count_and_train_signal(changes):
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
   assert n == scaling.param_counts(cfg)["total"]
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 16)))
-  logits = model(tokens)
+  logits = model(tokens)[0]
   assert logits.shape == (2, 16, 64) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -102,7 +102,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(bf16)))
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 16)))
   targets = jnp.roll(tokens, -1, axis=1)
-  lo, hi = bf16(tokens), f32(tokens)
+  lo, hi = bf16(tokens)[0], f32(tokens)[0]
   assert lo.dtype == jnp.float32
   ce_lo, ce_hi = cross_entropy(lo, targets, 0.0)[0], cross_entropy(hi, targets, 0.0)[0]
   assert abs(float(ce_lo) - float(ce_hi)) / float(ce_hi) < 0.02
@@ -116,3 +116,15 @@ def test_cross_entropy_and_z_loss_values():
   ce, z = cross_entropy(logits + 2.0, jnp.asarray([[0]]), 1e-2)
   assert float(ce) == pytest.approx(np.log(2), rel=1e-6)
   assert float(z) == pytest.approx(1e-2 * 4.0, rel=1e-5)
+
+
+def test_one_return_shape_for_dense_and_routed_models():
+  """(logits, aux) always; aux carries MoE statistics only for a mixture of experts and the
+  residual stream only when asked for."""
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, (2, 16)))
+  logits, aux = build()(tokens)
+  assert logits.shape == (2, 16, 64) and aux == {}
+  routed = build(experts=4, top_k=2, expert_d_ff=32)
+  logits, aux = routed(tokens, residuals=True)
+  assert logits.shape == (2, 16, 64) and set(aux) == {"moe", "residuals"}
+  assert aux["moe"]["load"].shape == (4,) and aux["residuals"].shape[1:] == (2, 16, 32)

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from celerity_jax.config import ModelConfig, ParamConfig
-from celerity_jax.models.dense import Decoder
+from celerity_jax.models.decoder import Decoder
 from celerity_jax.models.layers import map_variables
 from celerity_jax.parametrization import multipliers
 

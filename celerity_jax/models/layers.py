@@ -1,14 +1,25 @@
-"""Building blocks shared by the decoders: parameters with logical axes, norms, positions.
+"""Building blocks shared by the decoders: parameters with logical axes, norms, positions,
+attention, the dense MLP and the pre-LN block.
 
 Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V vocab.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from celerity_jax.parametrization import Multipliers
+
+Constrain = Callable[[jax.Array, tuple], jax.Array]   # (activation, logical axes) -> activation
+
+
+def no_constraint(x: jax.Array, axes: tuple) -> jax.Array:
+  del axes
+  return x
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...],
@@ -91,3 +102,73 @@ def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
   causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
   same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
   return (causal_LxL[None] & same_doc_BxLxL)[:, None]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
+    d, n, h, kv = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads or cfg.n_heads
+    std = mult.hidden_init_std
+    self.wq = param(rngs, (d, n, h), std, ("embed", "heads", "head_dim"), "hidden")
+    self.wk = param(rngs, (d, kv, h), std, ("embed", "kv_heads", "head_dim"), "hidden")
+    self.wv = param(rngs, (d, kv, h), std, ("embed", "kv_heads", "head_dim"), "hidden")
+    self.wo = param(rngs, (n, h, d), std, ("heads", "head_dim", "embed"), "hidden")
+    self.scale, self.position, self.rope_theta = mult.attn_scale, cfg.position, cfg.rope_theta
+
+  def __call__(self, x_BxLxD, mask_Bx1xLxL, bias_1xNxLxL):
+    dt = x_BxLxD.dtype
+    q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.wq[...].astype(dt))
+    k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wk[...].astype(dt))
+    v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wv[...].astype(dt))
+    if self.position == "rope":
+      q_BxLxNxH, k_BxLxKxH = rope(q_BxLxNxH, self.rope_theta), rope(k_BxLxKxH, self.rope_theta)
+    bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(dt)
+    out_BxLxNxH = jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias, mask=mask_Bx1xLxL, scale=self.scale)
+    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(dt))
+
+
+class Mlp(nnx.Module):
+  """The dense MLP (also a mixture of experts' shared expert, with its own width `d_ff`)."""
+
+  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs, d_ff: int = 0):
+    d, f, std = cfg.d_model, d_ff or cfg.d_ff, mult.hidden_init_std
+    self.kind = cfg.mlp
+    self.wi = param(rngs, (d, f), std, ("embed", "mlp"), "hidden")
+    if self.kind == "swiglu":
+      self.wg = param(rngs, (d, f), std, ("embed", "mlp"), "hidden")
+    self.wo = param(rngs, (f, d), std, ("mlp", "embed"), "hidden")
+
+  def __call__(self, x_BxLxD):
+    dt = x_BxLxD.dtype
+    h_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wi[...].astype(dt))
+    gate_BxLxF = (jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wg[...].astype(dt))
+                  if self.kind == "swiglu" else None)
+    h_BxLxF = mlp_activation(h_BxLxF, gate_BxLxF, self.kind)
+    return jnp.einsum("BLF,FD->BLD", h_BxLxF, self.wo[...].astype(dt))
+
+
+class Block(nnx.Module):
+  """x + m_L^-1 * Attn(LN(x)), then x + m_L^-1 * MLP(LN(x)) (m_L^-1: CompleteP's residual-branch
+  scale). A mixture of experts' block (moe.MoeBlock) swaps the MLP for routed experts."""
+
+  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
+    self.ln1 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+    self.attn = Attention(cfg, mult, rngs)
+    self.ln2 = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+    self.mlp = self.make_mlp(cfg, mult, rngs)
+    self.residual_scale = mult.residual_scale
+
+  def make_mlp(self, cfg, mult, rngs):
+    return Mlp(cfg, mult, rngs)
+
+  def attend(self, x_BxLxD, mask, bias, constrain: Constrain):
+    x_BxLxD = x_BxLxD + self.residual_scale * self.attn(self.ln1(x_BxLxD), mask, bias)
+    return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+  def add_branch(self, x_BxLxD, y_BxLxD, constrain: Constrain):
+    return constrain(x_BxLxD + self.residual_scale * y_BxLxD, ("batch", "length", "act_embed"))
+
+  def __call__(self, x_BxLxD, mask, bias, constrain: Constrain):
+    x_BxLxD = self.attend(x_BxLxD, mask, bias, constrain)
+    return self.add_branch(x_BxLxD, self.mlp(self.ln2(x_BxLxD)), constrain)

@@ -20,7 +20,7 @@ per token (top_k), G sequences, S tokens per sequence, C capacity per expert and
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from celerity_jax.models.layers import mlp_activation, param
+from celerity_jax.models.layers import Block, Constrain, Mlp, mlp_activation, param
 from celerity_jax.parametrization import Multipliers
+
+
+class MoeContext(NamedTuple):
+  """What routed experts need beyond their input, and only they get: the token ids (the hash
+  router routes by id) and the mesh to run expert-parallel on (None: on one device)."""
+  tokens_BxL: jax.Array
+  mesh: Optional[Mesh] = None
 
 
 # ---------------------------------------------------------------- routing
@@ -157,7 +164,6 @@ class MoeMlp(nnx.Module):
   for the learned router, `balance` and `router_z` (see route_topk)."""
 
   def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
-    from celerity_jax.models.dense import Mlp
     e, d, f, std = cfg.experts, cfg.d_model, cfg.expert_d_ff or cfg.d_ff, mult.hidden_init_std
     self.cfg = cfg
     if cfg.router == "topk":
@@ -169,8 +175,8 @@ class MoeMlp(nnx.Module):
     self.wo = param(rngs, (e, f, d), std, ("expert", "mlp", "embed"), "hidden")
     self.shared = Mlp(cfg, mult, rngs, d_ff=f) if cfg.shared_expert else None
 
-  def __call__(self, x_BxLxD, tokens_BxL, mesh: Optional[Mesh] = None):
-    cfg, dt = self.cfg, x_BxLxD.dtype
+  def __call__(self, x_BxLxD, context: MoeContext):
+    cfg, dt, tokens_BxL = self.cfg, x_BxLxD.dtype, context.tokens_BxL
     b, length, d = x_BxLxD.shape
     if cfg.router == "topk":
       logits_BxLxE = jnp.einsum("BLD,DE->BLE", x_BxLxD.astype(jnp.float32),
@@ -182,14 +188,15 @@ class MoeMlp(nnx.Module):
     aux["load"] = expert_load(experts, cfg.experts)
     experts_BxLxK = experts.reshape(b, length, cfg.top_k)
     gates_BxLxK = gates.reshape(b, length, cfg.top_k)
-    w = {name: getattr(self, name)[...].astype(dt) for name in ("wi", "wg", "wo")
-         if hasattr(self, name)}
-    if mesh is None:
+    weights = {name: getattr(self, name) for name in ("wi", "wg", "wo") if hasattr(self, name)}
+    w = {name: v[...].astype(dt) for name, v in weights.items()}
+    if context.mesh is None:
       y_BxLxD, kept = self._dispatch(x_BxLxD, experts_BxLxK, gates_BxLxK, w)
     else:
       from celerity_jax.models import expert_parallel
-      y_BxLxD, kept = expert_parallel.dispatch(self._dispatch, cfg.dispatch, mesh, x_BxLxD,
-                                               experts_BxLxK, gates_BxLxK, w)
+      axes = {name: tuple(v.get_metadata()["axes"]) for name, v in weights.items()}
+      y_BxLxD, kept = expert_parallel.dispatch(self._dispatch, cfg.dispatch, context.mesh,
+                                               x_BxLxD, experts_BxLxK, gates_BxLxK, w, axes)
     aux["dropped"] = 1.0 - kept
     if self.shared is not None:
       y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
@@ -205,3 +212,15 @@ class MoeMlp(nnx.Module):
     y = dropless(x_BxLxD.reshape(b * length, d), experts_BxLxK.reshape(b * length, -1),
                  gates_BxLxK.reshape(b * length, -1), w, cfg.mlp, first_expert)
     return y.reshape(b, length, d), jnp.ones((), jnp.float32)
+
+
+class MoeBlock(Block):
+  """A pre-LN block whose MLP is routed experts; returns (x, the MoE layer's statistics)."""
+
+  def make_mlp(self, cfg, mult, rngs):
+    return MoeMlp(cfg, mult, rngs)
+
+  def __call__(self, x_BxLxD, mask, bias, constrain: Constrain, context: MoeContext):
+    x_BxLxD = self.attend(x_BxLxD, mask, bias, constrain)
+    y_BxLxD, aux = self.mlp(self.ln2(x_BxLxD), context)
+    return self.add_branch(x_BxLxD, y_BxLxD, constrain), aux

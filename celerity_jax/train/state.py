@@ -11,7 +11,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
-from celerity_jax.models.dense import Decoder
+from celerity_jax.models.decoder import Decoder
 from celerity_jax.models.layers import map_variables
 from celerity_jax.optim import ScheduledAdamW, make_optimizer
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
-from celerity_jax.models.dense import no_constraint
+from celerity_jax.models.layers import no_constraint
 from celerity_jax.resolve import Resolved
 from celerity_jax.train import state as state_lib
 from celerity_jax.train.state import Setup, TrainState
@@ -37,8 +37,7 @@ def make_loss_fn(setup: Setup, cfg, mesh: Optional[Mesh] = None):
 
   def loss_fn(params, batch):
     model = nnx.merge(setup.graphdef, params)
-    logits, extra = model(batch["inputs"], batch.get("segment_ids"), constrain, mesh=mesh,
-                          with_aux=True)
+    logits, extra = model(batch["inputs"], batch.get("segment_ids"), constrain, mesh=mesh)
     ce, z = cross_entropy(logits, batch["targets"], m.z_loss)
     aux, objective = {"ce": ce, "z": z}, ce + z
     if "moe" in extra:

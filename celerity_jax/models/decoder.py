@@ -1,0 +1,104 @@
+"""The decoder (Flax NNX): embedding, stacked pre-LN blocks (dense, or routed experts every
+model.moe_every layers), final norm and unembedding, with CompleteP multipliers.
+
+Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V vocab.
+Layers are created stacked (leading axis = layer) and run under `lax.scan`, so compile time does not
+grow with depth; `model.scan_layers=false` unrolls them instead.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from celerity_jax.models.layers import (Block, Constrain, Norm, alibi_bias, attention_mask,
+                                       no_constraint, param)
+from celerity_jax.models.moe import MoeBlock, MoeContext, moe_summary
+from celerity_jax.parametrization import Multipliers
+
+REMAT_POLICIES = {
+    "full": None,                                                   # save nothing
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stacked_blocks(cfg, mult, rngs, count: int, kind: type[Block]):
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs):
+    return kind(cfg, mult, rngs)
+  return make(rngs)
+
+
+class Decoder(nnx.Module):
+  """Untied-embedding decoder; returns float32 logits BxLxV.
+
+  A mixture of experts (model.experts > 0) routes the MLP of the last layer in every group of
+  model.moe_every layers: `blocks` holds the dense layers and `moe_blocks` the routed ones, each
+  stacked, and the scan runs over groups of moe_every layers.
+  """
+
+  def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
+    self.cfg, self.mult = cfg, mult
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), mult.embed_init_std,
+                       ("vocab", "embed"), "embed")
+    n_moe = cfg.n_layers // cfg.moe_every if cfg.experts else 0
+    n_dense = cfg.n_layers - n_moe
+    self.blocks = _stacked_blocks(cfg, mult, rngs, n_dense, Block) if n_dense else None
+    self.moe_blocks = _stacked_blocks(cfg, mult, rngs, n_moe, MoeBlock) if n_moe else None
+    self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+    self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), mult.unembed_init_std,
+                         ("embed", "vocab"), "unembed")
+
+  def __call__(self, tokens_BxL, segment_ids_BxL=None, constrain: Constrain = no_constraint,
+               mesh=None, residuals: bool = False):
+    """(logits BxLxV float32, aux). aux["moe"] holds a mixture of experts' statistics
+    (moe.moe_summary); with `residuals`, aux["residuals"] is the residual stream after each group
+    of layers, stacked [groups, B, L, D] (for coordinate checks; decided at trace time, so training
+    pays nothing). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py)."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.zeros_like(tokens_BxL)
+    mask = attention_mask(segment_ids_BxL)
+    bias = alibi_bias(cfg.n_heads, tokens_BxL.shape[1]) if cfg.position == "alibi" else None
+    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0) * self.mult.input_scale
+    x_BxLxD = constrain(x_BxLxD.astype(dt), ("batch", "length", "act_embed"))
+
+    groups = cfg.n_layers // cfg.moe_every if self.moe_blocks is not None else cfg.n_layers
+    per_group = cfg.n_layers // groups - (self.moe_blocks is not None)   # dense layers per group
+    dense_def, dense = nnx.split(self.blocks) if self.blocks is not None else (None, None)
+    moe_def, moe = nnx.split(self.moe_blocks) if self.moe_blocks is not None else (None, None)
+    if dense is not None and per_group > 1:
+      dense = jax.tree.map(lambda a: a.reshape(groups, per_group, *a.shape[1:]), dense)
+
+    context = MoeContext(tokens_BxL, mesh)
+
+    def group(x, states):
+      dense_states, moe_state = states
+      aux = {}
+      for i in range(per_group if dense_states is not None else 0):
+        layer = dense_states if per_group == 1 else jax.tree.map(lambda a, i=i: a[i], dense_states)
+        x = nnx.merge(dense_def, layer)(x, mask, bias, constrain)
+      if moe_state is not None:
+        x, aux = nnx.merge(moe_def, moe_state)(x, mask, bias, constrain, context)
+      return x, ((x if residuals else None), aux)
+
+    if cfg.remat != "none":
+      group = jax.checkpoint(group, policy=REMAT_POLICIES[cfg.remat])
+    if cfg.scan_layers:
+      x_BxLxD, (stream, moe_aux) = jax.lax.scan(group, x_BxLxD, (dense, moe))
+    else:
+      outs = [None] * groups
+      for i in range(groups):
+        x_BxLxD, outs[i] = group(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], (dense, moe)))
+      stream, moe_aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if groups else (None, {})
+
+    x_BxLxD = self.final_norm(x_BxLxD)
+    logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.unembed[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+    logits_BxLxV = constrain(logits_BxLxV * self.mult.logit_scale, ("batch", "length", "act_vocab"))
+    aux = {"residuals": stream} if residuals else {}
+    if moe_aux:
+      aux["moe"] = moe_summary(moe_aux)
+    return logits_BxLxV, aux
