@@ -59,22 +59,22 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
   """Every derived quantity for `cfg` on `n_devices` devices. `kept_batch` (sequences; a resumed
   run's B) replaces the batch law's rounding; a fixed `train.batch_size` takes precedence."""
   from celerity_jax.sharding import data_parallel_size, mesh_shape
-  s, t, o, m = cfg.scaling, cfg.train, cfg.optim, cfg.model
-  counts = scaling.param_counts(m)
+  sc, tr, opt, model = cfg.scaling, cfg.train, cfg.optim, cfg.model
+  counts = scaling.param_counts(model)
   n = counts["active"]
-  d_tokens = s.tpp * n
+  d_tokens = sc.tpp * n
   dp = data_parallel_size(mesh_shape(cfg.mesh, n_devices))
   # every device gets whole sequences in every microbatch
-  granule = dp * (t.microbatch_rows or t.microbatches)
-  per = (f"train.microbatch_rows {t.microbatch_rows}" if t.microbatch_rows
-         else f"train.microbatches {t.microbatches}")
-  law = (t.batch_size or
-         scaling.batch_tokens(d_tokens, s.batch_coef, s.batch_exp, s.batch_anchor) / m.seq_len)
-  if t.batch_size:
-    if t.batch_size % granule:
-      raise ConfigError(f"train.batch_size={t.batch_size} must be a multiple of data-parallel size "
+  granule = dp * (tr.microbatch_rows or tr.microbatches)
+  per = (f"train.microbatch_rows {tr.microbatch_rows}" if tr.microbatch_rows
+         else f"train.microbatches {tr.microbatches}")
+  law = (tr.batch_size or
+         scaling.batch_tokens(d_tokens, sc.batch_coef, sc.batch_exp, sc.batch_anchor) / model.seq_len)
+  if tr.batch_size:
+    if tr.batch_size % granule:
+      raise ConfigError(f"train.batch_size={tr.batch_size} must be a multiple of data-parallel size "
                         f"{dp} x {per} = {granule}")
-    batch_seqs = t.batch_size
+    batch_seqs = tr.batch_size
   elif kept_batch:
     if kept_batch % granule:
       raise ConfigError(f"the checkpoint's batch of {kept_batch} sequences does not split over "
@@ -83,38 +83,38 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
     batch_seqs = kept_batch
   else:
     batch_seqs = scaling.round_batch(law, granule)
-  microbatches = batch_seqs // granule if t.microbatch_rows else t.microbatches
-  b_tokens = batch_seqs * m.seq_len
+  microbatches = batch_seqs // granule if tr.microbatch_rows else tr.microbatches
+  b_tokens = batch_seqs * model.seq_len
   steps = scaling.total_steps(d_tokens, b_tokens)
-  warmup = scaling.warmup_steps(d_tokens, b_tokens, s.warmup_frac, s.warmup_max_tokens)
+  warmup = scaling.warmup_steps(d_tokens, b_tokens, sc.warmup_frac, sc.warmup_max_tokens)
   if warmup >= steps:
     raise ConfigError(f"warmup of {warmup} steps is not shorter than T={steps} steps; "
                       f"lower scaling.warmup_frac or raise scaling.tpp")
-  stop = math.ceil(t.stop_frac * steps)
-  if t.stop_step:
-    stop = min(stop, t.stop_step)
+  stop = math.ceil(tr.stop_frac * steps)
+  if tr.stop_step:
+    stop = min(stop, tr.stop_step)
 
-  mult = multipliers(cfg.param, m)
-  lr_peak = {g: o.lr_base * k for g, k in mult.lr.items()}
-  eta_hidden = lr_peak["hidden"]
-  tpp_effective = scaling.effective_tpp(s.tpp, m)
-  tau_opt = scaling.tau_opt(tpp_effective, s.tau_c, s.tau_m)
-  if o.weight_decay is not None:
-    lam = o.weight_decay
+  mult = multipliers(cfg.param, model)
+  lr_peak = {g: opt.lr_base * factor for g, factor in mult.lr.items()}
+  eta_hidden = lr_peak["hidden"]       # the paper's eta: the LR that tau is defined by
+  tpp_effective = scaling.effective_tpp(sc.tpp, model)
+  tau_opt = scaling.tau_opt(tpp_effective, sc.tau_c, sc.tau_m)
+  if opt.weight_decay is not None:
+    lam = opt.weight_decay
     tau = 1.0 / (eta_hidden * lam * steps) if lam > 0 else math.inf
   else:
-    tau = o.tau or tau_opt
+    tau = opt.tau or tau_opt
     lam = scaling.weight_decay(eta_hidden, tau, steps)
   tau_groups = {g: (1.0 / (lr_peak[g] * lam * steps) if lam > 0 and g in DECAYED_GROUPS else None)
                 for g in lr_peak}
   return Resolved(
       n_params=counts["total"], n_active=n, n_embedding=counts["embedding"],
-      n_non_embedding=counts["non_embedding"], tpp=s.tpp, tpp_effective=tpp_effective,
+      n_non_embedding=counts["non_embedding"], tpp=sc.tpp, tpp_effective=tpp_effective,
       tokens=d_tokens, data_parallel=dp, microbatches=microbatches,
       batch_seqs_law=float(law), batch_seqs=batch_seqs,
       batch_tokens=b_tokens, steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak,
       eta_hidden=eta_hidden,
       weight_decay=lam, tau=tau, tau_opt=tau_opt, tau_groups=tau_groups,
-      flops_per_token=scaling.flops_per_token(m, causal=True),
-      flops_per_token_full_attn=scaling.flops_per_token(m, causal=False),
+      flops_per_token=scaling.flops_per_token(model, causal=True),
+      flops_per_token_full_attn=scaling.flops_per_token(model, causal=False),
       multipliers=mult)

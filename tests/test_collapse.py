@@ -41,6 +41,21 @@ def run_monitor(spec, losses):
   return {k: np.asarray(v) for k, v in metrics.items()}
 
 
+def test_the_three_smoothings_agree():
+  """The loss a run logs (the in-step monitor, float32), the offline curve smoothing (float64) and
+  the surrogate's traced smoothing (what fits and references use) are the same debiased EMA: what
+  a run logs is what a later run compares against."""
+  T, smooth_frac = 300, 0.02
+  t, raw = synthetic(T, noise=0.05, seed=3)
+  logged = run_monitor(spec_for(T, None, None, smooth_frac=smooth_frac), raw)["loss_smooth"]
+  decay = curves.ema_decay(smooth_frac, 1 / T)
+  offline = curves.ema(raw, decay)
+  traced = np.asarray(surrogate._ema_last_axis(jnp.asarray(raw, jnp.float32), decay))
+  np.testing.assert_allclose(logged, offline, rtol=2e-6)
+  np.testing.assert_allclose(traced, offline, rtol=2e-6)
+  assert offline[0] == pytest.approx(raw[0], rel=1e-12)                  # debiased: no zero start
+
+
 def numpy_monitor(T, losses, ref_t, ref_l, threshold, patience, smooth_frac=0.02):
   """A plain re-implementation of SCIENCE.md section 7, step by step."""
   d = np.exp(-1 / (smooth_frac * T))

@@ -22,15 +22,20 @@ def ema_decay(smooth_frac: float, spacing: float) -> float:
   return math.exp(-spacing / smooth_frac) if smooth_frac > 0 else 0.0
 
 
+def ema_step(m, w, x, decay):
+  """One step of the debiased EMA that every smoothing here uses (the in-step monitor, these
+  offline curves, the surrogate's fit): m = d m + (1 - d) x, w = d w + (1 - d); the smoothed
+  value is m / w. Written once so that what a run logs is what a later run compares against."""
+  return decay * m + (1 - decay) * x, decay * w + (1 - decay)
+
+
 def ema(values: np.ndarray, decay: float) -> np.ndarray:
-  """Debiased EMA along the last axis: m = d m + (1 - d) x, w = d w + (1 - d), out = m / w."""
+  """The debiased EMA (ema_step) along the last axis, in float64."""
   values = np.asarray(values, np.float64)
   out = np.empty_like(values)
-  m = np.zeros(values.shape[:-1])
-  w = 0.0
+  m, w = np.zeros(values.shape[:-1]), 0.0
   for i in range(values.shape[-1]):
-    m = decay * m + (1 - decay) * values[..., i]
-    w = decay * w + (1 - decay)
+    m, w = ema_step(m, w, values[..., i], decay)
     out[..., i] = m / w
   return out
 

@@ -43,9 +43,9 @@ def update(spec: MonitorSpec, state: dict, loss, step_done, finite) -> tuple[dic
   """One step of the monitor: `loss` measured at the step that brings the count to `step_done`;
   a non-finite step leaves the state as it was."""
   loss = jnp.where(finite, loss, 0.0).astype(jnp.float32)
-  d = spec.decay
-  ema_m = jnp.where(finite, d * state["ema_m"] + (1 - d) * loss, state["ema_m"])
-  ema_w = jnp.where(finite, d * state["ema_w"] + (1 - d), state["ema_w"])
+  m, w = curves.ema_step(state["ema_m"], state["ema_w"], loss, spec.decay)
+  ema_m = jnp.where(finite, m, state["ema_m"])
+  ema_w = jnp.where(finite, w, state["ema_w"])
   smooth = ema_m / jnp.maximum(ema_w, 1e-30)
   spike = finite & (smooth > spec.spike_factor * state["min_smooth"])
   new = dict(state, ema_m=ema_m, ema_w=ema_w,
@@ -59,15 +59,17 @@ def update(spec: MonitorSpec, state: dict, loss, step_done, finite) -> tuple[dic
   t = jnp.asarray(step_done, jnp.float32) / spec.steps
   ref = jnp.interp(t, jnp.asarray(spec.ref_t, jnp.float32), jnp.asarray(spec.ref_l, jnp.float32))
   window = finite & (t >= spec.align_start) & (t <= spec.align_end)
-  s_ll = state["s_ll"] + jnp.where(window, smooth * smooth, 0.0)
-  s_lr = state["s_lr"] + jnp.where(window, smooth * ref, 0.0)
-  active = (t > spec.align_end) & (s_lr > 0)
-  estimate = jnp.where(active, s_ll / jnp.where(s_lr > 0, s_lr, 1.0), 0.0)
+  # S_LL and S_Ll of the alignment (stored as s_ll and s_lr: checkpoint keys, kept as they are)
+  sum_smooth_sq = state["s_ll"] + jnp.where(window, smooth * smooth, 0.0)
+  sum_smooth_ref = state["s_lr"] + jnp.where(window, smooth * ref, 0.0)
+  active = (t > spec.align_end) & (sum_smooth_ref > 0)
+  estimate = jnp.where(active, sum_smooth_sq / jnp.where(sum_smooth_ref > 0, sum_smooth_ref, 1.0),
+                       0.0)
   residual = jnp.where(active, smooth / jnp.where(active, estimate, 1.0) - ref, 0.0)
   off = active & finite & (jnp.abs(residual) > spec.threshold)
   over = jnp.where(off, state["over"] + 1, jnp.where(finite, 0, state["over"]))
   alert = over >= spec.patience
-  new.update(s_ll=s_ll, s_lr=s_lr, over=over,
+  new.update(s_ll=sum_smooth_sq, s_lr=sum_smooth_ref, over=over,
              alert_steps=state["alert_steps"] + alert.astype(jnp.int32))
   metrics.update(collapse_active=active.astype(jnp.int32), collapse_residual=residual,
                  collapse_alert=alert.astype(jnp.int32), final_loss_estimate=estimate)
@@ -90,18 +92,18 @@ _MATCHED = {"tau": 0.02, "tpp": 0.02, "warmup_frac": 0.1, "smooth_frac": 1e-6}
 
 def build_spec(cfg, resolved) -> MonitorSpec:
   """The monitor for a run: reference curve per collapse.reference; warns on mismatched controls."""
-  k = cfg.collapse
+  col = cfg.collapse
   steps = resolved.steps
-  t, ell, source = None, None, k.reference
-  if k.reference == "surrogate":
-    constants = surrogate.load_constants(k.surrogate)
+  t, ell, source = None, None, col.reference
+  if col.reference == "surrogate":
+    constants = surrogate.load_constants(col.surrogate)
     t, ell = surrogate.normalized_curve(steps, resolved.warmup_steps, cfg.optim.schedule,
-                                        resolved.tau, resolved.tpp_effective, constants, k.smooth_frac)
-  elif k.reference != "none":
-    ref = curves.load_run(k.reference, require_finished=True)
+                                        resolved.tau, resolved.tpp_effective, constants, col.smooth_frac)
+  elif col.reference != "none":
+    ref = curves.load_run(col.reference, require_finished=True)
     t, ell = ref.t_hat, ref.normalized()
     mine = {"tau": resolved.tau, "tpp": resolved.tpp_effective, "warmup_frac": resolved.warmup_steps / steps,
-            "smooth_frac": k.smooth_frac}
+            "smooth_frac": col.smooth_frac}
     theirs = {"tau": ref.tau, "tpp": ref.tpp, "warmup_frac": ref.warmup / ref.steps,
               "smooth_frac": ref.smooth_frac}
     off = [f"{key} {mine[key]:.4g} vs {theirs[key]:.4g}" for key, tol in _MATCHED.items()
@@ -109,12 +111,12 @@ def build_spec(cfg, resolved) -> MonitorSpec:
     if ref.schedule != cfg.optim.schedule:
       off.append(f"schedule {cfg.optim.schedule} vs {ref.schedule}")
     if off:
-      print(f"celerity_jax: warning: collapse.reference {k.reference} was trained with other "
+      print(f"celerity_jax: warning: collapse.reference {col.reference} was trained with other "
             f"controls ({'; '.join(off)}); curves collapse only when they match", file=sys.stderr)
-  if t is not None and not ((t >= k.align_start) & (t <= k.align_end)).any():
+  if t is not None and not ((t >= col.align_start) & (t <= col.align_end)).any():
     print(f"celerity_jax: warning: no reference point in the alignment window "
-          f"[{k.align_start}, {k.align_end}]", file=sys.stderr)
-  return MonitorSpec(steps, curves.ema_decay(k.smooth_frac, 1.0 / steps), k.align_start,
-                     k.align_end, k.threshold, k.patience, k.spike_factor,
+          f"[{col.align_start}, {col.align_end}]", file=sys.stderr)
+  return MonitorSpec(steps, curves.ema_decay(col.smooth_frac, 1.0 / steps), col.align_start,
+                     col.align_end, col.threshold, col.patience, col.spike_factor,
                      None if t is None else np.asarray(t, np.float64),
                      None if ell is None else np.asarray(ell, np.float64), source)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celerity_jax.collapse.curves import Curve, ema_decay
+from celerity_jax.collapse.curves import Curve, ema_decay, ema_step
 from celerity_jax.config import ConfigError
 
 EPS1, EPS2, M_EXP = 1e-3, 0.1, 0.05
@@ -62,11 +62,10 @@ def g(t_hat, lr, b, q):
 
 
 def _ema_last_axis(x, decay):
-  """Debiased EMA along the last axis; `decay` broadcasts against x[..., 0]."""
+  """The debiased EMA (curves.ema_step) along the last axis, traced; `decay` broadcasts against
+  x[..., 0]."""
   def body(carry, xi):
-    m, w = carry
-    m = decay * m + (1 - decay) * xi
-    w = decay * w + (1 - decay)
+    m, w = ema_step(*carry, xi, decay)
     return (m, w), m / w
   init = (jnp.zeros_like(x[..., 0]), jnp.zeros_like(x[..., 0] * decay))
   _, out = jax.lax.scan(body, init, jnp.moveaxis(x, -1, 0))

@@ -40,8 +40,8 @@ PREDICT_STOPS = (0.3, 0.5, 0.7)
 def monitor_window() -> tuple[float, float]:
   """The nano recipes' alignment window (the monitor's, so residuals here are what it would log)."""
   from celerity_jax import recipes
-  k = recipes.load(SIZES[-1]).collapse
-  return k.align_start, k.align_end
+  col = recipes.load(SIZES[-1]).collapse
+  return col.align_start, col.align_end
 
 
 def plan() -> dict[str, tuple[str, list[str]]]:
