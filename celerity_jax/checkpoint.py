@@ -10,6 +10,7 @@ never fatal while an older one is usable: `first_usable` warns, moves the damage
 `<step>.damaged` (kept for a look, out of Orbax's listing so that step can be saved again) and tries
 the one before. Only when none is usable is it an error (`CheckpointUnusable`, exit 6).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -17,8 +18,9 @@ import hashlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from importlib import metadata as importlib_metadata
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -28,11 +30,27 @@ from celerity_jax import storage
 from celerity_jax.config import ConfigError
 
 # Settings that do not change the training trajectory: they may differ on resume.
-FREE_KEYS = ("run.", "checkpoint.", "mesh.", "dist.", "train.stop_frac", "train.stop_step",
-             "train.eval_every", "data.threads", "data.cache_dir", "data.eval_batches",
-             "model.remat", "derived.stop_step", "derived.data_parallel",
-             "derived.microbatches", "derived.batch_seqs_law",   # follow from settings kept
-             "collapse.threshold", "collapse.patience", "collapse.policy", "collapse.spike_factor")
+FREE_KEYS = (
+  "run.",
+  "checkpoint.",
+  "mesh.",
+  "dist.",
+  "train.stop_frac",
+  "train.stop_step",
+  "train.eval_every",
+  "data.threads",
+  "data.cache_dir",
+  "data.eval_batches",
+  "model.remat",
+  "derived.stop_step",
+  "derived.data_parallel",
+  "derived.microbatches",
+  "derived.batch_seqs_law",  # follow from settings kept
+  "collapse.threshold",
+  "collapse.patience",
+  "collapse.policy",
+  "collapse.spike_factor",
+)
 DAMAGED_SUFFIX = ".damaged"
 T = TypeVar("T")
 
@@ -90,17 +108,21 @@ class Checkpointer:
   def __init__(self, directory, ckpt_cfg=None, read_only: bool = False):
     self.directory = storage.location(directory)
     self.read_only = read_only
-    if read_only:                    # (Orbax's own read_only mode logs warnings on every open)
+    if read_only:  # (Orbax's own read_only mode logs warnings on every open)
       options = ocp.CheckpointManagerOptions(create=False, save_root_metadata=False)
     else:
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=ckpt_cfg.keep, keep_period=ckpt_cfg.keep_every or None,
-          enable_async_checkpointing=ckpt_cfg.async_save, create=True)
+        max_to_keep=ckpt_cfg.keep,
+        keep_period=ckpt_cfg.keep_every or None,
+        enable_async_checkpointing=ckpt_cfg.async_save,
+        create=True,
+      )
     # explicit handlers: a fresh process can then read item metadata before any save or restore
     self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
 
   def incomplete(self) -> list[str]:
     """Step directories a killed save left behind, which Orbax never lists as checkpoints: a
@@ -109,23 +131,28 @@ class Checkpointer:
     if not self.directory.exists():
       return []
     committed = {str(step) for step in self.manager.all_steps()}
-    return sorted(p.name for p in self.directory.iterdir()
-                  if p.is_dir() and p.name not in committed
-                  and DAMAGED_SUFFIX not in p.name)
+    return sorted(
+      p.name
+      for p in self.directory.iterdir()
+      if p.is_dir() and p.name not in committed and DAMAGED_SUFFIX not in p.name
+    )
 
   def steps(self, warn: bool = True) -> list[int]:
     """Committed steps, newest first; warns about each incomplete save."""
     for name in self.incomplete() if warn else ():
-      print(f"celerity_jax: warning: ignoring incomplete checkpoint {self.directory / name}",
-            file=sys.stderr)
+      print(
+        f"celerity_jax: warning: ignoring incomplete checkpoint {self.directory / name}",
+        file=sys.stderr,
+      )
     return sorted(self.manager.all_steps(), reverse=True)
 
   def latest(self) -> int | None:
     steps = self.steps()
     return steps[0] if steps else None
 
-  def first_usable(self, load: Callable[[int], T], steps: list[int] | None = None
-                   ) -> tuple[int, T] | None:
+  def first_usable(
+    self, load: Callable[[int], T], steps: list[int] | None = None
+  ) -> tuple[int, T] | None:
     """(step, load(step)) for the newest step `load` can read, falling back past damaged ones
     with a warning each; None when there is no checkpoint. `load` raises ConfigError to refuse a
     readable checkpoint (a changed setting), which is not damage and ends the search."""
@@ -136,7 +163,7 @@ class Checkpointer:
         result, reason = load(step), None
       except ConfigError:
         raise
-      except Exception as e:           # Orbax, tensorstore, JSON: any unreadable part
+      except Exception as e:  # Orbax, tensorstore, JSON: any unreadable part
         result, reason = None, _one_line(e)
         _quiet_abandoned_reads()
       if _all_processes_agree(reason is None):
@@ -144,12 +171,17 @@ class Checkpointer:
         return step, result
       reason = reason or "unreadable on another process"
       damaged.append((step, reason))
-      print(f"celerity_jax: warning: checkpoint {self.directory / str(step)} is damaged "
-            f"({reason}); trying an older one", file=sys.stderr)
+      print(
+        f"celerity_jax: warning: checkpoint {self.directory / str(step)} is damaged "
+        f"({reason}); trying an older one",
+        file=sys.stderr,
+      )
     if damaged:
       listed = "; ".join(f"step {s}: {r}" for s, r in damaged)
-      raise CheckpointUnusable(f"no usable checkpoint in {self.directory} ({listed}); move the "
-                               f"directory aside to start over, or restore it from a copy")
+      raise CheckpointUnusable(
+        f"no usable checkpoint in {self.directory} ({listed}); move the "
+        f"directory aside to start over, or restore it from a copy"
+      )
     return None
 
   def _set_aside(self, steps: list[int]):
@@ -160,13 +192,16 @@ class Checkpointer:
       for step in steps:
         source, target = self.directory / str(step), self.directory / f"{step}{DAMAGED_SUFFIX}"
         n = 1
-        while target.exists():         # the same step was damaged before: keep both
+        while target.exists():  # the same step was damaged before: keep both
           n, target = n + 1, self.directory / f"{step}{DAMAGED_SUFFIX}.{n + 1}"
         storage.move(source, target)
-        print(f"celerity_jax: warning: moved damaged checkpoint {source} to {target.name}",
-              file=sys.stderr)
+        print(
+          f"celerity_jax: warning: moved damaged checkpoint {source} to {target.name}",
+          file=sys.stderr,
+        )
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices("celerity_jax damaged checkpoints moved")
     self.manager.reload()
 
@@ -177,27 +212,40 @@ class Checkpointer:
     """The state at `step`, placed with the shardings of `abstract_state` (any mesh); without
     one, as saved (host arrays, for export)."""
     if abstract_state is None:
-      return self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+      return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+        "state"
+      ]
     saved = self.manager.item_metadata(step)["state"]
-    saved_shapes = {path: tuple(leaf.shape) for path, leaf in leaf_paths(saved or {})
-                    if getattr(leaf, "shape", None) is not None}
+    saved_shapes = {
+      path: tuple(leaf.shape)
+      for path, leaf in leaf_paths(saved or {})
+      if getattr(leaf, "shape", None) is not None
+    }
     if not saved_shapes:
       raise _Damaged("no array metadata")
-    mismatched = [f"{path}: checkpoint {saved_shapes.get(path)} vs model {tuple(leaf.shape)}"
-                  for path, leaf in leaf_paths(abstract_state)
-                  if saved_shapes.get(path) != tuple(leaf.shape)]
+    mismatched = [
+      f"{path}: checkpoint {saved_shapes.get(path)} vs model {tuple(leaf.shape)}"
+      for path, leaf in leaf_paths(abstract_state)
+      if saved_shapes.get(path) != tuple(leaf.shape)
+    ]
     if mismatched:
-      raise ConfigError(f"checkpoint {self.directory / str(step)} does not fit this model: "
-                        + "; ".join(mismatched[:8]) + (" ..." if len(mismatched) > 8 else ""))
+      raise ConfigError(
+        f"checkpoint {self.directory / str(step)} does not fit this model: "
+        + "; ".join(mismatched[:8])
+        + (" ..." if len(mismatched) > 8 else "")
+      )
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    )
     return restored["state"]
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-    meta = {**meta, "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    meta = {**meta, "saved_at": datetime.datetime.now(datetime.UTC).isoformat()}
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=force,
+    )
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -217,7 +265,7 @@ def saved_batch(directory) -> int | None:
     for step in reader.steps(warn=False):
       try:
         return int(reader.meta(step)["described"]["derived"]["batch_seqs"])
-      except Exception:              # unreadable: the restore falls back past it, with a warning
+      except Exception:  # unreadable: the restore falls back past it, with a warning
         _quiet_abandoned_reads()
     return None
   finally:
@@ -250,7 +298,7 @@ def _quiet_abandoned_reads():
     if "Encountered error while reading array" not in text and text != "Event loop is closed":
       unraisablehook(unraisable)
 
-  def quiet_asyncio(record) -> bool:     # "Task exception was never retrieved" for the same reads
+  def quiet_asyncio(record) -> bool:  # "Task exception was never retrieved" for the same reads
     error = record.exc_info[1] if record.exc_info else None
     return "Encountered error while reading array" not in record.getMessage() + str(error)
 
@@ -264,13 +312,17 @@ def _all_processes_agree(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils
+
   return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def leaf_paths(tree) -> list[tuple[str, object]]:
   """(path, array) for every array of a params or state tree: `blocks/attn/wq`, `embed`, ..."""
+
   def name(path):
     return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
   flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict))
+    tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
+  )
   return [(name(path), leaf) for path, leaf in flat]

@@ -1,17 +1,20 @@
 """The typed, frozen config tree and the `section.key=value` override parser.
 
 A recipe builds a `Config`; the CLI applies overrides with `apply_overrides`; `validate` checks
-cross-field rules. Derived hyperparameters (N, D, B, T, eta, lambda, tau) live in `resolve.py`, so the
+cross-field rules. Derived hyperparameters (N, D, B, T, eta, lambda, tau) live in `resolve.py`, so
+the
 config holds only what a user chooses.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 class ConfigError(ValueError):
@@ -24,7 +27,7 @@ class ModelConfig:
   d_model: int = 128
   n_layers: int = 2
   n_heads: int = 2
-  n_kv_heads: int = 0            # 0 = n_heads (multi-head); fewer = grouped-query attention
+  n_kv_heads: int = 0  # 0 = n_heads (multi-head); fewer = grouped-query attention
   d_head: int = 64
   d_ff: int = 1024
   seq_len: int = 256
@@ -33,26 +36,27 @@ class ModelConfig:
   position: Literal["alibi", "rope"] = "alibi"
   rope_theta: float = 10000.0
   mlp: Literal["squared_relu", "swiglu"] = "squared_relu"
-  dtype: Literal["float32", "bfloat16"] = "float32"   # compute dtype; params are always float32
-  z_loss: float = 0.0            # coefficient of logsumexp(logits)^2, 0 = off
+  dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params are always float32
+  z_loss: float = 0.0  # coefficient of logsumexp(logits)^2, 0 = off
   remat: Literal["none", "full", "dots"] = "none"
   scan_layers: bool = True
   # mixture of experts (models/moe.py, README "Mixture of experts"); experts = 0 is a dense model
-  experts: int = 0               # routed experts per MoE layer
-  top_k: int = 1                 # experts per token
-  router: Literal["topk", "hash"] = "topk"   # learned softmax top-k | fixed token-id hash (top-1)
-  dispatch: Literal["dropless", "capacity"] = "dropless"   # grouped matmul | capacity + dropping
+  experts: int = 0  # routed experts per MoE layer
+  top_k: int = 1  # experts per token
+  router: Literal["topk", "hash"] = "topk"  # learned softmax top-k | fixed token-id hash (top-1)
+  dispatch: Literal["dropless", "capacity"] = "dropless"  # grouped matmul | capacity + dropping
   capacity_factor: float = 1.25  # per-sequence capacity per expert = ceil(cf * seq_len * k / E)
-  moe_every: int = 1             # the last layer of every group of this many layers is MoE
-  expert_d_ff: int = 0           # hidden width of each expert; 0 = d_ff
-  shared_expert: bool = False    # plus one always-on expert of width expert_d_ff
-  aux_loss: float = 0.01         # load-balancing loss coefficient (Switch), topk router only
-  router_z_loss: float = 0.001   # router z-loss coefficient (ST-MoE), topk router only
+  moe_every: int = 1  # the last layer of every group of this many layers is MoE
+  expert_d_ff: int = 0  # hidden width of each expert; 0 = d_ff
+  shared_expert: bool = False  # plus one always-on expert of width expert_d_ff
+  aux_loss: float = 0.01  # load-balancing loss coefficient (Switch), topk router only
+  router_z_loss: float = 0.001  # router z-loss coefficient (ST-MoE), topk router only
 
 
 @dataclass(frozen=True)
 class ParamConfig:
   """CompleteP (alpha = 1) or standard parameterization; base values from SCIENCE.md section 4."""
+
   kind: Literal["completep", "sp"] = "completep"
   d_base: int = 256
   l_base: int = 2
@@ -64,53 +68,54 @@ class ParamConfig:
 @dataclass(frozen=True)
 class ScalingConfig:
   """Laws that turn (N, TPP) into D, B, warmup and tau (SCIENCE.md section 3)."""
+
   tpp: float = 20.0
-  tau_c: float = 0.785           # tau_opt = tau_c * TPP ** tau_m: log-space least squares on the
-  tau_m: float = -0.501          #   Celerity bands (0.175, 0.087, 0.051 at 20, 80, 234), within 0.3%
-  batch_coef: float = 19.87      # B_tokens = batch_coef * D ** 0.5 at batch_exp 0.5 (Celerity; fit to
-  batch_exp: float = 0.5         #   its five 20-TPP batch sizes, all within 2.8%); another exponent
-  batch_anchor: float = 5.41e9   #   (Power Lines: 0.383) rotates the law about D = batch_anchor
-  warmup_frac: float = 0.10      # warmup = min(warmup_frac * D, warmup_max_tokens)
+  tau_c: float = 0.785  # tau_opt = tau_c * TPP ** tau_m: log-space least squares on the
+  tau_m: float = -0.501  #   Celerity bands (0.175, 0.087, 0.051 at 20, 80, 234), within 0.3%
+  batch_coef: float = 19.87  # B_tokens = batch_coef * D ** 0.5 at batch_exp 0.5 (Celerity; fit to
+  batch_exp: float = 0.5  #   its five 20-TPP batch sizes, all within 2.8%); another exponent
+  batch_anchor: float = 5.41e9  #   (Power Lines: 0.383) rotates the law about D = batch_anchor
+  warmup_frac: float = 0.10  # warmup = min(warmup_frac * D, warmup_max_tokens)
   warmup_max_tokens: float = 375e6
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-  lr_base: float = 1.62e-2       # eta_base; the hidden-matrix LR is lr_base / m_N under CompleteP
+  lr_base: float = 1.62e-2  # eta_base; the hidden-matrix LR is lr_base / m_N under CompleteP
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  tau: float = 0.0               # 0 = tau_opt(TPP); else this timescale
-  weight_decay: Optional[float] = None   # None = derived from tau; a value overrides tau
+  tau: float = 0.0  # 0 = tau_opt(TPP); else this timescale
+  weight_decay: float | None = None  # None = derived from tau; a value overrides tau
   schedule: Literal["linear", "cosine", "constant"] = "linear"
-  clip_norm: float = 0.0         # global-norm clipping threshold, 0 = off
+  clip_norm: float = 0.0  # global-norm clipping threshold, 0 = off
 
 
 @dataclass(frozen=True)
 class DataConfig:
-  corpus: Literal["stdlib", "synthetic"] = "stdlib"   # built-in corpus, used when `paths` is empty
-  paths: str = ""                 # comma-separated .txt / .jsonl (+ .gz) files, directories or globs
-  tokenizer: str = ""             # an existing sentencepiece .model; "" = train one on the corpus
+  corpus: Literal["stdlib", "synthetic"] = "stdlib"  # built-in corpus, used when `paths` is empty
+  paths: str = ""  # comma-separated .txt / .jsonl (+ .gz) files, directories or globs
+  tokenizer: str = ""  # an existing sentencepiece .model; "" = train one on the corpus
   tokenizer_type: Literal["bpe", "unigram"] = "bpe"
-  cache_dir: str = ""             # "" = $CELERITY_JAX_CACHE or ~/.cache/celerity_jax
+  cache_dir: str = ""  # "" = $CELERITY_JAX_CACHE or ~/.cache/celerity_jax
   packing: Literal["concat", "segments"] = "concat"
-  eval_frac: float = 0.02         # fraction of documents held out (chosen by a hash of their text)
-  eval_batches: int = 2           # held-out batches per evaluation
-  threads: int = 2                # grain reader threads
+  eval_frac: float = 0.02  # fraction of documents held out (chosen by a hash of their text)
+  eval_batches: int = 2  # held-out batches per evaluation
+  threads: int = 2  # grain reader threads
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-  batch_size: int = 0            # sequences per step; 0 = from the batch law
-  microbatches: int = 1          # gradient accumulation steps per optimizer step
-  microbatch_rows: int = 0       # or: sequences per device per microbatch (microbatches follow from
-                                 #   B); 0 = off. Memory per device is then the same on any slice
-  seed: int = 0                  # changes initialization and data order, nothing else
-  stop_frac: float = 1.0         # end early at this fraction of T without changing T
-  stop_step: int = 0             # end early at this step (0 = off); the earlier stop wins
-  eval_every: int = 0            # held-out loss every this many steps and at the end (0 = off)
-  on_nonfinite: Literal["skip", "halt"] = "skip"   # skip: leave params/optimizer untouched
-  max_bad_steps: int = 8         # consecutive skipped steps before halting anyway
+  batch_size: int = 0  # sequences per step; 0 = from the batch law
+  microbatches: int = 1  # gradient accumulation steps per optimizer step
+  microbatch_rows: int = 0  # or: sequences per device per microbatch (microbatches follow from
+  #   B); 0 = off. Memory per device is then the same on any slice
+  seed: int = 0  # changes initialization and data order, nothing else
+  stop_frac: float = 1.0  # end early at this fraction of T without changing T
+  stop_step: int = 0  # end early at this step (0 = off); the earlier stop wins
+  eval_every: int = 0  # held-out loss every this many steps and at the end (0 = off)
+  on_nonfinite: Literal["skip", "halt"] = "skip"  # skip: leave params/optimizer untouched
+  max_bad_steps: int = 8  # consecutive skipped steps before halting anyway
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class MeshConfig:
   """Device mesh sizes within one slice; one axis may be -1 to take the slice's remaining devices.
   With several slices (TPU multislice, or several GPU/CPU processes) the data axis also spans the
   slices over the data-center network: its total size is slices x data."""
+
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
@@ -130,43 +136,46 @@ class DistConfig:
   """Multi-process runs (jax.distributed). Unset values come from JAX_COORDINATOR_ADDRESS,
   JAX_NUM_PROCESSES and JAX_PROCESS_ID; on a Cloud TPU VM with none of them set, from the TPU
   metadata; otherwise the run is one process."""
-  coordinator: str = ""           # host:port of process 0
-  num_processes: int = 0          # 0 = from the environment
-  process_id: int = -1            # -1 = from the environment
-  init_timeout_s: int = 300       # how long processes wait for each other at start
+
+  coordinator: str = ""  # host:port of process 0
+  num_processes: int = 0  # 0 = from the environment
+  process_id: int = -1  # -1 = from the environment
+  init_timeout_s: int = 300  # how long processes wait for each other at start
   heartbeat_timeout_s: int = 100  # a process silent this long is dead, and every other one exits
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
   """Orbax checkpoints in run.dir/checkpoints; the same command with the same run.dir resumes."""
-  every_steps: int = 500          # save every this many steps (0 = off)
-  every_minutes: float = 15.0     # and at least this often in wall time (0 = off)
-  keep: int = 3                   # latest checkpoints kept
-  keep_every: int = 0             # also keep every checkpoint whose step is a multiple (0 = off)
+
+  every_steps: int = 500  # save every this many steps (0 = off)
+  every_minutes: float = 15.0  # and at least this often in wall time (0 = off)
+  keep: int = 3  # latest checkpoints kept
+  keep_every: int = 0  # also keep every checkpoint whose step is a multiple (0 = off)
   async_save: bool = True
-  allow_config_change: bool = False   # resume even if trajectory settings differ (logged)
+  allow_config_change: bool = False  # resume even if trajectory settings differ (logged)
 
 
 @dataclass(frozen=True)
 class CollapseConfig:
   """The in-step collapse monitor (SCIENCE.md section 7), computed inside the jitted step."""
-  reference: str = "surrogate"    # "surrogate" | "none" (spike checks only) | a finished run's dir
-  surrogate: str = ""             # surrogate constants JSON; "" = the fit shipped in the package
-  align_start: float = 0.25       # window of t = step/T over which L(T) is estimated by alignment
+
+  reference: str = "surrogate"  # "surrogate" | "none" (spike checks only) | a finished run's dir
+  surrogate: str = ""  # surrogate constants JSON; "" = the fit shipped in the package
+  align_start: float = 0.25  # window of t = step/T over which L(T) is estimated by alignment
   align_end: float = 0.5
-  smooth_frac: float = 0.02       # loss EMA time constant as a fraction of T
-  threshold: float = 0.05         # |residual| that counts as off the reference (README "Collapse")
-  patience: int = 5               # consecutive steps over the threshold before an alert
-  policy: Literal["warn", "halt"] = "warn"   # halt: checkpoint, then exit 5
-  spike_factor: float = 1.2       # smoothed loss above this x its running minimum = a loss spike
+  smooth_frac: float = 0.02  # loss EMA time constant as a fraction of T
+  threshold: float = 0.05  # |residual| that counts as off the reference (README "Collapse")
+  patience: int = 5  # consecutive steps over the threshold before an alert
+  policy: Literal["warn", "halt"] = "warn"  # halt: checkpoint, then exit 5
+  spike_factor: float = 1.2  # smoothed loss above this x its running minimum = a loss spike
 
 
 @dataclass(frozen=True)
 class RunConfig:
   dir: str = "runs/default"
-  log_every: int = 10            # steps between metrics.jsonl rows
-  progress: bool = True          # tqdm progress bar on stderr
+  log_every: int = 10  # steps between metrics.jsonl rows
+  progress: bool = True  # tqdm progress bar on stderr
   tensorboard: bool = True
 
 
@@ -187,14 +196,18 @@ class Config:
 
 # ---------------------------------------------------------------- overrides
 
+
 def all_keys(cfg: Config) -> list[str]:
-  return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
-          for f in dataclasses.fields(getattr(cfg, s.name))]
+  return [
+    f"{s.name}.{f.name}"
+    for s in dataclasses.fields(cfg)
+    for f in dataclasses.fields(getattr(cfg, s.name))
+  ]
 
 
 def _parse_value(key: str, text: str, tp) -> object:
   origin = typing.get_origin(tp)
-  if origin is typing.Union:                       # Optional[X]
+  if origin in (typing.Union, types.UnionType):  # X | None
     if text.lower() in ("none", "null"):
       return None
     inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
@@ -224,7 +237,7 @@ def _parse_value(key: str, text: str, tp) -> object:
       number = float(text.replace("_", ""))
     except ValueError:
       number = None
-    if number is None or not math.isfinite(number):   # nan/inf would only surface as a NaN loss
+    if number is None or not math.isfinite(number):  # nan/inf would only surface as a NaN loss
       raise ConfigError(f"{key}={text!r}: expected a finite float")
     return number
   return text
@@ -255,7 +268,7 @@ def to_dict(cfg: Config) -> dict:
 
 # ---------------------------------------------------------------- validation
 
-INT_MAX = 2 ** 31 - 1   # every int setting is a count, size or seed that int32 code must hold
+INT_MAX = 2**31 - 1  # every int setting is a count, size or seed that int32 code must hold
 
 
 def _check_numbers(cfg: Config):
@@ -274,12 +287,22 @@ def validate(cfg: Config) -> Config:
   """Cross-field checks; returns cfg unchanged or raises ConfigError naming the keys."""
   _check_numbers(cfg)
   m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.scaling
-  positive = {"model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
-              "model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_head": m.d_head,
-              "model.d_ff": m.d_ff, "model.seq_len": m.seq_len, "param.d_base": cfg.param.d_base,
-              "param.l_base": cfg.param.l_base, "scaling.tpp": s.tpp, "scaling.batch_anchor": s.batch_anchor,
-              "optim.lr_base": o.lr_base,
-              "train.microbatches": t.microbatches, "run.log_every": cfg.run.log_every}
+  positive = {
+    "model.vocab_size": m.vocab_size,
+    "model.d_model": m.d_model,
+    "model.n_layers": m.n_layers,
+    "model.n_heads": m.n_heads,
+    "model.d_head": m.d_head,
+    "model.d_ff": m.d_ff,
+    "model.seq_len": m.seq_len,
+    "param.d_base": cfg.param.d_base,
+    "param.l_base": cfg.param.l_base,
+    "scaling.tpp": s.tpp,
+    "scaling.batch_anchor": s.batch_anchor,
+    "optim.lr_base": o.lr_base,
+    "train.microbatches": t.microbatches,
+    "run.log_every": cfg.run.log_every,
+  }
   for key, value in positive.items():
     if value <= 0:
       raise ConfigError(f"{key}={value}: must be > 0")
@@ -295,17 +318,21 @@ def validate(cfg: Config) -> Config:
   if not 0.0 < t.stop_frac <= 1.0:
     raise ConfigError(f"train.stop_frac={t.stop_frac}: must be in (0, 1]")
   if t.stop_step < 0 or t.batch_size < 0 or o.tau < 0 or o.clip_norm < 0 or m.z_loss < 0:
-    raise ConfigError("train.stop_step, train.batch_size, optim.tau, optim.clip_norm and "
-                      "model.z_loss must be >= 0")
+    raise ConfigError(
+      "train.stop_step, train.batch_size, optim.tau, optim.clip_norm and model.z_loss must be >= 0"
+    )
   if o.weight_decay is not None and o.weight_decay < 0:
     raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
   c = cfg.checkpoint
   if c.every_steps < 0 or c.every_minutes < 0 or c.keep < 1 or c.keep_every < 0:
-    raise ConfigError("checkpoint.every_steps, every_minutes, keep_every must be >= 0 and "
-                      "checkpoint.keep >= 1")
+    raise ConfigError(
+      "checkpoint.every_steps, every_minutes, keep_every must be >= 0 and checkpoint.keep >= 1"
+    )
   if t.microbatch_rows < 0 or (t.microbatch_rows and t.microbatches != 1):
-    raise ConfigError(f"train.microbatch_rows={t.microbatch_rows} with train.microbatches="
-                      f"{t.microbatches}: set one of them (rows >= 0; microbatches follow from rows)")
+    raise ConfigError(
+      f"train.microbatch_rows={t.microbatch_rows} with train.microbatches="
+      f"{t.microbatches}: set one of them (rows >= 0; microbatches follow from rows)"
+    )
   if t.max_bad_steps < 1:
     raise ConfigError(f"train.max_bad_steps={t.max_bad_steps}: must be >= 1")
   if not 0.0 < cfg.data.eval_frac < 1.0:
@@ -316,13 +343,17 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"scaling.warmup_frac={s.warmup_frac}: must be in [0, 1)")
   k = cfg.collapse
   if not 0.0 < k.align_start < k.align_end < 1.0:
-    raise ConfigError(f"collapse.align_start={k.align_start}, collapse.align_end={k.align_end}: "
-                      f"need 0 < align_start < align_end < 1")
+    raise ConfigError(
+      f"collapse.align_start={k.align_start}, collapse.align_end={k.align_end}: "
+      f"need 0 < align_start < align_end < 1"
+    )
   if not 0.0 <= k.smooth_frac < 0.5:
     raise ConfigError(f"collapse.smooth_frac={k.smooth_frac}: must be in [0, 0.5)")
   if k.threshold <= 0 or k.patience < 1 or k.spike_factor <= 1.0:
-    raise ConfigError(f"collapse.threshold={k.threshold} must be > 0, collapse.patience="
-                      f"{k.patience} >= 1 and collapse.spike_factor={k.spike_factor} > 1")
+    raise ConfigError(
+      f"collapse.threshold={k.threshold} must be > 0, collapse.patience="
+      f"{k.patience} >= 1 and collapse.spike_factor={k.spike_factor} > 1"
+    )
   _validate_moe(m)
   sizes = dataclasses.asdict(cfg.mesh)
   slices = sizes.pop("slices")
@@ -332,23 +363,29 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"mesh.slices={slices}: must be >= 1")
   g = cfg.dist
   if g.num_processes < 0 or g.process_id < -1 or g.init_timeout_s < 1 or g.heartbeat_timeout_s < 1:
-    raise ConfigError("dist.num_processes must be >= 0, dist.process_id >= -1 (-1 = from the "
-                      "environment), dist.init_timeout_s and dist.heartbeat_timeout_s >= 1")
+    raise ConfigError(
+      "dist.num_processes must be >= 0, dist.process_id >= -1 (-1 = from the "
+      "environment), dist.init_timeout_s and dist.heartbeat_timeout_s >= 1"
+    )
   return cfg
 
 
 def _validate_moe(m: ModelConfig):
   if m.experts < 0 or m.expert_d_ff < 0 or m.aux_loss < 0 or m.router_z_loss < 0:
-    raise ConfigError("model.experts, model.expert_d_ff, model.aux_loss and model.router_z_loss "
-                      "must be >= 0")
+    raise ConfigError(
+      "model.experts, model.expert_d_ff, model.aux_loss and model.router_z_loss must be >= 0"
+    )
   if not m.experts:
     return
   if not 1 <= m.top_k <= m.experts:
     raise ConfigError(f"model.top_k={m.top_k}: must be in [1, model.experts={m.experts}]")
   if m.router == "hash" and m.top_k != 1:
-    raise ConfigError(f"model.router=hash routes each token to one expert; got model.top_k={m.top_k}")
+    raise ConfigError(
+      f"model.router=hash routes each token to one expert; got model.top_k={m.top_k}"
+    )
   if m.moe_every < 1 or m.n_layers % m.moe_every:
-    raise ConfigError(f"model.moe_every={m.moe_every}: must be >= 1 and divide "
-                      f"model.n_layers={m.n_layers}")
+    raise ConfigError(
+      f"model.moe_every={m.moe_every}: must be >= 1 and divide model.n_layers={m.n_layers}"
+    )
   if m.capacity_factor <= 0:
     raise ConfigError(f"model.capacity_factor={m.capacity_factor}: must be > 0")

@@ -11,6 +11,7 @@ terminated by jax within `dist.heartbeat_timeout_s` (exit by SIGABRT, with jax's
 distributed service detected fatal errors ... another task died"), so a pod never hangs on a dead
 worker's collective.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,6 +21,7 @@ import jax
 
 from celerity_jax.config import ConfigError
 from celerity_jax.platform import on_cloud_tpu_vm
+
 
 def settings(dist_cfg, environ=None, tpu_vm: bool | None = None) -> dict | None:
   """The keyword arguments for jax.distributed.initialize, {} for the TPU metadata, or None for a
@@ -38,9 +40,15 @@ def settings(dist_cfg, environ=None, tpu_vm: bool | None = None) -> dict | None:
   if address is None and count is None and rank is None:
     on_tpu = on_cloud_tpu_vm() if tpu_vm is None else tpu_vm
     return {} if on_tpu else None
-  missing = [name for name, value in (("dist.coordinator or JAX_COORDINATOR_ADDRESS", address),
-                                      ("dist.num_processes or JAX_NUM_PROCESSES", count),
-                                      ("dist.process_id or JAX_PROCESS_ID", rank)) if value is None]
+  missing = [
+    name
+    for name, value in (
+      ("dist.coordinator or JAX_COORDINATOR_ADDRESS", address),
+      ("dist.num_processes or JAX_NUM_PROCESSES", count),
+      ("dist.process_id or JAX_PROCESS_ID", rank),
+    )
+    if value is None
+  ]
   if missing:
     raise ConfigError(f"a multi-process run needs {', '.join(missing)} as well")
   host, _, port = str(address).rpartition(":")
@@ -64,11 +72,17 @@ def initialize(dist_cfg) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   # SIGTERM is handled by the training loop and agreed on by all processes (train/control.py)
   jax.config.update("jax_enable_preemption_service", False)
-  jax.distributed.initialize(**kwargs, initialization_timeout=dist_cfg.init_timeout_s,
-                             heartbeat_timeout_seconds=dist_cfg.heartbeat_timeout_s)
+  jax.distributed.initialize(
+    **kwargs,
+    initialization_timeout=dist_cfg.init_timeout_s,
+    heartbeat_timeout_seconds=dist_cfg.heartbeat_timeout_s,
+  )
   if jax.process_index() == 0:
-    print(f"celerity_jax: {jax.process_count()} processes, {jax.device_count()} devices "
-          f"({jax.local_device_count()} per process)", file=sys.stderr)
+    print(
+      f"celerity_jax: {jax.process_count()} processes, {jax.device_count()} devices "
+      f"({jax.local_device_count()} per process)",
+      file=sys.stderr,
+    )
 
 
 def is_primary() -> bool:

@@ -5,6 +5,7 @@ step, when there is nothing to save), 2 configuration error (message names the k
 (names the file), 4 halted on non-finite losses, 5 halted on a collapse alert
 (collapse.policy=halt), 6 no usable checkpoint (every one in run.dir is damaged).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ from celerity_jax.data import DataError
 def parse(argv: list[str]):
   """Returns (config, print_only) or raises ConfigError."""
   from celerity_jax import recipes
+
   flags = [a for a in argv if a.startswith("--")]
   for flag in flags:
     if flag not in ("--print-config", "--help"):
@@ -31,6 +33,7 @@ def parse(argv: list[str]):
 def recipe_name(args: list[str]) -> str:
   """The recipe `recipe=NAME` names; the last one wins, like every other key."""
   from celerity_jax import recipes
+
   names = [a.split("=", 1)[1] for a in args if a.startswith("recipe=")]
   return names[-1] if names else recipes.DEFAULT
 
@@ -47,6 +50,7 @@ def run_cli(action) -> int:
   entry point (main and tools) goes through here. An action returning an int sets the status."""
   from celerity_jax.checkpoint import CheckpointUnusable
   from celerity_jax.train.events import RunHalted
+
   try:
     status = action()
   except ConfigError as e:
@@ -60,14 +64,18 @@ def run_cli(action) -> int:
   except Exception as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return _fail("config error", f"out of memory: the model, batch or layout does not fit the "
-                 f"devices (model.*, train.batch_size, train.microbatch_rows, mesh.*, "
-                 f"model.remat): {str(e).splitlines()[0][:300]}", 2)
+    return _fail(
+      "config error",
+      f"out of memory: the model, batch or layout does not fit the "
+      f"devices (model.*, train.batch_size, train.microbatch_rows, mesh.*, "
+      f"model.remat): {str(e).splitlines()[0][:300]}",
+      2,
+    )
   return status if isinstance(status, int) else 0
 
 
 def _fail(kind: str, error, status: int) -> int:
-  message = " ".join(str(error).split())          # exactly one line, whatever the message holds
+  message = " ".join(str(error).split())  # exactly one line, whatever the message holds
   print(f"{kind}: {message}", file=sys.stderr)
   return status
 
@@ -78,19 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     print(__doc__.strip())
     return 0
   from celerity_jax.train import signals
-  with signals.guarded():             # first thing: a signal during start-up exits cleanly
+
+  with signals.guarded():  # first thing: a signal during start-up exits cleanly
     return run_cli(lambda: _train_or_print(argv))
 
 
 def _train_or_print(argv: list[str]):
   cfg, print_only = parse(argv)
-  if print_only:                 # allocates nothing and never waits for other hosts
+  if print_only:  # allocates nothing and never waits for other hosts
     import jax
+
     from celerity_jax.resolve import describe, resolve
+
     print(json.dumps(describe(cfg, resolve(cfg, jax.device_count())), indent=2))
     return
   from celerity_jax import distributed
   from celerity_jax.train import loop
+
   distributed.initialize(cfg.dist)
   loop.run(cfg)
 

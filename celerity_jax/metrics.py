@@ -4,6 +4,7 @@ Both files are appended through `storage.append`, on disk or on Cloud Storage. O
 every append is a few requests, so rows are sent in batches every `REMOTE_FLUSH_SECONDS` and at
 every `flush()` (the loop flushes before each checkpoint: a resume never misses a row).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ REMOTE_FLUSH_SECONDS = 15
 
 def _clean(value):
   if isinstance(value, float) and not math.isfinite(value):
-    return str(value)            # JSON has no NaN/inf; keep them readable
+    return str(value)  # JSON has no NaN/inf; keep them readable
   return value
 
 
@@ -38,14 +39,13 @@ class MetricsWriter:
     self.last_sent = time.monotonic()
     self.tb = None
     if tensorboard and enabled:
-      from tensorboardX import SummaryWriter
-      from tensorboardX import record_writer
+      from tensorboardX import SummaryWriter, record_writer
+
       record_writer.register_writer_factory("gs", _AppendingRecordFactory())
-      self.tb = SummaryWriter(os.fspath(run_dir / "tb"),
-                              flush_secs=self.send_every or 120)
+      self.tb = SummaryWriter(os.fspath(run_dir / "tb"), flush_secs=self.send_every or 120)
 
   def row(self, row: dict):
-    if not self.enabled:           # not process 0 of a multi-process run
+    if not self.enabled:  # not process 0 of a multi-process run
       return
     self.unsent.append(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
     if time.monotonic() - self.last_sent >= self.send_every:
@@ -94,8 +94,11 @@ def keep_rows_until(path, step: int):
     else:
       kept.append(line.decode("utf-8") + "\n")
   if unreadable:
-    print(f"celerity_jax: warning: {path}: dropped {unreadable} unreadable line(s) (a write cut "
-          f"short by a crash?); the complete rows are kept", file=sys.stderr)
+    print(
+      f"celerity_jax: warning: {path}: dropped {unreadable} unreadable line(s) (a write cut "
+      f"short by a crash?); the complete rows are kept",
+      file=sys.stderr,
+    )
   if unreadable or later:
     storage.write_atomic(path, "".join(kept))
 
@@ -108,11 +111,10 @@ class _AppendingRecordFactory:
     return _AppendingRecordWriter(path)
 
   def directory_check(self, path):
-    pass                           # Cloud Storage has no directories to create
+    pass  # Cloud Storage has no directories to create
 
 
 class _AppendingRecordWriter:
-
   def __init__(self, path):
     self.path, self.buffer = storage.location(path), bytearray()
 
@@ -143,5 +145,12 @@ class Throughput:
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
-  return tqdm(total=total, initial=initial, unit="step", disable=not enabled, file=sys.stderr,
-              dynamic_ncols=True, mininterval=0.5)
+  return tqdm(
+    total=total,
+    initial=initial,
+    unit="step",
+    disable=not enabled,
+    file=sys.stderr,
+    dynamic_ncols=True,
+    mininterval=0.5,
+  )

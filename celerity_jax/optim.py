@@ -6,10 +6,11 @@ which is `optax.adamw(eta_g * s(t), weight_decay=lambda, mask=mask_g)` per group
 SCIENCE.md section 1), built from the same optax pieces so one Adam state covers every group; s(t)
 is applied at the train state's step.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from celerity_jax.parametrization import DECAYED_GROUPS
 def schedule(kind: str, warmup: int, steps: int) -> Callable[[jax.Array], jax.Array]:
   """LR factor in [0, 1] at step t: linear warmup to 1 over `warmup` steps, then `kind` decay that
   reaches exactly 0 at t = steps (linear = D2Z, cosine) or stays at 1 (constant)."""
+
   def factor(t):
     t = jnp.asarray(t, jnp.float32)
     warm = (t + 1.0) / max(warmup, 1)
@@ -34,23 +36,28 @@ def schedule(kind: str, warmup: int, steps: int) -> Callable[[jax.Array], jax.Ar
     else:
       raise ValueError(f"unknown schedule {kind!r}")
     return jnp.where(t < warmup, warm, after)
+
   return factor
 
 
 def scale_by_tree(multipliers) -> optax.GradientTransformation:
   """Multiplies each update leaf by a fixed per-leaf float (the group's peak LR)."""
+
   def update(updates, state, params=None):
     del params
     return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
 @dataclass(frozen=True)
 class ScheduledAdamW:
-  """AdamW whose schedule is read at the train state's step, not an optimizer counter, so a skipped
-  (non-finite) step leaves the optimizer state untouched while data and schedule move on together."""
-  tx: optax.GradientTransformation     # clip -> adam -> decay -> group peak LRs (no schedule)
-  factor: Callable                     # step -> schedule factor in [0, 1]
+  """AdamW whose schedule is read at the train state's step, not an optimizer counter, so a
+  skipped (non-finite) step leaves the optimizer state untouched while data and schedule move on
+  together."""
+
+  tx: optax.GradientTransformation  # clip -> adam -> decay -> group peak LRs (no schedule)
+  factor: Callable  # step -> schedule factor in [0, 1]
   eta_hidden: float
 
   def init(self, params):
@@ -74,10 +81,12 @@ def make_optimizer(optim_cfg, resolved, groups) -> ScheduledAdamW:
   if optim_cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
   parts += [
-      optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
-      optax.add_decayed_weights(resolved.weight_decay, mask=decay_mask),
-      scale_by_tree(peak_tree),
+    optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
+    optax.add_decayed_weights(resolved.weight_decay, mask=decay_mask),
+    scale_by_tree(peak_tree),
   ]
-  return ScheduledAdamW(optax.chain(*parts),
-                        schedule(optim_cfg.schedule, resolved.warmup_steps, resolved.steps),
-                        resolved.eta_hidden)
+  return ScheduledAdamW(
+    optax.chain(*parts),
+    schedule(optim_cfg.schedule, resolved.warmup_steps, resolved.steps),
+    resolved.eta_hidden,
+  )

@@ -1,4 +1,5 @@
-"""Derives every run quantity from a config once: N, D, TPP, B, T, warmup, eta per group, lambda, tau.
+"""Derives every run quantity from a config once: N, D, TPP, B, T, warmup, eta per group, lambda,
+tau.
 
 These are printed by `--print-config`, written to `run.dir/config.json` and used by the trainer;
 nothing downstream recomputes them. Each entry point resolves once and passes the result on.
@@ -7,6 +8,7 @@ The batch B is part of a run's trajectory: a resumed run keeps its checkpoint's 
 rather than rounding the batch law again for another data-parallel size, so a checkpoint restores
 onto any mesh whose data-parallel size divides it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,28 +22,28 @@ from celerity_jax.parametrization import DECAYED_GROUPS, Multipliers, multiplier
 
 @dataclass(frozen=True)
 class Resolved:
-  n_params: int                 # every parameter
-  n_active: int                 # parameters one token uses (= n_params for a dense model)
+  n_params: int  # every parameter
+  n_active: int  # parameters one token uses (= n_params for a dense model)
   n_embedding: int
   n_non_embedding: int
-  tpp: float                    # tokens per active parameter
-  tpp_effective: float          # what sets tau_opt and the collapse shape (scaling.effective_tpp)
-  tokens: float                 # D = TPP * N_active
+  tpp: float  # tokens per active parameter
+  tpp_effective: float  # what sets tau_opt and the collapse shape (scaling.effective_tpp)
+  tokens: float  # D = TPP * N_active
   data_parallel: int
-  microbatches: int             # gradient accumulation steps (train.microbatches, or from rows)
-  batch_seqs_law: float         # B in sequences before rounding (train.batch_size when fixed)
+  microbatches: int  # gradient accumulation steps (train.microbatches, or from rows)
+  batch_seqs_law: float  # B in sequences before rounding (train.batch_size when fixed)
   batch_seqs: int
-  batch_tokens: int             # B
-  steps: int                    # T = D / B: the schedule horizon
+  batch_tokens: int  # B
+  steps: int  # T = D / B: the schedule horizon
   warmup_steps: int
-  stop_step: int                # where this run ends (stop_frac / stop_step), <= T
-  lr_peak: dict                 # group -> peak LR (eta_base x group multiplier)
-  eta_hidden: float             # the LR that defines tau
-  weight_decay: float           # lambda (coupled, as optax.adamw)
-  tau: float                    # B / (eta_hidden * lambda * D)
-  tau_opt: float                # c * TPP_effective**m
-  tau_groups: dict              # group -> 1 / (eta_group * lambda * T); None = not decayed
-  flops_per_token: float        # 6N + causal attention (MaxText convention)
+  stop_step: int  # where this run ends (stop_frac / stop_step), <= T
+  lr_peak: dict  # group -> peak LR (eta_base x group multiplier)
+  eta_hidden: float  # the LR that defines tau
+  weight_decay: float  # lambda (coupled, as optax.adamw)
+  tau: float  # B / (eta_hidden * lambda * D)
+  tau_opt: float  # c * TPP_effective**m
+  tau_groups: dict  # group -> 1 / (eta_group * lambda * T); None = not decayed
+  flops_per_token: float  # 6N + causal attention (MaxText convention)
   flops_per_token_full_attn: float
   multipliers: Multipliers
 
@@ -59,6 +61,7 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
   """Every derived quantity for `cfg` on `n_devices` devices. `kept_batch` (sequences; a resumed
   run's B) replaces the batch law's rounding; a fixed `train.batch_size` takes precedence."""
   from celerity_jax.sharding import data_parallel_size, mesh_shape
+
   sc, tr, opt, model = cfg.scaling, cfg.train, cfg.optim, cfg.model
   counts = scaling.param_counts(model)
   n = counts["active"]
@@ -66,20 +69,29 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
   dp = data_parallel_size(mesh_shape(cfg.mesh, n_devices))
   # every device gets whole sequences in every microbatch
   granule = dp * (tr.microbatch_rows or tr.microbatches)
-  per = (f"train.microbatch_rows {tr.microbatch_rows}" if tr.microbatch_rows
-         else f"train.microbatches {tr.microbatches}")
-  law = (tr.batch_size or
-         scaling.batch_tokens(d_tokens, sc.batch_coef, sc.batch_exp, sc.batch_anchor) / model.seq_len)
+  per = (
+    f"train.microbatch_rows {tr.microbatch_rows}"
+    if tr.microbatch_rows
+    else f"train.microbatches {tr.microbatches}"
+  )
+  law = (
+    tr.batch_size
+    or scaling.batch_tokens(d_tokens, sc.batch_coef, sc.batch_exp, sc.batch_anchor) / model.seq_len
+  )
   if tr.batch_size:
     if tr.batch_size % granule:
-      raise ConfigError(f"train.batch_size={tr.batch_size} must be a multiple of data-parallel size "
-                        f"{dp} x {per} = {granule}")
+      raise ConfigError(
+        f"train.batch_size={tr.batch_size} must be a multiple of data-parallel size "
+        f"{dp} x {per} = {granule}"
+      )
     batch_seqs = tr.batch_size
   elif kept_batch:
     if kept_batch % granule:
-      raise ConfigError(f"the checkpoint's batch of {kept_batch} sequences does not split over "
-                        f"data-parallel size {dp} x {per} = {granule}; resume on a mesh whose "
-                        f"data-parallel size (mesh data x fsdp x expert) divides it")
+      raise ConfigError(
+        f"the checkpoint's batch of {kept_batch} sequences does not split over "
+        f"data-parallel size {dp} x {per} = {granule}; resume on a mesh whose "
+        f"data-parallel size (mesh data x fsdp x expert) divides it"
+      )
     batch_seqs = kept_batch
   else:
     batch_seqs = scaling.round_batch(law, granule)
@@ -88,15 +100,17 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
   steps = scaling.total_steps(d_tokens, b_tokens)
   warmup = scaling.warmup_steps(d_tokens, b_tokens, sc.warmup_frac, sc.warmup_max_tokens)
   if warmup >= steps:
-    raise ConfigError(f"warmup of {warmup} steps is not shorter than T={steps} steps; "
-                      f"lower scaling.warmup_frac or raise scaling.tpp")
+    raise ConfigError(
+      f"warmup of {warmup} steps is not shorter than T={steps} steps; "
+      f"lower scaling.warmup_frac or raise scaling.tpp"
+    )
   stop = math.ceil(tr.stop_frac * steps)
   if tr.stop_step:
     stop = min(stop, tr.stop_step)
 
   mult = multipliers(cfg.param, model)
   lr_peak = {g: opt.lr_base * factor for g, factor in mult.lr.items()}
-  eta_hidden = lr_peak["hidden"]       # the paper's eta: the LR that tau is defined by
+  eta_hidden = lr_peak["hidden"]  # the paper's eta: the LR that tau is defined by
   tpp_effective = scaling.effective_tpp(sc.tpp, model)
   tau_opt = scaling.tau_opt(tpp_effective, sc.tau_c, sc.tau_m)
   if opt.weight_decay is not None:
@@ -105,16 +119,33 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
   else:
     tau = opt.tau or tau_opt
     lam = scaling.weight_decay(eta_hidden, tau, steps)
-  tau_groups = {g: (1.0 / (lr_peak[g] * lam * steps) if lam > 0 and g in DECAYED_GROUPS else None)
-                for g in lr_peak}
+  tau_groups = {
+    g: (1.0 / (lr_peak[g] * lam * steps) if lam > 0 and g in DECAYED_GROUPS else None)
+    for g in lr_peak
+  }
   return Resolved(
-      n_params=counts["total"], n_active=n, n_embedding=counts["embedding"],
-      n_non_embedding=counts["non_embedding"], tpp=sc.tpp, tpp_effective=tpp_effective,
-      tokens=d_tokens, data_parallel=dp, microbatches=microbatches,
-      batch_seqs_law=float(law), batch_seqs=batch_seqs,
-      batch_tokens=b_tokens, steps=steps, warmup_steps=warmup, stop_step=stop, lr_peak=lr_peak,
-      eta_hidden=eta_hidden,
-      weight_decay=lam, tau=tau, tau_opt=tau_opt, tau_groups=tau_groups,
-      flops_per_token=scaling.flops_per_token(model, causal=True),
-      flops_per_token_full_attn=scaling.flops_per_token(model, causal=False),
-      multipliers=mult)
+    n_params=counts["total"],
+    n_active=n,
+    n_embedding=counts["embedding"],
+    n_non_embedding=counts["non_embedding"],
+    tpp=sc.tpp,
+    tpp_effective=tpp_effective,
+    tokens=d_tokens,
+    data_parallel=dp,
+    microbatches=microbatches,
+    batch_seqs_law=float(law),
+    batch_seqs=batch_seqs,
+    batch_tokens=b_tokens,
+    steps=steps,
+    warmup_steps=warmup,
+    stop_step=stop,
+    lr_peak=lr_peak,
+    eta_hidden=eta_hidden,
+    weight_decay=lam,
+    tau=tau,
+    tau_opt=tau_opt,
+    tau_groups=tau_groups,
+    flops_per_token=scaling.flops_per_token(model, causal=True),
+    flops_per_token_full_attn=scaling.flops_per_token(model, causal=False),
+    multipliers=mult,
+  )

@@ -3,9 +3,11 @@
 Sources (SCIENCE.md): tau = B / (eta * lambda * D) from AdamW-as-EMA (Wang & Aitchison 2024) and
 Power Lines (Bergsma et al. 2025); tau_opt(TPP) = c * TPP**m with c, m fitted to the Celerity bands
 (tau 0.175 / 0.087 / 0.051 at TPP 20 / 80 / 234: c = 0.785, m = -0.501); B_tokens = k * D**0.5 with
-k = 19.87 fitted to the five Celerity 20-TPP batch sizes (SCIENCE.md's two-point 19.6 misses the 900M
+k = 19.87 fitted to the five Celerity 20-TPP batch sizes (SCIENCE.md's two-point 19.6 misses the
+900M
 member by 4%); warmup = min(10% of D, 375M tokens) (Celerity).
 """
+
 from __future__ import annotations
 
 
@@ -17,23 +19,30 @@ def param_counts(model) -> dict[str, int]:
   """
   d, v, f, h = model.d_model, model.vocab_size, model.d_ff, model.d_head
   q_heads, kv_heads = model.n_heads, model.n_kv_heads or model.n_heads
-  attention = d * h * (2 * q_heads + 2 * kv_heads)         # Wq, Wo and Wk, Wv
+  attention = d * h * (2 * q_heads + 2 * kv_heads)  # Wq, Wo and Wk, Wv
   matrices = 3 if model.mlp == "swiglu" else 2
   mlp = matrices * d * f
-  norm = (2 if model.norm == "layernorm" else 1) * d       # gain (+ bias)
+  norm = (2 if model.norm == "layernorm" else 1) * d  # gain (+ bias)
   per_layer = attention + mlp + 2 * norm
-  embedding = 2 * v * d                                    # untied input and output tables
+  embedding = 2 * v * d  # untied input and output tables
   total = active = model.n_layers * per_layer + norm + embedding
   expert = 0
   if model.experts:
     n_moe = model.n_layers // model.moe_every
     expert = matrices * d * (model.expert_d_ff or f)
     fixed = (d * model.experts if model.router == "topk" else 0) + (
-        expert if model.shared_expert else 0)
+      expert if model.shared_expert else 0
+    )
     total += n_moe * (model.experts * expert + fixed - mlp)
     active += n_moe * (model.top_k * expert + fixed - mlp)
-  return {"total": total, "active": active, "embedding": embedding,
-          "non_embedding": total - embedding, "per_layer": per_layer, "expert": expert}
+  return {
+    "total": total,
+    "active": active,
+    "embedding": embedding,
+    "non_embedding": total - embedding,
+    "per_layer": per_layer,
+    "expert": expert,
+  }
 
 
 def effective_tpp(tpp: float, model) -> float:
@@ -50,7 +59,7 @@ def effective_tpp(tpp: float, model) -> float:
 
 def tau_opt(tpp: float, c: float, m: float) -> float:
   """Optimal normalized AdamW timescale at a tokens-per-parameter ratio: c * TPP**m."""
-  return c * tpp ** m
+  return c * tpp**m
 
 
 def batch_tokens(d_tokens: float, coef: float, exponent: float, anchor: float) -> float:
@@ -60,7 +69,7 @@ def batch_tokens(d_tokens: float, coef: float, exponent: float, anchor: float) -
   for B_opt, 0.462 for B_crit; their prefactors are unpublished) rotates the law about the anchor
   D, where the batch size was tuned before extrapolating, so B there is unchanged.
   """
-  return coef * anchor ** 0.5 * (d_tokens / anchor) ** exponent
+  return coef * anchor**0.5 * (d_tokens / anchor) ** exponent
 
 
 def round_batch(sequences: float, granule: int) -> int:
@@ -92,7 +101,8 @@ def flops_per_token(model, causal: bool = True, all_params: bool = False) -> flo
   """Training FLOPs per token: 6 * (matmul params) + attention.
 
   Matmul params exclude the input embedding (a lookup) and norms but include the unembedding.
-  Attention score and value matmuls cost 12 * layers * seq_len * (heads * d_head) per token with full
+  Attention score and value matmuls cost 12 * layers * seq_len * (heads * d_head) per token with
+  full
   attention (Megatron/Levanter convention) and half that when causal (MaxText convention).
   `all_params=True, causal=False` is the paper's convention (6 N D with N counting every parameter,
   plus full attention): it reproduces Celerity's 234-TPP FLOPs (Table 2) within 5%. A mixture of
@@ -112,9 +122,9 @@ def chinchilla_tpp(k_n: float, a: float = 0.35, base_tpp: float = 20.0) -> dict:
   k_D = (2 - k_N^-a)^(-1/a); compute grows by C/C_opt = k_N k_D and TPP = r k_D / k_N.
   k_N = 0.38 gives TPP ~ 234 (the Celerity top band) for 1.67x the compute-optimal FLOPs.
   """
-  if not 0 < k_n or k_n ** -a >= 2:
+  if not 0 < k_n or k_n**-a >= 2:
     raise ValueError(f"k_n={k_n}: no finite data multiplier (need k_n > {2 ** (-1 / a):.3f})")
-  k_d = (2.0 - k_n ** -a) ** (-1.0 / a)
+  k_d = (2.0 - k_n**-a) ** (-1.0 / a)
   return {"k_n": k_n, "k_d": k_d, "compute_ratio": k_n * k_d, "tpp": base_tpp * k_d / k_n}
 
 

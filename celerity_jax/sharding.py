@@ -3,6 +3,7 @@
 Every parameter names its logical axes (models/layers.param); activations name theirs at
 `constrain` calls. Params, optimizer state and batches get NamedShardings from `RULES`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,8 @@ import jax
 import numpy as np
 import optax
 from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from celerity_jax.config import ConfigError
 
@@ -20,20 +22,20 @@ MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp", "expert"),   # every non-model-parallel axis splits the batch
-    "length": None,
-    "act_embed": None,                     # d_model of activations stays whole
-    "act_vocab": "tensor",
-    "embed": "fsdp",                       # params' d_model axis: FSDP (ZeRO-3) sharding
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "head_dim": None,
-    "mlp": "tensor",
-    "vocab": "tensor",
-    "norm": None,
-    "layers": None,                        # the stacked-layer axis of scanned blocks
-    "expert": "expert",                    # MoE experts: expert parallelism
-    "router": None,                        # the router's expert logits stay whole
+  "batch": ("data", "fsdp", "expert"),  # every non-model-parallel axis splits the batch
+  "length": None,
+  "act_embed": None,  # d_model of activations stays whole
+  "act_vocab": "tensor",
+  "embed": "fsdp",  # params' d_model axis: FSDP (ZeRO-3) sharding
+  "heads": "tensor",
+  "kv_heads": "tensor",
+  "head_dim": None,
+  "mlp": "tensor",
+  "vocab": "tensor",
+  "norm": None,
+  "layers": None,  # the stacked-layer axis of scanned blocks
+  "expert": "expert",  # MoE experts: expert parallelism
+  "router": None,  # the router's expert logits stay whole
 }
 
 
@@ -57,9 +59,12 @@ def mesh_shape(mesh_cfg, n_devices: int) -> dict[str, int]:
         raise ShardingError(f"mesh: {where} do not divide by the fixed axes {sizes}")
       sizes[name] = per_slice // fixed
   if math.prod(sizes.values()) != per_slice:
-    raise ShardingError(f"mesh {sizes} has {math.prod(sizes.values())} devices but "
-                        f"{per_slice} are available" + (" per slice" if slices > 1 else "")
-                        + f"; set mesh.* so the product is {per_slice}")
+    raise ShardingError(
+      f"mesh {sizes} has {math.prod(sizes.values())} devices but "
+      f"{per_slice} are available"
+      + (" per slice" if slices > 1 else "")
+      + f"; set mesh.* so the product is {per_slice}"
+    )
   sizes["data"] *= slices
   return sizes
 
@@ -77,17 +82,21 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
   granules = {d.slice_index if on_tpu else d.process_index for d in devices}
   if len(granules) != slices:
     kind = "TPU slices" if on_tpu else "processes (each is a slice off TPU)"
-    raise ShardingError(f"mesh.slices={slices} but the {len(devices)} devices are in "
-                        f"{len(granules)} {kind}; set mesh.slices={len(granules)}")
+    raise ShardingError(
+      f"mesh.slices={slices} but the {len(devices)} devices are in "
+      f"{len(granules)} {kind}; set mesh.slices={len(granules)}"
+    )
   dcn = [slices if a == "data" else 1 for a in MESH_AXES]
-  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not on_tpu,
-                                              allow_split_physical_axes=True)
+  return mesh_utils.create_hybrid_device_mesh(
+    ici, dcn, devices, process_is_granule=not on_tpu, allow_split_physical_axes=True
+  )
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
-  return Mesh(device_grid(mesh_cfg, devices), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  return Mesh(
+    device_grid(mesh_cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+  )
 
 
 def data_parallel_size(mesh_sizes: dict[str, int]) -> int:
@@ -96,15 +105,18 @@ def data_parallel_size(mesh_sizes: dict[str, int]) -> int:
 
 
 def logical_spec(axes: tuple[str | None, ...], where: str = "") -> P:
-  """PartitionSpec for logical axes; an axis without a rule is an error, never silently replicated."""
+  """PartitionSpec for logical axes; an axis without a rule is an error, never silently
+  replicated."""
   out, used = [], set()
   for name in axes:
     if name is None:
       out.append(None)
       continue
     if name not in RULES:
-      raise ShardingError(f"{where}: logical axis {name!r} has no rule in sharding.RULES "
-                          f"(known: {', '.join(sorted(RULES))})")
+      raise ShardingError(
+        f"{where}: logical axis {name!r} has no rule in sharding.RULES "
+        f"(known: {', '.join(sorted(RULES))})"
+      )
     mesh_axes = RULES[name]
     flat = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
     if used & set(flat):
@@ -119,8 +131,10 @@ def _check_divisible(shape, spec: P, mesh: Mesh, where: str):
     flat = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
     parts = math.prod(mesh.shape[a] for a in flat)
     if dim % parts:
-      raise ShardingError(f"{where}: dimension {dim} is not divisible by mesh axes {flat} "
-                          f"of total size {parts}; change the model or mesh.* sizes")
+      raise ShardingError(
+        f"{where}: dimension {dim} is not divisible by mesh axes {flat} "
+        f"of total size {parts}; change the model or mesh.* sizes"
+      )
 
 
 def param_specs(abstract_state, mesh: Mesh) -> dict:
@@ -142,14 +156,20 @@ def param_specs(abstract_state, mesh: Mesh) -> dict:
     return spec
 
   specs = jax.tree_util.tree_map_with_path(
-      spec_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    spec_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   return nnx.to_pure_dict(specs)
 
 
 def opt_state_specs(optimizer: optax.GradientTransformation, abstract_opt_state, params_specs):
   """Optimizer moments shard like their params; counters and scalars are replicated."""
-  return optax.tree_map_params(optimizer, lambda _, spec: spec, abstract_opt_state, params_specs,
-                               transform_non_params=lambda _: P())
+  return optax.tree_map_params(
+    optimizer,
+    lambda _, spec: spec,
+    abstract_opt_state,
+    params_specs,
+    transform_non_params=lambda _: P(),
+  )
 
 
 def named(mesh: Mesh, specs):
@@ -170,13 +190,20 @@ def process_rows(mesh: Mesh, n_rows: int) -> np.ndarray:
 def place_batch(local_batch: dict, mesh: Mesh, n_rows: int) -> dict:
   """Global arrays of `n_rows` rows from this process's rows of each key (process_rows; every
   row in a single process): each process contributes only the rows its devices hold."""
-  return {key: jax.make_array_from_process_local_data(batch_sharding(mesh), value,
-                                                      (n_rows, *value.shape[1:]))
-          for key, value in local_batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(
+      batch_sharding(mesh), value, (n_rows, *value.shape[1:])
+    )
+    for key, value in local_batch.items()
+  }
 
 
 def make_constrain(mesh: Mesh):
   """Activation sharding constraint by logical axes, for use inside the jitted step."""
+
   def constrain(x, axes):
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(axes, "activation")))
+    return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_spec(axes, "activation"))
+    )
+
   return constrain

@@ -10,6 +10,7 @@ Cloud Storage differs from a disk in three ways that matter here, and each is ha
 Tests point gcsfs and tensorstore at a local emulator through STORAGE_EMULATOR_HOST and
 TENSORSTORE_GCS_HTTP_URL.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,18 +56,20 @@ def check_writable(path: epath.Path, key: str):
   """Fails early, naming `key`, when `path` cannot hold a run's files."""
   try:
     if is_remote(path):
-      bucket = os.fspath(path)[len("gs://"):].split("/", 1)[0]
+      bucket = os.fspath(path)[len("gs://") :].split("/", 1)[0]
       if not bucket or not _gcs().exists(bucket):
-        raise StorageError(f"{key}={path}: bucket gs://{bucket} does not exist or is not "
-                           f"visible with these credentials")
+        raise StorageError(
+          f"{key}={path}: bucket gs://{bucket} does not exist or is not "
+          f"visible with these credentials"
+        )
     else:
       make_dir(path)
-      probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"   # an existing read-only directory
-      probe.write_bytes(b"")                                   # passes mkdir, not this
+      probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"  # an existing read-only directory
+      probe.write_bytes(b"")  # passes mkdir, not this
       probe.unlink()
   except StorageError:
     raise
-  except Exception as e:                 # gcsfs/auth/OS errors: one line, naming the setting
+  except Exception as e:  # gcsfs/auth/OS errors: one line, naming the setting
     reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
     raise StorageError(f"{key}={path}: cannot be used ({reason})") from None
 
@@ -92,15 +95,15 @@ def append(path: epath.Path, data: bytes | str):
     with open(path, "ab") as f:
       f.write(data)
     return
-  fs, key = _gcs(), os.fspath(path)[len("gs://"):]
+  fs, key = _gcs(), os.fspath(path)[len("gs://") :]
   if not fs.exists(key):
     fs.pipe(key, data)
   else:
     tail = f"{key}.append-{uuid.uuid4().hex[:12]}"
     fs.pipe(tail, data)
     try:
-      fs.merge(key, [key, tail])                     # server-side compose: no download
-    except NotImplementedError:                      # zonal buckets have no compose
+      fs.merge(key, [key, tail])  # server-side compose: no download
+    except NotImplementedError:  # zonal buckets have no compose
       fs.pipe(key, fs.cat(key) + data)
     finally:
       fs.rm(tail)
@@ -111,11 +114,15 @@ def file_sizes(directory: epath.Path) -> dict[str, int]:
   """{relative path: bytes} of every file under `directory` (one listing on Cloud Storage)."""
   if not is_remote(directory):
     root = Path(os.fspath(directory))
-    return {p.relative_to(root).as_posix(): p.stat().st_size
-            for p in root.rglob("*") if p.is_file()}
-  prefix = os.fspath(directory)[len("gs://"):].rstrip("/") + "/"
-  return {key[len(prefix):]: int(info["size"])
-          for key, info in _gcs().find(prefix, detail=True).items() if info["type"] == "file"}
+    return {
+      p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()
+    }
+  prefix = os.fspath(directory)[len("gs://") :].rstrip("/") + "/"
+  return {
+    key[len(prefix) :]: int(info["size"])
+    for key, info in _gcs().find(prefix, detail=True).items()
+    if info["type"] == "file"
+  }
 
 
 def move(source: epath.Path, target: epath.Path):
@@ -123,7 +130,7 @@ def move(source: epath.Path, target: epath.Path):
   if not is_remote(source):
     os.replace(source, target)
     return
-  _gcs().mv(os.fspath(source)[len("gs://"):], os.fspath(target)[len("gs://"):], recursive=True)
+  _gcs().mv(os.fspath(source)[len("gs://") :], os.fspath(target)[len("gs://") :], recursive=True)
   _gcs().invalidate_cache()
 
 
@@ -135,4 +142,4 @@ def _gcs():
 def _forget(path: epath.Path):
   """gcsfs caches object sizes; a read after our own write must not see the old size."""
   if is_remote(path):
-    _gcs().invalidate_cache(os.fspath(path)[len("gs://"):])
+    _gcs().invalidate_cache(os.fspath(path)[len("gs://") :])

@@ -1,19 +1,27 @@
 """Test setup: 8 fake CPU devices and a persistent compilation cache, before jax initializes."""
+
 import logging
 import os
 import pathlib
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests never run on a Compute Engine VM with credentials to find: the Cloud Storage clients
 # (google.auth for gcsfs, tensorstore's own) are told there is no metadata server, at a port that
 # refuses at once, instead of probing 169.254.169.254 / metadata.google.internal, which on a
 # network that drops packets costs each new client (one per thread in gcsfs) seconds of timeouts.
 # Set before anything imports google.auth (it reads them once) and inherited by subprocesses.
-os.environ.update({"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9",
-                   "GCE_METADATA_IP": "127.0.0.1:9", "GCE_METADATA_ROOT": "127.0.0.1:9"})
-for noisy in ("google.auth", "gcsfs"):      # "no credentials" warnings, one per client
+os.environ.update(
+  {
+    "NO_GCE_CHECK": "true",
+    "GCE_METADATA_HOST": "127.0.0.1:9",
+    "GCE_METADATA_IP": "127.0.0.1:9",
+    "GCE_METADATA_ROOT": "127.0.0.1:9",
+  }
+)
+for noisy in ("google.auth", "gcsfs"):  # "no credentials" warnings, one per client
   logging.getLogger(noisy).setLevel(logging.ERROR)
 
 import jax  # noqa: E402
@@ -28,10 +36,21 @@ from celerity_jax import recipes  # noqa: E402
 from celerity_jax.config import apply_overrides, validate  # noqa: E402
 
 # A model small enough to compile and step in about a second, shardable on a 2x2x2 mesh.
-SMALL = ["model.d_model=32", "model.n_heads=2", "model.d_head=16", "model.d_ff=128",
-         "model.vocab_size=256", "model.seq_len=32", "train.batch_size=16", "scaling.tpp=0.5",
-         "run.progress=false", "run.tensorboard=false", "param.d_base=32", "data.corpus=synthetic",
-         "train.eval_every=0"]
+SMALL = [
+  "model.d_model=32",
+  "model.n_heads=2",
+  "model.d_head=16",
+  "model.d_ff=128",
+  "model.vocab_size=256",
+  "model.seq_len=32",
+  "train.batch_size=16",
+  "scaling.tpp=0.5",
+  "run.progress=false",
+  "run.tensorboard=false",
+  "param.d_base=32",
+  "data.corpus=synthetic",
+  "train.eval_every=0",
+]
 
 
 def small_config(*overrides: str):
@@ -49,8 +68,9 @@ def gcs():
   """A local Cloud Storage emulator (tests/gcs_emulator.py) for this module, with every client
   pointed at it; yields a gcsfs client without a listing cache, for polling. A client left without
   its variable would go to the real service and hang on credentials, hence the check."""
-  import gcsfs
   import gcs_emulator
+  import gcsfs
+
   with gcs_emulator.running() as port, pytest.MonkeyPatch.context() as mp:
     for key, value in gcs_emulator.environment(port).items():
       mp.setenv(key, value)

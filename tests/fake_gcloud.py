@@ -12,6 +12,7 @@ from the TPU metadata: process id and count and a coordinator address (127.0.0.1
 disks. `python fake_gcloud.py preempt NODE` plays a spot preemption: SIGTERM to every worker's run,
 up to 30 s of grace, SIGKILL, then the slice is SUSPENDED (queued) or PREEMPTED (TPU VM).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,9 @@ STATE = ROOT / "state.json"
 
 
 def load() -> dict:
-  return (json.loads(STATE.read_text()) if STATE.exists()
-          else {"queued": {}, "nodes": {}, "requests": 0})
+  return (
+    json.loads(STATE.read_text()) if STATE.exists() else {"queued": {}, "nodes": {}, "requests": 0}
+  )
 
 
 def store(state: dict):
@@ -94,7 +96,9 @@ def make_vm(node: str):
     (venv / "bin").mkdir()
     (venv / "bin" / "python").symlink_to(image / "bin" / "python")
     (venv / "lib").symlink_to(image / "lib")
-    lock = (source_repo / "requirements.lock").read_bytes() + (source_repo / "pyproject.toml").read_bytes()
+    lock = (source_repo / "requirements.lock").read_bytes() + (
+      source_repo / "pyproject.toml"
+    ).read_bytes()
     (venv / "celerity_stamp").write_text(hashlib.sha256(lock).hexdigest()[:16] + "\n")
 
 
@@ -130,13 +134,19 @@ def queued_resources(verb: str, args: list[str]):
     state["requests"] += 1
     if state["requests"] <= scenario().get("capacity_errors", 0):
       store(state)
-      fail("(gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: There is no more "
-           "capacity in the zone")
+      fail(
+        "(gcloud.compute.tpus.queued-resources.create) RESOURCE_EXHAUSTED: There is no more "
+        "capacity in the zone"
+      )
     if name in state["queued"]:
       fail(f"ALREADY_EXISTS: queued resource {name}")
     nodes = node_names(name, args)
-    state["queued"][name] = {"state": "WAITING_FOR_RESOURCES", "polls": 0, "nodes": nodes,
-                             "fails": state["requests"] == 1 and scenario().get("fail_first", False)}
+    state["queued"][name] = {
+      "state": "WAITING_FOR_RESOURCES",
+      "polls": 0,
+      "nodes": nodes,
+      "fails": state["requests"] == 1 and scenario().get("fail_first", False),
+    }
     for node in nodes:
       state["nodes"][node] = {"state": "CREATING", "owner": name}
     store(state)
@@ -147,7 +157,8 @@ def queued_resources(verb: str, args: list[str]):
       fail(f"NOT_FOUND: queued resource {name}")
     qr["polls"] += 1
     if qr["state"] in ("WAITING_FOR_RESOURCES", "PROVISIONING") and (
-        qr["polls"] > scenario().get("provision_polls", 1)):
+      qr["polls"] > scenario().get("provision_polls", 1)
+    ):
       qr["polls"] = 0
       if qr["state"] == "WAITING_FOR_RESOURCES":
         qr["state"] = "PROVISIONING"
@@ -184,8 +195,10 @@ def tpu_vm(verb: str, args: list[str]):
     state["requests"] += 1
     store(state)
     if state["requests"] <= scenario().get("capacity_errors", 0):
-      fail("(gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: There is no more capacity in "
-           "the zone \"z\"; you can try in another zone where Cloud TPU Nodes are offered")
+      fail(
+        "(gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: There is no more capacity in "
+        'the zone "z"; you can try in another zone where Cloud TPU Nodes are offered'
+      )
     state["nodes"][names[0]] = {"state": "READY", "owner": None}
     make_vm(names[0])
     store(state)
@@ -215,12 +228,26 @@ def ssh(state: dict, node: str, command: str):
   homes = worker_homes(node)
   procs = []
   for i, home in enumerate(homes):
-    env = {**os.environ, "HOME": str(home), "TPU_WORKER_ID": str(i), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={scenario().get('workers_devices', 4)}",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(len(homes)),
-           "JAX_PROCESS_ID": str(i)}
-    procs.append(subprocess.Popen(["bash", "-c", command], cwd=home, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    env = {
+      **os.environ,
+      "HOME": str(home),
+      "TPU_WORKER_ID": str(i),
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={scenario().get('workers_devices', 4)}",
+      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+      "JAX_NUM_PROCESSES": str(len(homes)),
+      "JAX_PROCESS_ID": str(i),
+    }
+    procs.append(
+      subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=home,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
   codes = []
   for proc in procs:
     out, _ = proc.communicate()
@@ -261,7 +288,7 @@ def main(argv: list[str]):
   group, verb, rest = args[2], args[3], args[4:]
   if group not in ("queued-resources", "tpu-vm"):
     fail(f"fake gcloud does not know: {' '.join(argv)}", 2)
-  if group == "tpu-vm" and verb == "ssh":         # runs for minutes: reads the state only
+  if group == "tpu-vm" and verb == "ssh":  # runs for minutes: reads the state only
     tpu_vm(verb, rest)
     return
   with state_lock():

@@ -16,6 +16,7 @@ once the port accepts requests:  python tests/gcs_emulator.py PORT BUCKET
 `running()` starts it as a subprocess; `environment(port)` gives the variables that point every
 client at it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,6 @@ from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 
-
 BUCKET = "celerity-test"
 
 
@@ -42,11 +42,14 @@ def gs(*parts: str) -> str:
 
 def committed_steps(fs, run_url: str) -> list[int]:
   """Checkpoint steps under run_url/checkpoints that carry Orbax's commit marker."""
-  top = f"{run_url[len('gs://'):]}/checkpoints"
+  top = f"{run_url[len('gs://') :]}/checkpoints"
   if not fs.exists(top):
     return []
-  return sorted(int(p.rsplit("/", 1)[1]) for p in fs.ls(top, refresh=True)
-                if p.rsplit("/", 1)[1].isdigit() and fs.exists(f"{p}/commit_success.txt"))
+  return sorted(
+    int(p.rsplit("/", 1)[1])
+    for p in fs.ls(top, refresh=True)
+    if p.rsplit("/", 1)[1].isdigit() and fs.exists(f"{p}/commit_success.txt")
+  )
 
 
 @contextlib.contextmanager
@@ -55,8 +58,12 @@ def running():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  server = subprocess.Popen([sys.executable, __file__, str(port), BUCKET], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+  server = subprocess.Popen(
+    [sys.executable, __file__, str(port), BUCKET],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert server.stdout.readline().strip() == "ready", "the emulator did not start"
     yield port
@@ -68,17 +75,19 @@ def running():
 def environment(port: int) -> dict:
   """Both variables are needed: a client left without one silently goes to the real service."""
   url = f"http://127.0.0.1:{port}"
-  return {"STORAGE_EMULATOR_HOST": url,             # gcsfs, google-cloud-storage
-          "TENSORSTORE_GCS_HTTP_URL": url,          # tensorstore's gcs driver (Orbax arrays)
-          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-          "GOOGLE_CLOUD_PROJECT": "test"}
+  return {
+    "STORAGE_EMULATOR_HOST": url,  # gcsfs, google-cloud-storage
+    "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs driver (Orbax arrays)
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "GOOGLE_CLOUD_PROJECT": "test",
+  }
 
 
 def _generation(storage, bucket: str, name: str) -> str:
   try:
     return str(storage.get_file_obj(bucket, name)["generation"])
   except NotFound:
-    return "0"                                  # GCS: generation 0 means "does not exist"
+    return "0"  # GCS: generation 0 means "does not exist"
 
 
 def _failed_precondition(request, storage, bucket: str, name: str | None) -> HTTPStatus | None:
@@ -111,13 +120,15 @@ def _object_name(request) -> str | None:
 
 def _guarded(handler):
   def guarded(request, response, storage, *args, **kwargs):
-    if "upload_id" not in request.query:       # the precondition was checked when it began
-      status = _failed_precondition(request, storage, request.params["bucket_name"],
-                                    _object_name(request))
+    if "upload_id" not in request.query:  # the precondition was checked when it began
+      status = _failed_precondition(
+        request, storage, request.params["bucket_name"], _object_name(request)
+      )
       if status is not None:
         response.status = status
         return None
     return handler(request, response, storage, *args, **kwargs)
+
   return guarded
 
 
@@ -134,8 +145,8 @@ def read_data(request_handler, query):
   dashes = b"--" + re.search(r'boundary="?([^";]+)"?', content_type).group(1).encode()
   newline = b"\r\n" if raw.startswith(dashes + b"\r\n") else b"\n"
   parts = []
-  for part in raw[len(dashes):].split(newline + dashes)[:-1]:
-    head, body = part[len(newline):].split(newline * 2, 1)   # the delimiter line's own ending
+  for part in raw[len(dashes) :].split(newline + dashes)[:-1]:
+    head, body = part[len(newline) :].split(newline * 2, 1)  # the delimiter line's own ending
     headers = dict(line.split(b":", 1) for line in head.split(newline) if b":" in line)
     parts.append((headers.get(b"Content-Type", b"application/octet-stream").strip().decode(), body))
   (_, meta), (kind, content) = parts
@@ -155,7 +166,7 @@ def download(request, response, storage, *args, **kwargs):
     response.status = HTTPStatus.NOT_FOUND
     return
   suffix = re.fullmatch(r"\s*bytes=-(\d+)\s*", request.get_header("range", "") or "")
-  if suffix:                                   # the last N bytes, as an explicit range
+  if suffix:  # the last N bytes, as an explicit range
     start = max(0, size - int(suffix.group(1)))
     request._request_handler.headers.replace_header("range", f"bytes={start}-")
   objects.download(request, response, storage, *args, **kwargs)
@@ -179,6 +190,7 @@ def ls(request, response, storage, *args, **kwargs):
 
   def inside(name):
     return name >= start and (end is None or name < end)
+
   listing["items"] = [item for item in listing.get("items") or [] if inside(item["name"])]
   listing["prefixes"] = [prefix for prefix in listing.get("prefixes") or [] if inside(prefix)]
   response.json(listing)
@@ -188,8 +200,14 @@ def move(request, response, storage, *args, **kwargs):
   """objects.move: a copy then a delete (atomic enough for one client at a time)."""
   bucket = request.params["bucket_name"]
   try:
-    moved = objects._copy(request.base_url, storage, bucket, request.params["object_id"],
-                          bucket, request.params["dest_object_id"])
+    moved = objects._copy(
+      request.base_url,
+      storage,
+      bucket,
+      request.params["object_id"],
+      bucket,
+      request.params["dest_object_id"],
+    )
     storage.delete_file(bucket, request.params["object_id"])
   except NotFound:
     response.status = HTTPStatus.NOT_FOUND
@@ -198,14 +216,29 @@ def move(request, response, storage, *args, **kwargs):
 
 
 def _patched_handlers():
-  replace = {objects.download: download, objects.get: get, objects.ls: ls,
-             objects.insert: _guarded(objects.insert), objects.delete: _guarded(objects.delete),
-             objects.upload_partial: objects.upload_partial}
-  moves = [(rf"^{re.escape(prefix)}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
-            r"(?P<dest_object_id>.*[^/]+)$", {"POST": move})
-           for prefix in (server.settings.API_ENDPOINT, "")]
-  return (*moves, *((regex, {method: replace.get(fn, fn) for method, fn in methods.items()})
-                    for regex, methods in server.HANDLERS))
+  replace = {
+    objects.download: download,
+    objects.get: get,
+    objects.ls: ls,
+    objects.insert: _guarded(objects.insert),
+    objects.delete: _guarded(objects.delete),
+    objects.upload_partial: objects.upload_partial,
+  }
+  moves = [
+    (
+      rf"^{re.escape(prefix)}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
+      r"(?P<dest_object_id>.*[^/]+)$",
+      {"POST": move},
+    )
+    for prefix in (server.settings.API_ENDPOINT, "")
+  ]
+  return (
+    *moves,
+    *(
+      (regex, {method: replace.get(fn, fn) for method, fn in methods.items()})
+      for regex, methods in server.HANDLERS
+    ),
+  )
 
 
 server.HANDLERS = _patched_handlers()
@@ -222,13 +255,13 @@ _report_error = socketserver.BaseServer.handle_error
 
 
 def main(port: int, bucket: str):
-  logging.disable(logging.WARNING)         # the emulator warns on every JSON response
+  logging.disable(logging.WARNING)  # the emulator warns on every JSON response
   socketserver.BaseServer.handle_error = _quiet_disconnects
   emulator = server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
   emulator.start()
   print("ready", flush=True)
   try:
-    sys.stdin.read()                 # runs until the parent closes our stdin or kills us
+    sys.stdin.read()  # runs until the parent closes our stdin or kills us
   finally:
     emulator.stop()
 

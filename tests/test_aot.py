@@ -1,5 +1,7 @@
-"""celerity_jax.tools.aot: the loop's train step compiled for TPU topologies on this CPU machine (libtpu, from
-the test extra, provides compile-only TPU devices; nothing runs on a TPU)."""
+"""celerity_jax.tools.aot: the loop's train step compiled for TPU topologies on this CPU machine
+(libtpu, from the test extra, provides compile-only TPU devices; nothing runs on a TPU)."""
+
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,18 +11,24 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import CACHE
 
 from celerity_jax.main import parse
-from conftest import CACHE
-import dataclasses
-
 from celerity_jax.tools import aot, aot_fit, hlo_collectives, tpu_chips
 
 # celerity_tiny's rules on a shape whose dims are multiples of TPU tiles (8 x 128), so arrays carry
 # no layout padding and the argument bytes can be predicted exactly
-ALIGNED = ["recipe=celerity_tiny", "model.d_model=256", "model.n_heads=2", "model.d_head=128",
-           "model.d_ff=1024", "model.vocab_size=1024", "param.d_base=256", "train.batch_size=64"]
-TPU_SCALAR_BYTES = 512          # a TPU buffer takes at least 512 bytes; the state has a few scalars
+ALIGNED = [
+  "recipe=celerity_tiny",
+  "model.d_model=256",
+  "model.n_heads=2",
+  "model.d_head=128",
+  "model.d_ff=1024",
+  "model.vocab_size=1024",
+  "param.d_base=256",
+  "train.batch_size=64",
+]
+TPU_SCALAR_BYTES = 512  # a TPU buffer takes at least 512 bytes; the state has a few scalars
 
 
 def per_device_bytes(tree) -> tuple[int, int]:
@@ -30,11 +38,14 @@ def per_device_bytes(tree) -> tuple[int, int]:
   return held, sum(1 for x in leaves if x.shape == ())
 
 
-@pytest.mark.parametrize("topology, mesh", [
+@pytest.mark.parametrize(
+  "topology, mesh",
+  [
     ("v5e:2x2", ["mesh.data=1", "mesh.fsdp=-1"]),
     ("v5p:2x2x1", ["mesh.data=2", "mesh.fsdp=2"]),
     ("v6e:2x2", ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"]),
-])
+  ],
+)
 def test_the_loop_step_compiles_for_a_topology_and_holds_the_sharded_state(topology, mesh):
   cfg, _ = parse(ALIGNED + mesh)
   chip, devices = aot.topology_devices(topology)
@@ -46,7 +57,7 @@ def test_the_loop_step_compiles_for_a_topology_and_holds_the_sharded_state(topol
   batch_bytes, _ = per_device_bytes(batch)
   fsdp = training.mesh.shape["fsdp"] * training.mesh.shape["tensor"]
   whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  assert state_bytes < whole / fsdp * 1.01      # params + Adam moments, split over the shards
+  assert state_bytes < whole / fsdp * 1.01  # params + Adam moments, split over the shards
   argument = compiled.memory_analysis().argument_size_in_bytes
   assert 0 <= argument - (state_bytes + batch_bytes) <= scalars * TPU_SCALAR_BYTES
 
@@ -63,8 +74,16 @@ def test_the_loop_step_compiles_for_a_topology_and_holds_the_sharded_state(topol
 
 
 def test_a_model_too_large_for_the_chip_is_a_result_with_the_numbers(capsys):
-  huge = ["recipe=celerity_tiny", "model.d_model=8192", "model.n_heads=64", "model.d_head=128",
-          "model.d_ff=32768", "model.vocab_size=32768", "train.batch_size=8", "mesh.data=-1"]
+  huge = [
+    "recipe=celerity_tiny",
+    "model.d_model=8192",
+    "model.n_heads=64",
+    "model.d_head=128",
+    "model.d_ff=32768",
+    "model.vocab_size=32768",
+    "train.batch_size=8",
+    "mesh.data=-1",
+  ]
   assert aot.main([*huge, "--topology", "v5e:2x2", "--json"]) == 1
   out = capsys.readouterr()
   m = json.loads(out.out)["memory"]
@@ -76,15 +95,21 @@ def test_a_model_too_large_for_the_chip_is_a_result_with_the_numbers(capsys):
 
 
 def test_expert_parallel_moe_compiles_with_all_to_all():
-  cfg, _ = parse(["recipe=celerity_moe_nano_1", "mesh.data=1", "mesh.expert=4",
-                  "model.dispatch=capacity"])
+  cfg, _ = parse(
+    ["recipe=celerity_moe_nano_1", "mesh.data=1", "mesh.expert=4", "model.dispatch=capacity"]
+  )
   rep = aot.report(cfg, "v5e:2x2")
   assert rep["memory"]["fits"] and rep["collectives"]["all-to-all"]["count"] > 0
 
 
 def test_bad_topologies_and_settings_exit_2_with_one_line(capsys):
-  for argv in (["--topology", "v5litepod-6"], ["--topology", "v9z:2x2"], ["--topology", "v5p-4x4"],
-               ["--topology", "v5e:2x2", "mesh.tensor=3"], ["--topology", "v5e:2x2", "model.nope=1"]):
+  for argv in (
+    ["--topology", "v5litepod-6"],
+    ["--topology", "v9z:2x2"],
+    ["--topology", "v5p-4x4"],
+    ["--topology", "v5e:2x2", "mesh.tensor=3"],
+    ["--topology", "v5e:2x2", "model.nope=1"],
+  ):
     assert aot.main(["recipe=celerity_tiny", *argv]) == 2, argv
     err = capsys.readouterr().err
     assert err.startswith("config error: ") and err.count("\n") == 1 and "Traceback" not in err
@@ -92,7 +117,7 @@ def test_bad_topologies_and_settings_exit_2_with_one_line(capsys):
 
 def test_tpu_compiles_stay_out_of_the_persistent_cache():
   before = set(os.listdir(CACHE)) if CACHE.exists() else set()
-  cfg, _ = parse(ALIGNED + ["mesh.data=4", "model.d_ff=512"])     # a shape no other test uses
+  cfg, _ = parse(ALIGNED + ["mesh.data=4", "model.d_ff=512"])  # a shape no other test uses
   assert aot.report(cfg, "v5e:2x2")["memory"]["fits"]
   after = set(os.listdir(CACHE)) if CACHE.exists() else set()
   assert after == before
@@ -101,8 +126,9 @@ def test_tpu_compiles_stay_out_of_the_persistent_cache():
 def test_with_libtpu_installed_a_cpu_run_prints_no_tpu_noise():
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_PLATFORMS", "TPU_"))}
   code = "import celerity_jax, jax; print(jax.devices()[0].platform)"
-  result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0 and result.stdout.strip() == "cpu"
   assert result.stderr == ""
 
@@ -117,7 +143,8 @@ def test_collectives_in_loops_count_once_per_trip():
 }
 
 %body (p: (s32[])) -> (s32[]) {
-  %g = bf16[8,128]{1,0} all-gather(%x), replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, dimensions={0}
+  %g = bf16[8,128]{1,0} all-gather(%x), replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'},
+  dimensions={0}
   ROOT %t = (s32[]) tuple(%i)
 }
 
@@ -130,14 +157,22 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   found = hlo_collectives.collectives(hlo, 8)
   gather = found["all-gather"]
   assert gather["count"] == 5 and gather["bytes"] == 5 * 8 * 128 * 2
-  assert gather["traffic"] == pytest.approx(5 * 8 * 128 * 2 * 3 / 4)     # a ring of 4
+  assert gather["traffic"] == pytest.approx(5 * 8 * 128 * 2 * 3 / 4)  # a ring of 4
   assert found["all-reduce"]["count"] == 1
   assert found["all-reduce"]["traffic"] == pytest.approx(2 * 4096 * 7 / 8)
 
 
-@pytest.mark.parametrize("accelerator, topology, chips", [
-    ("v5litepod-8", "v5e:2x4", 8), ("v5litepod-16", "v5e:4x4", 16), ("v6e-32", "v6e:4x8", 32),
-    ("v5p-8", "v5p:2x2x1", 4), ("v5p-64", "v5p:2x4x4", 32), ("v5p-128", "v5p:4x4x4", 64)])
+@pytest.mark.parametrize(
+  "accelerator, topology, chips",
+  [
+    ("v5litepod-8", "v5e:2x4", 8),
+    ("v5litepod-16", "v5e:4x4", 16),
+    ("v6e-32", "v6e:4x8", 32),
+    ("v5p-8", "v5p:2x2x1", 4),
+    ("v5p-64", "v5p:2x4x4", 32),
+    ("v5p-128", "v5p:4x4x4", 64),
+  ],
+)
 def test_accelerator_types_name_the_topology_libtpu_builds(accelerator, topology, chips):
   """Cloud TPU types count TensorCores on v5p (two per chip) and chips on v5e and v6e."""
   assert tpu_chips.topology_for(accelerator) == topology
@@ -154,14 +189,14 @@ def test_fit_candidates_keep_the_batch_near_the_law_and_the_model_divisible():
   assert law == pytest.approx(340.6, abs=0.1)
   assert kept and all(abs(r.batch_seqs / law - 1) <= 0.05 for _, _, r, _ in kept)
   assert {layout.tensor for layout, *_ in kept} == {1}
-  assert {r.batch_seqs for _, _, r, _ in kept} == {352}      # granule 32: 352 (+3.4%), not 320
+  assert {r.batch_seqs for _, _, r, _ in kept} == {352}  # granule 32: 352 (+3.4%), not 320
   assert {(layout.rows, r.microbatches) for layout, _, r, _ in kept} == {(1, 11), (11, 1)}
   assert any("-6.0% from the law's 340.6 (allowed 5.0%)" in why for _, why in rejected)
   runs = [guess["run_s"] for *_, guess in kept]
   assert runs == sorted(runs) and kept[0][0].remat == "none"
   # a slice that cannot come within 5%: the closest B it allows, reported as such
   kept, _ = aot_fit.candidates(cfg, chip, 128, 1, 0.05)
-  assert {r.batch_seqs for _, _, r, _ in kept} == {384}      # +12.8%, the nearest multiple of 128
+  assert {r.batch_seqs for _, _, r, _ in kept} == {384}  # +12.8%, the nearest multiple of 128
   # a fixed batch is kept exactly: only granules that divide it
   fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=320))
   kept, _ = aot_fit.candidates(fixed, chip, 32, 1, 0.05)
@@ -171,11 +206,16 @@ def test_fit_candidates_keep_the_batch_near_the_law_and_the_model_divisible():
 
 def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
   """A fixed 512 x 2048 batch, pure data parallel without remat, needs ~26 GB per v5e chip; the
-  search finds one that fits (keeping B) and says why it rejected the others. A second celerity_jax.tools.aot
+  search finds one that fits (keeping B) and says why it rejected the others. A second
+  celerity_jax.tools.aot
   runs at the same time in another process: libtpu's lock file does not stop it."""
   big = [*ALIGNED[:-1], "model.seq_len=2048", "train.batch_size=512"]
-  other = subprocess.Popen([sys.executable, "-m", "celerity_jax.tools.aot", *big, "--topology", "v5e:2x2",
-                            "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  other = subprocess.Popen(
+    [sys.executable, "-m", "celerity_jax.tools.aot", *big, "--topology", "v5e:2x2", "--json"],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   time.sleep(1)
   assert aot.main([*big, "--topology", "v5litepod-4", "--fit", "--keep", "1", "--json"]) == 0
   result = json.loads(capsys.readouterr().out)
@@ -184,11 +224,15 @@ def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
   default = json.loads(out)["memory"]
   assert not default["fits"] and default["needed_bytes"] > default["hbm_bytes"]
   best = result["best"]
-  assert best["memory"]["fits"] and best["memory"]["peak_bytes"] <= 0.95 * best["memory"]["hbm_bytes"]
+  assert (
+    best["memory"]["fits"] and best["memory"]["peak_bytes"] <= 0.95 * best["memory"]["hbm_bytes"]
+  )
   assert best["recipe_shape"]["batch_seqs"] == 512 and best["batch"]["change"] == 0
-  assert best["layout"] != "mesh.data=4 mesh.fsdp=1 mesh.tensor=1 mesh.expert=1 model.remat=none " \
-                           "train.microbatch_rows=128"
-  cfg, _ = parse(big + best["overrides"])                    # the printed overrides reproduce it
+  assert (
+    best["layout"] != "mesh.data=4 mesh.fsdp=1 mesh.tensor=1 mesh.expert=1 model.remat=none "
+    "train.microbatch_rows=128"
+  )
+  cfg, _ = parse(big + best["overrides"])  # the printed overrides reproduce it
   assert aot.report(cfg, "v5e:2x2")["memory"]["peak_bytes"] == best["memory"]["peak_bytes"]
   kinds = {r["kind"] for r in result["rejected"]}
   assert "slower" in kinds and kinds <= {"memory", "dominated", "slower", "budget", "batch"}

@@ -1,5 +1,6 @@
 """Checkpoints: round trip, exact resume after SIGKILL, SIGTERM, incomplete saves, config changes,
 resharding, non-finite steps and export."""
+
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CACHE, SMALL, small_config
 
 from celerity_jax import sharding
 from celerity_jax.checkpoint import Checkpointer
@@ -19,10 +21,9 @@ from celerity_jax.collapse.monitor import build_spec
 from celerity_jax.data.synthetic import SyntheticTokens, placed_batches
 from celerity_jax.main import main
 from celerity_jax.resolve import resolve
-from celerity_jax.train import loop
+from celerity_jax.train import events, loop
 from celerity_jax.train import state as state_lib
 from celerity_jax.train import step as step_lib
-from conftest import CACHE, SMALL, small_config
 
 MESH_222 = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
 
@@ -86,8 +87,14 @@ def test_incomplete_checkpoint_is_ignored_with_a_warning(tmp_path, capsys):
 
 
 def cli(run_dir, *extra):
-  return ["recipe=celerity_tiny", *SMALL, f"run.dir={run_dir}", "checkpoint.every_steps=5",
-          "run.log_every=1", *extra]
+  return [
+    "recipe=celerity_tiny",
+    *SMALL,
+    f"run.dir={run_dir}",
+    "checkpoint.every_steps=5",
+    "run.log_every=1",
+    *extra,
+  ]
 
 
 def subprocess_env():
@@ -97,8 +104,17 @@ def subprocess_env():
 def losses(run_dir):
   """Per step: the loss and the collapse monitor's outputs (its state is checkpointed too)."""
   rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  return [(r["step"], r["loss"], r["loss_smooth"], r.get("collapse_residual"),
-           r.get("final_loss_estimate")) for r in rows if "event" not in r]
+  return [
+    (
+      r["step"],
+      r["loss"],
+      r["loss_smooth"],
+      r.get("collapse_residual"),
+      r.get("final_loss_estimate"),
+    )
+    for r in rows
+    if "event" not in r
+  ]
 
 
 def final_params(run_dir, step):
@@ -122,14 +138,18 @@ def wait_for_step(run_dir, step, proc, timeout=120):
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
   full, killed = tmp_path / "full", tmp_path / "killed"
   assert main(cli(full)) == 0
-  proc = subprocess.Popen([sys.executable, "-m", "celerity_jax.main", *cli(killed)],
-                          env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "celerity_jax.main", *cli(killed)],
+    env=subprocess_env(),
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   wait_for_step(killed, random.Random(0).randint(12, 25), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert main(cli(killed)) == 0                          # same command, same run.dir: resumes
-  assert losses(killed) == losses(full)                  # every logged loss, bit for bit
-  assert losses(full)[-1][3] is not None                 # the monitor aligned across the restart
+  assert main(cli(killed)) == 0  # same command, same run.dir: resumes
+  assert losses(killed) == losses(full)  # every logged loss, bit for bit
+  assert losses(full)[-1][3] is not None  # the monitor aligned across the restart
   steps = losses(full)[-1][0]
   assert_trees_equal(final_params(killed, steps), final_params(full, steps))
   events = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
@@ -138,9 +158,12 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 
 def test_sigterm_saves_a_committed_checkpoint_and_exits_cleanly(tmp_path):
   run_dir = tmp_path / "run"
-  proc = subprocess.Popen([sys.executable, "-m", "celerity_jax.main",
-                           *cli(run_dir, "checkpoint.every_steps=1000")],
-                          env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "celerity_jax.main", *cli(run_dir, "checkpoint.every_steps=1000")],
+    env=subprocess_env(),
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   wait_for_step(run_dir, 8, proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
@@ -166,13 +189,19 @@ def test_a_batch_law_run_resumes_on_another_device_count_with_its_own_batch(tmp_
 
   def on_devices(n):
     env = {**subprocess_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-    return subprocess.run([sys.executable, "-m", "celerity_jax.main", *cli(moved, *law)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+      [sys.executable, "-m", "celerity_jax.main", *cli(moved, *law)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
 
   refused = on_devices(6)
   assert refused.returncode == 2, refused.stderr[-2000:]
   assert "the checkpoint's batch of 176 sequences does not split over data-parallel size 6" in (
-      refused.stderr)
+    refused.stderr
+  )
   resumed = on_devices(4)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert "resumed from step 5" in resumed.stderr
@@ -192,13 +221,20 @@ def test_config_change_is_refused_unless_allowed(tmp_path, capsys):
   assert "optim.lr_base" in err and "derived.lr_peak" in err and "allow_config_change" in err
   # stopping later is not a trajectory change
   assert main(cli(run_dir, "train.stop_step=10")) == 0
-  assert main(cli(run_dir, "train.stop_step=12", "optim.lr_base=0.02",
-                  "checkpoint.allow_config_change=true")) == 0
+  assert (
+    main(
+      cli(
+        run_dir, "train.stop_step=12", "optim.lr_base=0.02", "checkpoint.allow_config_change=true"
+      )
+    )
+    == 0
+  )
   events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
   restarts = [e for e in events if e.get("event") == "restart"]
   assert restarts[-1]["step"] == 10 and "optim.lr_base" in restarts[-1]["config_changes"]
-  code = main(cli(run_dir, "train.stop_step=14", "model.d_ff=64",
-                  "checkpoint.allow_config_change=true"))
+  code = main(
+    cli(run_dir, "train.stop_step=14", "model.d_ff=64", "checkpoint.allow_config_change=true")
+  )
   err = capsys.readouterr().err
   assert code == 2 and "blocks/mlp/wi" in err and "does not fit this model" in err
 
@@ -218,10 +254,12 @@ def poisoned_steps(monkeypatch):
 
   def make_loss_fn(setup, cfg, mesh=None):
     loss_fn = real_loss(setup, cfg, mesh)
+
     def poisoned(params, batch):
       total, aux = loss_fn(params, batch)
       nan = jnp.where(jnp.all(batch["inputs"][0] == 0), jnp.nan, 0.0)
       return total + nan, {**aux, "ce": aux["ce"] + nan}
+
     return poisoned
 
   monkeypatch.setattr(SyntheticTokens, "batch", batch)
@@ -230,23 +268,28 @@ def poisoned_steps(monkeypatch):
 
 
 def test_nonfinite_skip_leaves_the_state_untouched(tmp_path, poisoned_steps):
-  poisoned_steps.update({6, 7})                          # steps 7 and 8 (1-based) are poisoned
+  poisoned_steps.update({6, 7})  # steps 7 and 8 (1-based) are poisoned
   loop.run(small_config(f"run.dir={tmp_path}", "run.log_every=1", "train.stop_step=12"))
-  rows = {r["step"]: r for r in (json.loads(x) for x in
-                                 (tmp_path / "metrics.jsonl").read_text().splitlines())
-          if "event" not in r}
+  rows = {
+    r["step"]: r
+    for r in (json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
+    if "event" not in r
+  }
   assert [rows[s]["nonfinite"] for s in (6, 7, 8, 9)] == [0, 1, 1, 0]
   assert rows[8]["param_norm"] == rows[7]["param_norm"] == rows[6]["param_norm"]
   assert rows[12]["skipped_steps"] == 2 and np.isfinite(rows[12]["loss"])
 
 
-@pytest.mark.parametrize("policy, poison, halted_at", [("halt", {6}, 7),
-                                                       ("skip", {4, 5, 6, 7}, 7)])
+@pytest.mark.parametrize("policy, poison, halted_at", [("halt", {6}, 7), ("skip", {4, 5, 6, 7}, 7)])
 def test_nonfinite_halt_writes_diagnostics(tmp_path, poisoned_steps, policy, poison, halted_at):
   poisoned_steps.update(poison)
-  cfg = small_config(f"run.dir={tmp_path}", f"train.on_nonfinite={policy}",
-                     "train.max_bad_steps=3", "train.stop_step=12")
-  with pytest.raises(loop.RunHalted) as halted:
+  cfg = small_config(
+    f"run.dir={tmp_path}",
+    f"train.on_nonfinite={policy}",
+    "train.max_bad_steps=3",
+    "train.stop_step=12",
+  )
+  with pytest.raises(events.RunHalted) as halted:
     loop.run(cfg)
   assert halted.value.code == 4
   assert json.loads((tmp_path / "diagnostics.json").read_text())["step"] == halted_at
@@ -256,17 +299,28 @@ def test_export_reads_back_without_celerity_jax(tmp_path):
   run_dir = tmp_path / "run"
   assert main(cli(run_dir, "train.stop_step=5")) == 0
   out = tmp_path / "export" / "p.npz"
-  subprocess.run([sys.executable, "-m", "celerity_jax.tools.export", str(run_dir), "--out", str(out)],
-                 check=True, env=subprocess_env(), capture_output=True)
-  code = ("import numpy, json, sys; a = numpy.load(sys.argv[1]); "
-          "print(json.dumps({k: a[k].tolist() for k in a.files}))")
-  exported = json.loads(subprocess.run([sys.executable, "-S", "-c", code, str(out)],
-                                       capture_output=True, text=True,
-                                       env={"PYTHONPATH": os.path.dirname(np.__path__[0])}
-                                       ).stdout)
+  subprocess.run(
+    [sys.executable, "-m", "celerity_jax.tools.export", str(run_dir), "--out", str(out)],
+    check=True,
+    env=subprocess_env(),
+    capture_output=True,
+  )
+  code = (
+    "import numpy, json, sys; a = numpy.load(sys.argv[1]); "
+    "print(json.dumps({k: a[k].tolist() for k in a.files}))"
+  )
+  exported = json.loads(
+    subprocess.run(
+      [sys.executable, "-S", "-c", code, str(out)],
+      capture_output=True,
+      text=True,
+      env={"PYTHONPATH": os.path.dirname(np.__path__[0])},
+    ).stdout
+  )
   params = final_params(run_dir, 5)
-  np.testing.assert_array_equal(np.asarray(exported["blocks/attn/wq"]),
-                                np.asarray(params["blocks"]["attn"]["wq"]))
+  np.testing.assert_array_equal(
+    np.asarray(exported["blocks/attn/wq"]), np.asarray(params["blocks"]["attn"]["wq"])
+  )
   assert set(exported) == {"/".join(p) for p in _paths(params)}
   assert json.loads((out.parent / "p.config.json").read_text())["config"]["model"]["d_model"] == 32
 

@@ -1,5 +1,6 @@
 """Collapse: monitor math against numpy, alerts and spikes, surrogate fit, final-loss prediction,
 reference runs end to end, halt policy, and the sweep tool."""
+
 import dataclasses
 import json
 
@@ -7,37 +8,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SMALL
 
 from celerity_jax.collapse import curves, monitor, predict, surrogate
 from celerity_jax.collapse.curves import Curve
 from celerity_jax.main import main
-from conftest import SMALL
 
 TRUE = surrogate.Constants(0.4, -0.6, 1.2, -0.15)
 
 
 def synthetic(T=400, tau=0.175, tpp=20.0, final=3.0, noise=0.0, seed=0, smooth_frac=0.02):
   """A raw per-step loss curve shaped by the surrogate (unsmoothed), optionally noisy."""
-  t, lr = surrogate.model_grid(T, 0, "linear")      # no warmup: the loss falls from the start
-  raw = surrogate.g(t, lr, TRUE.b_c * tau ** TRUE.b_e, TRUE.q_c * tpp ** TRUE.q_e)
+  t, lr = surrogate.model_grid(T, 0, "linear")  # no warmup: the loss falls from the start
+  raw = surrogate.g(t, lr, TRUE.b_c * tau**TRUE.b_e, TRUE.q_c * tpp**TRUE.q_e)
   raw = final * raw / raw[-1]
   rng = np.random.default_rng(seed)
   return t, raw * (1 + noise * rng.standard_normal(T))
 
 
 def spec_for(T, ref_t, ref_l, threshold=0.01, patience=5, smooth_frac=0.02):
-  return monitor.MonitorSpec(T, curves.ema_decay(smooth_frac, 1 / T), 0.25, 0.5, threshold,
-                             patience, 1.2, ref_t, ref_l, "test")
+  return monitor.MonitorSpec(
+    T,
+    curves.ema_decay(smooth_frac, 1 / T),
+    0.25,
+    0.5,
+    threshold,
+    patience,
+    1.2,
+    ref_t,
+    ref_l,
+    "test",
+  )
 
 
 def run_monitor(spec, losses):
   """The monitor over a loss sequence in one jitted scan, as the train step calls it."""
+
   def body(state, xs):
     loss, step = xs
     return monitor.update(spec, state, loss, step, jnp.isfinite(loss))
+
   steps = jnp.arange(1, len(losses) + 1)
-  _, metrics = jax.jit(lambda l: jax.lax.scan(body, monitor.init_state(), (l, steps)))(
-      jnp.asarray(losses, jnp.float32))
+  _, metrics = jax.jit(lambda xs: jax.lax.scan(body, monitor.init_state(), (xs, steps)))(
+    jnp.asarray(losses, jnp.float32)
+  )
   return {k: np.asarray(v) for k, v in metrics.items()}
 
 
@@ -53,7 +67,7 @@ def test_the_three_smoothings_agree():
   traced = np.asarray(surrogate._ema_last_axis(jnp.asarray(raw, jnp.float32), decay))
   np.testing.assert_allclose(logged, offline, rtol=2e-6)
   np.testing.assert_allclose(traced, offline, rtol=2e-6)
-  assert offline[0] == pytest.approx(raw[0], rel=1e-12)                  # debiased: no zero start
+  assert offline[0] == pytest.approx(raw[0], rel=1e-12)  # debiased: no zero start
 
 
 def numpy_monitor(T, losses, ref_t, ref_l, threshold, patience, smooth_frac=0.02):
@@ -66,7 +80,7 @@ def numpy_monitor(T, losses, ref_t, ref_l, threshold, patience, smooth_frac=0.02
     smooth, t = m / w, i / T
     ref = np.interp(t, ref_t, ref_l)
     if 0.25 <= t <= 0.5:
-      s_ll, s_lr = s_ll + smooth ** 2, s_lr + smooth * ref
+      s_ll, s_lr = s_ll + smooth**2, s_lr + smooth * ref
     estimate = s_ll / s_lr if t > 0.5 else 0.0
     residual = smooth / estimate - ref if t > 0.5 else 0.0
     over = over + 1 if t > 0.5 and abs(residual) > threshold else 0
@@ -142,11 +156,14 @@ def test_prediction_recovers_the_final_loss_from_30_percent():
 def test_spread_and_seed_noise_on_hand_made_curves():
   grid = np.array([0.2, 0.6, 1.0])
   t = np.array([0.2, 0.6, 1.0])
-  a, b, c = (curve_from(t, np.array(v) * 2.0, 0.1, 20, 10)
-             for v in ([1.3, 1.1, 1.0], [1.5, 1.1, 1.0], [1.4, 1.2, 1.0]))
+  a, b, c = (
+    curve_from(t, np.array(v) * 2.0, 0.1, 20, 10)
+    for v in ([1.3, 1.1, 1.0], [1.5, 1.1, 1.0], [1.4, 1.2, 1.0])
+  )
   np.testing.assert_allclose(curves.spread([a, b], grid), [0.1, 0.0, 0.0])
-  np.testing.assert_allclose(curves.seed_noise([[a, b], [a, c]], grid),
-                             np.sqrt([(0.02 + 0.005) / 2, 0.005 / 2, 0.0]))
+  np.testing.assert_allclose(
+    curves.seed_noise([[a, b], [a, c]], grid), np.sqrt([(0.02 + 0.005) / 2, 0.005 / 2, 0.0])
+  )
 
 
 def rows_of(run_dir):
@@ -155,20 +172,27 @@ def rows_of(run_dir):
 
 
 def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, capsys):
-  base = ["run.log_every=1", "collapse.smooth_frac=0.05", "collapse.align_start=0.25",
-          "collapse.align_end=0.5"]
+  base = [
+    "run.log_every=1",
+    "collapse.smooth_frac=0.05",
+    "collapse.align_start=0.25",
+    "collapse.align_end=0.5",
+  ]
   ref_dir, run_dir, halt_dir = tmp_path / "ref", tmp_path / "run", tmp_path / "halt"
   args = ["recipe=celerity_tiny", *base]
 
   assert main([*args, *SMALL, f"run.dir={ref_dir}", "collapse.reference=none"]) == 0
   assert all("collapse_residual" not in r for r in rows_of(ref_dir))
-  assert main([*args, *SMALL, f"run.dir={run_dir}", "train.seed=1",
-               f"collapse.reference={ref_dir}"]) == 0
+  assert (
+    main([*args, *SMALL, f"run.dir={run_dir}", "train.seed=1", f"collapse.reference={ref_dir}"])
+    == 0
+  )
   rows = rows_of(run_dir)
   T = json.loads((run_dir / "config.json").read_text())["derived"]["steps"]
   late = [r for r in rows if r["step"] / T > 0.5]
-  assert late and all({"collapse_residual", "collapse_alert", "final_loss_estimate"} <= set(r)
-                      for r in late)
+  assert late and all(
+    {"collapse_residual", "collapse_alert", "final_loss_estimate"} <= set(r) for r in late
+  )
   assert all("collapse_residual" not in r for r in rows if r["step"] / T <= 0.5)
   # offline: the same alignment from the logged smoothed losses gives the same numbers
   ref, run = curves.load_run(ref_dir), curves.load_run(run_dir)
@@ -177,29 +201,45 @@ def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, cap
   estimate = predict.aligned_final_loss(run.loss_smooth[window], ref_at[window])
   assert late[-1]["final_loss_estimate"] == pytest.approx(estimate, rel=1e-4)
   assert late[-1]["collapse_residual"] == pytest.approx(
-      run.loss_smooth[-1] / estimate - ref_at[-1], abs=1e-4)
+    run.loss_smooth[-1] / estimate - ref_at[-1], abs=1e-4
+  )
   # the predict tool gives the same alignment over [0.2, 0.5]; a reference with other controls warns
   from celerity_jax.tools import predict as predict_tool
+
   capsys.readouterr()
   predict_tool.main([str(run_dir), "--stop", "0.5", "--reference", str(ref_dir)])
   printed = json.loads(capsys.readouterr().out)
-  assert printed["predicted_final"] == pytest.approx(predict.predict_final_loss(
-      run, stop=0.5, reference=ref)) and printed["true_final"] == pytest.approx(run.final_loss)
+  assert printed["predicted_final"] == pytest.approx(
+    predict.predict_final_loss(run, stop=0.5, reference=ref)
+  ) and printed["true_final"] == pytest.approx(run.final_loss)
   from celerity_jax.resolve import resolve
+
   other = small(*base, f"collapse.reference={ref_dir}", "optim.tau=0.5")
   monitor.build_spec(other, resolve(other))
   assert "trained with other controls (tau 0.5 vs" in capsys.readouterr().err
   # fit_surrogate writes constants the monitor can load, and says when b and q are not identifiable
   from celerity_jax.tools import fit_surrogate
+
   fit_surrogate.main([str(ref_dir), str(run_dir), "--out", str(tmp_path / "fit.json")])
   assert "not separately identifiable" in capsys.readouterr().err
   fitted = surrogate.load_constants(str(tmp_path / "fit.json"))
   assert surrogate.mae(run, fitted) < 0.05
   # policy halt with a threshold nothing meets: checkpoint, diagnostics, exit 5
   capsys.readouterr()
-  code = main([*args, *SMALL, f"run.dir={halt_dir}", "train.seed=1", "collapse.threshold=1e-6",
-               "collapse.patience=2", "collapse.policy=halt", f"collapse.reference={ref_dir}",
-               "checkpoint.every_steps=0", "checkpoint.every_minutes=0"])
+  code = main(
+    [
+      *args,
+      *SMALL,
+      f"run.dir={halt_dir}",
+      "train.seed=1",
+      "collapse.threshold=1e-6",
+      "collapse.patience=2",
+      "collapse.policy=halt",
+      f"collapse.reference={ref_dir}",
+      "checkpoint.every_steps=0",
+      "checkpoint.every_minutes=0",
+    ]
+  )
   assert code == 5
   assert "off the collapse reference" in capsys.readouterr().err
   diag = json.loads((halt_dir / "diagnostics.json").read_text())
@@ -211,17 +251,43 @@ def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, cap
 def test_bad_references_are_config_errors(small, tmp_path, capsys):
 
   unfinished = tmp_path / "unfinished"
-  assert main(["recipe=celerity_tiny", *SMALL, f"run.dir={unfinished}", "train.stop_step=3",
-               "collapse.reference=none", "run.log_every=1"]) == 0
+  assert (
+    main(
+      [
+        "recipe=celerity_tiny",
+        *SMALL,
+        f"run.dir={unfinished}",
+        "train.stop_step=3",
+        "collapse.reference=none",
+        "run.log_every=1",
+      ]
+    )
+    == 0
+  )
   capsys.readouterr()
-  for ref, message in ((tmp_path / "nowhere", "config.json: not found"),
-                       (unfinished, "run not finished")):
-    assert main(["recipe=celerity_tiny", *SMALL, f"run.dir={tmp_path / 'x'}",
-                 f"collapse.reference={ref}"]) == 2
+  for ref, message in (
+    (tmp_path / "nowhere", "config.json: not found"),
+    (unfinished, "run not finished"),
+  ):
+    assert (
+      main(
+        ["recipe=celerity_tiny", *SMALL, f"run.dir={tmp_path / 'x'}", f"collapse.reference={ref}"]
+      )
+      == 2
+    )
     assert message in capsys.readouterr().err
   (tmp_path / "bad.json").write_text('{"constants": {"b_c": 1}}')
-  assert main(["recipe=celerity_tiny", *SMALL, f"run.dir={tmp_path / 'y'}",
-               f"collapse.surrogate={tmp_path / 'bad.json'}"]) == 2
+  assert (
+    main(
+      [
+        "recipe=celerity_tiny",
+        *SMALL,
+        f"run.dir={tmp_path / 'y'}",
+        f"collapse.surrogate={tmp_path / 'bad.json'}",
+      ]
+    )
+    == 2
+  )
   assert "collapse.surrogate" in capsys.readouterr().err
   assert main(["recipe=celerity_tiny", "collapse.align_start=0.6", "--print-config"]) == 2
 
@@ -230,23 +296,32 @@ def test_packaged_surrogate_constants_load_and_give_a_sane_curve():
   c = surrogate.load_constants()
   t, ell = surrogate.normalized_curve(108, 11, "linear", 0.175, 20.0, c, 0.02)
   assert ell[-1] == pytest.approx(1.0)
-  assert np.all(np.diff(ell[t >= 0.2]) < 0.01)          # falls (up to EMA wiggle) to 1 at t = 1
+  assert np.all(np.diff(ell[t >= 0.2]) < 0.01)  # falls (up to EMA wiggle) to 1 at t = 1
   assert 1.1 < np.interp(0.2, t, ell) < 2.5
 
 
 @pytest.mark.slow
 def test_sweep_tool_runs_a_three_point_nano_sweep(tmp_path, stdlib_cache):
   from celerity_jax.tools import sweep
+
   settings = [["optim.tau=0.06"], ["optim.tau=0.175"], ["optim.tau=0.5"]]
   common = [f"data.cache_dir={stdlib_cache}", "collapse.reference=none"]
-  report = sweep.sweep("celerity_nano_1", [common + s for s in settings], tmp_path, 0.3,
-                       complete=True, full=False, constants=surrogate.load_constants())
+  report = sweep.sweep(
+    "celerity_nano_1",
+    [common + s for s in settings],
+    tmp_path,
+    0.3,
+    complete=True,
+    full=False,
+    constants=surrogate.load_constants(),
+  )
   assert sorted(report["ranking"]) == [0, 1, 2]
   predicted = [r["predicted_final"] for r in report["settings"]]
   assert report["winner"] == int(np.argmin(predicted))
   winner = report["settings"][report["winner"]]
   assert winner["true_final"] > 0 and all(
-      "true_final" not in r for r in report["settings"] if r is not winner)
+    "true_final" not in r for r in report["settings"] if r is not winner
+  )
   # equal D for every setting: 3 x 0.3 of a run, plus 0.7 of the winner, out of 3 runs
   assert report["compute_saved_frac"] == pytest.approx(1 - (0.9 + 0.7) / 3)
   for r in report["settings"]:
@@ -255,10 +330,12 @@ def test_sweep_tool_runs_a_three_point_nano_sweep(tmp_path, stdlib_cache):
 
 def test_plot_writes_a_png_with_spread_and_seed_noise(tmp_path):
   from celerity_jax.tools.plot_collapse import plot
+
   family = []
   for n, seed, scale in ((1000, 0, 1.0), (1000, 1, 1.01), (4000, 0, 0.99)):
     t, ell = surrogate.normalized_curve(100, 10, "linear", 0.175, 20.0, TRUE, 0.02)
-    family.append(dataclasses.replace(curve_from(t, 3 * scale * ell, 0.175, 20.0, 100),
-                                      n_params=n, seed=seed))
+    family.append(
+      dataclasses.replace(curve_from(t, 3 * scale * ell, 0.175, 20.0, 100), n_params=n, seed=seed)
+    )
   out = plot({"synthetic": family}, tmp_path / "c.png", reference="surrogate")
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000

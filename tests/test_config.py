@@ -1,4 +1,5 @@
 """Config parsing, the CLI's error contract (exit 2, no traceback) and --print-config."""
+
 import json
 import subprocess
 import sys
@@ -17,9 +18,18 @@ def run_main(capsys, *argv):
 
 
 def test_overrides_are_parsed_to_field_types():
-  cfg = apply_overrides(recipes.load("celerity_tiny"), [
-      "model.d_model=96", "optim.lr_base=3e-3", "model.scan_layers=false", "model.norm=rmsnorm",
-      "train.stop_step=1e3", "optim.weight_decay=0.1", "optim.weight_decay=null"])
+  cfg = apply_overrides(
+    recipes.load("celerity_tiny"),
+    [
+      "model.d_model=96",
+      "optim.lr_base=3e-3",
+      "model.scan_layers=false",
+      "model.norm=rmsnorm",
+      "train.stop_step=1e3",
+      "optim.weight_decay=0.1",
+      "optim.weight_decay=null",
+    ],
+  )
   assert cfg.model.d_model == 96 and isinstance(cfg.model.d_model, int)
   assert cfg.optim.lr_base == 3e-3
   assert cfg.model.scan_layers is False
@@ -64,13 +74,16 @@ def test_malformed_override_and_flag(capsys):
   assert run_main(capsys, "--print-confg")[0] == 2
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.n_kv_heads=3", "model.n_kv_heads"),       # 1 head is not a multiple of 3
+@pytest.mark.parametrize(
+  "override, key",
+  [
+    ("model.n_kv_heads=3", "model.n_kv_heads"),  # 1 head is not a multiple of 3
     ("train.stop_frac=1.5", "train.stop_frac"),
     ("model.d_model=0", "model.d_model"),
-    ("mesh.fsdp=-1", "mesh"),                          # two axes set to -1
-    ("train.batch_size=7", "train.batch_size"),        # not divisible on the 8-device mesh
-])
+    ("mesh.fsdp=-1", "mesh"),  # two axes set to -1
+    ("train.batch_size=7", "train.batch_size"),  # not divisible on the 8-device mesh
+  ],
+)
 def test_invalid_combinations_exit_2_naming_the_key(capsys, override, key):
   code, _, err = run_main(capsys, override, "--print-config")
   assert code == 2, err
@@ -78,7 +91,7 @@ def test_invalid_combinations_exit_2_naming_the_key(capsys, override, key):
 
 
 def test_mesh_that_does_not_match_devices(capsys):
-  code, _, err = run_main(capsys, "mesh.data=3", "--print-config")   # 8 fake devices
+  code, _, err = run_main(capsys, "mesh.data=3", "--print-config")  # 8 fake devices
   assert code == 2 and "8" in err and "mesh" in err
 
 
@@ -87,18 +100,32 @@ def test_print_config_celerity_1b_lists_derived_quantities(capsys):
   assert code == 0
   derived = json.loads(out)["derived"]
   assert abs(derived["n_params"] - 1e9) / 1e9 < 0.05
-  for key in ("tokens", "tpp", "batch_tokens", "steps", "warmup_steps", "lr_peak", "weight_decay",
-              "tau", "tau_groups", "multipliers"):
+  for key in (
+    "tokens",
+    "tpp",
+    "batch_tokens",
+    "steps",
+    "warmup_steps",
+    "lr_peak",
+    "weight_decay",
+    "tau",
+    "tau_groups",
+    "multipliers",
+  ):
     assert key in derived
   mult = derived["multipliers"]
   assert mult["attn_scale"] == pytest.approx(1 / 128)
   assert mult["logit_scale"] == pytest.approx(1.095 / (1152 / 256))
-  assert derived["tau"] == pytest.approx(0.785 * 20 ** -0.501)
+  assert derived["tau"] == pytest.approx(0.785 * 20**-0.501)
 
 
 def test_cli_subprocess_exit_code_without_traceback():
-  proc = subprocess.run([sys.executable, "-m", "celerity_jax.main", "model.d_modle=3"],
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-m", "celerity_jax.main", "model.d_modle=3"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr and "model.d_model" in proc.stderr
 
@@ -115,13 +142,17 @@ def test_out_of_device_memory_is_a_one_line_config_error(capsys):
   from celerity_jax.main import run_cli
 
   def allocate():
-    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68.00GiB.\n"
-                       "BufferAssignment OOM Debugging.\n...")
+    raise RuntimeError(
+      "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68.00GiB.\n"
+      "BufferAssignment OOM Debugging.\n..."
+    )
+
   assert run_cli(allocate) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "out of memory" in err and "68.00GiB" in err
 
   def bug():
     raise RuntimeError("something else")
+
   with pytest.raises(RuntimeError):
     run_cli(bug)

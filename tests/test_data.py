@@ -1,4 +1,5 @@
 """Data: tokenizer, token store, grain pipeline (determinism, exact resume, hosts), bad input."""
+
 import gzip
 import json
 import shutil
@@ -13,8 +14,11 @@ from celerity_jax.data.pipeline import WindowBatches, prefetch
 from celerity_jax.data.prepare import prepare
 from celerity_jax.main import main
 
-TEXT = ["def add(a, b):\n    return a + b  # sum\n", "Ünïcödé text, tabs\tand  spaces.\n",
-        "class Point:\n    x: int = 0\n    y: int = 0\n"]
+TEXT = [
+  "def add(a, b):\n    return a + b  # sum\n",
+  "Ünïcödé text, tabs\tand  spaces.\n",
+  "class Point:\n    x: int = 0\n    y: int = 0\n",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,7 @@ def test_tokenizer_round_trip_and_special_ids(files, tmp_path):
   root, docs = files
   tok = tokenizer.train(lambda: iter(docs), vocab_size=300)
   assert (tok.sp.pad_id(), tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id()) == (0, 1, 2, 3)
-  for text in TEXT + ["never seen: ∑ 🙂 \x00"]:            # byte fallback covers unseen characters
+  for text in TEXT + ["never seen: ∑ 🙂 \x00"]:  # byte fallback covers unseen characters
     assert tok.decode(tok.encode([text])[0]) == text
   tok.save(tmp_path / "t.model")
   again = tokenizer.load(tmp_path / "t.model")
@@ -67,7 +71,7 @@ def test_store_read_back_is_exact(files, tmp_path):
     tokens = split.tokens.read().result()
     assert offsets[0] == 0 and offsets[-1] == split.n_tokens == len(tokens)
     seen |= {tuple(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)}
-  assert seen == expected                               # every document, exactly, in one split
+  assert seen == expected  # every document, exactly, in one split
   assert prepared.eval.meta["n_docs"] >= 1 and prepared.train.meta["n_docs"] >= 50
 
 
@@ -93,7 +97,7 @@ def test_batches_are_a_pure_function_of_seed_and_step(prepared):
   a = WindowBatches(prepared.train, 16, 8, seed=5)
   b = WindowBatches(prepared.train, 16, 8, seed=5)
   c = WindowBatches(prepared.train, 16, 8, seed=6)
-  for step in (0, 3, 500):                              # 500 is several epochs in
+  for step in (0, 3, 500):  # 500 is several epochs in
     np.testing.assert_array_equal(a.batch(step)["inputs"], b.batch(step)["inputs"])
   assert not np.array_equal(a.batch(0)["inputs"], c.batch(0)["inputs"])
   batch = a.batch(0)
@@ -111,8 +115,10 @@ def test_resume_at_step_k_is_bit_identical(prepared):
 
 def test_a_process_reads_exactly_its_rows_of_the_global_batch(prepared):
   whole = WindowBatches(prepared.train, 16, 8, seed=2).batch(4)["inputs"]
-  halves = [WindowBatches(prepared.train, 16, 8, seed=2, rows=rows).batch(4)["inputs"]
-            for rows in (range(0, 4), range(4, 8))]
+  halves = [
+    WindowBatches(prepared.train, 16, 8, seed=2, rows=rows).batch(4)["inputs"]
+    for rows in (range(0, 4), range(4, 8))
+  ]
   assert all(h.shape == (4, 16) for h in halves)
   np.testing.assert_array_equal(np.concatenate(halves), whole)
   strided = WindowBatches(prepared.train, 16, 8, seed=2, rows=[1, 5, 6]).batch(4)["inputs"]
@@ -144,7 +150,7 @@ def test_store_errors(prepared, tmp_path):
     store.TokenStore(path, prepared.tokenizer.fingerprint, vocab_size=100)
   broken = tmp_path / "broken"
   shutil.copytree(path, broken)
-  (broken / "meta.json").unlink()                       # as if killed before the last write
+  (broken / "meta.json").unlink()  # as if killed before the last write
   with pytest.raises(DataError, match="incomplete"):
     store.TokenStore(str(broken))
   shutil.copytree(path, tmp_path / "truncated")
@@ -176,8 +182,12 @@ def test_bad_input_exits_3_naming_the_file(capsys, files, tmp_path):
   code, err = run_main(capsys, f"data.paths={tmp_path}/missing.txt", f"run.dir={tmp_path}/r")
   assert code == 3 and "missing.txt" in err
   (tmp_path / "empty.txt").write_text("")
-  code, err = run_main(capsys, f"data.paths={tmp_path}/empty.txt", f"data.cache_dir={tmp_path}/c",
-                       f"run.dir={tmp_path}/r")
+  code, err = run_main(
+    capsys,
+    f"data.paths={tmp_path}/empty.txt",
+    f"data.cache_dir={tmp_path}/c",
+    f"run.dir={tmp_path}/r",
+  )
   assert code == 3 and "no non-empty documents" in err
   (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
   code, err = run_main(capsys, f"data.paths={tmp_path}/bad.jsonl", f"run.dir={tmp_path}/r")
@@ -185,29 +195,54 @@ def test_bad_input_exits_3_naming_the_file(capsys, files, tmp_path):
   (tmp_path / "notes.md").write_text("x")
   code, err = run_main(capsys, f"data.paths={tmp_path}/notes.md", f"run.dir={tmp_path}/r")
   assert code == 3 and "notes.md" in err and "unsupported" in err
-  small = tmp_path / "small.jsonl"                      # 40 short documents: far below one batch
-  small.write_text("".join(json.dumps({"text": f"print('hello world number {i}')\n" * 3}) + "\n"
-                           for i in range(40)))
-  code, err = run_main(capsys, f"data.paths={small}", f"data.cache_dir={tmp_path}/c",
-                       "data.eval_frac=0.2", f"run.dir={tmp_path}/r", "model.vocab_size=300")
+  small = tmp_path / "small.jsonl"  # 40 short documents: far below one batch
+  small.write_text(
+    "".join(
+      json.dumps({"text": f"print('hello world number {i}')\n" * 3}) + "\n" for i in range(40)
+    )
+  )
+  code, err = run_main(
+    capsys,
+    f"data.paths={small}",
+    f"data.cache_dir={tmp_path}/c",
+    "data.eval_frac=0.2",
+    f"run.dir={tmp_path}/r",
+    "model.vocab_size=300",
+  )
   assert code == 3, err
   assert "fewer than one batch" in err and "/train" in err
 
 
 def test_tokenizer_larger_than_the_model_vocab_exits_3(capsys, prepared, tmp_path):
   prepared.tokenizer.save(tmp_path / "t.model")
-  code, err = run_main(capsys, f"data.tokenizer={tmp_path}/t.model", "model.vocab_size=256",
-                       f"data.cache_dir={tmp_path}/c", f"run.dir={tmp_path}/r")
+  code, err = run_main(
+    capsys,
+    f"data.tokenizer={tmp_path}/t.model",
+    "model.vocab_size=256",
+    f"data.cache_dir={tmp_path}/c",
+    f"run.dir={tmp_path}/r",
+  )
   assert code == 3 and "model.vocab_size=256" in err
 
 
 def test_celerity_tiny_trains_on_stdlib_and_held_out_loss_falls(tmp_path, stdlib_cache):
   from celerity_jax.train import loop
-  cfg = apply_overrides(recipes.load("celerity_tiny"), [
-      f"run.dir={tmp_path / 'run'}", f"data.cache_dir={stdlib_cache}", "run.progress=false",
-      "run.tensorboard=false", "train.stop_step=20", "train.eval_every=10"])
+
+  cfg = apply_overrides(
+    recipes.load("celerity_tiny"),
+    [
+      f"run.dir={tmp_path / 'run'}",
+      f"data.cache_dir={stdlib_cache}",
+      "run.progress=false",
+      "run.tensorboard=false",
+      "train.stop_step=20",
+      "train.eval_every=10",
+    ],
+  )
   loop.run(cfg)
-  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  rows = [
+    json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  ]
   evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
   assert len(evals) == 2 and evals[1] < evals[0] - 0.5
   assert rows[-1]["loss"] < rows[1]["loss"] - 3.0
@@ -216,18 +251,21 @@ def test_celerity_tiny_trains_on_stdlib_and_held_out_loss_falls(tmp_path, stdlib
 def test_pipeline_segment_ids_stop_attention_across_documents(prepared):
   import jax.numpy as jnp
   from flax import nnx
+
   from celerity_jax.config import ModelConfig, ParamConfig
   from celerity_jax.models.decoder import Decoder
   from celerity_jax.parametrization import multipliers
+
   batch = WindowBatches(prepared.train, 64, 8, seed=0, packing="segments").batch(0)
-  row = int(np.argmax((batch["segment_ids"].max(axis=1) >= 1)))     # a row with two documents
-  tokens, segments = batch["inputs"][row:row + 1], batch["segment_ids"][row:row + 1]
+  row = int(np.argmax(batch["segment_ids"].max(axis=1) >= 1))  # a row with two documents
+  tokens, segments = batch["inputs"][row : row + 1], batch["segment_ids"][row : row + 1]
   boundary = int(np.argmax(segments[0] == 1))
-  cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_head=16, d_ff=64,
-                    seq_len=64)
+  cfg = ModelConfig(
+    vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_head=16, d_ff=64, seq_len=64
+  )
   model = Decoder(cfg, multipliers(ParamConfig(d_base=32), cfg), nnx.Rngs(params=0))
   changed = tokens.copy()
-  changed[0, :boundary] = (changed[0, :boundary] + 7) % 300           # rewrite the first document
+  changed[0, :boundary] = (changed[0, :boundary] + 7) % 300  # rewrite the first document
   a = model(jnp.asarray(tokens), jnp.asarray(segments))[0]
   b = model(jnp.asarray(changed), jnp.asarray(segments))[0]
   second = segments[0] == 1

@@ -4,6 +4,7 @@ The emulator (tests/gcs_emulator.py) runs as its own process on 127.0.0.1; gcsfs
 tensorstore reach it through STORAGE_EMULATOR_HOST and TENSORSTORE_GCS_HTTP_URL, set for this
 module and inherited by the training subprocesses.
 """
+
 import io
 import json
 import os
@@ -17,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CACHE, SMALL, small_config
+from gcs_emulator import BUCKET, committed_steps, gs
+from test_checkpoint import abstract, assert_trees_equal, build, cli, trained_state
 
 from celerity_jax import storage
 from celerity_jax.checkpoint import Checkpointer
 from celerity_jax.collapse.curves import load_run
 from celerity_jax.main import main
-from conftest import CACHE, SMALL, small_config
-from gcs_emulator import BUCKET, committed_steps, gs
-from test_checkpoint import abstract, assert_trees_equal, build, cli, trained_state
 from celerity_jax.tools import export
 
 
@@ -39,8 +40,8 @@ def tf_records(data: bytes) -> list[bytes]:
   append."""
   records, at = [], 0
   while at < len(data):
-    (length,) = struct.unpack("<Q", data[at:at + 8])
-    records.append(data[at + 12:at + 12 + length])
+    (length,) = struct.unpack("<Q", data[at : at + 8])
+    records.append(data[at + 12 : at + 12 + length])
     at += 12 + length + 4
   assert at == len(data)
   return records
@@ -48,10 +49,10 @@ def tf_records(data: bytes) -> list[bytes]:
 
 def test_append_composes_onto_the_end_and_reads_back_at_once(gcs, tmp_path):
   for where in (storage.location(gs("append", "log.txt")), storage.location(tmp_path / "log.txt")):
-    pieces = [b"one\n", b"two\r", b"\r\n", b"\n\r", b"\x00\xff"]   # any bytes
+    pieces = [b"one\n", b"two\r", b"\r\n", b"\n\r", b"\x00\xff"]  # any bytes
     for piece in pieces:
       storage.append(where, piece)
-      assert where.read_bytes().endswith(piece)          # our own write is never read stale
+      assert where.read_bytes().endswith(piece)  # our own write is never read stale
     assert where.read_bytes() == b"".join(pieces)
   assert gcs.ls(f"{BUCKET}/append", refresh=True) == [f"{BUCKET}/append/log.txt"]  # no leftovers
 
@@ -64,8 +65,12 @@ def test_gcs_run_dir_survives_sigkill_bit_identically(gcs, tmp_path):
   assert main(cli(tmp_path / "full", *tensorboard)) == 0
   killed = gs("killed")
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
-  proc = subprocess.Popen([sys.executable, "-m", "celerity_jax.main", *cli(killed, *tensorboard)],
-                          env=env, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "celerity_jax.main", *cli(killed, *tensorboard)],
+    env=env,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   rng = random.Random(0)
   deadline, target = time.time() + 300, rng.choice([10, 15, 20])
   while not any(step >= target for step in committed_steps(gcs, killed)):
@@ -76,7 +81,7 @@ def test_gcs_run_dir_survives_sigkill_bit_identically(gcs, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   told = f"the killed run said:\n{proc.stderr.read()[-3000:]}"
-  assert main(cli(killed, *tensorboard)) == 0, told       # the same command resumes from gs://
+  assert main(cli(killed, *tensorboard)) == 0, told  # the same command resumes from gs://
   assert losses(killed) == losses(tmp_path / "full"), told
   steps = losses(killed)[-1][0]
   params = []
@@ -85,21 +90,27 @@ def test_gcs_run_dir_survives_sigkill_bit_identically(gcs, tmp_path):
     params.append(ckpt.restore(steps, abstract(build(small_config())[1])).params)
     ckpt.close()
   assert_trees_equal(*params)
-  events = [json.loads(x) for x in (storage.location(killed) / "metrics.jsonl").read_text().splitlines()]
+  events = [
+    json.loads(x) for x in (storage.location(killed) / "metrics.jsonl").read_text().splitlines()
+  ]
   assert [e["restarts"] for e in events if e.get("event") == "restart"] == [1], (events, told)
-  assert json.loads((storage.location(killed) / "config.json").read_text())["config"]["run"][
-      "dir"] == killed
+  assert (
+    json.loads((storage.location(killed) / "config.json").read_text())["config"]["run"]["dir"]
+    == killed
+  )
   # the tools read a gs:// run directory: export (to gs:// too) and the collapse curve
   out = export.export(killed, None, gs("exported", "params.npz"))
   local = export.export(str(tmp_path / "full"), None, tmp_path / "params.npz")
   assert out["step"] == local["step"] == steps
-  with np.load(io.BytesIO(gcs.cat(f"{BUCKET}/exported/params.npz"))) as a, \
-       np.load(tmp_path / "params.npz") as b:
+  with (
+    np.load(io.BytesIO(gcs.cat(f"{BUCKET}/exported/params.npz"))) as a,
+    np.load(tmp_path / "params.npz") as b,
+  ):
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
   assert gcs.exists(f"{BUCKET}/exported/params.config.json")
   assert load_run(killed).loss_smooth.tolist() == load_run(tmp_path / "full").loss_smooth.tolist()
   tb = sorted(gcs.find(f"{BUCKET}/killed/tb"))
-  assert len(tb) == 2, (tb, told)                        # one event file per process start
+  assert len(tb) == 2, (tb, told)  # one event file per process start
   records = [r for path in tb for r in tf_records(gcs.cat(path))]
   assert sum(b"loss_smooth" in r for r in records) >= steps  # every step's scalars, once or more
 
@@ -112,10 +123,10 @@ def test_a_save_killed_before_its_commit_marker_is_skipped_and_redone(gcs):
   ckpt.save(5, state, {})
   ckpt.save(10, state, {}, force=True)
   ckpt.close()
-  gcs.rm(f"{BUCKET}/torn/checkpoints/10/commit_success.txt")   # killed before the commit
+  gcs.rm(f"{BUCKET}/torn/checkpoints/10/commit_success.txt")  # killed before the commit
   ckpt = Checkpointer(where, cfg.checkpoint)
   assert ckpt.incomplete() == ["10"] and ckpt.latest() == 5
-  ckpt.save(10, state, {}, force=True)                   # the resumed run saves step 10 again
+  ckpt.save(10, state, {}, force=True)  # the resumed run saves step 10 again
   ckpt.wait()
   assert ckpt.latest() == 10
   assert_trees_equal(ckpt.restore(10, abstract(build(cfg)[1])), state)
@@ -126,16 +137,24 @@ def write_corpus(root: Path):
   rng = random.Random(0)
   words = ["alpha", "beta", "gamma", "delta", "return", "def", "import", "x", "(", ")", ":"]
   root.mkdir()
-  (root / "docs.jsonl").write_text("".join(
+  (root / "docs.jsonl").write_text(
+    "".join(
       json.dumps({"text": " ".join(rng.choice(words) for _ in range(300))}) + "\n"
-      for _ in range(200)))
+      for _ in range(200)
+    )
+  )
 
 
 def test_token_stores_and_tokenizer_on_gcs_give_the_same_run(gcs, tmp_path, capsys):
   write_corpus(tmp_path / "corpus")
-  data = [f"data.paths={tmp_path / 'corpus'}", "data.eval_frac=0.1",
-          "model.vocab_size=300", "train.stop_step=3", "run.log_every=1",
-          "run.progress=true"]                    # says when it builds token stores
+  data = [
+    f"data.paths={tmp_path / 'corpus'}",
+    "data.eval_frac=0.1",
+    "model.vocab_size=300",
+    "train.stop_step=3",
+    "run.log_every=1",
+    "run.progress=true",
+  ]  # says when it builds token stores
 
   def run(run_dir, *extra):
     argv = ["recipe=celerity_tiny", *SMALL, *data, f"run.dir={run_dir}", *extra]
@@ -151,12 +170,17 @@ def test_token_stores_and_tokenizer_on_gcs_give_the_same_run(gcs, tmp_path, caps
     assert gcs.exists(f"{entry}/{split}/meta.json")
   assert losses(gs("remote")) == losses(tmp_path / "local")
   # a tokenizer read from gs:// and the cached stores reused: nothing is built again
-  code, err = run(gs("again"), f"data.cache_dir={gs('cache')}",
-                  f"data.tokenizer=gs://{entry}/tokenizer.model")
+  code, err = run(
+    gs("again"), f"data.cache_dir={gs('cache')}", f"data.tokenizer=gs://{entry}/tokenizer.model"
+  )
   assert code == 0, err
-  assert "building token stores" in err                  # keyed by the given tokenizer: new entry
-  code, err = run(gs("again"), f"data.cache_dir={gs('cache')}",
-                  f"data.tokenizer=gs://{entry}/tokenizer.model", "train.stop_step=4")
+  assert "building token stores" in err  # keyed by the given tokenizer: new entry
+  code, err = run(
+    gs("again"),
+    f"data.cache_dir={gs('cache')}",
+    f"data.tokenizer=gs://{entry}/tokenizer.model",
+    "train.stop_step=4",
+  )
   assert code == 0 and "building" not in err
 
 

@@ -1,6 +1,7 @@
 """Device grids follow the hardware: TPU chips by their torus coordinates, slices stacked on the
 data axis, checked with fake devices that carry coordinates and slice indices; and which batch rows
 a process reads."""
+
 import dataclasses
 import random
 
@@ -15,6 +16,7 @@ from celerity_jax.config import MeshConfig
 @dataclasses.dataclass(frozen=True)
 class FakeTpu:
   """What jax's mesh_utils reads from a TPU device."""
+
   id: int
   coords: tuple
   slice_index: int
@@ -30,14 +32,17 @@ def tpu_slice(kind, shape, slice_index=0, first_id=0, host_shape=(2, 2, 1)):
   for z in range(shape[2]):
     for y in range(shape[1]):
       for x in range(shape[0]):
-        host = (x // host_shape[0] + (y // host_shape[1]) * (shape[0] // host_shape[0])
-                + z * (shape[0] // host_shape[0]) * (shape[1] // host_shape[1]))
+        host = (
+          x // host_shape[0]
+          + (y // host_shape[1]) * (shape[0] // host_shape[0])
+          + z * (shape[0] // host_shape[0]) * (shape[1] // host_shape[1])
+        )
         chips.append(FakeTpu(first_id + len(chips), (x, y, z), slice_index, host, kind))
   return chips
 
 
 def neighbours(a, b) -> bool:
-  return sum(abs(i - j) for i, j in zip(a.coords, b.coords)) == 1
+  return sum(abs(i - j) for i, j in zip(a.coords, b.coords, strict=True)) == 1
 
 
 def tensor_pairs_are_neighbours(grid) -> bool:
@@ -45,11 +50,12 @@ def tensor_pairs_are_neighbours(grid) -> bool:
   return all(neighbours(a, b) for a, b in pairs)
 
 
-@pytest.mark.parametrize("kind,shape", [("TPU v5 lite", (4, 4, 1)), ("TPU v4", (2, 2, 2)),
-                                        ("TPU v5p", (2, 2, 2))])
+@pytest.mark.parametrize(
+  "kind,shape", [("TPU v5 lite", (4, 4, 1)), ("TPU v4", (2, 2, 2)), ("TPU v5p", (2, 2, 2))]
+)
 def test_tensor_parallel_partners_are_physical_neighbours(kind, shape):
   chips = tpu_slice(kind, shape)
-  random.Random(0).shuffle(chips)            # the device list's order is not the torus order
+  random.Random(0).shuffle(chips)  # the device list's order is not the torus order
   cfg = MeshConfig(data=-1, fsdp=1, tensor=2)
   grid = sharding.device_grid(cfg, chips)
   assert grid.shape == (len(chips) // 2, 1, 2, 1)
@@ -67,7 +73,7 @@ def test_slices_are_stacked_on_the_data_axis():
   grid = sharding.device_grid(cfg, chips)
   assert grid.shape == (2, 2, 2, 1)
   assert [{d.slice_index for d in grid[i].flat} for i in range(2)] == [{0}, {1}]
-  assert tensor_pairs_are_neighbours(grid)   # only the data axis crosses the slow network
+  assert tensor_pairs_are_neighbours(grid)  # only the data axis crosses the slow network
 
 
 def test_slice_count_must_match_the_hardware():

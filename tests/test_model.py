@@ -1,4 +1,5 @@
 """Dense decoder: causality, packed-document isolation, scan/unroll/remat equivalence, variants."""
+
 import dataclasses
 
 import jax
@@ -13,8 +14,9 @@ from celerity_jax.models.decoder import Decoder
 from celerity_jax.parametrization import multipliers
 from celerity_jax.train.step import cross_entropy
 
-BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_head=16, d_ff=128,
-                   seq_len=16)
+BASE = ModelConfig(
+  vocab_size=64, d_model=32, n_layers=3, n_heads=2, d_head=16, d_ff=128, seq_len=16
+)
 
 
 def build(**changes):
@@ -44,8 +46,8 @@ def test_loss_at_t_has_zero_gradient_wrt_later_tokens(position):
     return per_position_loss(m, jnp.asarray(tokens), jnp.asarray(targets))[0, t]
 
   grad = jax.jit(jax.grad(loss_t))(model.embed[...])
-  assert np.all(np.asarray(grad[32:]) == 0.0)            # later tokens: exactly zero
-  assert np.abs(np.asarray(grad[np.unique(tokens[0, :t + 1])])).sum() > 0
+  assert np.all(np.asarray(grad[32:]) == 0.0)  # later tokens: exactly zero
+  assert np.abs(np.asarray(grad[np.unique(tokens[0, : t + 1])])).sum() > 0
 
 
 @pytest.mark.parametrize("position", ["alibi", "rope"])
@@ -55,10 +57,10 @@ def test_segments_do_not_attend_across_documents(position):
   tokens = rng.integers(0, 64, (1, 16))
   segments = np.array([[0] * 6 + [1] * 10])
   changed = tokens.copy()
-  changed[0, :6] = rng.integers(0, 64, 6)                  # rewrite document 0 only
+  changed[0, :6] = rng.integers(0, 64, 6)  # rewrite document 0 only
   a = model(jnp.asarray(tokens), jnp.asarray(segments))[0]
   b = model(jnp.asarray(changed), jnp.asarray(segments))[0]
-  np.testing.assert_allclose(a[0, 6:], b[0, 6:], atol=1e-6)   # document 1 is unaffected
+  np.testing.assert_allclose(a[0, 6:], b[0, 6:], atol=1e-6)  # document 1 is unaffected
   assert np.abs(np.asarray(a[0, :6] - b[0, :6])).max() > 1e-3
   # without segment ids the second document does see the first
   c = model(jnp.asarray(changed))[0]
@@ -71,21 +73,31 @@ def test_scan_unrolled_and_remat_agree():
 
   def loss_and_grad(model):
     graphdef, state = nnx.split(model)
+
     def loss(params):
       return cross_entropy(nnx.merge(graphdef, params)(tokens)[0], targets, 0.0)[0]
+
     return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
 
   ref_loss, ref_grad = loss_and_grad(build())
   for changes in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots"}):
     loss, grad = loss_and_grad(build(**changes))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-                 grad, ref_grad)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grad, ref_grad
+    )
 
 
-@pytest.mark.parametrize("changes", [
-    {"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"position": "rope"}, {"n_kv_heads": 1},
-    {"n_heads": 4, "n_kv_heads": 2, "mlp": "swiglu", "norm": "rmsnorm", "position": "rope"}])
+@pytest.mark.parametrize(
+  "changes",
+  [
+    {"norm": "rmsnorm"},
+    {"mlp": "swiglu"},
+    {"position": "rope"},
+    {"n_kv_heads": 1},
+    {"n_heads": 4, "n_kv_heads": 2, "mlp": "swiglu", "norm": "rmsnorm", "position": "rope"},
+  ],
+)
 def test_variants_match_parameter_count_and_train_signal(changes):
   model = build(**changes)
   cfg = dataclasses.replace(BASE, **changes)
@@ -112,7 +124,7 @@ def test_cross_entropy_and_z_loss_values():
   logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25]]]))
   ce, z = cross_entropy(logits, jnp.asarray([[1]]), 1e-2)
   assert float(ce) == pytest.approx(np.log(4), rel=1e-6)
-  assert float(z) == pytest.approx(0.0, abs=1e-8)          # logsumexp of a distribution is 0
+  assert float(z) == pytest.approx(0.0, abs=1e-8)  # logsumexp of a distribution is 0
   ce, z = cross_entropy(logits + 2.0, jnp.asarray([[0]]), 1e-2)
   assert float(ce) == pytest.approx(np.log(2), rel=1e-6)
   assert float(z) == pytest.approx(1e-2 * 4.0, rel=1e-5)

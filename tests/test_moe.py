@@ -1,4 +1,6 @@
-"""Mixture of experts: dispatch against explicit loops, routing losses, expert parallelism, recipes."""
+"""Mixture of experts: dispatch against explicit loops, routing losses, expert parallelism,
+recipes."""
+
 import json
 import math
 
@@ -8,8 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from celerity_jax import recipes
-from celerity_jax import scaling
+from celerity_jax import recipes, scaling
 from celerity_jax.config import ConfigError, apply_overrides, validate
 from celerity_jax.models import moe
 from celerity_jax.models.layers import Mlp, mlp_activation
@@ -23,8 +24,10 @@ MOE = ["model.experts=8", "model.top_k=2", "model.expert_d_ff=64"]
 
 def expert_weights(n_experts, d, f, kind, seed=0):
   keys = jax.random.split(jax.random.PRNGKey(seed), 3)
-  w = {"wi": jax.random.normal(keys[0], (n_experts, d, f)) / math.sqrt(d),
-       "wo": jax.random.normal(keys[1], (n_experts, f, d)) / math.sqrt(f)}
+  w = {
+    "wi": jax.random.normal(keys[0], (n_experts, d, f)) / math.sqrt(d),
+    "wo": jax.random.normal(keys[1], (n_experts, f, d)) / math.sqrt(f),
+  }
   if kind == "swiglu":
     w["wg"] = jax.random.normal(keys[2], (n_experts, d, f)) / math.sqrt(d)
   return w
@@ -42,17 +45,26 @@ def test_dropless_dispatch_equals_a_per_token_loop(kind):
   x = jax.random.normal(jax.random.PRNGKey(1), (t, d))
   experts, gates, _ = moe.route_topk(jax.random.normal(jax.random.PRNGKey(2), (t, e)) * 3, k)
   out = moe.dropless(x, experts, gates, w, kind)
-  want = np.stack([sum(gates[i, j] * one_expert(x[i], w, int(experts[i, j]), kind)
-                       for j in range(k)) for i in range(t)])
+  want = np.stack(
+    [
+      sum(gates[i, j] * one_expert(x[i], w, int(experts[i, j]), kind) for j in range(k))
+      for i in range(t)
+    ]
+  )
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-  assert np.all(np.asarray(gates).sum(-1) == pytest.approx(1.0))       # renormalized top-2
+  assert np.all(np.asarray(gates).sum(-1) == pytest.approx(1.0))  # renormalized top-2
 
 
 @pytest.mark.parametrize("kind", ["squared_relu", "swiglu"])
 def test_one_expert_top1_equals_the_dense_mlp(small, kind):
   for dispatch in ("dropless", "capacity"):
-    cfg = small("model.experts=1", "model.top_k=1", f"model.mlp={kind}",
-                f"model.dispatch={dispatch}", "model.capacity_factor=1.0").model
+    cfg = small(
+      "model.experts=1",
+      "model.top_k=1",
+      f"model.mlp={kind}",
+      f"model.dispatch={dispatch}",
+      "model.capacity_factor=1.0",
+    ).model
     mult = multipliers(small().param, cfg)
     layer = moe.MoeMlp(cfg, mult, nnx.Rngs(params=0))
     dense = Mlp(cfg, mult, nnx.Rngs(params=1))
@@ -77,11 +89,21 @@ def test_capacity_dispatch_drops_exactly_the_overflow():
   d, f, kind = 8, 12, "squared_relu"
   w = expert_weights(3, d, f, kind)
   x = jax.random.normal(jax.random.PRNGKey(4), (1, 6, d))
-  out, kept_frac = moe.capacity_dispatch(x, jnp.asarray(experts)[None], jnp.asarray(gates)[None],
-                                         w, kind, capacity=2, n_experts=3)
-  want = np.stack([sum(gates[i, j] * one_expert(x[0, i], w, experts[i, j], kind)
-                       for j in range(2) if (i, j) in kept) if any((i, j) in kept for j in range(2))
-                   else np.zeros(d) for i in range(6)])
+  out, kept_frac = moe.capacity_dispatch(
+    x, jnp.asarray(experts)[None], jnp.asarray(gates)[None], w, kind, capacity=2, n_experts=3
+  )
+  want = np.stack(
+    [
+      sum(
+        gates[i, j] * one_expert(x[0, i], w, experts[i, j], kind)
+        for j in range(2)
+        if (i, j) in kept
+      )
+      if any((i, j) in kept for j in range(2))
+      else np.zeros(d)
+      for i in range(6)
+    ]
+  )
   np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=1e-6)
   assert float(kept_frac) == pytest.approx(6 / 12)
   _, slots, fits = moe.capacity_slots(jnp.asarray(experts)[None], 3, 2)
@@ -92,27 +114,28 @@ def test_load_balance_and_router_z_loss_on_a_hand_computed_routing():
   logits = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.1, 0.4], [0.2, 0.2, 0.6]]))
   experts, gates, aux = moe.route_topk(logits, 1)
   assert experts[:, 0].tolist() == [0, 1, 0, 2]
-  np.testing.assert_allclose(gates[:, 0], [0.7, 0.6, 0.5, 0.6], rtol=1e-6)   # raw prob at k = 1
+  np.testing.assert_allclose(gates[:, 0], [0.7, 0.6, 0.5, 0.6], rtol=1e-6)  # raw prob at k = 1
   # f = (2, 1, 1) / 4, P = column means (0.375, 0.275, 0.35): E * sum(f P) = 3 * 0.33125
   assert float(aux["balance"]) == pytest.approx(3 * (0.5 * 0.375 + 0.25 * 0.275 + 0.25 * 0.35))
-  assert float(aux["router_z"]) == pytest.approx(0.0, abs=1e-6)    # logsumexp of log-probs = 0
+  assert float(aux["router_z"]) == pytest.approx(0.0, abs=1e-6)  # logsumexp of log-probs = 0
   shifted = moe.route_topk(logits + 2.0, 1)[2]["router_z"]
-  assert float(shifted) == pytest.approx(4.0, rel=1e-5)            # logsumexp = 2 everywhere
+  assert float(shifted) == pytest.approx(4.0, rel=1e-5)  # logsumexp = 2 everywhere
   _, _, even = moe.route_topk(jnp.zeros((8, 4)) + jnp.eye(4)[jnp.arange(8) % 4], 1)
-  assert float(even["balance"]) == pytest.approx(1.0, rel=1e-6)     # balanced: the minimum
+  assert float(even["balance"]) == pytest.approx(1.0, rel=1e-6)  # balanced: the minimum
 
 
 @pytest.mark.parametrize("vocab,n_experts", [(512, 8), (1000, 16)])
 def test_hash_routing_spreads_a_uniform_stream_evenly(vocab, n_experts):
-  tokens = jnp.tile(jnp.arange(vocab), 3)               # every id equally often
+  tokens = jnp.tile(jnp.arange(vocab), 3)  # every id equally often
   table = moe.hash_table(vocab, n_experts)
   load = np.asarray(moe.expert_load(jnp.asarray(table)[tokens][:, None], n_experts))
-  assert abs(load - 1 / n_experts).max() <= 1 / vocab + 1e-7     # floor / ceil of V / E ids each
-  assert not np.array_equal(table, np.arange(vocab) % n_experts)   # a hash, not token id mod E
-  cfg = validate(apply_overrides(recipes.load("celerity_moe_nano_1"),
-                                 ["model.router=hash", "model.top_k=1"]))
+  assert abs(load - 1 / n_experts).max() <= 1 / vocab + 1e-7  # floor / ceil of V / E ids each
+  assert not np.array_equal(table, np.arange(vocab) % n_experts)  # a hash, not token id mod E
+  cfg = validate(
+    apply_overrides(recipes.load("celerity_moe_nano_1"), ["model.router=hash", "model.top_k=1"])
+  )
   r = resolve(cfg)
-  assert r.lr_peak.keys() == {"embed", "hidden", "unembed", "norm"}    # no router to train
+  assert r.lr_peak.keys() == {"embed", "hidden", "unembed", "norm"}  # no router to train
 
 
 def test_counts_effective_tpp_and_completep_for_experts():
@@ -125,59 +148,89 @@ def test_counts_effective_tpp_and_completep_for_experts():
   r = resolve(cfg)
   assert r.tokens == pytest.approx(20 * counts["active"])
   assert r.tpp_effective == pytest.approx(20 * 2 / 8)
-  assert r.tau == pytest.approx(0.785 * 5 ** -0.501)
+  assert r.tau == pytest.approx(0.785 * 5**-0.501)
   assert r.flops_per_token == pytest.approx(scaling.flops_per_token(dense) + 6 * 48 * 8 * 2)
   shared = scaling.param_counts(validate(apply_overrides(cfg, ["model.shared_expert=true"])).model)
-  assert shared["active"] - counts["active"] == m.n_layers * expert == (
-      shared["total"] - counts["total"])
+  assert (
+    shared["active"] - counts["active"]
+    == m.n_layers * expert
+    == (shared["total"] - counts["total"])
+  )
   # CompleteP: experts are hidden matrices, the router a readout
   mult = multipliers(cfg.param, m)
   layer = moe.MoeMlp(m, mult, nnx.Rngs(params=0))
-  assert layer.wi.get_metadata()["group"] == "hidden" and layer.router.get_metadata()["group"] == "router"
+  assert (
+    layer.wi.get_metadata()["group"] == "hidden"
+    and layer.router.get_metadata()["group"] == "router"
+  )
   assert float(jnp.std(layer.wi[...])) == pytest.approx(mult.hidden_init_std, rel=0.05)
   assert r.lr_peak["hidden"] == pytest.approx(cfg.optim.lr_base * 256 / 48)
   assert r.lr_peak["router"] == cfg.optim.lr_base and mult.router_scale == pytest.approx(256 / 48)
   assert r.tau_groups["router"] is not None
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     (["model.top_k=9"], "model.top_k=9"),
     (["model.router=hash"], "model.router=hash"),
     (["model.moe_every=3"], "model.moe_every=3"),
     (["model.capacity_factor=0"], "model.capacity_factor"),
-    (["model.experts=-1"], "model.experts")])
+    (["model.experts=-1"], "model.experts"),
+  ],
+)
 def test_bad_moe_settings_are_named(small, overrides, match):
   with pytest.raises(ConfigError, match=match):
     small(*MOE, "model.n_layers=2", *overrides)
 
 
-@pytest.mark.parametrize("dispatch,mesh", [
+@pytest.mark.parametrize(
+  "dispatch,mesh",
+  [
     ("dropless", ["mesh.expert=4", "mesh.data=2"]),
     ("capacity", ["mesh.expert=4", "mesh.data=2"]),
     ("dropless", ["mesh.expert=4", "mesh.fsdp=2"]),
-    ("capacity", ["mesh.expert=2", "mesh.tensor=2", "mesh.data=2"])])
+    ("capacity", ["mesh.expert=2", "mesh.tensor=2", "mesh.data=2"]),
+  ],
+)
 def test_expert_parallel_on_8_devices_equals_one_device(small, dispatch, mesh):
-  moe_cfg = [*MOE, f"model.dispatch={dispatch}", "model.capacity_factor=1.0", "model.n_layers=2",
-             "model.moe_every=2", "model.shared_expert=true"]
+  moe_cfg = [
+    *MOE,
+    f"model.dispatch={dispatch}",
+    "model.capacity_factor=1.0",
+    "model.n_layers=2",
+    "model.moe_every=2",
+    "model.shared_expert=true",
+  ]
   losses_1, params_1 = run_steps(small(*moe_cfg), 1, 3)
   losses_8, params_8 = run_steps(small(*moe_cfg, *mesh), 8, 3)
   np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
   # Adam divides by sqrt(v): summation-order rounding in near-zero gradients becomes up to ~1e-3 of
   # one update (lr ~ 1.6e-2) after three steps; a routing difference would be far larger
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
-               params_8, params_1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), params_8, params_1
+  )
   assert losses_1[-1] < losses_1[0]
 
 
 def test_moe_metrics_reach_metrics_jsonl(small, tmp_path):
-  loop.run(small(*MOE, "model.dispatch=capacity", "model.capacity_factor=0.5",
-                 f"run.dir={tmp_path}", "run.log_every=1", "train.stop_step=3", "mesh.expert=2"))
+  loop.run(
+    small(
+      *MOE,
+      "model.dispatch=capacity",
+      "model.capacity_factor=0.5",
+      f"run.dir={tmp_path}",
+      "run.log_every=1",
+      "train.stop_step=3",
+      "mesh.expert=2",
+    )
+  )
   rows, events = read_metrics(tmp_path)
   last = rows[-1]
   assert len(last["moe_load"]) == 8 and sum(last["moe_load"]) == pytest.approx(1.0, abs=1e-4)
-  assert 0.0 < last["moe_dropped"] < 1.0                # capacity 0.5: some tokens must drop
+  assert 0.0 < last["moe_dropped"] < 1.0  # capacity 0.5: some tokens must drop
   assert last["moe_balance"] >= 1.0 - 1e-4 and last["moe_router_z"] > 0
-  assert last["moe_load_max"] >= 8 * max(last["moe_load"]) - 1e-3   # max over layers >= of the mean
+  assert last["moe_load_max"] >= 8 * max(last["moe_load"]) - 1e-3  # max over layers >= of the mean
   assert events[0]["n_active"] < events[0]["n_params"] and events[0]["tpp_effective"] == 0.5 * 2 / 8
 
 
@@ -186,9 +239,11 @@ def test_moe_nano_recipe_loss_falls_and_checkpoints_round_trip(tmp_path, stdlib_
   cfg = apply_overrides(recipes.load("celerity_moe_nano_1"), common + [f"run.dir={tmp_path / 'a'}"])
   last = loop.run(cfg)
   rows, _ = read_metrics(tmp_path / "a")
-  assert last["step"] == json.loads((tmp_path / "a" / "config.json").read_text())["derived"]["steps"]
+  assert (
+    last["step"] == json.loads((tmp_path / "a" / "config.json").read_text())["derived"]["steps"]
+  )
   assert last["loss"] < rows[0]["loss"] - 3.0 and last["eval_loss"] < 6.0
-  assert last["moe_dropped"] == 0.0                      # dropless
+  assert last["moe_dropped"] == 0.0  # dropless
   # stop at 20 (a checkpoint at 25 is not reached, so resume starts from step 20's save), resume
   part = apply_overrides(cfg, [f"run.dir={tmp_path / 'b'}", "checkpoint.every_steps=10"])
   loop.run(apply_overrides(part, ["train.stop_step=20"]))

@@ -7,6 +7,7 @@ bit-identically), but 2-process and 1-process losses agree to float32 rounding o
 the cross-process all-reduces run gloo's ring algorithm, which sums the 8 devices' partial losses
 and gradients in another order than XLA's in-process CPU collectives.
 """
+
 import json
 import os
 import signal
@@ -17,11 +18,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import CACHE, small_config
+from test_checkpoint import cli, losses
 
 from celerity_jax.checkpoint import Checkpointer
 from celerity_jax.main import main
-from conftest import CACHE, small_config
-from test_checkpoint import cli, losses
 
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "checkpoint.every_steps=10"]
 HEARTBEAT_S = 5
@@ -37,19 +38,30 @@ class Workers:
   """`n` processes of the same command, as the TPU launch script starts them on a pod's hosts."""
 
   def __init__(self, run_dir, *extra, n=2, argv=None):
-    argv = argv or ["-m", "celerity_jax.main", *cli(run_dir, *MESH, *extra),
-                    f"dist.heartbeat_timeout_s={HEARTBEAT_S}"]
+    argv = argv or [
+      "-m",
+      "celerity_jax.main",
+      *cli(run_dir, *MESH, *extra),
+      f"dist.heartbeat_timeout_s={HEARTBEAT_S}",
+    ]
     port, self.logs, self.procs = free_port(), [], []
     for i in range(n):
-      env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n}",
-             "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(CACHE),
-             "PYTHONUNBUFFERED": "1", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-             "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i)}
+      env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n}",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+        "PYTHONUNBUFFERED": "1",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": str(n),
+        "JAX_PROCESS_ID": str(i),
+      }
       log = run_dir.parent / f"{run_dir.name}.worker{i}.log"
       self.logs.append(log)
       with log.open("w") as out:
-        self.procs.append(subprocess.Popen([sys.executable, *argv], env=env, stdout=out,
-                                           stderr=out))
+        self.procs.append(
+          subprocess.Popen([sys.executable, *argv], env=env, stdout=out, stderr=out)
+        )
 
   def wait(self, timeout=240) -> list[int]:
     deadline = time.time() + timeout
@@ -106,10 +118,10 @@ def test_two_processes_train_as_one_with_one_writer(full_runs):
   assert_close(losses(two), losses(one))
   assert losses(two)[-1][0] == json.loads((one / "config.json").read_text())["derived"]["steps"]
   rows = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
-  assert [r["event"] for r in rows if "event" in r] == ["start", "collapse_alert"]   # once each
+  assert [r["event"] for r in rows if "event" in r] == ["start", "collapse_alert"]  # once each
   assert rows[0]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
   timed = [s for s in checkpoint_steps(two) if s % 10]
-  assert len(timed) >= 3, checkpoint_steps(two)     # time-based saves, agreed by both processes
+  assert len(timed) >= 3, checkpoint_steps(two)  # time-based saves, agreed by both processes
 
 
 ROWS = """
@@ -126,8 +138,9 @@ def test_each_process_reads_the_rows_its_devices_hold(tmp_path):
   meshes = [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "tensor": 8}, {"data": 8}]
   workers = Workers(tmp_path / "rows", argv=["-c", ROWS, json.dumps(meshes)])
   assert workers.wait() == [0, 0], [workers.log(i)[-3000:] for i in range(2)]
-  printed = [[json.loads(x) for x in workers.log(i).splitlines() if x.startswith("[")]
-             for i in range(2)]
+  printed = [
+    [json.loads(x) for x in workers.log(i).splitlines() if x.startswith("[")] for i in range(2)
+  ]
   assert printed[0] == [list(range(8)), list(range(16)), list(range(8))]
   assert printed[1] == [list(range(8, 16)), list(range(16)), list(range(8, 16))]
 
@@ -155,16 +168,20 @@ def test_checkpoints_move_between_two_processes_and_one(full_runs, tmp_path):
   assert_close(losses(tmp_path / "b")[20:], losses(two)[20:])
 
 
-def test_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_bit_identically(full_runs,
-                                                                                  tmp_path):
+def test_sigterm_to_one_worker_stops_both_at_one_step_and_resumes_bit_identically(
+  full_runs, tmp_path
+):
   _, two = full_runs
   run_dir = tmp_path / "run"
   workers = Workers(run_dir)
   workers.wait_for_step(run_dir, 8)
-  workers.procs[1].send_signal(signal.SIGTERM)        # not the one that writes the files
+  workers.procs[1].send_signal(signal.SIGTERM)  # not the one that writes the files
   assert workers.wait() == [0, 0], [workers.log(i)[-3000:] for i in range(2)]
-  stopped = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"preempted"' in x][0]["step"]
+  stopped = [
+    json.loads(x)
+    for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+    if '"preempted"' in x
+  ][0]["step"]
   assert f"stopped at step {stopped} by signal {signal.SIGTERM.value}" in workers.log(1)
   assert f"stopped at step {stopped} (a signal reached another process)" in workers.log(0)
   assert checkpoint_steps(run_dir)[-1] == stopped

@@ -1,4 +1,5 @@
 """Schedules, the weight-decay mask and per-group learning rates of the AdamW optimizer."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +12,10 @@ from celerity_jax.optim import make_optimizer, schedule
 def test_linear_warmup_then_decay_to_exactly_zero():
   f = schedule("linear", warmup=10, steps=110)
   values = np.asarray(jax.vmap(f)(jnp.arange(0, 111)))
-  np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, rtol=1e-6)   # linear warmup
-  assert values[10] == pytest.approx(1.0)                                     # peak after warmup
-  assert values[60] == pytest.approx(0.5)                                     # halfway down
-  assert values[110] == 0.0                                                   # exactly zero at T
+  np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, rtol=1e-6)  # linear warmup
+  assert values[10] == pytest.approx(1.0)  # peak after warmup
+  assert values[60] == pytest.approx(0.5)  # halfway down
+  assert values[110] == 0.0  # exactly zero at T
   assert np.all(np.diff(values[10:]) < 0)
 
 
@@ -36,12 +37,13 @@ def test_decay_mask_and_group_learning_rates():
   groups = {"w": "hidden", "e": "embed", "g": "norm"}
   opt = make_optimizer(OptimConfig(schedule="constant"), FakeResolved, groups)
   state = opt.init(params)
-  # zero gradients: Adam's direction is 0, so the update is the coupled decay -eta_g * lambda * theta
+  # zero gradients: Adam's direction is 0, so the update is the coupled decay -eta_g * lambda *
+  # theta
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = opt.update(zeros, state, params, 5)
   np.testing.assert_allclose(updates["w"], -0.01 * 0.5 * 2.0, rtol=1e-6)
   np.testing.assert_allclose(updates["e"], -0.04 * 0.5 * 2.0, rtol=1e-6)
-  np.testing.assert_array_equal(updates["g"], 0.0)                    # norms are not decayed
+  np.testing.assert_array_equal(updates["g"], 0.0)  # norms are not decayed
   # a gradient step: Adam's first update has magnitude ~1, scaled by the group's peak LR
   ones = jax.tree.map(jnp.ones_like, params)
   updates, _ = opt.update(ones, state, params, 5)
@@ -59,15 +61,18 @@ def test_global_norm_clipping_rescales_the_gradient_adam_sees():
   scale, so it shows whether the gradient was clipped to global norm 1 before Adam saw it."""
   params = {"w": jnp.zeros((2,)), "v": jnp.zeros((2,))}
   groups = {"w": "norm", "v": "norm"}
-  grads = {"w": jnp.asarray([300.0, -400.0]), "v": jnp.asarray([0.0, 0.0])}   # global norm 500
+  grads = {"w": jnp.asarray([300.0, -400.0]), "v": jnp.asarray([0.0, 0.0])}  # global norm 500
 
   def update(clip_norm, grads):
-    opt = make_optimizer(OptimConfig(schedule="constant", clip_norm=clip_norm, b1=0.0, b2=0.0,
-                                     eps=1.0), FakeResolved, groups)
-    return opt.update(grads, opt.init(params), params, 0)[0]["w"] / -0.04   # Adam's direction
+    opt = make_optimizer(
+      OptimConfig(schedule="constant", clip_norm=clip_norm, b1=0.0, b2=0.0, eps=1.0),
+      FakeResolved,
+      groups,
+    )
+    return opt.update(grads, opt.init(params), params, 0)[0]["w"] / -0.04  # Adam's direction
 
-  clipped = np.asarray([0.6, -0.8])                                          # 1/500 of g
+  clipped = np.asarray([0.6, -0.8])  # 1/500 of g
   np.testing.assert_allclose(update(1.0, grads), clipped / (np.abs(clipped) + 1), rtol=1e-5)
   np.testing.assert_allclose(update(0.0, grads), [300 / 301, -400 / 401], rtol=1e-5)  # off
-  small = {"w": jnp.asarray([0.3, -0.4]), "v": jnp.asarray([0.0, 0.0])}     # norm 0.5 < 1: as is
+  small = {"w": jnp.asarray([0.3, -0.4]), "v": jnp.asarray([0.0, 0.0])}  # norm 0.5 < 1: as is
   np.testing.assert_allclose(update(1.0, small), [0.3 / 1.3, -0.4 / 1.4], rtol=1e-5)

@@ -1,4 +1,5 @@
 """CompleteP and SP multipliers, init scales measured on real parameters, group LR multipliers."""
+
 import math
 
 import numpy as np
@@ -10,15 +11,20 @@ from celerity_jax.models.decoder import Decoder
 from celerity_jax.models.layers import map_variables
 from celerity_jax.parametrization import multipliers
 
-MODEL = ModelConfig(vocab_size=512, d_model=512, n_layers=8, n_heads=8, d_head=64, d_ff=2048,
-                    seq_len=16)
+MODEL = ModelConfig(
+  vocab_size=512, d_model=512, n_layers=8, n_heads=8, d_head=64, d_ff=2048, seq_len=16
+)
 
 
 def test_completep_multipliers():
-  m = multipliers(ParamConfig(kind="completep", d_base=128, l_base=2, sigma_base=0.08,
-                              alpha_in=9.0, alpha_out=1.2), MODEL)
+  m = multipliers(
+    ParamConfig(
+      kind="completep", d_base=128, l_base=2, sigma_base=0.08, alpha_in=9.0, alpha_out=1.2
+    ),
+    MODEL,
+  )
   assert m.width == 4 and m.depth == 4
-  assert m.hidden_init_std == pytest.approx(0.08 / 2)       # variance sigma^2 / m_N
+  assert m.hidden_init_std == pytest.approx(0.08 / 2)  # variance sigma^2 / m_N
   assert m.embed_init_std == m.unembed_init_std == 0.08
   assert m.lr == {"embed": 1.0, "hidden": 0.25, "unembed": 1.0, "norm": 1.0}
   assert m.residual_scale == 0.25

@@ -1,18 +1,22 @@
 """The Celerity family recipes, the TPP chooser, FLOPs conventions and the planner."""
+
 import json
 
 import pytest
 
-from celerity_jax import recipes
-from celerity_jax import scaling
+from celerity_jax import recipes, scaling
 from celerity_jax.config import apply_overrides
 from celerity_jax.main import main
 from celerity_jax.resolve import resolve
 
 # recipe: (paper N, paper FLOPs at 234 TPP, paper 20-TPP batch in sequences of 8192)
-PAPER = {"celerity_300m": (271e6, 1.47e20, 176), "celerity_500m": (503e6, 5.15e20, 240),
-         "celerity_900m": (906e6, 1.68e21, 336), "celerity_1_8b": (1.81e9, 6.54e21, 464),
-         "celerity_3_9b": (3.88e9, 2.89e22, 672)}
+PAPER = {
+  "celerity_300m": (271e6, 1.47e20, 176),
+  "celerity_500m": (503e6, 5.15e20, 240),
+  "celerity_900m": (906e6, 1.68e21, 336),
+  "celerity_1_8b": (1.81e9, 6.54e21, 464),
+  "celerity_3_9b": (3.88e9, 2.89e22, 672),
+}
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -45,8 +49,23 @@ def test_chinchilla_tpp_chooser():
 
 def test_planner_lists_the_family_with_the_overrides(capsys):
   from celerity_jax.tools import plan
-  assert plan.main(["recipe=celerity_1b", "scaling.tpp=80", "--json", "--chips", "8",
-                    "--accelerator", "h100", "--mfu", "0.5"]) == 0
+
+  assert (
+    plan.main(
+      [
+        "recipe=celerity_1b",
+        "scaling.tpp=80",
+        "--json",
+        "--chips",
+        "8",
+        "--accelerator",
+        "h100",
+        "--mfu",
+        "0.5",
+      ]
+    )
+    == 0
+  )
   rows = json.loads(capsys.readouterr().out)
   names = [r["recipe"] for r in rows]
   assert {"celerity_300m", "celerity_1b", "celerity_3_9b"} <= set(names)
@@ -60,15 +79,18 @@ def test_planner_lists_the_family_with_the_overrides(capsys):
 def test_the_last_recipe_given_wins_in_main_and_in_the_planner(capsys):
   """As for every key, a later recipe= overrides an earlier one (a wrapper script's default)."""
   from celerity_jax.tools import plan
+
   assert main(["recipe=celerity_1b", "recipe=celerity_nano_2", "--print-config"]) == 0
   assert json.loads(capsys.readouterr().out)["config"]["run"]["dir"] == "runs/celerity_nano_2"
   assert plan.main(["recipe=celerity_1b", "recipe=celerity_nano_2", "--json"]) == 0
   assert {r["recipe"] for r in json.loads(capsys.readouterr().out)} == {
-      f"celerity_nano_{i}" for i in range(1, 5)}
+    f"celerity_nano_{i}" for i in range(1, 5)
+  }
 
 
 def test_nano_family_spans_8x_and_tiny_is_its_largest_member():
   import dataclasses
+
   nanos = [m for m in recipes.available() if m.startswith("celerity_nano_")]
   sizes = [resolve(recipes.load(m)).n_params for m in nanos]
   assert len(nanos) >= 4 and max(sizes) / min(sizes) >= 8
@@ -79,9 +101,16 @@ def test_nano_family_spans_8x_and_tiny_is_its_largest_member():
 
 def test_a_nano_recipe_trains_to_its_horizon(tmp_path, stdlib_cache):
   from celerity_jax.train import loop
-  cfg = apply_overrides(recipes.load("celerity_nano_1"), [
-      f"run.dir={tmp_path}", f"data.cache_dir={stdlib_cache}", "run.progress=false",
-      "run.tensorboard=false"])
+
+  cfg = apply_overrides(
+    recipes.load("celerity_nano_1"),
+    [
+      f"run.dir={tmp_path}",
+      f"data.cache_dir={stdlib_cache}",
+      "run.progress=false",
+      "run.tensorboard=false",
+    ],
+  )
   last = loop.run(cfg)
   steps = json.loads((tmp_path / "config.json").read_text())["derived"]["steps"]
   assert last["step"] == steps and last["frac"] == 1.0
@@ -91,9 +120,11 @@ def test_a_nano_recipe_trains_to_its_horizon(tmp_path, stdlib_cache):
 
 
 def test_planner_shows_each_members_slice_and_layout_and_checks_the_fit(capsys):
-  """Pod recipes name their slice and ship a layout; B is resolved on the slice's chips (celerity_1b:
-  32 v5p chips, one row per device per microbatch: 352 sequences in 11 microbatches)."""
+  """Pod recipes name their slice and ship a layout; B is resolved on the slice's chips
+  (celerity_1b: 32 v5p chips, one row per device per microbatch: 352 sequences in 11
+  microbatches)."""
   from celerity_jax.tools import plan
+
   assert plan.main(["recipe=celerity_1b", "--json"]) == 0
   rows = {r["recipe"]: r for r in json.loads(capsys.readouterr().out)}
   one = rows["celerity_1b"]
@@ -103,4 +134,4 @@ def test_planner_shows_each_members_slice_and_layout_and_checks_the_fit(capsys):
   cfg = recipes.load("celerity_nano_2")
   verdict = plan.check_fit(cfg, "v5litepod-4")
   assert verdict["fits"] and 0 < verdict["peak_bytes"] < verdict["hbm_bytes"] < 20e9
-  assert plan.main(["recipe=celerity_1b", "--topology", "v9x-8"]) == 2     # one line, exit 2
+  assert plan.main(["recipe=celerity_1b", "--topology", "v9x-8"]) == 2  # one line, exit 2

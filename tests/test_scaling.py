@@ -1,10 +1,10 @@
 """Scaling math against every reference value of SCIENCE.md section 2-3 and 5."""
+
 import math
 
 import pytest
 
-from celerity_jax import recipes
-from celerity_jax import scaling
+from celerity_jax import recipes, scaling
 from celerity_jax.config import ModelConfig, ScalingConfig, apply_overrides
 from celerity_jax.resolve import resolve
 
@@ -18,12 +18,23 @@ def test_tau_610m_example():
   assert scaling.tau(B_610M, 1.62e-2 / 8, 0.1, D_610M) == pytest.approx(0.105, abs=5e-4)
 
 
-@pytest.mark.parametrize("eta_base, expected", [
-    (1.01e-3, 1.682), (2.02e-3, 0.841), (4.05e-3, 0.421), (8.09e-3, 0.210),
-    (1.62e-2, 0.105), (3.24e-2, 0.053), (6.48e-2, 0.026)])
+@pytest.mark.parametrize(
+  "eta_base, expected",
+  [
+    (1.01e-3, 1.682),
+    (2.02e-3, 0.841),
+    (4.05e-3, 0.421),
+    (8.09e-3, 0.210),
+    (1.62e-2, 0.105),
+    (3.24e-2, 0.053),
+    (6.48e-2, 0.026),
+  ],
+)
 def test_tau_table(eta_base, expected):
   # the table rounds eta to 3 significant figures, so tau matches to the digits printed
-  assert scaling.tau(B_610M, eta_base / 8, 0.1, D_610M) == pytest.approx(expected, rel=5e-3, abs=5e-4)
+  assert scaling.tau(B_610M, eta_base / 8, 0.1, D_610M) == pytest.approx(
+    expected, rel=5e-3, abs=5e-4
+  )
 
 
 def test_tau_llama2():
@@ -45,14 +56,25 @@ def test_tau_opt_fits_celerity_bands(tpp, tau):
 
 
 # name: (d_model, d_head, layers, params, 20-TPP batch in sequences of 8192)
-CELERITY = {"300M": (640, 64, 13, 271e6, 176), "500M": (896, 64, 17, 503e6, 240),
-            "900M": (1152, 128, 23, 906e6, 336), "1.8B": (1536, 128, 30, 1.81e9, 464),
-            "3.9B": (2048, 128, 40, 3.88e9, 672)}
+CELERITY = {
+  "300M": (640, 64, 13, 271e6, 176),
+  "500M": (896, 64, 17, 503e6, 240),
+  "900M": (1152, 128, 23, 906e6, 336),
+  "1.8B": (1536, 128, 30, 1.81e9, 464),
+  "3.9B": (2048, 128, 40, 3.88e9, 672),
+}
 
 
 def celerity_model(d, h, layers):
-  return ModelConfig(vocab_size=128_256, d_model=d, n_layers=layers, n_heads=d // h, d_head=h,
-                     d_ff=8 * d, seq_len=8192)
+  return ModelConfig(
+    vocab_size=128_256,
+    d_model=d,
+    n_layers=layers,
+    n_heads=d // h,
+    d_head=h,
+    d_ff=8 * d,
+    seq_len=8192,
+  )
 
 
 @pytest.mark.parametrize("name", CELERITY)
@@ -67,17 +89,19 @@ def test_celerity_param_counts_and_batch_law(name):
 
 def test_power_lines_exponent_rotates_the_batch_law_about_its_anchor():
   cfg = ScalingConfig()
-  celerity = [scaling.batch_tokens(d, cfg.batch_coef, 0.5, cfg.batch_anchor) for d in (5.41e9, 8e10)]
+  celerity = [
+    scaling.batch_tokens(d, cfg.batch_coef, 0.5, cfg.batch_anchor) for d in (5.41e9, 8e10)
+  ]
   power = [scaling.batch_tokens(d, cfg.batch_coef, 0.383, cfg.batch_anchor) for d in (5.41e9, 8e10)]
-  assert power[0] == pytest.approx(celerity[0])                     # same B where it was tuned
+  assert power[0] == pytest.approx(celerity[0])  # same B where it was tuned
   assert power[1] / power[0] == pytest.approx((8e10 / 5.41e9) ** 0.383)
-  assert celerity[1] == pytest.approx(cfg.batch_coef * 8e10 ** 0.5)
+  assert celerity[1] == pytest.approx(cfg.batch_coef * 8e10**0.5)
 
 
 def test_warmup_is_min_of_ten_percent_and_375m_tokens():
   b = 1_000_000
-  assert scaling.warmup_steps(1e9, b, 0.1, 375e6) == 100          # 10% of D
-  assert scaling.warmup_steps(1e11, b, 0.1, 375e6) == 375         # capped at 375M tokens
+  assert scaling.warmup_steps(1e9, b, 0.1, 375e6) == 100  # 10% of D
+  assert scaling.warmup_steps(1e11, b, 0.1, 375e6) == 375  # capped at 375M tokens
 
 
 def test_round_batch_to_granule():
@@ -86,8 +110,9 @@ def test_round_batch_to_granule():
 
 
 def test_flops_conventions():
-  m = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=1, d_head=64, d_ff=512,
-                  seq_len=128)
+  m = ModelConfig(
+    vocab_size=1000, d_model=64, n_layers=2, n_heads=1, d_head=64, d_ff=512, seq_len=128
+  )
   matmul = 2 * (4 * 64 * 64 + 2 * 64 * 512) + 64 * 1000
   attention = 12 * 2 * 128 * 64
   assert scaling.flops_per_token(m, causal=False) == 6 * matmul + attention
@@ -120,6 +145,7 @@ def test_microbatch_rows_fix_each_devices_load_and_let_the_count_follow_b():
   """train.microbatch_rows=R: B rounds to data-parallel x R, and the microbatch count is what is
   left, so one recipe holds the same activations per device on any slice."""
   from celerity_jax.config import ConfigError
+
   base = apply_overrides(recipes.load("celerity_1b"), ["mesh.data=1", "mesh.fsdp=-1"])
   for devices, rows, batch, micro in ((32, 1, 352, 11), (64, 1, 320, 5), (8, 2, 336, 21)):
     r = resolve(apply_overrides(base, [f"train.microbatch_rows={rows}"]), n_devices=devices)
@@ -127,8 +153,11 @@ def test_microbatch_rows_fix_each_devices_load_and_let_the_count_follow_b():
     assert r.batch_seqs == r.data_parallel * rows * r.microbatches
   fixed = apply_overrides(base, ["train.microbatch_rows=4", "train.batch_size=256"])
   assert resolve(fixed, n_devices=16).microbatches == 4
-  with pytest.raises(ConfigError, match="multiple of data-parallel size 48 x train.microbatch_rows 4"):
+  with pytest.raises(
+    ConfigError, match="multiple of data-parallel size 48 x train.microbatch_rows 4"
+  ):
     resolve(fixed, n_devices=48)
   from celerity_jax.config import validate
+
   with pytest.raises(ConfigError, match="set one of them"):
     validate(apply_overrides(base, ["train.microbatch_rows=2", "train.microbatches=4"]))

@@ -1,4 +1,5 @@
 """Mesh construction, the logical-axis rules and the start-up validation errors."""
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -41,7 +42,7 @@ def test_param_and_optimizer_shardings(small):
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   setup = state_lib.build(cfg, resolve(cfg, 8), mesh)
   specs = jax.tree.map(lambda s: s.spec, setup.state_shardings.params)
-  assert specs["blocks"]["attn"]["wq"] == P(None, "fsdp", "tensor", None)   # layers, D, N, H
+  assert specs["blocks"]["attn"]["wq"] == P(None, "fsdp", "tensor", None)  # layers, D, N, H
   assert specs["blocks"]["mlp"]["wo"] == P(None, "tensor", "fsdp")
   assert specs["embed"] == P("tensor", "fsdp")
   assert specs["blocks"]["ln1"]["scale"] == P(None, None)
@@ -51,7 +52,9 @@ def test_param_and_optimizer_shardings(small):
 
 
 def test_undivisible_parameter_names_the_parameter(small):
-  cfg = small("model.n_heads=3")                      # 3 heads on a tensor axis of 2
+  cfg = small("model.n_heads=3")  # 3 heads on a tensor axis of 2
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  with pytest.raises(sharding.ShardingError, match=r"param blocks/attn/w[kqv]: dimension 3 is not divisible"):
+  with pytest.raises(
+    sharding.ShardingError, match=r"param blocks/attn/w[kqv]: dimension 3 is not divisible"
+  ):
     state_lib.build(cfg, resolve(cfg, 8), mesh)

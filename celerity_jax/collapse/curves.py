@@ -1,10 +1,12 @@
 """Loss curves of finished or partial runs, their smoothing and normalization, and collapse spreads.
 
-A run's collapse curve is its training loss smoothed by a debiased EMA whose time constant is a fixed
-fraction of T (`collapse.smooth_frac`), so every size lags by the same t = step/T; normalized, it is
-divided by its value at t = 1 (SCIENCE.md section 6). The monitor computes the same EMA in-step and
-logs it as `loss_smooth`, so what a run logs is exactly what a later run compares against.
+A run's collapse curve is its training loss smoothed by a debiased EMA whose time constant is a
+fixed fraction of T (`collapse.smooth_frac`), so every size lags by the same t = step/T;
+normalized, it is divided by its value at t = 1 (docs/method.md, "Collapse"; paper section 3).
+The monitor computes the same EMA in-step and logs it as `loss_smooth`, so what a run logs is
+exactly what a later run compares against.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,18 +45,19 @@ def ema(values: np.ndarray, decay: float) -> np.ndarray:
 @dataclass(frozen=True)
 class Curve:
   """One run's logged curve plus the controls that shape it (SCIENCE.md section 6)."""
+
   name: str
-  steps: int                 # T
+  steps: int  # T
   warmup: int
   schedule: str
   tau: float
-  tpp: float                 # effective TPP (a mixture of experts': TPP * top_k / experts)
+  tpp: float  # effective TPP (a mixture of experts': TPP * top_k / experts)
   n_params: int
   seed: int
   smooth_frac: float
-  t_hat: np.ndarray          # logged steps / T
-  loss: np.ndarray           # raw training loss at those steps
-  loss_smooth: np.ndarray    # the monitor's EMA at those steps
+  t_hat: np.ndarray  # logged steps / T
+  loss: np.ndarray  # raw training loss at those steps
+  loss_smooth: np.ndarray  # the monitor's EMA at those steps
 
   @property
   def finished(self) -> bool:
@@ -72,7 +75,8 @@ class Curve:
 
 
 def load_run(run_dir, require_finished: bool = False) -> Curve:
-  """The curve of a run directory (config.json + metrics.jsonl); errors name the file and problem."""
+  """The curve of a run directory (config.json + metrics.jsonl); errors name the file and the
+  problem."""
   run_dir = storage.location(run_dir)
   config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
   for path in (config_path, metrics_path):
@@ -84,21 +88,30 @@ def load_run(run_dir, require_finished: bool = False) -> Curve:
   for line in metrics_path.read_text().splitlines():
     row = json.loads(line) if line.strip() else {}
     if "event" not in row and "loss_smooth" in row:
-      rows[row["step"]] = row            # a resumed run may repeat steps: the last write wins
+      rows[row["step"]] = row  # a resumed run may repeat steps: the last write wins
   if not rows:
     raise ConfigError(f"{metrics_path}: no rows with loss_smooth (written by the collapse monitor)")
   steps = sorted(rows)
   T = derived["steps"]
   curve = Curve(
-      name=run_dir.name, steps=T, warmup=derived["warmup_steps"], schedule=cfg["optim"]["schedule"],
-      tau=derived["tau"], tpp=derived.get("tpp_effective", derived["tpp"]), n_params=derived["n_params"],
-      seed=cfg["train"]["seed"], smooth_frac=cfg["collapse"]["smooth_frac"],
-      t_hat=np.array(steps, np.float64) / T,
-      loss=np.array([float(rows[s]["loss"]) for s in steps]),
-      loss_smooth=np.array([float(rows[s]["loss_smooth"]) for s in steps]))
+    name=run_dir.name,
+    steps=T,
+    warmup=derived["warmup_steps"],
+    schedule=cfg["optim"]["schedule"],
+    tau=derived["tau"],
+    tpp=derived.get("tpp_effective", derived["tpp"]),
+    n_params=derived["n_params"],
+    seed=cfg["train"]["seed"],
+    smooth_frac=cfg["collapse"]["smooth_frac"],
+    t_hat=np.array(steps, np.float64) / T,
+    loss=np.array([float(rows[s]["loss"]) for s in steps]),
+    loss_smooth=np.array([float(rows[s]["loss_smooth"]) for s in steps]),
+  )
   if require_finished and not curve.finished:
-    raise ConfigError(f"{run_dir}: run not finished (last logged step {steps[-1]} of T={T}); a "
-                      f"reference curve needs the final loss")
+    raise ConfigError(
+      f"{run_dir}: run not finished (last logged step {steps[-1]} of T={T}); a "
+      f"reference curve needs the final loss"
+    )
   return curve
 
 

@@ -7,11 +7,12 @@ accumulate the closed-form alignment sums S_LL = sum L^2, S_Ll = sum L l_ref ove
 residual r = L / L_hat(T) - l_ref(t) and an alert after `patience` consecutive |r| > threshold.
 The state is a few scalars in the train state (so it is checkpointed); nothing syncs with the host.
 """
+
 from __future__ import annotations
 
 import math
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,7 @@ from celerity_jax.collapse import curves, surrogate
 
 class MonitorSpec(NamedTuple):
   """Static settings and the reference curve (host arrays, baked into the jitted step)."""
+
   steps: int
   decay: float
   align_start: float
@@ -28,15 +30,23 @@ class MonitorSpec(NamedTuple):
   threshold: float
   patience: int
   spike_factor: float
-  ref_t: Optional[np.ndarray]      # None: no reference (spike checks only)
-  ref_l: Optional[np.ndarray]
-  source: str                      # "none", "surrogate" or the reference run's directory
+  ref_t: np.ndarray | None  # None: no reference (spike checks only)
+  ref_l: np.ndarray | None
+  source: str  # "none", "surrogate" or the reference run's directory
 
 
 def init_state() -> dict:
   f, i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-  return {"ema_m": f, "ema_w": f, "min_smooth": jnp.full((), jnp.inf, jnp.float32),
-          "s_ll": f, "s_lr": f, "over": i, "alert_steps": i, "spike_steps": i}
+  return {
+    "ema_m": f,
+    "ema_w": f,
+    "min_smooth": jnp.full((), jnp.inf, jnp.float32),
+    "s_ll": f,
+    "s_lr": f,
+    "over": i,
+    "alert_steps": i,
+    "spike_steps": i,
+  }
 
 
 def update(spec: MonitorSpec, state: dict, loss, step_done, finite) -> tuple[dict, dict]:
@@ -48,10 +58,13 @@ def update(spec: MonitorSpec, state: dict, loss, step_done, finite) -> tuple[dic
   ema_w = jnp.where(finite, w, state["ema_w"])
   smooth = ema_m / jnp.maximum(ema_w, 1e-30)
   spike = finite & (smooth > spec.spike_factor * state["min_smooth"])
-  new = dict(state, ema_m=ema_m, ema_w=ema_w,
-             min_smooth=jnp.where(finite, jnp.minimum(state["min_smooth"], smooth),
-                                  state["min_smooth"]),
-             spike_steps=state["spike_steps"] + spike.astype(jnp.int32))
+  new = dict(
+    state,
+    ema_m=ema_m,
+    ema_w=ema_w,
+    min_smooth=jnp.where(finite, jnp.minimum(state["min_smooth"], smooth), state["min_smooth"]),
+    spike_steps=state["spike_steps"] + spike.astype(jnp.int32),
+  )
   metrics = {"loss_smooth": smooth, "loss_spike": spike.astype(jnp.int32)}
   if spec.ref_t is None:
     return new, metrics
@@ -63,16 +76,25 @@ def update(spec: MonitorSpec, state: dict, loss, step_done, finite) -> tuple[dic
   sum_smooth_sq = state["s_ll"] + jnp.where(window, smooth * smooth, 0.0)
   sum_smooth_ref = state["s_lr"] + jnp.where(window, smooth * ref, 0.0)
   active = (t > spec.align_end) & (sum_smooth_ref > 0)
-  estimate = jnp.where(active, sum_smooth_sq / jnp.where(sum_smooth_ref > 0, sum_smooth_ref, 1.0),
-                       0.0)
+  estimate = jnp.where(
+    active, sum_smooth_sq / jnp.where(sum_smooth_ref > 0, sum_smooth_ref, 1.0), 0.0
+  )
   residual = jnp.where(active, smooth / jnp.where(active, estimate, 1.0) - ref, 0.0)
   off = active & finite & (jnp.abs(residual) > spec.threshold)
   over = jnp.where(off, state["over"] + 1, jnp.where(finite, 0, state["over"]))
   alert = over >= spec.patience
-  new.update(s_ll=sum_smooth_sq, s_lr=sum_smooth_ref, over=over,
-             alert_steps=state["alert_steps"] + alert.astype(jnp.int32))
-  metrics.update(collapse_active=active.astype(jnp.int32), collapse_residual=residual,
-                 collapse_alert=alert.astype(jnp.int32), final_loss_estimate=estimate)
+  new.update(
+    s_ll=sum_smooth_sq,
+    s_lr=sum_smooth_ref,
+    over=over,
+    alert_steps=state["alert_steps"] + alert.astype(jnp.int32),
+  )
+  metrics.update(
+    collapse_active=active.astype(jnp.int32),
+    collapse_residual=residual,
+    collapse_alert=alert.astype(jnp.int32),
+    final_loss_estimate=estimate,
+  )
   return new, metrics
 
 
@@ -97,26 +119,58 @@ def build_spec(cfg, resolved) -> MonitorSpec:
   t, ell, source = None, None, col.reference
   if col.reference == "surrogate":
     constants = surrogate.load_constants(col.surrogate)
-    t, ell = surrogate.normalized_curve(steps, resolved.warmup_steps, cfg.optim.schedule,
-                                        resolved.tau, resolved.tpp_effective, constants, col.smooth_frac)
+    t, ell = surrogate.normalized_curve(
+      steps,
+      resolved.warmup_steps,
+      cfg.optim.schedule,
+      resolved.tau,
+      resolved.tpp_effective,
+      constants,
+      col.smooth_frac,
+    )
   elif col.reference != "none":
     ref = curves.load_run(col.reference, require_finished=True)
     t, ell = ref.t_hat, ref.normalized()
-    mine = {"tau": resolved.tau, "tpp": resolved.tpp_effective, "warmup_frac": resolved.warmup_steps / steps,
-            "smooth_frac": col.smooth_frac}
-    theirs = {"tau": ref.tau, "tpp": ref.tpp, "warmup_frac": ref.warmup / ref.steps,
-              "smooth_frac": ref.smooth_frac}
-    off = [f"{key} {mine[key]:.4g} vs {theirs[key]:.4g}" for key, tol in _MATCHED.items()
-           if not math.isclose(mine[key], theirs[key], rel_tol=tol)]
+    mine = {
+      "tau": resolved.tau,
+      "tpp": resolved.tpp_effective,
+      "warmup_frac": resolved.warmup_steps / steps,
+      "smooth_frac": col.smooth_frac,
+    }
+    theirs = {
+      "tau": ref.tau,
+      "tpp": ref.tpp,
+      "warmup_frac": ref.warmup / ref.steps,
+      "smooth_frac": ref.smooth_frac,
+    }
+    off = [
+      f"{key} {mine[key]:.4g} vs {theirs[key]:.4g}"
+      for key, tol in _MATCHED.items()
+      if not math.isclose(mine[key], theirs[key], rel_tol=tol)
+    ]
     if ref.schedule != cfg.optim.schedule:
       off.append(f"schedule {cfg.optim.schedule} vs {ref.schedule}")
     if off:
-      print(f"celerity_jax: warning: collapse.reference {col.reference} was trained with other "
-            f"controls ({'; '.join(off)}); curves collapse only when they match", file=sys.stderr)
+      print(
+        f"celerity_jax: warning: collapse.reference {col.reference} was trained with other "
+        f"controls ({'; '.join(off)}); curves collapse only when they match",
+        file=sys.stderr,
+      )
   if t is not None and not ((t >= col.align_start) & (t <= col.align_end)).any():
-    print(f"celerity_jax: warning: no reference point in the alignment window "
-          f"[{col.align_start}, {col.align_end}]", file=sys.stderr)
-  return MonitorSpec(steps, curves.ema_decay(col.smooth_frac, 1.0 / steps), col.align_start,
-                     col.align_end, col.threshold, col.patience, col.spike_factor,
-                     None if t is None else np.asarray(t, np.float64),
-                     None if ell is None else np.asarray(ell, np.float64), source)
+    print(
+      f"celerity_jax: warning: no reference point in the alignment window "
+      f"[{col.align_start}, {col.align_end}]",
+      file=sys.stderr,
+    )
+  return MonitorSpec(
+    steps,
+    curves.ema_decay(col.smooth_frac, 1.0 / steps),
+    col.align_start,
+    col.align_end,
+    col.threshold,
+    col.patience,
+    col.spike_factor,
+    None if t is None else np.asarray(t, np.float64),
+    None if ell is None else np.asarray(ell, np.float64),
+    source,
+  )

@@ -5,10 +5,10 @@ least squares in ratio space, min_x sum (x L_i - l_i)^2, has the closed form x =
 and the fitted divisor L_hat(T) = 1 / x is the predicted final loss. The in-step monitor uses the
 same formula over its alignment window.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 
@@ -26,17 +26,25 @@ def aligned_final_loss(loss: np.ndarray, ref: np.ndarray) -> float:
   return float((loss * loss).sum() / (loss * ref).sum())
 
 
-def reference_at(curve: Curve, t_hat: np.ndarray, constants: Optional[surrogate.Constants] = None,
-                 reference: Optional[Curve] = None) -> np.ndarray:
+def reference_at(
+  curve: Curve,
+  t_hat: np.ndarray,
+  constants: surrogate.Constants | None = None,
+  reference: Curve | None = None,
+) -> np.ndarray:
   """The predicted normalized curve for `curve` at t_hat: another run's, or the surrogate's."""
   if reference is not None:
     return np.interp(t_hat, reference.t_hat, reference.normalized())
   return surrogate.predict(curve, constants or surrogate.load_constants(), t_hat)
 
 
-def predict_final_loss(curve: Curve, stop: Optional[float] = None,
-                       constants: Optional[surrogate.Constants] = None,
-                       reference: Optional[Curve] = None, start: float = PREDICT_START) -> float:
+def predict_final_loss(
+  curve: Curve,
+  stop: float | None = None,
+  constants: surrogate.Constants | None = None,
+  reference: Curve | None = None,
+  start: float = PREDICT_START,
+) -> float:
   """Predicted L(T) from the curve's points with start <= t <= stop (default: all it has)."""
   stop = curve.t_hat[-1] if stop is None else stop
   keep = (curve.t_hat >= start) & (curve.t_hat <= stop + 1e-9)
@@ -49,5 +57,6 @@ def predict_final_loss(curve: Curve, stop: Optional[float] = None,
 def truncate(curve: Curve, stop: float) -> Curve:
   """The curve as it was at t = stop: for testing predictions on finished runs."""
   keep = curve.t_hat <= stop + 1e-9
-  return dataclasses.replace(curve, t_hat=curve.t_hat[keep], loss=curve.loss[keep],
-                             loss_smooth=curve.loss_smooth[keep])
+  return dataclasses.replace(
+    curve, t_hat=curve.t_hat[keep], loss=curve.loss[keep], loss_smooth=curve.loss_smooth[keep]
+  )

@@ -2,6 +2,7 @@
 = one document) and their `.gz` forms; and the built-in `stdlib` corpus, the Python standard library
 source of the running interpreter (~30 MB of code and docstrings, present on every machine).
 """
+
 from __future__ import annotations
 
 import glob
@@ -11,8 +12,8 @@ import json
 import os
 import sysconfig
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from celerity_jax.data import DataError
 
@@ -21,8 +22,11 @@ SUFFIXES = (".txt", ".jsonl", ".py")
 
 def stdlib_files() -> list[Path]:
   root = Path(sysconfig.get_paths()["stdlib"])
-  files = sorted(p for p in root.rglob("*.py")
-                 if not ({"site-packages", "dist-packages", "__pycache__"} & set(p.parts)))
+  files = sorted(
+    p
+    for p in root.rglob("*.py")
+    if not ({"site-packages", "dist-packages", "__pycache__"} & set(p.parts))
+  )
   if not files:
     raise DataError(f"built-in corpus 'stdlib': no .py files under {root}")
   return files
@@ -85,11 +89,11 @@ def documents(files: list[Path]) -> Iterator[str]:
               yield text
         else:
           text = f.read()
-          if "\0" in text:                # text has no NUL; binaries nearly always do
+          if "\0" in text:  # text has no NUL; binaries nearly always do
             raise DataError(f"{path}: not a text file (it holds NUL bytes)")
-          if text.strip():                 # whitespace alone is no document
+          if text.strip():  # whitespace alone is no document
             yield text
-    except (OSError, EOFError, zlib.error) as e:      # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
       raise DataError(f"{path}: cannot read: {e}") from None
 
 

@@ -3,9 +3,11 @@
 The token array is cut into windows of seq_len + 1 tokens (stride seq_len, so every token is a
 target once per epoch). Window order is a grain shuffle per epoch; global row g of the run is window
 order[g], so step s holds rows s*B ... s*B + B - 1 and resuming at step k needs no replay. Each
-process reads only the rows its devices hold (sharding.process_rows). Packing: `concat` joins documents with EOS and lets
+process reads only the rows its devices hold (sharding.process_rows). Packing: `concat` joins
+documents with EOS and lets
 them attend across; `segments` also returns segment ids so the model masks attention per document.
 """
+
 from __future__ import annotations
 
 import grain
@@ -16,15 +18,23 @@ from celerity_jax.data.store import TokenStore
 
 
 class WindowBatches:
-
-  def __init__(self, store: TokenStore, seq_len: int, global_batch: int, seed: int,
-               packing: str = "concat", rows=None):
+  def __init__(
+    self,
+    store: TokenStore,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    packing: str = "concat",
+    rows=None,
+  ):
     self.store, self.seq_len, self.packing = store, seq_len, packing
     n_windows = (store.n_tokens - 1) // seq_len
     if n_windows < global_batch:
-      raise DataError(f"token store {store.path}: {store.n_tokens:,} tokens make {n_windows} windows "
-                      f"of {seq_len + 1} tokens, fewer than one batch of {global_batch}; use a "
-                      f"larger corpus or a smaller train.batch_size / model.seq_len")
+      raise DataError(
+        f"token store {store.path}: {store.n_tokens:,} tokens make {n_windows} windows "
+        f"of {seq_len + 1} tokens, fewer than one batch of {global_batch}; use a "
+        f"larger corpus or a smaller train.batch_size / model.seq_len"
+      )
     self.n_windows = n_windows
     self.rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
     self.global_batch = global_batch
@@ -41,9 +51,8 @@ class WindowBatches:
     if self.offsets is not None:
       positions = starts[:, None] + np.arange(self.seq_len)[None, :]
       doc = np.searchsorted(self.offsets, positions, side="right")
-      out["segment_ids"] = (doc - doc[:, :1]).astype(np.int32)   # 0, 1, ... within each row
+      out["segment_ids"] = (doc - doc[:, :1]).astype(np.int32)  # 0, 1, ... within each row
     return out
-
 
 
 def prefetch(batch_fn, start_step: int, stop_step: int, threads: int = 2):

@@ -4,6 +4,7 @@ The cache entry is keyed by the corpus content, the tokenizer settings (or the g
 own fingerprint) and the split, so a changed corpus is rebuilt, never silently reused. The held-out
 split is per document, by a hash of its text: stable under reordering of the files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,13 +38,14 @@ def cache_root(data_cfg) -> epath.Path:
 
 
 def _names(files) -> str:
-  return ", ".join(str(f) for f in files[:3]) + (f", ... ({len(files)} files)" if len(files) > 3
-                                                  else "")
+  return ", ".join(str(f) for f in files[:3]) + (
+    f", ... ({len(files)} files)" if len(files) > 3 else ""
+  )
 
 
 def _held_out(text: str, eval_frac: float) -> bool:
   bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:4], "big")
-  return bucket < eval_frac * 2 ** 32
+  return bucket < eval_frac * 2**32
 
 
 def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
@@ -51,9 +53,14 @@ def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
   if next(corpus.documents(files), None) is None:
     raise DataError(f"corpus {_names(files)}: no non-empty documents")
   given = tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
-  settings = {"corpus": corpus.fingerprint(files), "eval_frac": data_cfg.eval_frac,
-              "tokenizer": given.fingerprint if given else
-              {"vocab_size": vocab_size, "type": data_cfg.tokenizer_type}, "format": store.FORMAT}
+  settings = {
+    "corpus": corpus.fingerprint(files),
+    "eval_frac": data_cfg.eval_frac,
+    "tokenizer": given.fingerprint
+    if given
+    else {"vocab_size": vocab_size, "type": data_cfg.tokenizer_type},
+    "format": store.FORMAT,
+  }
   key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
   entry = cache_root(data_cfg) / f"{'stdlib' if not data_cfg.paths else 'files'}-{key}"
   model_path = entry / "tokenizer.model"
@@ -61,28 +68,44 @@ def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
     _build(files, given, data_cfg, vocab_size, entry, settings, progress)
   tok = given or tokenizer.load(model_path)
   if tok.vocab_size > vocab_size:
-    raise DataError(f"tokenizer {data_cfg.tokenizer or model_path}: vocab {tok.vocab_size} > "
-                    f"model.vocab_size={vocab_size}")
-  return Prepared(tok, store.TokenStore(os.fspath(entry / "train"), tok.fingerprint, vocab_size),
-                  store.TokenStore(os.fspath(entry / "eval"), tok.fingerprint, vocab_size), entry)
+    raise DataError(
+      f"tokenizer {data_cfg.tokenizer or model_path}: vocab {tok.vocab_size} > "
+      f"model.vocab_size={vocab_size}"
+    )
+  return Prepared(
+    tok,
+    store.TokenStore(os.fspath(entry / "train"), tok.fingerprint, vocab_size),
+    store.TokenStore(os.fspath(entry / "eval"), tok.fingerprint, vocab_size),
+    entry,
+  )
 
 
-def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict,
-           progress: bool):
+def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict, progress: bool):
   storage.check_writable(entry, "data.cache_dir")
-  if progress:                           # run.progress=false keeps stderr to warnings and errors
-    print(f"celerity_jax: building token stores in {entry} from {len(files)} files",
-          file=sys.stderr)
+  if progress:  # run.progress=false keeps stderr to warnings and errors
+    print(
+      f"celerity_jax: building token stores in {entry} from {len(files)} files", file=sys.stderr
+    )
   if given is None:
-    tok = tokenizer.train(lambda: corpus.documents(files), vocab_size, data_cfg.tokenizer_type,
-                          source=f"corpus {_names(files)}")
+    tok = tokenizer.train(
+      lambda: corpus.documents(files),
+      vocab_size,
+      data_cfg.tokenizer_type,
+      source=f"corpus {_names(files)}",
+    )
     tok.save(entry / "tokenizer.model")
   else:
     tok = given
   held_out: list = []
   nbytes = 0
-  bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-             desc="tokenize", disable=not progress, file=sys.stderr)
+  bar = tqdm(
+    total=sum(f.stat().st_size for f in files),
+    unit="B",
+    unit_scale=True,
+    desc="tokenize",
+    disable=not progress,
+    file=sys.stderr,
+  )
   start = time.perf_counter()
 
   def train_docs():
@@ -110,10 +133,15 @@ def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict
   seconds = time.perf_counter() - start
   bar.close()
   if not held_out:
-    raise DataError(f"corpus {_names(files)}: no held-out document at data.eval_frac="
-                    f"{data_cfg.eval_frac}; raise it or add documents")
+    raise DataError(
+      f"corpus {_names(files)}: no held-out document at data.eval_frac="
+      f"{data_cfg.eval_frac}; raise it or add documents"
+    )
   store.build(os.fspath(entry / "eval"), held_out, tokenizer.EOS, meta)
   megabytes = nbytes / 1e6
   if progress:
-    print(f"celerity_jax: tokenized {megabytes:.1f} MB into {train_meta['n_tokens']:,} train "
-          f"tokens in {seconds:.1f} s ({megabytes / seconds:.2f} MB/s)", file=sys.stderr)
+    print(
+      f"celerity_jax: tokenized {megabytes:.1f} MB into {train_meta['n_tokens']:,} train "
+      f"tokens in {seconds:.1f} s ({megabytes / seconds:.2f} MB/s)",
+      file=sys.stderr,
+    )

@@ -1,4 +1,5 @@
 """The run's train and held-out batch sources, from `data.*`: synthetic, stdlib or user files."""
+
 from __future__ import annotations
 
 import jax
@@ -6,7 +7,7 @@ from jax.experimental import multihost_utils
 
 from celerity_jax.data.synthetic import SyntheticTokens
 
-EVAL_SEED = 2 ** 31 - 1     # the held-out batches are fixed: independent of train.seed
+EVAL_SEED = 2**31 - 1  # the held-out batches are fixed: independent of train.seed
 
 
 def make_sources(cfg, resolved, rows=None, progress: bool = True):
@@ -16,11 +17,14 @@ def make_sources(cfg, resolved, rows=None, progress: bool = True):
   m, d = cfg.model, cfg.data
   evaluate = cfg.train.eval_every > 0
   if not d.paths and d.corpus == "synthetic":
+
     def synthetic(seed):
       return SyntheticTokens(m.vocab_size, m.seq_len, resolved.batch_seqs, seed, rows=rows)
+
     return synthetic(cfg.train.seed), synthetic(EVAL_SEED) if evaluate else None
   from celerity_jax.data.pipeline import WindowBatches
   from celerity_jax.data.prepare import prepare
+
   # process 0 builds the tokenizer and stores first: on a shared cache the others then reuse them
   if jax.process_index() != 0:
     multihost_utils.sync_global_devices("celerity_jax data prepared")
@@ -30,5 +34,8 @@ def make_sources(cfg, resolved, rows=None, progress: bool = True):
 
   def windows(split, seed):
     return WindowBatches(split, m.seq_len, resolved.batch_seqs, seed, d.packing, rows)
-  return (windows(prepared.train, cfg.train.seed),
-          windows(prepared.eval, EVAL_SEED) if evaluate else None)
+
+  return (
+    windows(prepared.train, cfg.train.seed),
+    windows(prepared.eval, EVAL_SEED) if evaluate else None,
+  )

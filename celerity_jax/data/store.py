@@ -12,13 +12,14 @@ Local builds go to a sibling `.partial` directory renamed into place, so an inte
 leaves a store that looks complete and never touches an existing one. On Cloud Storage (no renames)
 the store is written in place and meta.json, written last, is what marks it complete.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import tensorstore as ts
@@ -27,9 +28,9 @@ from celerity_jax import storage
 from celerity_jax.data import DataError
 
 FORMAT = 2
-FILL = -1                # no token id is negative: a read that returns it found no data
-WRITE_CHUNK = 1 << 20    # tokens per file (zarr3 shard)
-READ_CHUNK = 1 << 14     # tokens per independently readable inner chunk: windows read ~64 KB
+FILL = -1  # no token id is negative: a read that returns it found no data
+WRITE_CHUNK = 1 << 20  # tokens per file (zarr3 shard)
+READ_CHUNK = 1 << 14  # tokens per independently readable inner chunk: windows read ~64 KB
 CACHE_BYTES = 256 << 20  # decoded chunks kept in memory by each reader
 
 
@@ -40,17 +41,26 @@ def _spec(path: str, name: str) -> dict:
 def _create(path: str, name: str, dtype: str) -> ts.TensorStore:
   # both chunk sizes explicitly: left unset, zarr3 picks one-element inner chunks (100x slower)
   checked = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
-  metadata = {"chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [WRITE_CHUNK]}},
-              "codecs": [{"name": "sharding_indexed", "configuration": {
-                  "chunk_shape": [READ_CHUNK], "codecs": checked, "index_codecs": checked}}],
-              "data_type": dtype, "fill_value": FILL, "shape": [0]}
-  return ts.open({**_spec(path, name), "metadata": metadata}, create=True,
-                 delete_existing=True).result()
+  metadata = {
+    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [WRITE_CHUNK]}},
+    "codecs": [
+      {
+        "name": "sharding_indexed",
+        "configuration": {"chunk_shape": [READ_CHUNK], "codecs": checked, "index_codecs": checked},
+      }
+    ],
+    "data_type": dtype,
+    "fill_value": FILL,
+    "shape": [0],
+  }
+  return ts.open(
+    {**_spec(path, name), "metadata": metadata}, create=True, delete_existing=True
+  ).result()
 
 
 def _append(array: ts.TensorStore, values: np.ndarray, at: int) -> ts.TensorStore:
   array = array.resize(exclusive_max=[at + len(values)], expand_only=True).result()
-  array[at:at + len(values)].write(values).result()
+  array[at : at + len(values)].write(values).result()
   return array
 
 
@@ -90,8 +100,14 @@ def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict
       shutil.rmtree(target, ignore_errors=True)
     raise DataError(f"token store {path}: the corpus has no non-empty documents")
   _append(_create(target, "offsets", "int64"), np.asarray(offsets, np.int64), 0)
-  meta = {**meta, "format": FORMAT, "n_tokens": n_tokens, "n_docs": len(offsets) - 1,
-          "max_token_id": max_id, "files": storage.file_sizes(storage.location(target))}
+  meta = {
+    **meta,
+    "format": FORMAT,
+    "n_tokens": n_tokens,
+    "n_docs": len(offsets) - 1,
+    "max_token_id": max_id,
+    "files": storage.file_sizes(storage.location(target)),
+  }
   _write_text(target, "meta.json", json.dumps(meta, indent=2))
   if local:
     if final.exists():
@@ -108,8 +124,9 @@ def _write_text(path: str, name: str, text: str):
 class TokenStore:
   """Read access to a complete, validated store."""
 
-  def __init__(self, path: str, tokenizer_fingerprint: str | None = None,
-               vocab_size: int | None = None):
+  def __init__(
+    self, path: str, tokenizer_fingerprint: str | None = None, vocab_size: int | None = None
+  ):
     self.path = path
     try:
       raw = ts.KvStore.open(storage.kvstore_url(path)).result().read("meta.json").result()
@@ -124,11 +141,14 @@ class TokenStore:
     if self.meta.get("format") != FORMAT:
       raise DataError(f"token store {path}: format {self.meta.get('format')}, expected {FORMAT}")
     if tokenizer_fingerprint and self.meta.get("tokenizer") != tokenizer_fingerprint:
-      raise DataError(f"token store {path}: built with tokenizer {self.meta.get('tokenizer')}, "
-                      f"not the configured one ({tokenizer_fingerprint}); rebuild the store")
+      raise DataError(
+        f"token store {path}: built with tokenizer {self.meta.get('tokenizer')}, "
+        f"not the configured one ({tokenizer_fingerprint}); rebuild the store"
+      )
     if vocab_size is not None and self.meta["max_token_id"] >= vocab_size:
-      raise DataError(f"token store {path}: token id {self.meta['max_token_id']} >= "
-                      f"model.vocab_size={vocab_size}")
+      raise DataError(
+        f"token store {path}: token id {self.meta['max_token_id']} >= model.vocab_size={vocab_size}"
+      )
     self._check_files()
     try:
       context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
@@ -136,8 +156,10 @@ class TokenStore:
       self.offsets = ts.open(_spec(path, "offsets"), open=True, read=True, context=context).result()
     except (ValueError, RuntimeError) as e:
       raise DataError(f"token store {path}: corrupt arrays ({e}); rebuild the store") from None
-    if (self.tokens.shape[0] != self.meta["n_tokens"]
-        or self.offsets.shape[0] != self.meta["n_docs"] + 1):
+    if (
+      self.tokens.shape[0] != self.meta["n_tokens"]
+      or self.offsets.shape[0] != self.meta["n_docs"] + 1
+    ):
       raise DataError(f"token store {path}: arrays do not match meta.json (truncated?); rebuild")
     self.n_tokens = self.meta["n_tokens"]
 
@@ -146,21 +168,28 @@ class TokenStore:
     found = storage.file_sizes(storage.location(self.path))
     for name, size in sorted(self.meta["files"].items()):
       if name not in found:
-        raise DataError(f"token store {self.path}: file {name} is missing; the store is "
-                        f"incomplete: delete the directory to rebuild it")
+        raise DataError(
+          f"token store {self.path}: file {name} is missing; the store is "
+          f"incomplete: delete the directory to rebuild it"
+        )
       if found[name] != size:
-        raise DataError(f"token store {self.path}: file {name} has {found[name]:,} bytes, "
-                        f"meta.json says {size:,} (truncated or overwritten); delete the "
-                        f"directory to rebuild it")
+        raise DataError(
+          f"token store {self.path}: file {name} has {found[name]:,} bytes, "
+          f"meta.json says {size:,} (truncated or overwritten); delete the "
+          f"directory to rebuild it"
+        )
 
   def read(self, starts: np.ndarray, length: int) -> np.ndarray:
     """Rows tokens[s:s+length] for each start, read concurrently; int32 [len(starts), length]."""
-    futures = [self.tokens[int(s):int(s) + length].read() for s in starts]
-    rows = (np.stack([self._result(f) for f in futures]) if futures
-            else np.zeros((0, length), np.int32))
+    futures = [self.tokens[int(s) : int(s) + length].read() for s in starts]
+    rows = (
+      np.stack([self._result(f) for f in futures]) if futures else np.zeros((0, length), np.int32)
+    )
     if (rows == FILL).any():
-      raise DataError(f"token store {self.path}: a read found no data (a chunk is missing); "
-                      f"delete the directory to rebuild it")
+      raise DataError(
+        f"token store {self.path}: a read found no data (a chunk is missing); "
+        f"delete the directory to rebuild it"
+      )
     return rows
 
   def doc_offsets(self) -> np.ndarray:
@@ -169,7 +198,8 @@ class TokenStore:
   def _result(self, future):
     try:
       return future.result()
-    except (ValueError, RuntimeError) as e:      # tensorstore: DATA_LOSS (checksum), NOT_FOUND
+    except (ValueError, RuntimeError) as e:  # tensorstore: DATA_LOSS (checksum), NOT_FOUND
       message = " ".join(str(e).split())[:200]
-      raise DataError(f"token store {self.path}: unreadable ({message}); delete the directory "
-                      f"to rebuild it") from None
+      raise DataError(
+        f"token store {self.path}: unreadable ({message}); delete the directory to rebuild it"
+      ) from None

@@ -4,15 +4,23 @@ Tokens follow a fixed random sparse Markov chain (each token has `branching` pos
 so a model can learn it: the loss falls from ln(vocab) towards ln(branching). The chain is fixed by
 `chain_seed`; which sequences a step sees is a pure function of (seed, step).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 
 class SyntheticTokens:
-
-  def __init__(self, vocab_size: int, seq_len: int, global_batch: int, seed: int,
-               rows=None, branching: int = 4, chain_seed: int = 1234):
+  def __init__(
+    self,
+    vocab_size: int,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    rows=None,
+    branching: int = 4,
+    chain_seed: int = 1234,
+  ):
     chain_rng = np.random.default_rng(chain_seed)
     self.successors_VxC = chain_rng.integers(0, vocab_size, (vocab_size, branching), np.int32)
     self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
@@ -36,6 +44,12 @@ def placed_batches(cfg, resolved, mesh, steps: int = 1, seed: int = 0) -> list[d
   """Synthetic batches for steps 0..steps-1 of the run's shape, placed on `mesh` as the step takes
   them (for tools and tests that time or check a step without a corpus)."""
   from celerity_jax.sharding import place_batch, process_rows
-  data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_len, resolved.batch_seqs, seed,
-                         rows=process_rows(mesh, resolved.batch_seqs))
+
+  data = SyntheticTokens(
+    cfg.model.vocab_size,
+    cfg.model.seq_len,
+    resolved.batch_seqs,
+    seed,
+    rows=process_rows(mesh, resolved.batch_seqs),
+  )
   return [place_batch(data.batch(step), mesh, resolved.batch_seqs) for step in range(steps)]

@@ -3,11 +3,12 @@
 Special ids are fixed so stores and models agree: pad 0, unk 1, bos 2, eos 3. Text is kept as is
 (identity normalization, whitespace preserved) so code round-trips exactly.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -19,12 +20,15 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 class Tokenizer:
-
   def __init__(self, model_proto: bytes):
     self.proto = model_proto
     self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    if (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) != (PAD, UNK, BOS,
-                                                                                     EOS):
+    if (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) != (
+      PAD,
+      UNK,
+      BOS,
+      EOS,
+    ):
       raise DataError("tokenizer: special ids must be pad 0, unk 1, bos 2, eos 3")
     self.vocab_size = self.sp.vocab_size()
     self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:16]
@@ -44,7 +48,7 @@ def load(path) -> Tokenizer:
   path = storage.location(path)
   try:
     proto = path.read_bytes()
-  except Exception as e:           # OSError locally; gcsfs's HTTP errors for gs://
+  except Exception as e:  # OSError locally; gcsfs's HTTP errors for gs://
     raise DataError(f"tokenizer {path}: cannot read: {e}") from None
   try:
     return Tokenizer(proto)
@@ -56,8 +60,13 @@ def _lines(documents: Iterable[str]) -> Iterator[str]:
   return (line for doc in documents for line in doc.splitlines() if line.strip())
 
 
-def train(documents: Callable[[], Iterable[str]], vocab_size: int, model_type: str = "bpe",
-          max_sentences: int = 300_000, source: str = "the corpus") -> Tokenizer:
+def train(
+  documents: Callable[[], Iterable[str]],
+  vocab_size: int,
+  model_type: str = "bpe",
+  max_sentences: int = 300_000,
+  source: str = "the corpus",
+) -> Tokenizer:
   """Trains on every k-th non-empty line of `documents()` (called twice: count, then sample), at
   most `max_sentences` lines. The sample is deterministic, unlike sentencepiece's own shuffle, so
   the same corpus gives the same tokenizer on every machine."""
@@ -66,13 +75,27 @@ def train(documents: Callable[[], Iterable[str]], vocab_size: int, model_type: s
   proto = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines, model_writer=proto, vocab_size=vocab_size,
-        model_type=model_type, byte_fallback=True, pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        allow_whitespace_only_pieces=True, input_sentence_size=0, shuffle_input_sentence=False,
-        minloglevel=2, num_threads=2)
-  except RuntimeError as e:         # sentencepiece's reason follows its source location
+      sentence_iterator=lines,
+      model_writer=proto,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      byte_fallback=True,
+      pad_id=PAD,
+      unk_id=UNK,
+      bos_id=BOS,
+      eos_id=EOS,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      input_sentence_size=0,
+      shuffle_input_sentence=False,
+      minloglevel=2,
+      num_threads=2,
+    )
+  except RuntimeError as e:  # sentencepiece's reason follows its source location
     reason = str(e).split("] ", 1)[-1].strip() if "] " in str(e) else "no usable training text"
-    raise DataError(f"{source}: tokenizer training failed (model.vocab_size={vocab_size}): "
-                    f"{reason}") from None
+    raise DataError(
+      f"{source}: tokenizer training failed (model.vocab_size={vocab_size}): {reason}"
+    ) from None
   return Tokenizer(proto.getvalue())

@@ -1,24 +1,33 @@
 """The decoder (Flax NNX): embedding, stacked pre-LN blocks (dense, or routed experts every
 model.moe_every layers), final norm and unembedding, with CompleteP multipliers.
 
-Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V vocab.
+Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V
+vocab.
 Layers are created stacked (leading axis = layer) and run under `lax.scan`, so compile time does not
 grow with depth; `model.scan_layers=false` unrolls them instead.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from celerity_jax.models.layers import (Block, Constrain, Norm, alibi_bias, attention_mask,
-                                       no_constraint, param)
+from celerity_jax.models.layers import (
+  Block,
+  Constrain,
+  Norm,
+  alibi_bias,
+  attention_mask,
+  no_constraint,
+  param,
+)
 from celerity_jax.models.moe import MoeBlock, MoeContext, moe_summary
 from celerity_jax.parametrization import Multipliers
 
 REMAT_POLICIES = {
-    "full": None,                                                   # save nothing
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -27,6 +36,7 @@ def _stacked_blocks(cfg, mult, rngs, count: int, kind: type[Block]):
   @nnx.vmap(in_axes=(0,), out_axes=0)
   def make(rngs):
     return kind(cfg, mult, rngs)
+
   return make(rngs)
 
 
@@ -40,18 +50,26 @@ class Decoder(nnx.Module):
 
   def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
     self.cfg, self.mult = cfg, mult
-    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), mult.embed_init_std,
-                       ("vocab", "embed"), "embed")
+    self.embed = param(
+      rngs, (cfg.vocab_size, cfg.d_model), mult.embed_init_std, ("vocab", "embed"), "embed"
+    )
     n_moe = cfg.n_layers // cfg.moe_every if cfg.experts else 0
     n_dense = cfg.n_layers - n_moe
     self.blocks = _stacked_blocks(cfg, mult, rngs, n_dense, Block) if n_dense else None
     self.moe_blocks = _stacked_blocks(cfg, mult, rngs, n_moe, MoeBlock) if n_moe else None
     self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
-    self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), mult.unembed_init_std,
-                         ("embed", "vocab"), "unembed")
+    self.unembed = param(
+      rngs, (cfg.d_model, cfg.vocab_size), mult.unembed_init_std, ("embed", "vocab"), "unembed"
+    )
 
-  def __call__(self, tokens_BxL, segment_ids_BxL=None, constrain: Constrain = no_constraint,
-               mesh=None, residuals: bool = False):
+  def __call__(
+    self,
+    tokens_BxL,
+    segment_ids_BxL=None,
+    constrain: Constrain = no_constraint,
+    mesh=None,
+    residuals: bool = False,
+  ):
     """(logits BxLxV float32, aux). aux["moe"] holds a mixture of experts' statistics
     (moe.moe_summary); with `residuals`, aux["residuals"] is the residual stream after each group
     of layers, stacked [groups, B, L, D] (for coordinate checks; decided at trace time, so training
@@ -66,7 +84,7 @@ class Decoder(nnx.Module):
     x_BxLxD = constrain(x_BxLxD.astype(dt), ("batch", "length", "act_embed"))
 
     groups = cfg.n_layers // cfg.moe_every if self.moe_blocks is not None else cfg.n_layers
-    per_group = cfg.n_layers // groups - (self.moe_blocks is not None)   # dense layers per group
+    per_group = cfg.n_layers // groups - (self.moe_blocks is not None)  # dense layers per group
     dense_def, dense = nnx.split(self.blocks) if self.blocks is not None else (None, None)
     moe_def, moe = nnx.split(self.moe_blocks) if self.moe_blocks is not None else (None, None)
     if dense is not None and per_group > 1:
@@ -95,8 +113,9 @@ class Decoder(nnx.Module):
       stream, moe_aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if groups else (None, {})
 
     x_BxLxD = self.final_norm(x_BxLxD)
-    logits_BxLxV = jnp.einsum("BLD,DV->BLV", x_BxLxD, self.unembed[...].astype(dt),
-                              preferred_element_type=jnp.float32)
+    logits_BxLxV = jnp.einsum(
+      "BLD,DV->BLV", x_BxLxD, self.unembed[...].astype(dt), preferred_element_type=jnp.float32
+    )
     logits_BxLxV = constrain(logits_BxLxV * self.mult.logit_scale, ("batch", "length", "act_vocab"))
     aux = {"residuals": stream} if residuals else {}
     if moe_aux:

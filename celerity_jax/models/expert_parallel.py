@@ -6,16 +6,19 @@ Each device all-gathers its experts' FSDP shards, dispatches its tokens to the e
 back, and the tensor axis sums the partial outputs of its slices of the expert width, as the dense
 MLP's tensor parallelism does.
 """
+
 from __future__ import annotations
 
 import jax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
 
 
-def dispatch(local_dispatch, kind: str, mesh: Mesh, x_BxLxD, experts_BxLxK, gates_BxLxK, w: dict,
-             w_axes: dict):
+def dispatch(
+  local_dispatch, kind: str, mesh: Mesh, x_BxLxD, experts_BxLxK, gates_BxLxK, w: dict, w_axes: dict
+):
   """Runs `local_dispatch` (MoeMlp._dispatch) on every device; returns (output BxLxD, share of
   assignments kept), equal to the single-device dispatch. `w_axes` are the expert weights'
   logical axes (their parameter metadata): they place the weights and name the d_model dimension
@@ -31,20 +34,25 @@ def dispatch(local_dispatch, kind: str, mesh: Mesh, x_BxLxD, experts_BxLxK, gate
   def body(x, experts, gates, w):
     w = {k: jax.lax.all_gather(v, fsdp, axis=embed_dim[k], tiled=True) for k, v in w.items()}
     if kind == "capacity":
+
       def to_experts(b):
         return jax.lax.all_to_all(b, expert, 0, 1, tiled=True)
 
       def from_experts(b):
         return jax.lax.all_to_all(b, expert, 1, 0, tiled=True)
+
       y, kept = local_dispatch(x, experts, gates, w, exchange=(to_experts, from_experts))
       kept = jax.lax.pmean(kept, batch_axes)
-    else:   # per-expert counts are data-dependent: gather the expert group's tokens instead
+    else:  # per-expert counts are data-dependent: gather the expert group's tokens instead
+
       def gather(a):
         return jax.lax.all_gather(a, expert, axis=0, tiled=True)
+
       first = jax.lax.axis_index(expert) * w["wi"].shape[0]
       y, kept = local_dispatch(gather(x), gather(experts), gather(gates), w, first_expert=first)
       y = jax.lax.psum_scatter(y, expert, scatter_dimension=0, tiled=True)
     return jax.lax.psum(y, width), kept
 
-  return jax.shard_map(body, mesh=mesh, in_specs=(act, routes, routes, w_specs),
-                       out_specs=(act, P()))(x_BxLxD, experts_BxLxK, gates_BxLxK, w)
+  return jax.shard_map(
+    body, mesh=mesh, in_specs=(act, routes, routes, w_specs), out_specs=(act, P())
+  )(x_BxLxD, experts_BxLxK, gates_BxLxK, w)

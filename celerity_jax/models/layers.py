@@ -1,12 +1,14 @@
 """Building blocks shared by the decoders: parameters with logical axes, norms, positions,
 attention, the dense MLP and the pre-LN block.
 
-Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V vocab.
+Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V
+vocab.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from flax import nnx
 
 from celerity_jax.parametrization import Multipliers
 
-Constrain = Callable[[jax.Array, tuple], jax.Array]   # (activation, logical axes) -> activation
+Constrain = Callable[[jax.Array, tuple], jax.Array]  # (activation, logical axes) -> activation
 
 
 def no_constraint(x: jax.Array, axes: tuple) -> jax.Array:
@@ -22,8 +24,9 @@ def no_constraint(x: jax.Array, axes: tuple) -> jax.Array:
   return x
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...],
-          group: str) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], std: float, axes: tuple[str, ...], group: str
+) -> nnx.Param:
   """A float32 parameter drawn from N(0, std^2); `axes` name its logical (sharding) axes and
   `group` its optimizer group (see parametrization.GROUPS)."""
   value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -56,8 +59,8 @@ class Norm(nnx.Module):
 
 
 def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array:
-  """The MLP nonlinearity on the up-projection h: squared ReLU (Celerity) or SwiGLU (silu(gate) * h),
-  shared by the dense MLP and the experts."""
+  """The MLP nonlinearity on the up-projection h: squared ReLU (Celerity) or SwiGLU
+  (silu(gate) * h), shared by the dense MLP and the experts."""
   if kind == "swiglu":
     return jax.nn.silu(gate) * h
   return jnp.square(jax.nn.relu(h))
@@ -65,9 +68,11 @@ def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array
 
 def alibi_slopes(n_heads: int) -> jax.Array:
   """Per-head ALiBi slopes (Press et al. 2022), including their rule for non-power-of-2 counts."""
+
   def powers(n):
     start = 2.0 ** (-8.0 / n)
     return [start ** (i + 1) for i in range(n)]
+
   if math.log2(n_heads).is_integer():
     slopes = powers(n_heads)
   else:
@@ -77,7 +82,8 @@ def alibi_slopes(n_heads: int) -> jax.Array:
 
 
 def alibi_bias(n_heads: int, length: int) -> jax.Array:
-  """Additive attention bias -slope * (i - j), shape 1xNxLxL (future positions are masked anyway)."""
+  """Additive attention bias -slope * (i - j), shape 1xNxLxL (future positions are masked
+  anyway)."""
   pos = jnp.arange(length)
   distance_LxL = (pos[:, None] - pos[None, :]).astype(jnp.float32)
   return -alibi_slopes(n_heads)[None, :, None, None] * distance_LxL[None, None]
@@ -91,7 +97,7 @@ def rope(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
   cos = jnp.cos(angles_LxH2)[None, :, None, :]
   sin = jnp.sin(angles_LxH2)[None, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
-  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  x1, x2 = x[..., : h // 2], x[..., h // 2 :]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
 
@@ -105,7 +111,6 @@ def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
     d, n, h, kv = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads or cfg.n_heads
     std = mult.hidden_init_std
@@ -124,7 +129,8 @@ class Attention(nnx.Module):
       q_BxLxNxH, k_BxLxKxH = rope(q_BxLxNxH, self.rope_theta), rope(k_BxLxKxH, self.rope_theta)
     bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(dt)
     out_BxLxNxH = jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias, mask=mask_Bx1xLxL, scale=self.scale)
+      q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias, mask=mask_Bx1xLxL, scale=self.scale
+    )
     return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(dt))
 
 
@@ -142,8 +148,9 @@ class Mlp(nnx.Module):
   def __call__(self, x_BxLxD):
     dt = x_BxLxD.dtype
     h_BxLxF = jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wi[...].astype(dt))
-    gate_BxLxF = (jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wg[...].astype(dt))
-                  if self.kind == "swiglu" else None)
+    gate_BxLxF = (
+      jnp.einsum("BLD,DF->BLF", x_BxLxD, self.wg[...].astype(dt)) if self.kind == "swiglu" else None
+    )
     h_BxLxF = mlp_activation(h_BxLxF, gate_BxLxF, self.kind)
     return jnp.einsum("BLF,FD->BLD", h_BxLxF, self.wo[...].astype(dt))
 

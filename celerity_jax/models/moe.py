@@ -1,6 +1,7 @@
 """Mixture-of-experts MLP (Flax NNX): routers, dropless and capacity dispatch, expert parallelism.
 
-Shape legend: as dense.py, plus T tokens, E experts (El of them local to one expert shard), K experts
+Shape legend: as dense.py, plus T tokens, E experts (El of them local to one expert shard), K
+experts
 per token (top_k), G sequences, S tokens per sequence, C capacity per expert and sequence.
 
 - Routers: learned softmax top-k (gates renormalized over the k picks when k > 1; the raw
@@ -17,10 +18,11 @@ per token (top_k), G sequences, S tokens per sequence, C capacity per expert and
   tokens, runs the local experts on theirs and reduce-scatters the outputs. Both equal the
   single-device result.
 """
+
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +37,13 @@ from celerity_jax.parametrization import Multipliers
 class MoeContext(NamedTuple):
   """What routed experts need beyond their input, and only they get: the token ids (the hash
   router routes by id) and the mesh to run expert-parallel on (None: on one device)."""
+
   tokens_BxL: jax.Array
-  mesh: Optional[Mesh] = None
+  mesh: Mesh | None = None
 
 
 # ---------------------------------------------------------------- routing
+
 
 def route_topk(logits_TxE: jax.Array, k: int):
   """(experts TxK int32, gates TxK float32, aux) from float32 router logits.
@@ -72,6 +76,7 @@ def expert_load(experts_TxK: jax.Array, n_experts: int) -> jax.Array:
 
 # ---------------------------------------------------------------- expert computation
 
+
 def _ragged_mlp(xs_RxD, w: dict, sizes_El, kind: str):
   """Grouped expert MLP over rows sorted by expert; rows past sum(sizes) come out zero."""
   h = jax.lax.ragged_dot(xs_RxD, w["wi"], sizes_El)
@@ -93,7 +98,7 @@ def dropless(x_TxD, experts_TxK, gates_TxK, w: dict, kind: str, first_expert=0):
   n_local = w["wi"].shape[0]
   local_TxK = experts_TxK - first_expert
   mine_TxK = (local_TxK >= 0) & (local_TxK < n_local)
-  key_R = jnp.where(mine_TxK, local_TxK, n_local).reshape(-1)      # others sort last
+  key_R = jnp.where(mine_TxK, local_TxK, n_local).reshape(-1)  # others sort last
   order_R = jnp.argsort(key_R, stable=True)
   sizes_El = jnp.bincount(key_R, length=n_local + 1)[:n_local].astype(jnp.int32)
   token_R = order_R // k
@@ -113,8 +118,16 @@ def capacity_slots(experts_GxSxK, n_experts: int, capacity: int):
   return e_GxKS, slot_GxKS, slot_GxKS < capacity
 
 
-def capacity_dispatch(x_GxSxD, experts_GxSxK, gates_GxSxK, w: dict, kind: str, capacity: int,
-                      n_experts: int, exchange=None):
+def capacity_dispatch(
+  x_GxSxD,
+  experts_GxSxK,
+  gates_GxSxK,
+  w: dict,
+  kind: str,
+  capacity: int,
+  n_experts: int,
+  exchange=None,
+):
   """Fills E x C slots per sequence, runs the experts on the slot buffers and combines; assignments
   past an expert's capacity are dropped (their token gets nothing from that expert).
 
@@ -127,7 +140,7 @@ def capacity_dispatch(x_GxSxD, experts_GxSxK, gates_GxSxK, w: dict, kind: str, c
   flat_GxKS = jnp.where(kept_GxKS, e_GxKS * capacity + slot_GxKS, n_experts * capacity)
   rows_G1 = jnp.arange(g)[:, None]
   token_KS = jnp.tile(jnp.arange(s), k)
-  buf = jnp.zeros((g, n_experts * capacity + 1, d), x_GxSxD.dtype)     # last slot: discarded
+  buf = jnp.zeros((g, n_experts * capacity + 1, d), x_GxSxD.dtype)  # last slot: discarded
   buf = buf.at[rows_G1, flat_GxKS].set(x_GxSxD[:, token_KS])
   buf_GxExCxD = buf[:, :-1].reshape(g, n_experts, capacity, d)
   to_experts, from_experts = exchange or (lambda b: b, lambda b: b)
@@ -135,8 +148,9 @@ def capacity_dispatch(x_GxSxD, experts_GxSxK, gates_GxSxK, w: dict, kind: str, c
   e_local, x_groups = slots_ExXxCxD.shape[:2]
   y = _batched_mlp(slots_ExXxCxD.reshape(e_local, x_groups * capacity, d), w, kind)
   y_GxExCxD = from_experts(y.reshape(slots_ExXxCxD.shape)).swapaxes(0, 1)
-  y_flat = jnp.concatenate([y_GxExCxD.reshape(g, n_experts * capacity, d),
-                            jnp.zeros((g, 1, d), y.dtype)], axis=1)
+  y_flat = jnp.concatenate(
+    [y_GxExCxD.reshape(g, n_experts * capacity, d), jnp.zeros((g, 1, d), y.dtype)], axis=1
+  )
   weight_GxKS = jnp.where(kept_GxKS, gates_GxSxK.swapaxes(1, 2).reshape(g, k * s), 0.0)
   y_GxKSxD = y_flat[rows_G1, flat_GxKS] * weight_GxKS[..., None].astype(y.dtype)
   return y_GxKSxD.reshape(g, k, s, d).sum(1), kept_GxKS.mean()
@@ -157,6 +171,7 @@ def moe_summary(aux: dict) -> dict:
 
 
 # ---------------------------------------------------------------- the layer
+
 
 class MoeMlp(nnx.Module):
   """Routed experts (+ an optional shared expert) in place of the dense MLP. Returns (y, aux):
@@ -179,8 +194,9 @@ class MoeMlp(nnx.Module):
     cfg, dt, tokens_BxL = self.cfg, x_BxLxD.dtype, context.tokens_BxL
     b, length, d = x_BxLxD.shape
     if cfg.router == "topk":
-      logits_BxLxE = jnp.einsum("BLD,DE->BLE", x_BxLxD.astype(jnp.float32),
-                                self.router[...]) * self.router_scale
+      logits_BxLxE = (
+        jnp.einsum("BLD,DE->BLE", x_BxLxD.astype(jnp.float32), self.router[...]) * self.router_scale
+      )
       experts, gates, aux = route_topk(logits_BxLxE.reshape(b * length, -1), cfg.top_k)
     else:
       experts = jnp.asarray(hash_table(cfg.vocab_size, cfg.experts))[tokens_BxL.reshape(-1, 1)]
@@ -194,9 +210,11 @@ class MoeMlp(nnx.Module):
       y_BxLxD, kept = self._dispatch(x_BxLxD, experts_BxLxK, gates_BxLxK, w)
     else:
       from celerity_jax.models import expert_parallel
+
       axes = {name: tuple(v.get_metadata()["axes"]) for name, v in weights.items()}
-      y_BxLxD, kept = expert_parallel.dispatch(self._dispatch, cfg.dispatch, context.mesh,
-                                               x_BxLxD, experts_BxLxK, gates_BxLxK, w, axes)
+      y_BxLxD, kept = expert_parallel.dispatch(
+        self._dispatch, cfg.dispatch, context.mesh, x_BxLxD, experts_BxLxK, gates_BxLxK, w, axes
+      )
     aux["dropped"] = 1.0 - kept
     if self.shared is not None:
       y_BxLxD = y_BxLxD + self.shared(x_BxLxD)
@@ -207,10 +225,24 @@ class MoeMlp(nnx.Module):
     cfg = self.cfg
     b, length, d = x_BxLxD.shape
     if cfg.dispatch == "capacity":
-      return capacity_dispatch(x_BxLxD, experts_BxLxK, gates_BxLxK, w, cfg.mlp,
-                               capacity(cfg, length), cfg.experts, exchange)
-    y = dropless(x_BxLxD.reshape(b * length, d), experts_BxLxK.reshape(b * length, -1),
-                 gates_BxLxK.reshape(b * length, -1), w, cfg.mlp, first_expert)
+      return capacity_dispatch(
+        x_BxLxD,
+        experts_BxLxK,
+        gates_BxLxK,
+        w,
+        cfg.mlp,
+        capacity(cfg, length),
+        cfg.experts,
+        exchange,
+      )
+    y = dropless(
+      x_BxLxD.reshape(b * length, d),
+      experts_BxLxK.reshape(b * length, -1),
+      gates_BxLxK.reshape(b * length, -1),
+      w,
+      cfg.mlp,
+      first_expert,
+    )
     return y.reshape(b, length, d), jnp.ones((), jnp.float32)
 
 

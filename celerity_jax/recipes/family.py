@@ -8,18 +8,37 @@ sigma 8.67e-2, eta_base 1.62e-2, alpha_in 9.17, alpha_out 1.095. Celerity's own 
 not used because its base width and the other base values are unpublished. The base depth is 32
 (Celerity tuned eta at depth 32).
 """
+
 from __future__ import annotations
 
 import dataclasses
 
-from celerity_jax.config import (Config, MeshConfig, ModelConfig, OptimConfig, ParamConfig,
-                                 RunConfig, ScalingConfig, TrainConfig)
+from celerity_jax.config import (
+  Config,
+  MeshConfig,
+  ModelConfig,
+  OptimConfig,
+  ParamConfig,
+  RunConfig,
+  ScalingConfig,
+  TrainConfig,
+)
 
 
-def celerity(name: str, d_model: int, n_layers: int, d_head: int, tpp: float = 20.0,
-             vocab_size: int = 128_256, seq_len: int = 8192, dtype: str = "bfloat16",
-             d_base: int = 256, l_base: int = 32, remat: str = "none",
-             microbatch_rows: int = 0) -> Config:
+def celerity(
+  name: str,
+  d_model: int,
+  n_layers: int,
+  d_head: int,
+  tpp: float = 20.0,
+  vocab_size: int = 128_256,
+  seq_len: int = 8192,
+  dtype: str = "bfloat16",
+  d_base: int = 256,
+  l_base: int = 32,
+  remat: str = "none",
+  microbatch_rows: int = 0,
+) -> Config:
   """A Celerity member. `remat` and `microbatch_rows` (with FSDP over every device) are the layout
   a pod recipe ships for its slice; without rows the mesh is data parallel over the devices.
 
@@ -31,32 +50,59 @@ def celerity(name: str, d_model: int, n_layers: int, d_head: int, tpp: float = 2
   but at 90-95 GB per chip, many times the bytes between chips, and only on slice sizes that the
   tensor axis divides, so the recipes keep pure FSDP."""
   model = ModelConfig(
-      vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=d_model // d_head,
-      d_head=d_head, d_ff=8 * d_model, seq_len=seq_len, norm="layernorm", norm_eps=1e-5,
-      position="alibi", mlp="squared_relu", dtype=dtype, remat=remat)
+    vocab_size=vocab_size,
+    d_model=d_model,
+    n_layers=n_layers,
+    n_heads=d_model // d_head,
+    d_head=d_head,
+    d_ff=8 * d_model,
+    seq_len=seq_len,
+    norm="layernorm",
+    norm_eps=1e-5,
+    position="alibi",
+    mlp="squared_relu",
+    dtype=dtype,
+    remat=remat,
+  )
   layout = microbatch_rows > 0
   return Config(
-      model=model,
-      mesh=MeshConfig(data=1, fsdp=-1) if layout else MeshConfig(),
-      train=TrainConfig(microbatch_rows=microbatch_rows),
-      param=ParamConfig(kind="completep", d_base=d_base, l_base=l_base, sigma_base=8.67e-2,
-                        alpha_in=9.17, alpha_out=1.095),
-      scaling=ScalingConfig(tpp=tpp),
-      optim=OptimConfig(lr_base=1.62e-2, b1=0.9, b2=0.95, eps=1e-8, schedule="linear"),
-      run=RunConfig(dir=f"runs/{name}"))
+    model=model,
+    mesh=MeshConfig(data=1, fsdp=-1) if layout else MeshConfig(),
+    train=TrainConfig(microbatch_rows=microbatch_rows),
+    param=ParamConfig(
+      kind="completep",
+      d_base=d_base,
+      l_base=l_base,
+      sigma_base=8.67e-2,
+      alpha_in=9.17,
+      alpha_out=1.095,
+    ),
+    scaling=ScalingConfig(tpp=tpp),
+    optim=OptimConfig(lr_base=1.62e-2, b1=0.9, b2=0.95, eps=1e-8, schedule="linear"),
+    run=RunConfig(dir=f"runs/{name}"),
+  )
 
 
 def moe(cfg: Config, experts: int = 8, top_k: int = 2, aux_loss: float = 0.01) -> Config:
   """A mixture-of-experts member: every MLP becomes `experts` routed experts (learned top-k router,
-  dropless dispatch) of width d_ff / top_k, so the active parameters, and with them D = TPP x N_active
+  dropless dispatch) of width d_ff / top_k, so the active parameters, and with them D = TPP x
+  N_active
   and the FLOPs, equal the dense member's (plus the small router). The tau law and the collapse
   monitor then see the effective TPP = TPP * top_k / experts (scaling.effective_tpp). `aux_loss` is
   the load-balancing weight (Switch's 0.01 by default). The nano MoE recipes use 0.1: below the
   base width the router's readout multiplier d_base / d (4-16) makes routing sharp from the start,
   and at 0.01 one expert took 44% of celerity_moe_nano_2's tokens."""
   m = cfg.model
-  model = dataclasses.replace(m, experts=experts, top_k=top_k, router="topk", dispatch="dropless",
-                              expert_d_ff=m.d_ff // top_k, aux_loss=aux_loss, router_z_loss=0.001)
+  model = dataclasses.replace(
+    m,
+    experts=experts,
+    top_k=top_k,
+    router="topk",
+    dispatch="dropless",
+    expert_d_ff=m.d_ff // top_k,
+    aux_loss=aux_loss,
+    router_z_loss=0.001,
+  )
   return dataclasses.replace(cfg, model=model)
 
 
@@ -72,10 +118,21 @@ def nano(name: str, d_model: int) -> Config:
   collapse monitor aligns over t in [0.4, 0.6], not the paper's [0.25, 0.5]. A lower alpha_out
   trains better but breaks the collapse across these widths (README "Collapse experiment").
   """
-  cfg = celerity(name, d_model=d_model, n_layers=max(1, round(d_model / 32)), d_head=16, tpp=20.0,
-                 vocab_size=512, seq_len=128, dtype="float32", l_base=2)
-  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=20),
-                             checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=25),
-                             run=dataclasses.replace(cfg.run, log_every=1),
-                             collapse=dataclasses.replace(cfg.collapse, align_start=0.4,
-                                                          align_end=0.6))
+  cfg = celerity(
+    name,
+    d_model=d_model,
+    n_layers=max(1, round(d_model / 32)),
+    d_head=16,
+    tpp=20.0,
+    vocab_size=512,
+    seq_len=128,
+    dtype="float32",
+    l_base=2,
+  )
+  return dataclasses.replace(
+    cfg,
+    train=dataclasses.replace(cfg.train, eval_every=20),
+    checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=25),
+    run=dataclasses.replace(cfg.run, log_every=1),
+    collapse=dataclasses.replace(cfg.collapse, align_start=0.4, align_end=0.6),
+  )

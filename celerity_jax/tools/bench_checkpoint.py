@@ -1,11 +1,13 @@
 """Checkpoint benchmark: how long the training loop is blocked per async save, against step time.
 
-  python -m celerity_jax.tools.bench_checkpoint recipe=celerity_tiny [section.key=value ...] [--saves 5]
+  python -m celerity_jax.tools.bench_checkpoint recipe=celerity_tiny [section.key=value ...] \
+      [--saves 5]
 
 The blocked time is the duration of the `save()` call (device-to-host copy and dispatch; the write
 itself runs in the background), measured over --saves saves with the previous save finished first.
 Reported as a fraction of one step and amortized over checkpoint.every_steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +27,7 @@ def main(argv: list[str]) -> dict:
   args, rest = parser.parse_known_args(argv)
 
   import jax
+
   from celerity_jax.checkpoint import Checkpointer
   from celerity_jax.data.synthetic import placed_batches
   from celerity_jax.main import parse
@@ -61,10 +64,15 @@ def main(argv: list[str]) -> dict:
     ckpt.close()
   blocked_s = statistics.median(blocked)
   every = cfg.checkpoint.every_steps or 1
-  return {"n_params": resolved.n_params, "state_mb": round(state_mb, 1),
-          "step_s": round(step_s, 4), "blocked_s": round(blocked_s, 4),
-          "blocked_over_step": round(blocked_s / step_s, 4), "every_steps": every,
-          "blocked_over_step_amortized": round(blocked_s / (every * step_s), 5)}
+  return {
+    "n_params": resolved.n_params,
+    "state_mb": round(state_mb, 1),
+    "step_s": round(step_s, 4),
+    "blocked_s": round(blocked_s, 4),
+    "blocked_over_step": round(blocked_s / step_s, 4),
+    "every_steps": every,
+    "blocked_over_step_amortized": round(blocked_s / (every * step_s), 5),
+  }
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ run's pipeline (grain window batches, `data.threads` reader threads, tensorstore
 --steps batches; training throughput is the recipe's jitted step timed in the same process on the
 same batches, after compilation. Target: loader >= 20x training.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ def main(argv: list[str]) -> dict:
   args, rest = parser.parse_known_args(argv)
 
   import jax
+
   from celerity_jax import sharding
   from celerity_jax.data import corpus
   from celerity_jax.data.pipeline import WindowBatches, prefetch
@@ -38,20 +40,24 @@ def main(argv: list[str]) -> dict:
   megabytes = sum(f.stat().st_size for f in files) / 1e6
   with tempfile.TemporaryDirectory() as cache:
     t0 = time.perf_counter()
-    prepared = prepare(dataclasses.replace(cfg.data, cache_dir=cache), cfg.model.vocab_size,
-                       progress=False)
+    prepared = prepare(
+      dataclasses.replace(cfg.data, cache_dir=cache), cfg.model.vocab_size, progress=False
+    )
     build_s = time.perf_counter() - t0
     resolved = resolve(cfg, len(jax.devices()))
-    source = WindowBatches(prepared.train, cfg.model.seq_len, resolved.batch_seqs, 0,
-                           cfg.data.packing)
+    source = WindowBatches(
+      prepared.train, cfg.model.seq_len, resolved.batch_seqs, 0, cfg.data.packing
+    )
     t0 = time.perf_counter()
     batches = list(prefetch(source.batch, 0, args.steps, cfg.data.threads))
     loader_tps = args.steps * resolved.batch_tokens / (time.perf_counter() - t0)
 
     training = prepare_training(cfg, resolved)
     step, state = training.train_step, training.setup.init()
-    put = [sharding.place_batch(b, training.mesh, resolved.batch_seqs)
-           for b in batches[:args.train_steps + 1]]
+    put = [
+      sharding.place_batch(b, training.mesh, resolved.batch_seqs)
+      for b in batches[: args.train_steps + 1]
+    ]
     state, metrics = step(state, put[0])
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
@@ -59,11 +65,16 @@ def main(argv: list[str]) -> dict:
       state, metrics = step(state, b)
     jax.block_until_ready(metrics)
     train_tps = args.train_steps * resolved.batch_tokens / (time.perf_counter() - t0)
-  return {"corpus_mb": round(megabytes, 1), "build_s": round(build_s, 1),
-          "tokenize_mb_per_s": round(megabytes / build_s, 2),
-          "train_tokens": prepared.train.n_tokens, "threads": cfg.data.threads,
-          "loader_tokens_per_s": round(loader_tps), "train_tokens_per_s": round(train_tps),
-          "loader_over_train": round(loader_tps / train_tps, 1)}
+  return {
+    "corpus_mb": round(megabytes, 1),
+    "build_s": round(build_s, 1),
+    "tokenize_mb_per_s": round(megabytes / build_s, 2),
+    "train_tokens": prepared.train.n_tokens,
+    "threads": cfg.data.threads,
+    "loader_tokens_per_s": round(loader_tps),
+    "train_tokens_per_s": round(train_tps),
+    "loader_over_train": round(loader_tps / train_tps, 1),
+  }
 
 
 if __name__ == "__main__":

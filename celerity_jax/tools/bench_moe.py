@@ -1,7 +1,8 @@
 """MoE step-time benchmark: a mixture-of-experts recipe against the dense model with the same active
 parameters, both dispatch modes, timed in interleaved rounds in one process.
 
-  python -m celerity_jax.tools.bench_moe recipe=celerity_moe_nano_4 [section.key=value ...] [--steps 3]
+  python -m celerity_jax.tools.bench_moe recipe=celerity_moe_nano_4 [section.key=value ...] \
+      [--steps 3]
       [--rounds 5] [--peak-tflops 989]
 
 The dense twin is the recipe with model.experts=0 and d_ff = top_k x expert width, so its active
@@ -9,21 +10,26 @@ parameters equal the MoE's minus the router, and D, B and T match. MFU counts ac
 (6 N_active + causal attention, as bench_step) against the measured matmul ceiling or the given chip
 peak. Ratios are medians of per-round step times.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 
 import jax
+
 from celerity_jax.config import ConfigError
 from celerity_jax.main import ArgumentParser, run_cli
 
 
 def variants(cfg) -> dict:
   from celerity_jax.config import apply_overrides, validate
+
   m = cfg.model
   if not m.experts:
-    raise ConfigError("celerity_jax.tools.bench_moe: the recipe has model.experts=0; give an MoE recipe")
+    raise ConfigError(
+      "celerity_jax.tools.bench_moe: the recipe has model.experts=0; give an MoE recipe"
+    )
   width = m.top_k * (m.expert_d_ff or m.d_ff)
   out = {"dense": validate(apply_overrides(cfg, ["model.experts=0", f"model.d_ff={width}"]))}
   for dispatch in ("dropless", "capacity"):
@@ -44,8 +50,8 @@ def bench(argv: list[str]) -> dict:
   from celerity_jax.data.synthetic import placed_batches
   from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
-  from celerity_jax.train.step import prepare_training
   from celerity_jax.tools.bench_step import interleaved_step_times, matmul_ceiling
+  from celerity_jax.train.step import prepare_training
 
   cfg, _ = parse(rest)
   runs = {}
@@ -53,21 +59,37 @@ def bench(argv: list[str]) -> dict:
     resolved = resolve(variant, jax.device_count())
     training = prepare_training(variant, resolved)
     [batch] = placed_batches(variant, resolved, training.mesh)
-    runs[name] = {"step": training.train_step, "state": training.setup.init(), "batch": batch,
-                  "resolved": resolved}
+    runs[name] = {
+      "step": training.train_step,
+      "state": training.setup.init(),
+      "batch": batch,
+      "resolved": resolved,
+    }
   step_s = interleaved_step_times(runs, args.steps, args.rounds)
-  ceiling = (args.peak_tflops * 1e12 if args.peak_tflops
-             else matmul_ceiling(args.ceiling_n, jnp.dtype(cfg.model.dtype)))
+  ceiling = (
+    args.peak_tflops * 1e12
+    if args.peak_tflops
+    else matmul_ceiling(args.ceiling_n, jnp.dtype(cfg.model.dtype))
+  )
   dense_s = step_s["dense"]
-  out = {"backend": jax.default_backend(), "devices": len(jax.devices()),
-         "ceiling": "chip peak" if args.peak_tflops else f"measured {args.ceiling_n}^3 matmul",
-         "experts": cfg.model.experts, "top_k": cfg.model.top_k}
+  out = {
+    "backend": jax.default_backend(),
+    "devices": len(jax.devices()),
+    "ceiling": "chip peak" if args.peak_tflops else f"measured {args.ceiling_n}^3 matmul",
+    "experts": cfg.model.experts,
+    "top_k": cfg.model.top_k,
+  }
   for name, run in runs.items():
     r, s = run["resolved"], step_s[name]
-    out[name] = {"n_params": r.n_params, "n_active": r.n_active,
-                 "batch_tokens": r.batch_tokens, "flops_per_token": r.flops_per_token,
-                 "step_s": round(s, 4), "step_ratio_vs_dense": round(s / dense_s, 3),
-                 "mfu": round(r.batch_tokens / s * r.flops_per_token / ceiling, 4)}
+    out[name] = {
+      "n_params": r.n_params,
+      "n_active": r.n_active,
+      "batch_tokens": r.batch_tokens,
+      "flops_per_token": r.flops_per_token,
+      "step_s": round(s, 4),
+      "step_ratio_vs_dense": round(s / dense_s, 3),
+      "mfu": round(r.batch_tokens / s * r.flops_per_token / ceiling, 4),
+    }
   return out
 
 

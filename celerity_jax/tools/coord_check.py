@@ -1,6 +1,7 @@
 """Coordinate check: do activations and their updates stay O(1) as width and depth grow?
 
-  python -m celerity_jax.tools.coord_check [--steps 4] [--widths 1,2,4,8] [--depths 1,2,4] [--out coord.png]
+  python -m celerity_jax.tools.coord_check [--steps 4] [--widths 1,2,4,8] [--depths 1,2,4]
+      [--out coord.png]
 
 Trains a base model (d_model 32, 2 layers, 16-dim heads, d_ff 8 d_model) scaled in width by each
 multiplier (d_base 32, so m_N = multiplier) and in depth (l_base 2), under CompleteP and under
@@ -10,6 +11,7 @@ initialization and after --steps steps, and the RMS of its change (the update's 
 CompleteP the curves stay flat across width and depth; under SP they drift. Writes a PNG and
 prints JSON with the per-width spread (max / min of the last layer's change RMS).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,12 +33,29 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
   from celerity_jax.train.step import prepare_training
 
   d = 32 * width
-  cfg = validate(apply_overrides(recipes.load("celerity_nano_1"), [
-      f"param.kind={kind}", "param.d_base=32", "param.l_base=2", f"model.d_model={d}",
-      f"model.n_heads={d // 16}", "model.d_head=16", f"model.d_ff={8 * d}",
-      f"model.n_layers={2 * depth}", "model.vocab_size=256", "model.seq_len=64",
-      "train.batch_size=16", "optim.schedule=constant", "scaling.warmup_frac=0",
-      "optim.weight_decay=0", f"optim.lr_base={lr_base}", "data.corpus=synthetic"]))
+  cfg = validate(
+    apply_overrides(
+      recipes.load("celerity_nano_1"),
+      [
+        f"param.kind={kind}",
+        "param.d_base=32",
+        "param.l_base=2",
+        f"model.d_model={d}",
+        f"model.n_heads={d // 16}",
+        "model.d_head=16",
+        f"model.d_ff={8 * d}",
+        f"model.n_layers={2 * depth}",
+        "model.vocab_size=256",
+        "model.seq_len=64",
+        "train.batch_size=16",
+        "optim.schedule=constant",
+        "scaling.warmup_frac=0",
+        "optim.weight_decay=0",
+        f"optim.lr_base={lr_base}",
+        "data.corpus=synthetic",
+      ],
+    )
+  )
   training = prepare_training(cfg, resolve(cfg, 1), jax.devices()[:1])
   setup, step = training.setup, training.train_step
   state = setup.init()
@@ -49,11 +68,17 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
     state, _ = step(state, batch)
   h = stream(state.params)
 
-  def rms(x):                                  # per layer, over batch, positions and width
+  def rms(x):  # per layer, over batch, positions and width
     return jnp.sqrt(jnp.mean(jnp.square(x), axis=(1, 2, 3))).tolist()
 
-  return {"kind": kind, "width": width, "depth": depth, "rms_init": rms(h0), "rms": rms(h),
-          "delta": rms(h - h0)}
+  return {
+    "kind": kind,
+    "width": width,
+    "depth": depth,
+    "rms_init": rms(h0),
+    "rms": rms(h),
+    "delta": rms(h - h0),
+  }
 
 
 def spread(results: list[dict], kind: str, axis: str) -> float:
@@ -64,22 +89,27 @@ def spread(results: list[dict], kind: str, axis: str) -> float:
 
 def plot(results: list[dict], path: str):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
   for row, kind in enumerate(("completep", "sp")):
     for col, axis in enumerate(("width", "depth")):
       ax = axes[row, col]
-      runs = sorted((r for r in results if r["kind"] == kind and r["sweep"] == axis),
-                    key=lambda r: r[axis])
+      runs = sorted(
+        (r for r in results if r["kind"] == kind and r["sweep"] == axis), key=lambda r: r[axis]
+      )
       xs = [r[axis] for r in runs]
       ax.plot(xs, [r["delta"][-1] for r in runs], "o-", label="last layer: change after training")
       ax.plot(xs, [r["delta"][0] for r in runs], "s--", label="first layer: change")
       ax.plot(xs, [r["rms"][-1] for r in runs], "^:", label="last layer: RMS")
       ax.set_xscale("log", base=2)
       ax.set_yscale("log")
-      ax.set_title(f"{'CompleteP' if kind == 'completep' else 'standard param.'}: {axis} x"
-                   f" (spread {spread(results, kind, axis):.2f})")
+      ax.set_title(
+        f"{'CompleteP' if kind == 'completep' else 'standard param.'}: {axis} x"
+        f" (spread {spread(results, kind, axis):.2f})"
+      )
       ax.set_xlabel(f"{axis} multiplier")
       ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
@@ -116,9 +146,16 @@ def main(argv: list[str]):
   args = parser.parse_args(argv)
   results = run(_counts("--widths", args.widths), _counts("--depths", args.depths), args.steps)
   plot(results, args.out)
-  print(json.dumps({f"{kind}_{axis}_spread": round(spread(results, kind, axis), 3)
-                    for kind in ("completep", "sp") for axis in ("width", "depth")}
-                   | {"png": args.out}))
+  print(
+    json.dumps(
+      {
+        f"{kind}_{axis}_spread": round(spread(results, kind, axis), 3)
+        for kind in ("completep", "sp")
+        for axis in ("width", "depth")
+      }
+      | {"png": args.out}
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ RUN_DIR and --out may be local paths or gs:// URLs. Keys are parameter paths (`b
 `numpy.load("params.npz")`. Without --step the newest usable checkpoint is exported (damaged ones
 are skipped with a warning); `params.config.json` is that checkpoint's own resolved config.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,6 +25,7 @@ def export(run_dir, step: int | None, out) -> dict:
   """Writes the params of `step` (default: the newest usable checkpoint, falling back past
   damaged ones with a warning) and the config they were trained with."""
   from celerity_jax.checkpoint import Checkpointer, leaf_paths
+
   run_dir, out = storage.location(run_dir), storage.location(out)
   if not (run_dir / "checkpoints").exists():
     raise ConfigError(f"export: {run_dir} has no checkpoints directory (is it a run.dir?)")
@@ -31,11 +33,14 @@ def export(run_dir, step: int | None, out) -> dict:
   try:
     steps = ckpt.steps()
     if step is not None and step not in steps:
-      raise ConfigError(f"export --step {step}: no complete checkpoint at that step in "
-                        f"{run_dir}/checkpoints; complete steps: "
-                        f"{', '.join(map(str, sorted(steps))) or 'none'}")
-    found = ckpt.first_usable(lambda s: (ckpt.restore(s), ckpt.meta(s)),
-                              [step] if step is not None else steps)
+      raise ConfigError(
+        f"export --step {step}: no complete checkpoint at that step in "
+        f"{run_dir}/checkpoints; complete steps: "
+        f"{', '.join(map(str, sorted(steps))) or 'none'}"
+      )
+    found = ckpt.first_usable(
+      lambda s: (ckpt.restore(s), ckpt.meta(s)), [step] if step is not None else steps
+    )
     if found is None:
       raise ConfigError(f"export: no complete checkpoint in {run_dir}/checkpoints")
   finally:
@@ -45,19 +50,25 @@ def export(run_dir, step: int | None, out) -> dict:
   arrays = {path: np.asarray(leaf) for path, leaf in leaf_paths(params)}
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  config = json.dumps(meta["described"], indent=2) + "\n"   # the checkpoint's own settings
+  config = json.dumps(meta["described"], indent=2) + "\n"  # the checkpoint's own settings
   try:
     storage.make_dir(out.parent)
     storage.write_atomic(out, buffer.getvalue())
     storage.write_atomic(out.with_name(out.stem + ".config.json"), config)
   except OSError as e:
     raise ConfigError(f"export --out {out}: cannot write ({e.strerror or e})") from None
-  return {"step": int(step), "out": str(out), "n_arrays": len(arrays),
-          "n_params": int(sum(a.size for a in arrays.values()))}
+  return {
+    "step": int(step),
+    "out": str(out),
+    "n_arrays": len(arrays),
+    "n_params": int(sum(a.size for a in arrays.values())),
+  }
 
 
 def main(argv):
-  parser = ArgumentParser(prog="python -m celerity_jax.tools.export", description=__doc__.splitlines()[0])
+  parser = ArgumentParser(
+    prog="python -m celerity_jax.tools.export", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("run_dir")
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--out", default=None)

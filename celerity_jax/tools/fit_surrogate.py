@@ -1,11 +1,15 @@
 """Fit the loss-curve surrogate's four constants to finished runs and write them as JSON.
 
-  python -m celerity_jax.tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] [--holdout RUN_DIR ...]
+  python -m celerity_jax.tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] \
+      [--holdout RUN_DIR ...]
 
-The fit is the alternating grid search of SCIENCE.md section 8 (celerity_jax.collapse.surrogate.fit);
+The fit is the alternating grid search of SCIENCE.md section 8
+(celerity_jax.collapse.surrogate.fit);
 --holdout runs are not fitted but their MAE is reported. The package's shipped constants come from
-`python -m celerity_jax.tools.collapse_experiment --write-constants`, which fits every run of that experiment.
+`python -m celerity_jax.tools.collapse_experiment --write-constants`, which fits every run of that
+experiment.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,14 +29,19 @@ def main(argv=None):
   fitted = [load_run(r, require_finished=True) for r in args.runs]
   held = [load_run(r, require_finished=True) for r in args.holdout]
   if len({(c.tau, c.tpp) for c in fitted}) < 2:
-    print("warning: every run has the same (tau, TPP); b and q are then not separately "
-          "identifiable", file=sys.stderr)
+    print(
+      "warning: every run has the same (tau, TPP); b and q are then not separately identifiable",
+      file=sys.stderr,
+    )
   constants, objective = surrogate.fit(fitted)
-  report = {"fit_mae": objective, "runs": args.runs,
-            "mae": {c.name: surrogate.mae(c, constants) for c in fitted},
-            "holdout_mae": {c.name: surrogate.mae(c, constants) for c in held},
-            "command": "python -m celerity_jax.tools.fit_surrogate " + " ".join(sys.argv[1:] if argv is None
-                                                                  else argv)}
+  report = {
+    "fit_mae": objective,
+    "runs": args.runs,
+    "mae": {c.name: surrogate.mae(c, constants) for c in fitted},
+    "holdout_mae": {c.name: surrogate.mae(c, constants) for c in held},
+    "command": "python -m celerity_jax.tools.fit_surrogate "
+    + " ".join(sys.argv[1:] if argv is None else argv),
+  }
   surrogate.save_constants(args.out, constants, report)
   print(json.dumps({"constants": constants._asdict(), **report}, indent=2))
 

@@ -8,21 +8,42 @@ not have that form counts once. Bytes are the size of the collective's result on
 `traffic` is what a ring algorithm moves through one device's links for it, the figure the
 step-time bound divides by ICI bandwidth.
 """
+
 from __future__ import annotations
 
 import re
 from collections import defaultdict
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-               "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+}
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([\d,]*)\]")
-_CALLS = re.compile(r"\b(body|condition|to_apply|calls|branch_computations|"
-                    r"true_computation|false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))")
+_CALLS = re.compile(
+  r"\b(body|condition|to_apply|calls|branch_computations|"
+  r"true_computation|false_computation)=(?:\{([^}]*)\}|%?([\w.\-]+))"
+)
 _INT_CONSTANT = re.compile(r"\bs32\[\][^=]*\bconstant\((\d+)\)")
 
 
@@ -38,7 +59,7 @@ def _bytes(shape_text: str) -> float:
 
 def _group_size(rest: str, n_devices: int) -> int:
   mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
-  if mesh:                              # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}: the named axes
+  if mesh:  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}: the named axes
     sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
     size = 1
     for axis in re.findall(r"'([^']+)'", mesh.group(2)):
@@ -50,7 +71,7 @@ def _group_size(rest: str, n_devices: int) -> int:
   groups = re.search(r"replica_groups=\{\{([\d,]*)\}", rest)
   if groups and groups.group(1):
     return len(groups.group(1).split(","))
-  return n_devices                                 # empty groups: every device
+  return n_devices  # empty groups: every device
 
 
 def _computations(hlo_text: str) -> tuple[dict, str | None]:
@@ -79,24 +100,32 @@ def _trip_count(condition_lines: list[str]) -> int:
 def collectives(hlo_text: str, n_devices: int) -> dict:
   """{kind: {"count", "bytes", "traffic"}} per step, loops unrolled by their trip counts."""
   bodies, entry = _computations(hlo_text)
-  found = defaultdict(list)                       # computation -> [(kind, bytes, group)]
-  calls = defaultdict(list)                       # computation -> [(callee, times)]
+  found = defaultdict(list)  # computation -> [(kind, bytes, group)]
+  calls = defaultdict(list)  # computation -> [(callee, times)]
   for name, lines in bodies.items():
     for line in lines:
       match = _INSTRUCTION.match(line)
       if not match:
         continue
       shape, op, rest = match.groups()
-      base = op[:-len("-start")] if op.endswith("-start") else op
+      base = op[: -len("-start")] if op.endswith("-start") else op
       if base in KINDS:
         # an async `-start` returns a tuple (operand, result, ...): its largest array is the result
-        size = (max((_bytes(f"{d}[{dims}]") for d, dims in _ARRAY.findall(shape)), default=0.0)
-                if op != base else _bytes(shape))
+        size = (
+          max((_bytes(f"{d}[{dims}]") for d, dims in _ARRAY.findall(shape)), default=0.0)
+          if op != base
+          else _bytes(shape)
+        )
         found[name].append((base, size, _group_size(rest, n_devices)))
-      called = {role: [c.strip().lstrip("%") for c in (listed or single).split(",")]
-                for role, listed, single in _CALLS.findall(rest)}
-      trips = (_trip_count(bodies.get(called["condition"][0], []))
-               if op == "while" and "condition" in called else 1)
+      called = {
+        role: [c.strip().lstrip("%") for c in (listed or single).split(",")]
+        for role, listed, single in _CALLS.findall(rest)
+      }
+      trips = (
+        _trip_count(bodies.get(called["condition"][0], []))
+        if op == "while" and "condition" in called
+        else 1
+      )
       for role, callees in called.items():
         for callee in callees:
           calls[name].append((callee, trips if role == "body" else 1))
@@ -130,9 +159,9 @@ def _ring_traffic(kind: str, result_bytes: float, group: int) -> float:
   if kind == "all-gather":
     return result_bytes * share
   if kind == "reduce-scatter":
-    return result_bytes * (group - 1)             # the input is `group` results
+    return result_bytes * (group - 1)  # the input is `group` results
   if kind == "all-reduce":
     return 2 * result_bytes * share
   if kind == "all-to-all":
     return result_bytes * share
-  return result_bytes                              # collective-permute: one send
+  return result_bytes  # collective-permute: one send

@@ -12,10 +12,13 @@ family also shows its active parameters and effective TPP (what sets tau).
 
 Each member shows the slice its recipe is made for (the recipe's SLICE, or --topology) and its
 layout: the mesh axes, remat and sequences per device per microbatch; B and T are resolved on that
-slice's chips (on one device for a member without a slice). `--check-fit` compiles each member's train
-step for that slice (or for --topology) with celerity_jax.tools.aot and adds whether it fits, with the peak
+slice's chips (on one device for a member without a slice). `--check-fit` compiles each member's
+train
+step for that slice (or for --topology) with celerity_jax.tools.aot and adds whether it fits, with
+the peak
 bytes per chip; this needs libtpu and takes a minute or more per large member.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,20 +44,25 @@ def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
   parser.add_argument("--chips", type=int, default=64)
   parser.add_argument("--mfu", type=float, default=0.4)
   parser.add_argument("--json", action="store_true")
-  parser.add_argument("--check-fit", action="store_true",
-                      help="compile each member for its slice (celerity_jax.tools.aot) and say if it fits")
-  parser.add_argument("--topology", default=None,
-                      help="with --check-fit: this slice for every member instead of the recipe's")
+  parser.add_argument(
+    "--check-fit",
+    action="store_true",
+    help="compile each member for its slice (celerity_jax.tools.aot) and say if it fits",
+  )
+  parser.add_argument(
+    "--topology",
+    default=None,
+    help="with --check-fit: this slice for every member instead of the recipe's",
+  )
   args, rest = parser.parse_known_args(argv)
 
-  from celerity_jax import recipes
-  from celerity_jax import scaling
+  from celerity_jax import recipes, scaling
   from celerity_jax.config import ConfigError, apply_overrides, validate
   from celerity_jax.main import parse, recipe_name
   from celerity_jax.resolve import resolve
   from celerity_jax.tools import tpu_chips
 
-  cfg, _ = parse(rest)                                  # validates the recipe and overrides
+  cfg, _ = parse(rest)  # validates the recipe and overrides
   if args.chips < 1 or not 0 < args.mfu <= 1:
     raise ConfigError(f"--chips {args.chips} must be >= 1 and --mfu {args.mfu} in (0, 1]")
   name = recipe_name(rest)
@@ -71,14 +79,29 @@ def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
       raise ConfigError(str(e)) from None
     r = resolve(member_cfg, n_devices=chips)
     flops = scaling.flops_per_token(member_cfg.model, causal=False, all_params=True) * r.tokens
-    rows.append({"recipe": member, "N": r.n_params, "N_active": r.n_active, "D": r.tokens,
-                 "TPP": r.tpp, "TPP_eff": r.tpp_effective,
-                 "B_seqs": r.batch_seqs, "B_tokens": r.batch_tokens, "T": r.steps,
-                 "warmup": r.warmup_steps, "eta_hidden": r.eta_hidden,
-                 "eta_embed": r.lr_peak["embed"], "lambda": r.weight_decay, "tau": r.tau,
-                 "flops": flops, "hours": flops / peak / 3600,
-                 "slice": target,
-                 "layout": layout(member_cfg), "fit": None})
+    rows.append(
+      {
+        "recipe": member,
+        "N": r.n_params,
+        "N_active": r.n_active,
+        "D": r.tokens,
+        "TPP": r.tpp,
+        "TPP_eff": r.tpp_effective,
+        "B_seqs": r.batch_seqs,
+        "B_tokens": r.batch_tokens,
+        "T": r.steps,
+        "warmup": r.warmup_steps,
+        "eta_hidden": r.eta_hidden,
+        "eta_embed": r.lr_peak["embed"],
+        "lambda": r.weight_decay,
+        "tau": r.tau,
+        "flops": flops,
+        "hours": flops / peak / 3600,
+        "slice": target,
+        "layout": layout(member_cfg),
+        "fit": None,
+      }
+    )
     if args.check_fit and rows[-1]["slice"]:
       rows[-1]["fit"] = check_fit(member_cfg, rows[-1]["slice"])
   del cfg
@@ -97,33 +120,51 @@ def layout(cfg) -> str:
 def check_fit(cfg, slice_name: str) -> dict:
   """celerity_jax.tools.aot's verdict for cfg on a slice: fits, peak and HBM bytes per chip."""
   from celerity_jax.tools import aot, tpu_chips
+
   rep = aot.report(cfg, tpu_chips.resolve_topology(slice_name))
   m = rep["memory"]
-  return {"fits": m["fits"], "peak_bytes": m.get("peak_bytes") or m.get("needed_bytes"),
-          "hbm_bytes": m["hbm_bytes"], "batch_seqs": rep["recipe_shape"]["batch_seqs"]}
+  return {
+    "fits": m["fits"],
+    "peak_bytes": m.get("peak_bytes") or m.get("needed_bytes"),
+    "hbm_bytes": m["hbm_bytes"],
+    "batch_seqs": rep["recipe_shape"]["batch_seqs"],
+  }
 
 
 def table(rows: list[dict], args) -> str:
   from celerity_jax.scaling import fmt_count
+
   moe = any(r["N_active"] != r["N"] for r in rows)
-  head = (f"{'recipe':<20}{'N':>8}" + (f"{'N act':>8}" if moe else "") + f"{'D':>8}{'TPP':>6}"
-          + (f"{'TPPeff':>7}" if moe else "") + f"{'B seq':>7}{'B tok':>8}{'T':>8}{'warm':>6}"
-          f"{'eta_h':>9}{'eta_emb':>9}{'lambda':>8}{'tau':>7}{'FLOPs':>10}{'hours':>9}")
+  head = (
+    f"{'recipe':<20}{'N':>8}"
+    + (f"{'N act':>8}" if moe else "")
+    + f"{'D':>8}{'TPP':>6}"
+    + (f"{'TPPeff':>7}" if moe else "")
+    + f"{'B seq':>7}{'B tok':>8}{'T':>8}{'warm':>6}"
+    f"{'eta_h':>9}{'eta_emb':>9}{'lambda':>8}{'tau':>7}{'FLOPs':>10}{'hours':>9}"
+  )
   lines = [f"wall time on {args.chips} x {args.accelerator} at MFU {args.mfu:g}", head]
   for r in rows:
-    lines.append(f"{r['recipe']:<20}{fmt_count(r['N']):>8}"
-                 + (f"{fmt_count(r['N_active']):>8}" if moe else "")
-                 + f"{fmt_count(r['D']):>8}{r['TPP']:>6g}"
-                 + (f"{r['TPP_eff']:>7.3g}" if moe else "")
-                 + f"{r['B_seqs']:>7}{fmt_count(r['B_tokens']):>8}{r['T']:>8,}{r['warmup']:>6}"
-                 f"{r['eta_hidden']:>9.2e}{r['eta_embed']:>9.2e}{r['lambda']:>8.3g}"
-                 f"{r['tau']:>7.3f}{r['flops']:>10.3g}{r['hours']:>9.3g}")
+    lines.append(
+      f"{r['recipe']:<20}{fmt_count(r['N']):>8}"
+      + (f"{fmt_count(r['N_active']):>8}" if moe else "")
+      + f"{fmt_count(r['D']):>8}{r['TPP']:>6g}"
+      + (f"{r['TPP_eff']:>7.3g}" if moe else "")
+      + f"{r['B_seqs']:>7}{fmt_count(r['B_tokens']):>8}{r['T']:>8,}{r['warmup']:>6}"
+      f"{r['eta_hidden']:>9.2e}{r['eta_embed']:>9.2e}{r['lambda']:>8.3g}"
+      f"{r['tau']:>7.3f}{r['flops']:>10.3g}{r['hours']:>9.3g}"
+    )
   lines.append(f"\n{'recipe':<20}{'slice':<14}{'layout':<42}fits (peak / HBM per chip, B on it)")
   for r in rows:
     fit = r["fit"]
-    verdict = ("not checked (--check-fit)" if fit is None and r["slice"] else "" if fit is None
-               else f"{'yes' if fit['fits'] else 'NO'}: {fit['peak_bytes'] / 1e9:.1f} / "
-               f"{fit['hbm_bytes'] / 1e9:.1f} GB, B = {fit['batch_seqs']}")
+    verdict = (
+      "not checked (--check-fit)"
+      if fit is None and r["slice"]
+      else ""
+      if fit is None
+      else f"{'yes' if fit['fits'] else 'NO'}: {fit['peak_bytes'] / 1e9:.1f} / "
+      f"{fit['hbm_bytes'] / 1e9:.1f} GB, B = {fit['batch_seqs']}"
+    )
     lines.append(f"{r['recipe']:<20}{r['slice'] or 'any':<14}{r['layout']:<42}{verdict}")
   return "\n".join(lines)
 
@@ -132,6 +173,7 @@ def main(argv: list[str]) -> int:
   def show():
     rows, args = plan(argv)
     print(json.dumps(rows, indent=2) if args.json else table(rows, args))
+
   return run_cli(show)
 
 

@@ -1,12 +1,13 @@
 """Collapse plots: raw curves, normalized curves against t = step/T, residuals against a reference,
 the spread Delta(t) across sizes and the seed noise sigma(t).
 
-  python -m celerity_jax.tools.plot_collapse RUN_DIR [RUN_DIR ...] [--reference surrogate|none|RUN_DIR]
-                                [--out collapse.png]
+  python -m celerity_jax.tools.plot_collapse RUN_DIR [RUN_DIR ...]
+      [--reference surrogate|none|RUN_DIR] [--out collapse.png]
 
 Runs with the same parameter count are seeds of one size: Delta(t) uses the lowest seed of each
 size, sigma(t) every size with two or more seeds. Unfinished runs are skipped (they have no L(T)).
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,11 +20,12 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from celerity_jax.collapse import curves as curves_lib, predict  # noqa: E402
+from celerity_jax.collapse import curves as curves_lib  # noqa: E402
+from celerity_jax.collapse import predict
 from celerity_jax.collapse.curves import Curve  # noqa: E402
-from celerity_jax.scaling import fmt_count  # noqa: E402
 from celerity_jax.config import ConfigError
 from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.scaling import fmt_count  # noqa: E402
 
 GRID = np.linspace(0.2, 1.0, 81)
 
@@ -39,8 +41,9 @@ def reference_curve(curve: Curve, reference) -> np.ndarray | None:
   """The reference's normalized curve at `curve`'s points: a Curve, "surrogate" or None."""
   if reference is None or reference == "none":
     return None
-  return predict.reference_at(curve, curve.t_hat,
-                              reference=reference if isinstance(reference, Curve) else None)
+  return predict.reference_at(
+    curve, curve.t_hat, reference=reference if isinstance(reference, Curve) else None
+  )
 
 
 def plot(families: dict[str, list[Curve]], out, reference=None, title: str = "") -> Path:
@@ -60,22 +63,32 @@ def plot(families: dict[str, list[Curve]], out, reference=None, title: str = "")
         ref = reference_curve(c, reference)
         if ref is not None:
           row[2].plot(c.t_hat, c.normalized() - ref, **style)
-    row[0].set(xlabel="step", ylabel="training loss (raw, smoothed)", yscale="log",
-               title=f"{name}: raw curves")
-    row[1].set(xlabel="t = step / T", ylabel="L(t) / L(T)", ylim=(0.95, 1.8),
-               title=f"{name}: normalized")
+    row[0].set(
+      xlabel="step",
+      ylabel="training loss (raw, smoothed)",
+      yscale="log",
+      title=f"{name}: raw curves",
+    )
+    row[1].set(
+      xlabel="t = step / T", ylabel="L(t) / L(T)", ylim=(0.95, 1.8), title=f"{name}: normalized"
+    )
     row[1].legend(fontsize=7)
     ref_name = (reference.name if isinstance(reference, Curve) else reference) or "none"
     row[2].axhline(0, color="k", lw=0.6)
-    row[2].set(xlabel="t", ylabel="residual", xlim=(0, 1),
-               title=f"{name}: residual vs reference ({ref_name})")
+    row[2].set(
+      xlabel="t",
+      ylabel="residual",
+      xlim=(0, 1),
+      title=f"{name}: residual vs reference ({ref_name})",
+    )
     firsts = [m[0] for m in groups.values()]
     if len(firsts) > 1:
       row[3].plot(GRID, curves_lib.spread(firsts, GRID), label="Delta(t) across sizes", color="C0")
     seeded = [m for m in groups.values() if len(m) > 1]
     if seeded:
-      row[3].plot(GRID, curves_lib.seed_noise(seeded, GRID), label="sigma(t) across seeds",
-                  color="C3")
+      row[3].plot(
+        GRID, curves_lib.seed_noise(seeded, GRID), label="sigma(t) across seeds", color="C3"
+      )
     row[3].set(xlabel="t", ylabel="std of L(t)/L(T)", yscale="log", title=f"{name}: spread")
     row[3].legend(fontsize=8)
   if title:

@@ -7,12 +7,14 @@ step late, so no process waits for it, and every process reads the same value an
 the same step. (Halts on non-finite losses or a collapse alert need no vote: they follow from the
 step's metrics, which are replicated, so every process already sees the same values.)
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
 
@@ -21,19 +23,20 @@ SAVE = 2
 
 
 class Agreement:
-
   def __init__(self, mesh: Mesh):
-    self._sharding = NamedSharding(mesh, P(sharding.MESH_AXES))   # one element per device
+    self._sharding = NamedSharding(mesh, P(sharding.MESH_AXES))  # one element per device
     self._shape = (mesh.devices.size,)
     self._local = len(mesh.local_devices)
     self._votes: dict[int, jax.Array] = {}
-    self._reduce = jax.jit(lambda v: jnp.max(v & STOP) | jnp.max(v & SAVE),
-                           out_shardings=NamedSharding(mesh, P()))
+    self._reduce = jax.jit(
+      lambda v: jnp.max(v & STOP) | jnp.max(v & SAVE), out_shardings=NamedSharding(mesh, P())
+    )
 
   def vote(self, flags: int) -> jax.Array:
     """Dispatches the OR of every process's `flags` (STOP | SAVE bits); returns it unfetched."""
-    if flags not in self._votes:   # inputs are never donated, so each one can be reused
+    if flags not in self._votes:  # inputs are never donated, so each one can be reused
       local = np.full((self._local,), flags, np.int32)
-      self._votes[flags] = jax.make_array_from_process_local_data(self._sharding, local,
-                                                                  self._shape)
+      self._votes[flags] = jax.make_array_from_process_local_data(
+        self._sharding, local, self._shape
+      )
     return self._reduce(self._votes[flags])

@@ -6,6 +6,7 @@ and the jitted step, opens the data, restores the newest usable checkpoint, and 
 so the host never waits on the device it is feeding. The same command with the same run.dir
 resumes from the latest complete checkpoint and continues bit-identically.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,6 @@ from celerity_jax.data.sources import make_sources
 from celerity_jax.metrics import MetricsWriter, Throughput, keep_rows_until, progress_bar
 from celerity_jax.resolve import describe, resolve
 from celerity_jax.train import control, events, signals
-from celerity_jax.train.events import RunHalted  # noqa: F401  (the loop's error, re-exported)
 from celerity_jax.train.state import abstract_state
 from celerity_jax.train.step import Training, make_eval_step, prepare_training
 
@@ -33,6 +33,7 @@ from celerity_jax.train.step import Training, make_eval_step, prepare_training
 @dataclass(frozen=True)
 class Outputs:
   """Where a run writes: its directory, the metrics writer (process 0 only), the checkpoints."""
+
   run_dir: object
   writer: MetricsWriter
   ckpt: ckpt_lib.Checkpointer
@@ -41,7 +42,7 @@ class Outputs:
 def run(cfg) -> dict:
   """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
   run_dir = storage.location(cfg.run.dir)
-  storage.check_writable(run_dir, "run.dir")        # before any compile: a typo fails at once
+  storage.check_writable(run_dir, "run.dir")  # before any compile: a typo fails at once
   kept = None if cfg.train.batch_size else ckpt_lib.saved_batch(run_dir / "checkpoints")
   training = prepare_training(cfg, resolve(cfg, jax.device_count(), kept_batch=kept))
   resolved, mesh = training.resolved, training.mesh
@@ -64,10 +65,13 @@ def run(cfg) -> dict:
     else:
       step, state, meta, changes = restored
       restarts = meta["restarts"] + 1
-      writer.row({"event": "restart", "step": step, "restarts": restarts,
-                  "config_changes": changes})
-      _say(f"celerity_jax: resumed from step {step} (restart {restarts})"
-           + (f"; changed settings: {', '.join(changes)}" if changes else ""))
+      writer.row(
+        {"event": "restart", "step": step, "restarts": restarts, "config_changes": changes}
+      )
+      _say(
+        f"celerity_jax: resumed from step {step} (restart {restarts})"
+        + (f"; changed settings: {', '.join(changes)}" if changes else "")
+      )
     loop = Loop(cfg, training, described, Outputs(run_dir, writer, ckpt), restarts, evaluate)
     return loop.train(state, train_data)
   finally:
@@ -83,8 +87,10 @@ def _evaluator(cfg, training: Training, held_out):
     return None
   n_rows = training.resolved.batch_seqs
   eval_step = make_eval_step(training.setup, cfg, training.mesh)
-  batches = [sharding.place_batch(held_out.batch(i), training.mesh, n_rows)
-             for i in range(cfg.data.eval_batches)]
+  batches = [
+    sharding.place_batch(held_out.batch(i), training.mesh, n_rows)
+    for i in range(cfg.data.eval_batches)
+  ]
   return lambda params: sum(float(eval_step(params, b)) for b in batches) / len(batches)
 
 
@@ -92,14 +98,18 @@ def _restore(cfg, described, ckpt, setup):
   """(step, state, meta, changes) from the newest usable checkpoint, or None for a fresh run.
   Refuses (ConfigError) a checkpoint made with other trajectory settings before anything is
   written."""
+
   def load(step):
     meta = ckpt.meta(step)
     changes = ckpt_lib.config_changes(meta["described"], described)
     if changes and not cfg.checkpoint.allow_config_change:
-      raise ConfigError(f"run.dir {cfg.run.dir} holds a checkpoint (step {step}) made with "
-                        f"different settings: {', '.join(changes)}; use another run.dir, restore "
-                        f"the settings, or pass checkpoint.allow_config_change=true")
+      raise ConfigError(
+        f"run.dir {cfg.run.dir} holds a checkpoint (step {step}) made with "
+        f"different settings: {', '.join(changes)}; use another run.dir, restore "
+        f"the settings, or pass checkpoint.allow_config_change=true"
+      )
     return ckpt.restore(step, abstract_state(setup)), meta, changes
+
   found = ckpt.first_usable(load)
   return None if found is None else (found[0], *found[1])
 
@@ -114,40 +124,69 @@ class Loop:
   """One process's part of a run from a restored or fresh state to the stop step: it steps,
   votes with the other processes, logs each step one step late, saves, and halts."""
 
-  def __init__(self, cfg, training: Training, described: dict, out: Outputs, restarts: int,
-               evaluate):
+  def __init__(
+    self, cfg, training: Training, described: dict, out: Outputs, restarts: int, evaluate
+  ):
     self.cfg, self.resolved, self.out = cfg, training.resolved, out
     self.train_step, self.mesh, self.evaluate = training.train_step, training.mesh, evaluate
     self.reference = training.monitor.source
     self.restarts = restarts
-    self.meta = {"described": described, "config_hash": ckpt_lib.trajectory_hash(described),
-                 "restarts": restarts, "versions": ckpt_lib.versions()}
+    self.meta = {
+      "described": described,
+      "config_hash": ckpt_lib.trajectory_hash(described),
+      "restarts": restarts,
+      "versions": ckpt_lib.versions(),
+    }
     self.agreement = control.Agreement(training.mesh)
     self.throughput = Throughput()
     self.last_row: dict = {}
-    self.flags: dict = {}                  # the last step's event flags (events.judge)
+    self.flags: dict = {}  # the last step's event flags (events.judge)
     self.last_save, self.last_save_step = time.monotonic(), 0
     self.bar = None
 
   def announce(self, start: int):
     r = self.resolved
-    self.out.writer.row({
-        "event": "start", "step": start, "mesh": dict(self.mesh.shape), "restarts": self.restarts,
-        "n_params": r.n_params, "n_active": r.n_active, "tpp_effective": r.tpp_effective,
-        "steps": r.steps, "stop_step": r.stop_step, "tau": r.tau, "tau_groups": r.tau_groups,
-        "collapse_reference": self.reference})
-    moe = (f" (active {r.n_active:,}, effective TPP {r.tpp_effective:.3g})"
-           if r.n_active != r.n_params else "")
-    _say(f"celerity_jax: N={r.n_params:,}{moe} D={r.tokens:.4g} B={r.batch_seqs}x"
-         f"{self.cfg.model.seq_len} T={r.steps} warmup={r.warmup_steps} "
-         f"lambda={r.weight_decay:.4g} tau={r.tau:.4g} per-group tau="
-         + ", ".join(f"{g}:{t:.4g}" for g, t in r.tau_groups.items() if t is not None))
+    self.out.writer.row(
+      {
+        "event": "start",
+        "step": start,
+        "mesh": dict(self.mesh.shape),
+        "restarts": self.restarts,
+        "n_params": r.n_params,
+        "n_active": r.n_active,
+        "tpp_effective": r.tpp_effective,
+        "steps": r.steps,
+        "stop_step": r.stop_step,
+        "tau": r.tau,
+        "tau_groups": r.tau_groups,
+        "collapse_reference": self.reference,
+      }
+    )
+    moe = (
+      f" (active {r.n_active:,}, effective TPP {r.tpp_effective:.3g})"
+      if r.n_active != r.n_params
+      else ""
+    )
+    _say(
+      f"celerity_jax: N={r.n_params:,}{moe} D={r.tokens:.4g} B={r.batch_seqs}x"
+      f"{self.cfg.model.seq_len} T={r.steps} warmup={r.warmup_steps} "
+      f"lambda={r.weight_decay:.4g} tau={r.tau:.4g} per-group tau="
+      + ", ".join(f"{g}:{t:.4g}" for g, t in r.tau_groups.items() if t is not None)
+    )
 
   def save(self, step: int, state):
-    self.out.writer.flush()         # rows up to `step` are stored before its checkpoint commits
-    self.out.ckpt.save(step, state, {
-        **self.meta, "step": step, "tokens": step * self.resolved.batch_tokens,
-        "data": {"seed": self.cfg.train.seed, "next_step": step}}, force=True)
+    self.out.writer.flush()  # rows up to `step` are stored before its checkpoint commits
+    self.out.ckpt.save(
+      step,
+      state,
+      {
+        **self.meta,
+        "step": step,
+        "tokens": step * self.resolved.batch_tokens,
+        "data": {"seed": self.cfg.train.seed, "next_step": step},
+      },
+      force=True,
+    )
     self.last_save, self.last_save_step = time.monotonic(), step
 
   def local_flags(self, signal) -> int:
@@ -160,15 +199,21 @@ class Loop:
     """Writes diagnostics.json and the halt event, saves `keep` = (step, state) on a collapse
     halt (for a look or a resume), and raises RunHalted with the exit status."""
     run_dir = self.out.run_dir
-    record = {"step": step, "cause": halt.cause, **values, "config_hash": self.meta["config_hash"],
-              "last_row": self.last_row}
+    record = {
+      "step": step,
+      "cause": halt.cause,
+      **values,
+      "config_hash": self.meta["config_hash"],
+      "last_row": self.last_row,
+    }
     if distributed.is_primary():
       storage.write_atomic(run_dir / "diagnostics.json", json.dumps(record, indent=2) + "\n")
     self.out.writer.row({"event": "halt", "step": step, "cause": halt.cause, **values})
     if halt.code == events.HALT_COLLAPSE and keep is not None:
       self.save(*keep)
       self.out.ckpt.wait()
-    raise RunHalted(halt.code, f"{halt.message}; diagnostics in {run_dir / 'diagnostics.json'}")
+    diagnostics = run_dir / "diagnostics.json"
+    raise events.RunHalted(halt.code, f"{halt.message}; diagnostics in {diagnostics}")
 
   def emit(self, pending, keep=None) -> int:
     """Logs a dispatched step's metrics and acts on them (events, warnings, halts); returns the
@@ -178,12 +223,19 @@ class Loop:
     fetched, decision = jax.device_get((metrics, decision))
     decision = int(decision)
     if decision & control.SAVE and step <= self.last_save_step:
-      decision &= ~control.SAVE       # voted before the save that has since happened
-    values = monitor.host_fields({k: (float(v) if np.ndim(v) == 0 else np.round(v, 5).tolist())
-                                  for k, v in fetched.items()})
+      decision &= ~control.SAVE  # voted before the save that has since happened
+    values = monitor.host_fields(
+      {k: (float(v) if np.ndim(v) == 0 else np.round(v, 5).tolist()) for k, v in fetched.items()}
+    )
     values |= extra
-    verdict = events.judge(step, values, self.flags, steps=self.resolved.steps,
-                           train_cfg=self.cfg.train, collapse_cfg=self.cfg.collapse)
+    verdict = events.judge(
+      step,
+      values,
+      self.flags,
+      steps=self.resolved.steps,
+      train_cfg=self.cfg.train,
+      collapse_cfg=self.cfg.collapse,
+    )
     self.flags = verdict.flags
     for row in verdict.events:
       self.out.writer.row(row)
@@ -195,9 +247,16 @@ class Loop:
       return decision
     tokens = step * self.resolved.batch_tokens
     rate = self.throughput.update(tokens)
-    self.last_row = {"step": step, "tokens": tokens, "frac": step / self.resolved.steps, **values,
-                     "tokens_per_s": rate, "microbatches": self.resolved.microbatches,
-                     "dtype": self.cfg.model.dtype, "restarts": self.restarts}
+    self.last_row = {
+      "step": step,
+      "tokens": tokens,
+      "frac": step / self.resolved.steps,
+      **values,
+      "tokens_per_s": rate,
+      "microbatches": self.resolved.microbatches,
+      "dtype": self.cfg.model.dtype,
+      "restarts": self.restarts,
+    }
     self.out.writer.row(self.last_row)
     shown = {"loss": f"{values['loss']:.4f}"}
     if rate is not None:
@@ -218,22 +277,27 @@ class Loop:
     with signals.guarded() as guard:
       try:
         for step, host_batch in zip(range(start, r.stop_step), batches, strict=True):
-          state, metrics = self.train_step(state, sharding.place_batch(host_batch, self.mesh,
-                                                                        r.batch_seqs))
-          guard.training()            # compiled and stepped: a signal now saves first
+          state, metrics = self.train_step(
+            state, sharding.place_batch(host_batch, self.mesh, r.batch_seqs)
+          )
+          guard.training()  # compiled and stepped: a signal now saves first
           decision = self.agreement.vote(self.local_flags(guard.signal))
           done = step + 1
           agreed = self.emit(pending, (done, state)) if pending is not None else 0
-          evaluate_now = self.evaluate is not None and (done % cfg.train.eval_every == 0
-                                                        or done == r.stop_step)
+          evaluate_now = self.evaluate is not None and (
+            done % cfg.train.eval_every == 0 or done == r.stop_step
+          )
           extra = {"eval_loss": self.evaluate(state.params)} if evaluate_now else {}
-          log = (done % cfg.run.log_every == 0 or done == r.stop_step or done == 1
-                 or evaluate_now)
+          log = done % cfg.run.log_every == 0 or done == r.stop_step or done == 1 or evaluate_now
           pending = (done, metrics, decision, extra, log)
           self.bar.update(1)
-          stop = agreed & control.STOP            # every process stops at the same step
-          if (stop or agreed & control.SAVE or (c.every_steps and done % c.every_steps == 0)
-              or (done == r.stop_step and (c.every_steps or c.every_minutes))):
+          stop = agreed & control.STOP  # every process stops at the same step
+          if (
+            stop
+            or agreed & control.SAVE
+            or (c.every_steps and done % c.every_steps == 0)
+            or (done == r.stop_step and (c.every_steps or c.every_minutes))
+          ):
             # the saved step's row is written before its checkpoint: a resume never misses it
             stop |= self.emit(pending, (done, state)) & control.STOP
             pending = None
@@ -241,10 +305,16 @@ class Loop:
           if stop:
             self.out.ckpt.wait()
             self.out.writer.row({"event": "preempted", "step": done, "signal": guard.signal})
-            print(f"celerity_jax: stopped at step {done} "
-                  + (f"by signal {guard.signal}" if guard.signal else "(a signal reached another "
-                     "process)") + "; checkpoint saved; run the same command to resume",
-                  file=sys.stderr)
+            print(
+              f"celerity_jax: stopped at step {done} "
+              + (
+                f"by signal {guard.signal}"
+                if guard.signal
+                else "(a signal reached another process)"
+              )
+              + "; checkpoint saved; run the same command to resume",
+              file=sys.stderr,
+            )
             return self.last_row
         if pending is not None:
           self.emit(pending)

@@ -12,6 +12,7 @@ between bytecodes of the main thread, but the C-level handler writes each signal
 Once training, the first signal asks the loop to finish its step, checkpoint and exit; a second
 aborts at once (status 128 + signal).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,11 +23,10 @@ import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-_current: "PreemptionGuard | None" = None
+_current: PreemptionGuard | None = None
 
 
 class PreemptionGuard:
-
   def __init__(self):
     self.signal: int | None = None
     self._training = False
@@ -40,18 +40,22 @@ class PreemptionGuard:
 
   def _on_signal(self, signum: int):
     if not self._training:
-      _say(f"celerity_jax: signal {signum} before the first step: nothing to save (a resume "
-           f"starts from the last checkpoint, if any); run the same command to start again")
+      _say(
+        f"celerity_jax: signal {signum} before the first step: nothing to save (a resume "
+        f"starts from the last checkpoint, if any); run the same command to start again"
+      )
       os._exit(0)
     if self.signal is not None:
       _say(f"celerity_jax: second signal {signum}: aborting without saving")
       os._exit(128 + signum)
     self.signal = signum
-    _say(f"celerity_jax: signal {signum}: finishing this step and saving a checkpoint "
-         f"(send it again to abort at once)")
+    _say(
+      f"celerity_jax: signal {signum}: finishing this step and saving a checkpoint "
+      f"(send it again to abort at once)"
+    )
 
   def _watch(self, read_fd: int):
-    while data := os.read(read_fd, 64):    # empty: the write end was closed (uninstalled)
+    while data := os.read(read_fd, 64):  # empty: the write end was closed (uninstalled)
       for signum in data:
         if signum in SIGNALS:
           self._on_signal(signum)
@@ -64,10 +68,11 @@ class PreemptionGuard:
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     self._pipe = (read_fd, write_fd)
-    threading.Thread(target=self._watch, args=(read_fd,), name="celerity-signals",
-                     daemon=True).start()
-    for sig in SIGNALS:              # a Python handler must exist for the wakeup fd to fire;
-      self._previous[sig] = signal.signal(sig, lambda *_: None)   # the watcher does the work
+    threading.Thread(
+      target=self._watch, args=(read_fd,), name="celerity-signals", daemon=True
+    ).start()
+    for sig in SIGNALS:  # a Python handler must exist for the wakeup fd to fire;
+      self._previous[sig] = signal.signal(sig, lambda *_: None)  # the watcher does the work
     self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     return True
 
@@ -77,7 +82,7 @@ class PreemptionGuard:
     signal.set_wakeup_fd(self._previous_fd)
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-    os.close(self._pipe[1])          # ends the watcher, which closes the read end
+    os.close(self._pipe[1])  # ends the watcher, which closes the read end
     self._pipe = None
 
 

@@ -1,13 +1,16 @@
 """The train state (a pytree of plain dicts) and its sharded initialization."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
@@ -17,21 +20,22 @@ from celerity_jax.optim import ScheduledAdamW, make_optimizer
 
 
 class TrainState(NamedTuple):
-  step: jax.Array           # steps taken (batches consumed), skipped ones included
-  params: dict              # pure-dict tree of float32 arrays (nnx.merge accepts it directly)
+  step: jax.Array  # steps taken (batches consumed), skipped ones included
+  params: dict  # pure-dict tree of float32 arrays (nnx.merge accepts it directly)
   opt_state: Any
-  bad_steps: jax.Array      # consecutive non-finite steps so far
-  skipped: jax.Array        # non-finite steps skipped in the whole run
-  collapse: dict            # the collapse monitor's scalars (celerity_jax.collapse.monitor)
+  bad_steps: jax.Array  # consecutive non-finite steps so far
+  skipped: jax.Array  # non-finite steps skipped in the whole run
+  collapse: dict  # the collapse monitor's scalars (celerity_jax.collapse.monitor)
 
 
 @dataclass(frozen=True)
 class Setup:
   """Everything the step and loop need, derived once from (config, resolved, mesh)."""
+
   graphdef: Any
   optimizer: ScheduledAdamW
   state_shardings: TrainState
-  init: Callable[[], TrainState]     # jitted; returns the state already sharded on the mesh
+  init: Callable[[], TrainState]  # jitted; returns the state already sharded on the mesh
 
 
 def build(cfg, resolved, mesh: Mesh) -> Setup:
@@ -49,9 +53,14 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
 
   abstract_state = jax.eval_shape(init_fn)
   param_specs = sharding.param_specs(abstract, mesh)
-  specs = TrainState(P(), param_specs,
-                     sharding.opt_state_specs(optimizer.tx, abstract_state.opt_state, param_specs),
-                     P(), P(), jax.tree.map(lambda _: P(), abstract_state.collapse))
+  specs = TrainState(
+    P(),
+    param_specs,
+    sharding.opt_state_specs(optimizer.tx, abstract_state.opt_state, param_specs),
+    P(),
+    P(),
+    jax.tree.map(lambda _: P(), abstract_state.collapse),
+  )
   shardings = sharding.named(mesh, specs)
   return Setup(graphdef, optimizer, shardings, jax.jit(init_fn, out_shardings=shardings))
 
@@ -59,5 +68,8 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
 def abstract_state(setup: Setup) -> TrainState:
   """The state as sharded ShapeDtypeStructs: what restores and ahead-of-time compiles start from,
   with nothing allocated."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      jax.eval_shape(setup.init), setup.state_shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    jax.eval_shape(setup.init),
+    setup.state_shardings,
+  )

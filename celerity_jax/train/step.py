@@ -2,15 +2,18 @@
 
 Everything a log row needs is computed here, on device, and fetched by the loop one step late.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
@@ -27,7 +30,7 @@ def cross_entropy(logits_BxLxV, targets_BxL, z_coef: float):
   return (lse_BxL - target_logit_BxL).mean(), z_coef * jnp.square(lse_BxL).mean()
 
 
-def make_loss_fn(setup: Setup, cfg, mesh: Optional[Mesh] = None):
+def make_loss_fn(setup: Setup, cfg, mesh: Mesh | None = None):
   """loss_fn(params, batch) -> (objective, aux). The objective adds to the cross-entropy the logit
   z-loss and, for a mixture of experts, the weighted load-balancing and router z-losses; aux holds
   `ce`, `z` and the MoE statistics (models/moe.moe_summary). With `mesh`, activations are sharded
@@ -42,9 +45,13 @@ def make_loss_fn(setup: Setup, cfg, mesh: Optional[Mesh] = None):
     aux, objective = {"ce": ce, "z": z}, ce + z
     if "moe" in extra:
       aux.update({f"moe_{k}": v for k, v in extra["moe"].items()})
-      objective = objective + m.aux_loss * aux.get("moe_balance", 0.0) + (
-          m.router_z_loss * aux.get("moe_router_z", 0.0))
+      objective = (
+        objective
+        + m.aux_loss * aux.get("moe_balance", 0.0)
+        + (m.router_z_loss * aux.get("moe_router_z", 0.0))
+      )
     return objective, aux
+
   return loss_fn
 
 
@@ -67,14 +74,17 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
 
   microbatches = jax.tree.map(split, batch)
   (_, aux_shapes), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatches))
-  zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes),
-           jax.tree.map(jnp.zeros_like, params))
+  zeros = (
+    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes),
+    jax.tree.map(jnp.zeros_like, params),
+  )
   total, _ = jax.lax.scan(body, zeros, microbatches)
   return jax.tree.map(lambda x: x / micro, total)
 
 
-def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monitor.MonitorSpec],
-                    microbatches: int = 1):
+def make_train_step(
+  setup: Setup, cfg, mesh: Mesh, monitor_spec: monitor.MonitorSpec | None, microbatches: int = 1
+):
   """Returns step(state, batch) -> (state, metrics), jitted with in/out shardings on `mesh` and the
   state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks);
   the batch's gradient is accumulated over `microbatches` (Resolved.microbatches)."""
@@ -95,20 +105,32 @@ def make_train_step(setup: Setup, cfg, mesh: Mesh, monitor_spec: Optional[monito
     skipped = state.skipped + (~finite).astype(jnp.int32)
     collapse, collapse_metrics = state.collapse, {}
     if monitor_spec is not None:
-      collapse, collapse_metrics = monitor.update(monitor_spec, state.collapse, ce, state.step + 1,
-                                                  finite)
+      collapse, collapse_metrics = monitor.update(
+        monitor_spec, state.collapse, ce, state.step + 1, finite
+      )
     metrics = {
-        "loss": ce, "z_loss": z, "grad_norm": grad_norm,
-        "update_norm": optax.tree.norm(updates), "param_norm": optax.tree.norm(params),
-        "lr": setup.optimizer.lr(state.step), "nonfinite": (~finite).astype(jnp.int32),
-        "bad_steps": bad, "skipped_steps": skipped, **collapse_metrics, **aux,
+      "loss": ce,
+      "z_loss": z,
+      "grad_norm": grad_norm,
+      "update_norm": optax.tree.norm(updates),
+      "param_norm": optax.tree.norm(params),
+      "lr": setup.optimizer.lr(state.step),
+      "nonfinite": (~finite).astype(jnp.int32),
+      "bad_steps": bad,
+      "skipped_steps": skipped,
+      **collapse_metrics,
+      **aux,
     }
     return TrainState(state.step + 1, params, opt_state, bad, skipped, collapse), metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
-  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_sharding),
-                 out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(setup.state_shardings, batch_sharding),
+    out_shardings=(setup.state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(setup: Setup, cfg, mesh: Mesh):
@@ -118,9 +140,11 @@ def make_eval_step(setup: Setup, cfg, mesh: Mesh):
   def eval_step(params, batch):
     return loss_fn(params, batch)[1]["ce"]
 
-  return jax.jit(eval_step, in_shardings=(setup.state_shardings.params,
-                                          sharding.batch_sharding(mesh)),
-                 out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(
+    eval_step,
+    in_shardings=(setup.state_shardings.params, sharding.batch_sharding(mesh)),
+    out_shardings=NamedSharding(mesh, P()),
+  )
 
 
 class Training(NamedTuple):
@@ -138,6 +162,10 @@ def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool =
   mesh = sharding.make_mesh(cfg.mesh, devices)
   setup = state_lib.build(cfg, resolved, mesh)
   spec = monitor.build_spec(cfg, resolved)
-  return Training(mesh, resolved, setup,
-                  make_train_step(setup, cfg, mesh, spec if with_monitor else None,
-                                  resolved.microbatches), spec)
+  return Training(
+    mesh,
+    resolved,
+    setup,
+    make_train_step(setup, cfg, mesh, spec if with_monitor else None, resolved.microbatches),
+    spec,
+  )
