@@ -40,7 +40,7 @@ class ModelConfig:
   z_loss: float = 0.0  # coefficient of logsumexp(logits)^2, 0 = off
   remat: Literal["none", "full", "dots"] = "none"
   scan_layers: bool = True
-  # mixture of experts (models/moe.py, README "Mixture of experts"); experts = 0 is a dense model
+  # mixture of experts (models/moe.py, docs/collapse.md); experts = 0 is a dense model
   experts: int = 0  # routed experts per MoE layer
   top_k: int = 1  # experts per token
   router: Literal["topk", "hash"] = "topk"  # learned softmax top-k | fixed token-id hash (top-1)
@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParamConfig:
-  """CompleteP (alpha = 1) or standard parameterization; base values from SCIENCE.md section 4."""
+  """CompleteP (alpha = 1) or standard parameterization; base values: docs/method.md section 4."""
 
   kind: Literal["completep", "sp"] = "completep"
   d_base: int = 256
@@ -67,7 +67,7 @@ class ParamConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-  """Laws that turn (N, TPP) into D, B, warmup and tau (SCIENCE.md section 3)."""
+  """Laws that turn (N, TPP) into D, B, warmup and tau (docs/method.md section 2)."""
 
   tpp: float = 20.0
   tau_c: float = 0.785  # tau_opt = tau_c * TPP ** tau_m: log-space least squares on the
@@ -158,14 +158,14 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class CollapseConfig:
-  """The in-step collapse monitor (SCIENCE.md section 7), computed inside the jitted step."""
+  """The in-step collapse monitor (docs/method.md section 6), computed inside the jitted step."""
 
   reference: str = "surrogate"  # "surrogate" | "none" (spike checks only) | a finished run's dir
   surrogate: str = ""  # surrogate constants JSON; "" = the fit shipped in the package
   align_start: float = 0.25  # window of t = step/T over which L(T) is estimated by alignment
   align_end: float = 0.5
   smooth_frac: float = 0.02  # loss EMA time constant as a fraction of T
-  threshold: float = 0.05  # |residual| that counts as off the reference (README "Collapse")
+  threshold: float = 0.05  # |residual| that counts as off the reference (docs/results.md)
   patience: int = 5  # consecutive steps over the threshold before an alert
   policy: Literal["warn", "halt"] = "warn"  # halt: checkpoint, then exit 5
   spike_factor: float = 1.2  # smoothed loss above this x its running minimum = a loss spike

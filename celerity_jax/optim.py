@@ -2,9 +2,9 @@
 
 The update of a parameter in group g at step t is
     theta <- theta - s(t) * eta_g * (adam(grad) + lambda * mask_g * theta)
-which is `optax.adamw(eta_g * s(t), weight_decay=lambda, mask=mask_g)` per group (coupled decay, as
-SCIENCE.md section 1), built from the same optax pieces so one Adam state covers every group; s(t)
-is applied at the train state's step.
+which is `optax.adamw(eta_g * s(t), weight_decay=lambda, mask=mask_g)` per group (coupled decay,
+docs/method.md section 1), built from the same optax pieces so one Adam state covers every group;
+s(t) is applied at the train state's step.
 """
 
 from __future__ import annotations

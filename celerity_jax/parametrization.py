@@ -1,6 +1,6 @@
 """CompleteP (alpha = 1) and standard parameterization: init scales, multipliers, per-group LR/WD.
 
-With m_N = d_model / d_base and m_L = n_layers / l_base (SCIENCE.md section 4), CompleteP uses:
+With m_N = d_model / d_base and m_L = n_layers / l_base (docs/method.md section 4), CompleteP uses:
 hidden matrices init std sigma / sqrt(m_N) and Adam LR eta / m_N; residual branches x 1/m_L; input
 embedding x alpha_in; logits x alpha_out / m_N; attention logits x 1/d_head; embeddings, norms and
 biases at LR eta; no weight decay on norms and biases. Mixture-of-experts layers: expert matrices

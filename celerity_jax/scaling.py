@@ -1,11 +1,10 @@
 """Pure-Python scaling math: parameter counts, D, B, T, warmup, tau and weight decay, FLOPs.
 
-Sources (SCIENCE.md): tau = B / (eta * lambda * D) from AdamW-as-EMA (Wang & Aitchison 2024) and
-Power Lines (Bergsma et al. 2025); tau_opt(TPP) = c * TPP**m with c, m fitted to the Celerity bands
-(tau 0.175 / 0.087 / 0.051 at TPP 20 / 80 / 234: c = 0.785, m = -0.501); B_tokens = k * D**0.5 with
-k = 19.87 fitted to the five Celerity 20-TPP batch sizes (SCIENCE.md's two-point 19.6 misses the
-900M
-member by 4%); warmup = min(10% of D, 375M tokens) (Celerity).
+Sources (docs/method.md sections 1-2): tau = B / (eta * lambda * D) from AdamW-as-EMA (Wang &
+Aitchison 2024) and Power Lines (Bergsma et al. 2025); tau_opt(TPP) = c * TPP**m with c, m fitted to
+the Celerity bands (tau 0.175 / 0.087 / 0.051 at TPP 20 / 80 / 234: c = 0.785, m = -0.501);
+B_tokens = k * D**0.5 with k = 19.87 fitted to the five Celerity 20-TPP batch sizes (a two-point
+fit, 19.6, misses the 900M member by 4%); warmup = min(10% of D, 375M tokens) (Celerity).
 """
 
 from __future__ import annotations

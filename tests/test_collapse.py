@@ -71,7 +71,7 @@ def test_the_three_smoothings_agree():
 
 
 def numpy_monitor(T, losses, ref_t, ref_l, threshold, patience, smooth_frac=0.02):
-  """A plain re-implementation of SCIENCE.md section 7, step by step."""
+  """A plain re-implementation of docs/method.md section 6, step by step."""
   d = np.exp(-1 / (smooth_frac * T))
   m = w = s_ll = s_lr = 0.0
   over, out = 0, []

@@ -135,3 +135,17 @@ def test_planner_shows_each_members_slice_and_layout_and_checks_the_fit(capsys):
   verdict = plan.check_fit(cfg, "v5litepod-4")
   assert verdict["fits"] and 0 < verdict["peak_bytes"] < verdict["hbm_bytes"] < 20e9
   assert plan.main(["recipe=celerity_1b", "--topology", "v9x-8"]) == 2  # one line, exit 2
+
+
+def test_the_recipe_table_in_the_docs_is_what_the_planner_prints():
+  """docs/collapse.md shows every recipe with its derived numbers; they come from the code, so a
+  changed recipe or law that leaves the page stale fails here (regenerate with the command)."""
+  from pathlib import Path
+
+  from celerity_jax.tools import plan
+
+  page = (Path(__file__).resolve().parent.parent / "docs" / "collapse.md").read_text()
+  shown = page.split("<!-- recipes: begin -->\n", 1)[1].split("\n<!-- recipes: end -->", 1)[0]
+  assert shown == plan.recipes_markdown(), (
+    "docs/collapse.md is stale: python -m celerity_jax.tools.plan --recipes-markdown"
+  )

@@ -1,4 +1,4 @@
-"""Scaling math against every reference value of SCIENCE.md section 2-3 and 5."""
+"""Scaling math against every reference value of docs/method.md sections 1-3."""
 
 import math
 

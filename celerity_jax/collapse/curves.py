@@ -44,7 +44,7 @@ def ema(values: np.ndarray, decay: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Curve:
-  """One run's logged curve plus the controls that shape it (SCIENCE.md section 6)."""
+  """One run's logged curve plus the controls that shape it (docs/method.md section 5)."""
 
   name: str
   steps: int  # T

@@ -1,4 +1,4 @@
-"""The collapse monitor, run inside the jitted train step (SCIENCE.md section 7).
+"""The collapse monitor, run inside the jitted train step (docs/method.md section 6).
 
 Each step: smooth the loss (debiased EMA, time constant smooth_frac * T), flag a spike when the
 smoothed loss exceeds spike_factor x its running minimum, and, with a reference curve l_ref(t):
@@ -107,8 +107,8 @@ def host_fields(values: dict) -> dict:
   return values
 
 
-# Controls that must match for curves to collapse (SCIENCE.md section 6), with a relative tolerance;
-# "tpp" is the effective TPP, so a mixture of experts compares as TPP * top_k / experts.
+# Controls that must match for curves to collapse (docs/method.md section 5), with a relative
+# tolerance; "tpp" is the effective TPP, so a mixture of experts compares as TPP * top_k / experts.
 _MATCHED = {"tau": 0.02, "tpp": 0.02, "warmup_frac": 0.1, "smooth_frac": 1e-6}
 
 

@@ -1,4 +1,4 @@
-"""Final-loss prediction from a partial curve (SCIENCE.md section 8).
+"""Final-loss prediction from a partial curve (docs/method.md section 7).
 
 Align the run's smoothed loss L(t) to a predicted normalized curve l(t) over t in [start, stop]:
 least squares in ratio space, min_x sum (x L_i - l_i)^2, has the closed form x = sum L l / sum L^2,

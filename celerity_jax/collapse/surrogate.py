@@ -1,4 +1,4 @@
-"""The paper's parametric loss-curve surrogate (SCIENCE.md section 8) and its fit.
+"""The paper's parametric loss-curve surrogate (docs/method.md section 7) and its fit.
 
     g(t) = ((1 + e1) / (t + e1))^m + b (eta(t) + e2)^q,   l(t) = g(t) / g(1),
     b = b_c tau^b_e,  q = q_c TPP^q_e,  e1 = 0.001, e2 = 0.1, m = 0.05 fixed,

@@ -1,4 +1,4 @@
-"""The Celerity architecture and HP rules shared by every recipe (SCIENCE.md sections 4-5).
+"""The Celerity architecture and HP rules shared by every recipe (docs/method.md sections 3-4).
 
 Pre-LN LayerNorm (eps 1e-5), ALiBi, squared-ReLU MLP with d_ff = 8 d_model, untied embeddings,
 CompleteP, linear warmup + decay to zero, tau = tau_opt(TPP), B from the batch law.
@@ -116,7 +116,7 @@ def nano(name: str, d_model: int) -> Config:
   Extrapolating below the base width makes the logit multiplier alpha_out * d_base / d 4.4-17.5 and
   the initial loss 10-14 nats (ln 512 = 6.2); the start-up transient dominates t < 0.4, so the
   collapse monitor aligns over t in [0.4, 0.6], not the paper's [0.25, 0.5]. A lower alpha_out
-  trains better but breaks the collapse across these widths (README "Collapse experiment").
+  trains better but breaks the collapse across these widths (docs/results.md).
   """
   cfg = celerity(
     name,

@@ -1,4 +1,4 @@
-"""The nano-family collapse experiment (issue 6): does a family at fixed TPP with tau_opt collapse,
+"""The nano-family collapse experiment: does a family at fixed TPP with tau_opt collapse,
 and how well do the surrogate and early alignment predict the largest member?
 
   python -m celerity_jax.tools.collapse_experiment [--out runs/collapse]
@@ -13,7 +13,7 @@ Reports max Delta(t) over t in [0.2, 1] (std across sizes of L(t)/L(T)) for both
 from the seeds, the monitor's seed-to-seed residual, the surrogate's MAE on nano_4 when fit without
 it, and the error of nano_4's final loss predicted from its first 30%. --write-constants refits the
 surrogate on every run and writes the package's surrogate_constants.json. Overrides apply to
-every run (e.g. param.alpha_out=0.136875 for the README's lower-logit variant).
+every run (e.g. param.alpha_out=0.136875 for the lower-logit variant in docs/results.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
   python -m celerity_jax.tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] \
       [--holdout RUN_DIR ...]
 
-The fit is the alternating grid search of SCIENCE.md section 8
+The fit is the alternating grid search of docs/method.md section 7
 (celerity_jax.collapse.surrogate.fit);
 --holdout runs are not fitted but their MAE is reported. The package's shipped constants come from
 `python -m celerity_jax.tools.collapse_experiment --write-constants`, which fits every run of that

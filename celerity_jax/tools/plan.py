@@ -3,6 +3,7 @@
   python -m celerity_jax.tools.plan recipe=celerity_1b [scaling.tpp=80 ...] [--family celerity]
                        [--accelerator v5p|v6e|v5e|h100|h200] [--chips 64] [--mfu 0.4] [--json]
                        [--check-fit [--topology v5p-64]]
+  python -m celerity_jax.tools.plan --recipes-markdown     # every recipe, a markdown table
 
 The family is every recipe whose name minus its size suffix (`_1b`, `_1_8b`, `_300m`, `_3`) equals
 --family (default: the recipe's own): celerity, celerity_nano, celerity_moe, celerity_moe_nano. The
@@ -169,8 +170,36 @@ def table(rows: list[dict], args) -> str:
   return "\n".join(lines)
 
 
+def recipes_markdown() -> str:
+  """Every recipe as a row of a markdown table (docs/collapse.md holds this output; a test checks
+  that it is current): what it is, its slice, and what it resolves to there at its own TPP."""
+  from celerity_jax import recipes
+  from celerity_jax.resolve import resolve
+  from celerity_jax.scaling import fmt_count
+  from celerity_jax.tools import tpu_chips
+
+  lines = [
+    "| recipe | what it is | slice | N (active) | D | B × context | T | τ |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for name in sorted(
+    recipes.available(), key=lambda n: (family_of(n), resolve(recipes.load(n)).n_params)
+  ):
+    recipe, cfg = recipes.get(name), recipes.load(name)
+    r = resolve(cfg, tpu_chips.chip_count(recipe.slice) if recipe.slice else 1)
+    n = fmt_count(r.n_params) + (f" ({fmt_count(r.n_active)})" if r.n_active != r.n_params else "")
+    lines.append(
+      f"| `{name}` | {recipe.about} | {recipe.slice or 'any'} | {n} | {fmt_count(r.tokens)} "
+      f"| {r.batch_seqs} × {cfg.model.seq_len} | {r.steps:,} | {r.tau:.3g} |"
+    )
+  return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
   def show():
+    if argv == ["--recipes-markdown"]:
+      print(recipes_markdown())
+      return
     rows, args = plan(argv)
     print(json.dumps(rows, indent=2) if args.json else table(rows, args))
 

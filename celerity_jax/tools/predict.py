@@ -1,4 +1,4 @@
-"""Predict a run's final loss from its curve so far (SCIENCE.md section 8).
+"""Predict a run's final loss from its curve so far (docs/method.md section 7).
 
   python -m celerity_jax.tools.predict RUN_DIR [--stop 0.3] [--reference surrogate|RUN_DIR] \
       [--surrogate F]

@@ -1,4 +1,4 @@
-"""Early-stopped hyperparameter sweep (SCIENCE.md section 8): run every setting to --stop of its
+"""Early-stopped hyperparameter sweep (docs/method.md section 7): run every setting to --stop of its
 tokens, predict each final loss by aligning the partial curve to the surrogate at that run's tau,
 TPP and schedule, rank, optionally finish the winner, and report the compute saved.
 

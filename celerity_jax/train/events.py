@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-HALT_NONFINITE = 4  # exit statuses (README: exit status table)
+HALT_NONFINITE = 4  # exit statuses (docs/usage.md: the exit status table)
 HALT_COLLAPSE = 5
 FLAGS = ("loss_spike", "collapse_alert")  # reported on their rising edge only
 DETAIL = ("loss", "loss_smooth", "collapse_residual", "final_loss_estimate")
