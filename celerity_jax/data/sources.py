@@ -14,12 +14,12 @@ def make_sources(cfg, resolved, rows=None, progress: bool = True):
   """Returns (train, held_out) with .batch(step) -> the global batch's `rows` (default all; in a
   multi-process run this process's, sharding.process_rows); held_out is None when
   `train.eval_every` is 0."""
-  m, d = cfg.model, cfg.data
+  model, d = cfg.model, cfg.data
   evaluate = cfg.train.eval_every > 0
   if not d.paths and d.corpus == "synthetic":
 
     def synthetic(seed):
-      return SyntheticTokens(m.vocab_size, m.seq_len, resolved.batch_seqs, seed, rows=rows)
+      return SyntheticTokens(model.vocab_size, model.seq_len, resolved.batch_seqs, seed, rows=rows)
 
     return synthetic(cfg.train.seed), synthetic(EVAL_SEED) if evaluate else None
   from celerity_jax.data.pipeline import WindowBatches
@@ -28,12 +28,12 @@ def make_sources(cfg, resolved, rows=None, progress: bool = True):
   # process 0 builds the tokenizer and stores first: on a shared cache the others then reuse them
   if jax.process_index() != 0:
     multihost_utils.sync_global_devices("celerity_jax data prepared")
-  prepared = prepare(d, m.vocab_size, progress and jax.process_index() == 0)
+  prepared = prepare(d, model.vocab_size, progress and jax.process_index() == 0)
   if jax.process_index() == 0 and jax.process_count() > 1:
     multihost_utils.sync_global_devices("celerity_jax data prepared")
 
   def windows(split, seed):
-    return WindowBatches(split, m.seq_len, resolved.batch_seqs, seed, d.packing, rows)
+    return WindowBatches(split, model.seq_len, resolved.batch_seqs, seed, d.packing, rows)
 
   return (
     windows(prepared.train, cfg.train.seed),

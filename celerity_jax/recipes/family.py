@@ -92,14 +92,13 @@ def moe(cfg: Config, experts: int = 8, top_k: int = 2, aux_loss: float = 0.01) -
   the load-balancing weight (Switch's 0.01 by default). The nano MoE recipes use 0.1: below the
   base width the router's readout multiplier d_base / d (4-16) makes routing sharp from the start,
   and at 0.01 one expert took 44% of celerity_moe_nano_2's tokens."""
-  m = cfg.model
   model = dataclasses.replace(
-    m,
+    cfg.model,
     experts=experts,
     top_k=top_k,
     router="topk",
     dispatch="dropless",
-    expert_d_ff=m.d_ff // top_k,
+    expert_d_ff=cfg.model.d_ff // top_k,
     aux_loss=aux_loss,
     router_z_loss=0.001,
   )

@@ -25,12 +25,12 @@ from celerity_jax.main import ArgumentParser, run_cli
 def variants(cfg) -> dict:
   from celerity_jax.config import apply_overrides, validate
 
-  m = cfg.model
-  if not m.experts:
+  model = cfg.model
+  if not model.experts:
     raise ConfigError(
       "celerity_jax.tools.bench_moe: the recipe has model.experts=0; give an MoE recipe"
     )
-  width = m.top_k * (m.expert_d_ff or m.d_ff)
+  width = model.top_k * (model.expert_d_ff or model.d_ff)
   out = {"dense": validate(apply_overrides(cfg, ["model.experts=0", f"model.d_ff={width}"]))}
   for dispatch in ("dropless", "capacity"):
     out[f"moe_{dispatch}"] = validate(apply_overrides(cfg, [f"model.dispatch={dispatch}"]))

@@ -36,19 +36,19 @@ def make_loss_fn(setup: Setup, cfg, mesh: Mesh | None = None):
   `ce`, `z` and the MoE statistics (models/moe.moe_summary). With `mesh`, activations are sharded
   on it and experts run expert-parallel."""
   constrain = sharding.make_constrain(mesh) if mesh is not None else no_constraint
-  m = cfg.model
+  model_cfg = cfg.model
 
   def loss_fn(params, batch):
     model = nnx.merge(setup.graphdef, params)
     logits, extra = model(batch["inputs"], batch.get("segment_ids"), constrain, mesh=mesh)
-    ce, z = cross_entropy(logits, batch["targets"], m.z_loss)
+    ce, z = cross_entropy(logits, batch["targets"], model_cfg.z_loss)
     aux, objective = {"ce": ce, "z": z}, ce + z
     if "moe" in extra:
       aux.update({f"moe_{k}": v for k, v in extra["moe"].items()})
       objective = (
         objective
-        + m.aux_loss * aux.get("moe_balance", 0.0)
-        + (m.router_z_loss * aux.get("moe_router_z", 0.0))
+        + model_cfg.aux_loss * aux.get("moe_balance", 0.0)
+        + (model_cfg.router_z_loss * aux.get("moe_router_z", 0.0))
       )
     return objective, aux
 
