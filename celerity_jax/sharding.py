@@ -7,6 +7,7 @@ Every parameter names its logical axes (models/layers.param); activations name t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -176,6 +177,7 @@ def named(mesh: Mesh, specs):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+@functools.cache  # the loop places every step's batch: build the sharding once per mesh
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, logical_spec(("batch", "length"), "batch"))
 

@@ -178,21 +178,21 @@ def recipes_markdown() -> str:
   from celerity_jax.scaling import fmt_count
   from celerity_jax.tools import tpu_chips
 
-  lines = [
-    "| recipe | what it is | slice | N (active) | D | B × context | T | τ |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
-  for name in sorted(
-    recipes.available(), key=lambda n: (family_of(n), resolve(recipes.load(n)).n_params)
-  ):
+  rows = []
+  for name in recipes.available():
     recipe, cfg = recipes.get(name), recipes.load(name)
     r = resolve(cfg, tpu_chips.chip_count(recipe.slice) if recipe.slice else 1)
     n = fmt_count(r.n_params) + (f" ({fmt_count(r.n_active)})" if r.n_active != r.n_params else "")
-    lines.append(
+    line = (
       f"| `{name}` | {recipe.about} | {recipe.slice or 'any'} | {n} | {fmt_count(r.tokens)} "
       f"| {r.batch_seqs} × {cfg.model.seq_len} | {r.steps:,} | {r.tau:.3g} |"
     )
-  return "\n".join(lines)
+    rows.append((family_of(name), r.n_params, name, line))
+  head = [
+    "| recipe | what it is | slice | N (active) | D | B × context | T | τ |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  return "\n".join(head + [line for *_, line in sorted(rows)])
 
 
 def main(argv: list[str]) -> int:
