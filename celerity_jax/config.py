@@ -266,6 +266,25 @@ def to_dict(cfg: Config) -> dict:
   return dataclasses.asdict(cfg)
 
 
+def from_dict(saved: dict, where: str = "config") -> Config:
+  """The Config that `to_dict` wrote (a run's config.json holds it under "config"). Keys this
+  version does not know are refused by name; keys it added since take their defaults."""
+  sections = {}
+  for section in dataclasses.fields(Config):
+    values = dict(saved.get(section.name, {}))
+    known = {f.name for f in dataclasses.fields(section.default_factory)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(
+        f"{where}: unknown keys {', '.join(f'{section.name}.{k}' for k in unknown)}"
+      )
+    sections[section.name] = section.default_factory(**values)
+  unknown = sorted(set(saved) - set(sections))
+  if unknown:
+    raise ConfigError(f"{where}: unknown sections {', '.join(unknown)}")
+  return Config(**sections)
+
+
 # ---------------------------------------------------------------- validation
 
 INT_MAX = 2**31 - 1  # every int setting is a count, size or seed that int32 code must hold

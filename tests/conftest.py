@@ -82,3 +82,22 @@ def gcs():
 def stdlib_cache(tmp_path_factory):
   """One data cache per test session, so the stdlib tokenizer and stores are built once."""
   return tmp_path_factory.mktemp("stdlib_cache")
+
+
+@pytest.fixture(scope="session")
+def trained_text_run(tmp_path_factory, stdlib_cache):
+  """A small model trained 8 steps on the stdlib corpus (its tokenizer beside it in run.dir), for
+  sampling and export; ALiBi, LayerNorm and squared ReLU, as Celerity trains."""
+  from celerity_jax.train import loop
+
+  run_dir = tmp_path_factory.mktemp("text_run")
+  loop.run(
+    small_config(
+      "data.corpus=stdlib",
+      f"data.cache_dir={stdlib_cache}",
+      "model.vocab_size=512",
+      f"run.dir={run_dir}",
+      "train.stop_step=8",
+    )
+  )
+  return run_dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 from jax.experimental import multihost_utils
 
@@ -10,10 +12,17 @@ from celerity_jax.data.synthetic import SyntheticTokens
 EVAL_SEED = 2**31 - 1  # the held-out batches are fixed: independent of train.seed
 
 
-def make_sources(cfg, resolved, rows=None, progress: bool = True):
-  """Returns (train, held_out) with .batch(step) -> the global batch's `rows` (default all; in a
-  multi-process run this process's, sharding.process_rows); held_out is None when
-  `train.eval_every` is 0."""
+class Sources(NamedTuple):
+  """Each source's .batch(step) is the global batch's rows for this process."""
+
+  train: object
+  held_out: object | None  # None when train.eval_every is 0
+  tokenizer: object | None  # the text's tokenizer (data/tokenizer.py); None for synthetic tokens
+
+
+def make_sources(cfg, resolved, rows=None, progress: bool = True) -> Sources:
+  """The run's sources; `rows` are the global batch's rows to read (default all; in a
+  multi-process run this process's, sharding.process_rows)."""
   model, d = cfg.model, cfg.data
   evaluate = cfg.train.eval_every > 0
   if not d.paths and d.corpus == "synthetic":
@@ -21,7 +30,7 @@ def make_sources(cfg, resolved, rows=None, progress: bool = True):
     def synthetic(seed):
       return SyntheticTokens(model.vocab_size, model.seq_len, resolved.batch_seqs, seed, rows=rows)
 
-    return synthetic(cfg.train.seed), synthetic(EVAL_SEED) if evaluate else None
+    return Sources(synthetic(cfg.train.seed), synthetic(EVAL_SEED) if evaluate else None, None)
   from celerity_jax.data.pipeline import WindowBatches
   from celerity_jax.data.prepare import prepare
 
@@ -35,7 +44,8 @@ def make_sources(cfg, resolved, rows=None, progress: bool = True):
   def windows(split, seed):
     return WindowBatches(split, model.seq_len, resolved.batch_seqs, seed, d.packing, rows)
 
-  return (
+  return Sources(
     windows(prepared.train, cfg.train.seed),
     windows(prepared.eval, EVAL_SEED) if evaluate else None,
+    prepared.tokenizer,
   )

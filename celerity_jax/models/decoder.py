@@ -75,13 +75,11 @@ class Decoder(nnx.Module):
     of layers, stacked [groups, B, L, D] (for coordinate checks; decided at trace time, so training
     pays nothing). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py)."""
     cfg = self.cfg
-    dt = jnp.dtype(cfg.dtype)
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.zeros_like(tokens_BxL)
     mask = attention_mask(segment_ids_BxL)
     bias = alibi_bias(cfg.n_heads, tokens_BxL.shape[1]) if cfg.position == "alibi" else None
-    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0) * self.mult.input_scale
-    x_BxLxD = constrain(x_BxLxD.astype(dt), ("batch", "length", "act_embed"))
+    x_BxLxD = constrain(self.embed_tokens(tokens_BxL), ("batch", "length", "act_embed"))
 
     groups = cfg.n_layers // cfg.moe_every if self.moe_blocks is not None else cfg.n_layers
     per_group = cfg.n_layers // groups - (self.moe_blocks is not None)  # dense layers per group
@@ -112,12 +110,37 @@ class Decoder(nnx.Module):
         x_BxLxD, outs[i] = group(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], (dense, moe)))
       stream, moe_aux = jax.tree.map(lambda *a: jnp.stack(a), *outs) if groups else (None, {})
 
-    x_BxLxD = self.final_norm(x_BxLxD)
-    logits_BxLxV = jnp.einsum(
-      "BLD,DV->BLV", x_BxLxD, self.unembed[...].astype(dt), preferred_element_type=jnp.float32
-    )
-    logits_BxLxV = constrain(logits_BxLxV * self.mult.logit_scale, ("batch", "length", "act_vocab"))
+    logits_BxLxV = constrain(self.logits(x_BxLxD), ("batch", "length", "act_vocab"))
     aux = {"residuals": stream} if residuals else {}
     if moe_aux:
       aux["moe"] = moe_summary(moe_aux)
     return logits_BxLxV, aux
+
+  def embed_tokens(self, tokens_BxL):
+    x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0) * self.mult.input_scale
+    return x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
+
+  def logits(self, x_BxLxD):
+    """Final norm, unembedding and the logit multiplier: float32 logits BxLxV."""
+    logits_BxLxV = jnp.einsum(
+      "BLD,DV->BLV",
+      self.final_norm(x_BxLxD),
+      self.unembed[...].astype(x_BxLxD.dtype),
+      preferred_element_type=jnp.float32,
+    )
+    return logits_BxLxV * self.mult.logit_scale
+
+  def layers(self) -> list[Block]:
+    """The blocks one at a time in depth order (a routed MoeBlock last in each group of
+    model.moe_every), sliced out of the stacks: for decoding, which runs them unrolled."""
+    cfg, out = self.cfg, []
+    dense = nnx.split(self.blocks) if self.blocks is not None else None
+    moe = nnx.split(self.moe_blocks) if self.moe_blocks is not None else None
+    groups = cfg.n_layers // cfg.moe_every if moe is not None else cfg.n_layers
+    per_group = cfg.n_layers // groups - (moe is not None)
+    for g in range(groups):
+      for i in range(g * per_group, (g + 1) * per_group):
+        out.append(nnx.merge(dense[0], jax.tree.map(lambda a, i=i: a[i], dense[1])))
+      if moe is not None:
+        out.append(nnx.merge(moe[0], jax.tree.map(lambda a, g=g: a[g], moe[1])))
+    return out

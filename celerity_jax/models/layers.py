@@ -81,19 +81,23 @@ def alibi_slopes(n_heads: int) -> jax.Array:
   return jnp.asarray(slopes, jnp.float32)
 
 
-def alibi_bias(n_heads: int, length: int) -> jax.Array:
-  """Additive attention bias -slope * (i - j), shape 1xNxLxL (future positions are masked
-  anyway)."""
-  pos = jnp.arange(length)
-  distance_LxL = (pos[:, None] - pos[None, :]).astype(jnp.float32)
-  return -alibi_slopes(n_heads)[None, :, None, None] * distance_LxL[None, None]
+def alibi_bias(n_heads: int, length: int, query_positions_Q: jax.Array | None = None) -> jax.Array:
+  """Additive attention bias -slope * (i - j) for queries at positions i (default 0..length-1)
+  over keys at 0..length-1, shape 1xNxQxlength (future positions are masked anyway)."""
+  keys = jnp.arange(length)
+  queries = keys if query_positions_Q is None else query_positions_Q
+  distance_QxL = (queries[:, None] - keys[None, :]).astype(jnp.float32)
+  return -alibi_slopes(n_heads)[None, :, None, None] * distance_QxL[None, None]
 
 
-def rope(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding on the last axis (rotate-half convention)."""
+def rope(x_BxLxNxH: jax.Array, theta: float, positions_L: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding on the last axis (rotate-half convention), at `positions_L`
+  (default 0..L-1; a cached decode step passes its absolute positions)."""
   length, h = x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+  if positions_L is None:
+    positions_L = jnp.arange(length)
   freqs = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
-  angles_LxH2 = jnp.arange(length, dtype=jnp.float32)[:, None] * freqs[None, :]
+  angles_LxH2 = positions_L.astype(jnp.float32)[:, None] * freqs[None, :]
   cos = jnp.cos(angles_LxH2)[None, :, None, :]
   sin = jnp.sin(angles_LxH2)[None, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
@@ -120,18 +124,28 @@ class Attention(nnx.Module):
     self.wo = param(rngs, (n, h, d), std, ("heads", "head_dim", "embed"), "hidden")
     self.scale, self.position, self.rope_theta = mult.attn_scale, cfg.position, cfg.rope_theta
 
-  def __call__(self, x_BxLxD, mask_Bx1xLxL, bias_1xNxLxL):
+  def project(self, x_BxLxD, positions_L=None):
+    """(q BxLxNxH, k BxLxKxH, v BxLxKxH), rotated at `positions_L` under RoPE."""
     dt = x_BxLxD.dtype
     q_BxLxNxH = jnp.einsum("BLD,DNH->BLNH", x_BxLxD, self.wq[...].astype(dt))
     k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wk[...].astype(dt))
     v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wv[...].astype(dt))
     if self.position == "rope":
-      q_BxLxNxH, k_BxLxKxH = rope(q_BxLxNxH, self.rope_theta), rope(k_BxLxKxH, self.rope_theta)
-    bias = None if bias_1xNxLxL is None else bias_1xNxLxL.astype(dt)
+      q_BxLxNxH = rope(q_BxLxNxH, self.rope_theta, positions_L)
+      k_BxLxKxH = rope(k_BxLxKxH, self.rope_theta, positions_L)
+    return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
+
+  def attend(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias):
+    """softmax(q.k * scale + bias) v over S keys (S = L in training, the cache in decoding),
+    projected back to d_model."""
+    bias = None if bias is None else bias.astype(q_BxLxNxH.dtype)
     out_BxLxNxH = jax.nn.dot_product_attention(
-      q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias, mask=mask_Bx1xLxL, scale=self.scale
+      q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias, mask=mask, scale=self.scale
     )
-    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(dt))
+    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(q_BxLxNxH.dtype))
+
+  def __call__(self, x_BxLxD, mask_Bx1xLxL, bias_1xNxLxL):
+    return self.attend(*self.project(x_BxLxD), mask_Bx1xLxL, bias_1xNxLxL)
 
 
 class Mlp(nnx.Module):

@@ -48,7 +48,7 @@ def run(cfg) -> dict:
   resolved, mesh = training.resolved, training.mesh
   described = describe(cfg, resolved)
   rows = sharding.process_rows(mesh, resolved.batch_seqs)
-  train_data, held_out = make_sources(cfg, resolved, rows, cfg.run.progress)
+  train_data, held_out, tokenizer = make_sources(cfg, resolved, rows, cfg.run.progress)
   evaluate = _evaluator(cfg, training, held_out)
   ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
   writer = None
@@ -57,6 +57,8 @@ def run(cfg) -> dict:
     restored = _restore(cfg, described, ckpt, training.setup)
     if distributed.is_primary():
       storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
+      if tokenizer is not None:  # what sampling and export decode text with
+        tokenizer.save(run_dir / "tokenizer.model")
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
     if distributed.is_primary():
       keep_rows_until(writer.path, restored[0] if restored else 0)

@@ -1,0 +1,80 @@
+"""A trained model read back from its run directory, for sampling and export: the config it was
+trained with, one checkpoint's params and the tokenizer of its text.
+
+Any complete checkpoint will do (`step`), else the newest usable one (damaged ones are skipped with
+a warning, as resume does). Only the run directory is needed: config.json is not, since every
+checkpoint carries its own resolved config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from celerity_jax import storage
+from celerity_jax.config import Config, ConfigError, from_dict, validate
+from celerity_jax.parametrization import Multipliers, multipliers
+
+
+@dataclass(frozen=True)
+class Trained:
+  run_dir: object
+  step: int
+  cfg: Config
+  described: dict  # the checkpoint's resolved config (resolve.describe)
+  params: dict  # pure-dict tree of host float32 arrays, as the Decoder names them
+  tokenizer: object | None  # data/tokenizer.Tokenizer; None for a run on synthetic tokens
+
+  @property
+  def multipliers(self) -> Multipliers:
+    return multipliers(self.cfg.param, self.cfg.model)
+
+  def model(self):
+    """The Decoder holding these params (as jax arrays on the default device)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from celerity_jax.models.decoder import Decoder
+
+    def new():
+      return Decoder(self.cfg.model, self.multipliers, nnx.Rngs(params=0))
+
+    graphdef = nnx.graphdef(nnx.eval_shape(new))
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, self.params))
+
+
+def load(run_dir, step: int | None = None, what: str = "run") -> Trained:
+  """Reads `step` (default: the newest usable checkpoint) of `run_dir`; ConfigError naming the
+  directory or step when there is nothing to read. `what` names the command in errors."""
+  from celerity_jax.checkpoint import Checkpointer
+  from celerity_jax.data import tokenizer as tokenizer_lib
+
+  run_dir = storage.location(run_dir)
+  if not (run_dir / "checkpoints").exists():
+    raise ConfigError(f"{what}: {run_dir} has no checkpoints directory (is it a run.dir?)")
+  ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+  try:
+    steps = ckpt.steps()
+    if step is not None and step not in steps:
+      raise ConfigError(
+        f"{what} --step {step}: no complete checkpoint at that step in "
+        f"{run_dir}/checkpoints; complete steps: "
+        f"{', '.join(map(str, sorted(steps))) or 'none'}"
+      )
+    found = ckpt.first_usable(
+      lambda s: (ckpt.restore(s), ckpt.meta(s)), [step] if step is not None else steps
+    )
+    if found is None:
+      raise ConfigError(f"{what}: no complete checkpoint in {run_dir}/checkpoints")
+  finally:
+    ckpt.close()
+  step, (state, meta) = found
+  params = state["params"] if isinstance(state, dict) else state.params
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+  described = meta["described"]
+  cfg = validate(from_dict(described["config"], f"{run_dir}/checkpoints/{step}"))
+  tok_path = run_dir / "tokenizer.model"
+  tokenizer = tokenizer_lib.load(tok_path) if tok_path.exists() else None
+  return Trained(run_dir, int(step), cfg, described, params, tokenizer)
