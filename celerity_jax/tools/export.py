@@ -1,11 +1,19 @@
-"""Export a checkpoint's params to one .npz file, with the config it was trained with beside it.
+"""Export a checkpoint's params: as one .npz file, or as a Hugging Face `transformers` model.
 
   python -m celerity_jax.tools.export RUN_DIR [--step N] [--out params.npz]
+  python -m celerity_jax.tools.export RUN_DIR [--step N] --format hf --out DIR
 
-RUN_DIR and --out may be local paths or gs:// URLs. Keys are parameter paths (`blocks/attn/wq`,
-`embed`, ...); scanned blocks keep their leading layer axis. Read it without celerity_jax:
-`numpy.load("params.npz")`. Without --step the newest usable checkpoint is exported (damaged ones
-are skipped with a warning); `params.config.json` is that checkpoint's own resolved config.
+npz: keys are parameter paths (`blocks/attn/wq`, `embed`, ...), as trained (multipliers not
+folded); scanned blocks keep their leading layer axis. Read it without celerity_jax:
+`numpy.load("params.npz")`; `params.config.json` beside it is the checkpoint's own resolved
+config. RUN_DIR and --out may be local paths or gs:// URLs.
+
+hf: a directory that `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads (add
+`trust_remote_code=True` for the architectures no stock class holds, the Celerity default among
+them), with `model.safetensors`, `config.json` and the run's tokenizer for `AutoTokenizer`; the
+CompleteP multipliers are folded into the weights (celerity_jax/hf/convert.py). --out is local.
+
+Without --step the newest usable checkpoint is exported (damaged ones are skipped with a warning).
 """
 
 from __future__ import annotations
@@ -21,36 +29,14 @@ from celerity_jax.config import ConfigError
 from celerity_jax.main import ArgumentParser, run_cli
 
 
-def export(run_dir, step: int | None, out) -> dict:
-  """Writes the params of `step` (default: the newest usable checkpoint, falling back past
-  damaged ones with a warning) and the config they were trained with."""
-  from celerity_jax.checkpoint import Checkpointer, leaf_paths
+def export_npz(trained, out) -> dict:
+  from celerity_jax.checkpoint import leaf_paths
 
-  run_dir, out = storage.location(run_dir), storage.location(out)
-  if not (run_dir / "checkpoints").exists():
-    raise ConfigError(f"export: {run_dir} has no checkpoints directory (is it a run.dir?)")
-  ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
-  try:
-    steps = ckpt.steps()
-    if step is not None and step not in steps:
-      raise ConfigError(
-        f"export --step {step}: no complete checkpoint at that step in "
-        f"{run_dir}/checkpoints; complete steps: "
-        f"{', '.join(map(str, sorted(steps))) or 'none'}"
-      )
-    found = ckpt.first_usable(
-      lambda s: (ckpt.restore(s), ckpt.meta(s)), [step] if step is not None else steps
-    )
-    if found is None:
-      raise ConfigError(f"export: no complete checkpoint in {run_dir}/checkpoints")
-  finally:
-    ckpt.close()
-  step, (state, meta) = found
-  params = state["params"] if isinstance(state, dict) else state.params
-  arrays = {path: np.asarray(leaf) for path, leaf in leaf_paths(params)}
+  out = storage.location(out)
+  arrays = {path: np.asarray(leaf) for path, leaf in leaf_paths(trained.params)}
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
-  config = json.dumps(meta["described"], indent=2) + "\n"  # the checkpoint's own settings
+  config = json.dumps(trained.described, indent=2) + "\n"  # the checkpoint's own settings
   try:
     storage.make_dir(out.parent)
     storage.write_atomic(out, buffer.getvalue())
@@ -58,11 +44,26 @@ def export(run_dir, step: int | None, out) -> dict:
   except OSError as e:
     raise ConfigError(f"export --out {out}: cannot write ({e.strerror or e})") from None
   return {
-    "step": int(step),
+    "step": trained.step,
     "out": str(out),
+    "format": "npz",
     "n_arrays": len(arrays),
     "n_params": int(sum(a.size for a in arrays.values())),
   }
+
+
+def export(run_dir, step: int | None, out, fmt: str = "npz") -> dict:
+  """Writes the params of `step` (default: the newest usable checkpoint) in format `fmt`."""
+  from celerity_jax import trained as trained_lib
+
+  if fmt == "hf" and out is None:
+    raise ConfigError("export --format hf: give --out DIR, the directory to write")
+  run = trained_lib.load(run_dir, step, "export")
+  if fmt == "hf":
+    from celerity_jax.hf import convert
+
+    return convert.write(run, out)
+  return export_npz(run, out or storage.location(run_dir) / "params.npz")
 
 
 def main(argv):
@@ -72,9 +73,9 @@ def main(argv):
   parser.add_argument("run_dir")
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--format", choices=("npz", "hf"), default="npz")
   args = parser.parse_args(argv)
-  out = args.out or storage.location(args.run_dir) / "params.npz"
-  print(json.dumps(export(args.run_dir, args.step, out)))
+  print(json.dumps(export(args.run_dir, args.step, args.out, args.format)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Hugging Face `transformers` interop: export a run (convert.py) and the code an export ships."""

@@ -1,0 +1,192 @@
+"""A trained run as a Hugging Face `transformers` causal LM directory: config.json,
+model.safetensors, the tokenizer, and modeling code where no stock class fits.
+
+Which class loads it depends on the architecture (docs/usage.md, "Use the model"):
+- RoPE + RMSNorm + SwiGLU is `LlamaForCausalLM`;
+- RoPE + LayerNorm + squared ReLU is `NemotronForCausalLM` (its LayerNorm stores gain - 1);
+- anything else, the Celerity default ALiBi + LayerNorm + squared ReLU among them, is the
+  shipped `modeling_celerity.CelerityForCausalLM` (`trust_remote_code=True`): Falcon's ALiBi adds
+  the bias before the 1/sqrt(d_head) scale and rounds positions in bf16, and Bloom and MPT fix a
+  GELU MLP of width 4d, so none of them computes this model's logits.
+
+CompleteP's multipliers (docs/method.md section 4) are folded into the weights, so every class
+sees a plain decoder: the embedding multiplier into the embedding table; the attention-logit scale
+into W_q, times sqrt(d_head) because transformers divides by it; the residual-branch scale 1/m_L
+into the attention output and MLP down projections; the logit multiplier into lm_head. Tested
+(tests/test_hf_export.py): transformers' logits equal the JAX forward to 1e-4, and its greedy
+generation equals tools.sample's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from celerity_jax.config import ConfigError
+
+HERE = Path(__file__).resolve().parent
+BOS_EOS = 3  # data/tokenizer.EOS: the document boundary, before every prompt and after every text
+
+
+def architecture(model_cfg) -> str:
+  """ "llama", "nemotron" or "celerity" (the shipped modeling code); refuses what none holds."""
+  if model_cfg.experts:
+    raise ConfigError(
+      "export --format hf: mixture-of-experts models are not supported yet "
+      "(--format npz exports them)"
+    )
+  kinds = (model_cfg.position, model_cfg.norm, model_cfg.mlp)
+  if kinds == ("rope", "rmsnorm", "swiglu"):
+    return "llama"
+  if kinds == ("rope", "layernorm", "squared_relu"):
+    return "nemotron"
+  return "celerity"
+
+
+def hf_config(trained, arch: str) -> dict:
+  m = trained.cfg.model
+  common = {
+    "vocab_size": m.vocab_size,
+    "hidden_size": m.d_model,
+    "intermediate_size": m.d_ff,
+    "num_hidden_layers": m.n_layers,
+    "num_attention_heads": m.n_heads,
+    "num_key_value_heads": m.n_kv_heads or m.n_heads,
+    "head_dim": m.d_head,
+    "max_position_embeddings": m.seq_len,
+    "tie_word_embeddings": False,
+    "bos_token_id": BOS_EOS,
+    "eos_token_id": BOS_EOS,
+    "pad_token_id": 0,
+    "dtype": "float32",
+    "celerity_jax": {"run_dir": str(trained.run_dir), "step": trained.step},
+  }
+  if arch == "llama":
+    return {
+      **common,
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "hidden_act": "silu",
+      "rms_norm_eps": m.norm_eps,
+      "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+      "attention_bias": False,
+      "mlp_bias": False,
+    }
+  if arch == "nemotron":
+    return {
+      **common,
+      "architectures": ["NemotronForCausalLM"],
+      "model_type": "nemotron",
+      "hidden_act": "relu2",
+      "norm_eps": m.norm_eps,
+      "rope_parameters": {
+        "rope_theta": m.rope_theta,
+        "partial_rotary_factor": 1.0,
+        "rope_type": "default",
+      },
+      "attention_bias": False,
+      "mlp_bias": False,
+    }
+  return {
+    **common,
+    "architectures": ["CelerityForCausalLM"],
+    "model_type": "celerity",
+    "auto_map": {
+      "AutoConfig": "modeling_celerity.CelerityConfig",
+      "AutoModelForCausalLM": "modeling_celerity.CelerityForCausalLM",
+    },
+    "norm": m.norm,
+    "norm_eps": m.norm_eps,
+    "position": m.position,
+    "rope_theta": m.rope_theta,
+    "mlp": m.mlp,
+  }
+
+
+def state_dict(trained, arch: str) -> dict[str, np.ndarray]:
+  """transformers' parameter names -> float32 arrays (out x in, as torch.nn.Linear keeps them),
+  with the multipliers folded in."""
+  p, m, mult = trained.params, trained.cfg.model, trained.multipliers
+  d, h = m.d_model, m.d_head
+  q_fold = mult.attn_scale * math.sqrt(h)  # transformers divides q.k by sqrt(d_head) itself
+  gain_offset = 1.0 if arch == "nemotron" else 0.0  # Nemotron's LayerNorm1P: weight + 1
+
+  def norm(prefix, params):
+    out = {f"{prefix}.weight": params["scale"] - gain_offset}
+    if "bias" in params:
+      out[f"{prefix}.bias"] = params["bias"]
+    return out
+
+  out = {"model.embed_tokens.weight": p["embed"] * mult.input_scale}
+  blocks = p["blocks"]
+  for i in range(m.n_layers):
+    layer = {k: {name: a[i] for name, a in v.items()} for k, v in blocks.items()}
+    attn, mlp, pre = layer["attn"], layer["mlp"], f"model.layers.{i}"
+    out[f"{pre}.self_attn.q_proj.weight"] = (attn["wq"] * q_fold).reshape(d, -1).T
+    out[f"{pre}.self_attn.k_proj.weight"] = attn["wk"].reshape(d, -1).T
+    out[f"{pre}.self_attn.v_proj.weight"] = attn["wv"].reshape(d, -1).T
+    out[f"{pre}.self_attn.o_proj.weight"] = (attn["wo"] * mult.residual_scale).reshape(-1, d).T
+    out[f"{pre}.mlp.up_proj.weight"] = mlp["wi"].T
+    if "wg" in mlp:
+      out[f"{pre}.mlp.gate_proj.weight"] = mlp["wg"].T
+    out[f"{pre}.mlp.down_proj.weight"] = (mlp["wo"] * mult.residual_scale).T
+    out.update(norm(f"{pre}.input_layernorm", layer["ln1"]))
+    out.update(norm(f"{pre}.post_attention_layernorm", layer["ln2"]))
+  out.update(norm("model.norm", p["final_norm"]))
+  out["lm_head.weight"] = (p["unembed"] * mult.logit_scale).T
+  return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def tokenizer_config(seq_len: int) -> dict:
+  return {
+    # exact with trust_remote_code; else transformers converts tokenizer.model itself
+    "tokenizer_class": "LlamaTokenizer",
+    "auto_map": {"AutoTokenizer": ["tokenization_celerity.CelerityTokenizer", None]},
+    "bos_token": "</s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": "<pad>",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "model_max_length": seq_len,
+    "clean_up_tokenization_spaces": False,
+  }
+
+
+def write(trained, out) -> dict:
+  """Writes the directory `out` (local; created if missing) and returns what it holds."""
+  from safetensors.numpy import save_file
+
+  arch = architecture(trained.cfg.model)
+  if str(out).startswith("gs://"):
+    raise ConfigError(f"export --format hf --out {out}: writes a local directory (copy it after)")
+  out = Path(out)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict(trained, arch)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(trained, arch), indent=2) + "\n")
+    if arch == "celerity":
+      shutil.copyfile(HERE / "modeling_celerity.py", out / "modeling_celerity.py")
+    files = ["config.json", "model.safetensors"]
+    if trained.tokenizer is not None:
+      (out / "tokenizer.model").write_bytes(trained.tokenizer.proto)
+      config = tokenizer_config(trained.cfg.model.seq_len)
+      (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+      shutil.copyfile(HERE / "tokenization_celerity.py", out / "tokenization_celerity.py")
+      files += ["tokenizer.model", "tokenizer_config.json"]
+  except OSError as e:
+    raise ConfigError(f"export --out {out}: cannot write ({e.strerror or e})") from None
+  return {
+    "step": trained.step,
+    "out": str(out),
+    "format": "hf",
+    "architecture": hf_config(trained, arch)["architectures"][0],
+    "model_needs_trust_remote_code": arch == "celerity",
+    "n_params": int(sum(a.size for a in tensors.values())),
+    "files": sorted(files + (["modeling_celerity.py"] if arch == "celerity" else [])),
+  }
