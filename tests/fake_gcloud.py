@@ -96,9 +96,13 @@ def make_vm(node: str):
     (venv / "bin").mkdir()
     (venv / "bin" / "python").symlink_to(image / "bin" / "python")
     (venv / "lib").symlink_to(image / "lib")
-    lock = (source_repo / "requirements.lock").read_bytes() + (
-      source_repo / "pyproject.toml"
-    ).read_bytes()
+    # what tpu/pod copies is `git archive HEAD`: stamp the committed files, not the working tree's
+    lock = b"".join(
+      subprocess.run(
+        ["git", "-C", str(source_repo), "show", f"HEAD:{name}"], capture_output=True, check=True
+      ).stdout
+      for name in ("requirements.lock", "pyproject.toml")
+    )
     (venv / "celerity_stamp").write_text(hashlib.sha256(lock).hexdigest()[:16] + "\n")
 
 

@@ -116,11 +116,11 @@ def _needed_bytes(error: str) -> tuple[float | None, float | None]:
 HEADROOM = 0.05
 
 
-def report(cfg, topology: str, slices: int = 1, devices=None) -> dict:
+def report(cfg, topology: str, slices: int = 1, devices=None, step=None) -> dict:
   """Everything celerity_jax.tools.aot prints, as one JSON-able dict (`devices`: reuse
-  topology_devices)."""
+  topology_devices; `step`: reuse compile_step's result for those devices)."""
   chip, devices = topology_devices(topology, slices) if devices is None else devices
-  training, compiled, seconds, error = compile_step(cfg, devices)
+  training, compiled, seconds, error = step or compile_step(cfg, devices)
   r, n = training.resolved, len(devices)
   out = {
     "recipe_shape": {
