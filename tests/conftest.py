@@ -21,6 +21,8 @@ os.environ.update(
     "GCE_METADATA_ROOT": "127.0.0.1:9",
   }
 )
+# transformers loads exports from local directories only: never ask the Hugging Face Hub
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
 for noisy in ("google.auth", "gcsfs"):  # "no credentials" warnings, one per client
   logging.getLogger(noisy).setLevel(logging.ERROR)
 

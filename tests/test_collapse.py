@@ -300,34 +300,6 @@ def test_packaged_surrogate_constants_load_and_give_a_sane_curve():
   assert 1.1 < np.interp(0.2, t, ell) < 2.5
 
 
-@pytest.mark.slow
-def test_sweep_tool_runs_a_three_point_nano_sweep(tmp_path, stdlib_cache):
-  from celerity_jax.tools import sweep
-
-  settings = [["optim.tau=0.06"], ["optim.tau=0.175"], ["optim.tau=0.5"]]
-  common = [f"data.cache_dir={stdlib_cache}", "collapse.reference=none"]
-  report = sweep.sweep(
-    "celerity_nano_1",
-    [common + s for s in settings],
-    tmp_path,
-    0.3,
-    complete=True,
-    full=False,
-    constants=surrogate.load_constants(),
-  )
-  assert sorted(report["ranking"]) == [0, 1, 2]
-  predicted = [r["predicted_final"] for r in report["settings"]]
-  assert report["winner"] == int(np.argmin(predicted))
-  winner = report["settings"][report["winner"]]
-  assert winner["true_final"] > 0 and all(
-    "true_final" not in r for r in report["settings"] if r is not winner
-  )
-  # equal D for every setting: 3 x 0.3 of a run, plus 0.7 of the winner, out of 3 runs
-  assert report["compute_saved_frac"] == pytest.approx(1 - (0.9 + 0.7) / 3)
-  for r in report["settings"]:
-    assert abs(r["predicted_final"] / r["loss_at_stop"] - 1) < 0.6
-
-
 def test_plot_writes_a_png_with_spread_and_seed_noise(tmp_path):
   from celerity_jax.tools.plot_collapse import plot
 

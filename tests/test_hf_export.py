@@ -158,16 +158,15 @@ def test_export_command_writes_a_model_and_tokenizer_transformers_loads(trained_
   assert theirs[: len(ours)] == ours
 
 
-def test_hf_export_errors_are_one_line(trained_text_run, tmp_path):
+def test_hf_export_errors_are_one_line(trained_text_run, tmp_path, capsys):
+  from celerity_jax.main import run_cli
+  from celerity_jax.tools import export
+
   for args, message in [
     (["--format", "hf"], "export --format hf: give --out DIR"),
     (["--format", "hf", "--out", "gs://bucket/x"], "writes a local directory"),
     (["--format", "onnx"], "invalid choice: 'onnx'"),
   ]:
-    result = subprocess.run(
-      [sys.executable, "-m", "celerity_jax.tools.export", str(trained_text_run), *args],
-      capture_output=True,
-      text=True,
-    )
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    assert run_cli(lambda args=args: export.main([str(trained_text_run), *args])) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -4,6 +4,7 @@ settings) and produces its figures; it is committed without outputs."""
 import json
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -48,7 +49,17 @@ def test_the_notebook_trains_plots_predicts_sweeps_and_samples(tmp_path, stdlib_
   assert len(images) >= 2  # the collapse picture and the sweep, inline
   text = "".join("".join(o.get("text", "")) for o in outputs)
   assert "celerity_nano_1: N = " in text and "celerity_nano_2: N = " in text
-  assert "predicted from t <= 0.3" in text and "<- winner" in text and "tokens/s" in text
+  assert "predicted from t <= 0.3" in text and "tokens/s" in text
+  # the sweep (celerity_jax.tools.sweep): the winner has the lowest predicted final loss, and the
+  # compute is 0.3 of each of the two settings plus the rest of the winner: (2 x 0.3 + 0.7) / 2
+  rows = re.findall(
+    r"tau = ([\d.]+): loss at t = 0.3: ([\d.]+), predicted final ([\d.]+)(.*)", text
+  )
+  assert [float(r[0]) for r in rows] == [0.06, 0.5]
+  winners = [r for r in rows if "<- winner" in r[3]]
+  assert len(winners) == 1 and float(winners[0][2]) == min(float(r[2]) for r in rows)
+  assert all(abs(float(r[2]) / float(r[1]) - 1) < 0.6 for r in rows)
+  assert "compute used: 65% of running every setting to the end" in text
   work = tmp_path / "work"
   for figure in ("collapse.png", "sweep.png"):
     assert (work / figure).stat().st_size > 10_000
