@@ -132,28 +132,14 @@ def test_export_command_writes_a_model_and_tokenizer_transformers_loads(trained_
     assert exact(text)["input_ids"] == [3] + ids  # the document boundary first, as in training
     assert exact.decode([3] + ids, skip_special_tokens=True) == text
     assert stock(text, add_special_tokens=False)["input_ids"] == ids
-  # the exported model continues a text as tools.sample does
+  # the exported model continues a text as our sampler (tools.sample) does
   hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
   inputs = exact("def ", return_tensors="pt")
   with torch.no_grad():
     generated = hf.generate(**inputs, max_new_tokens=12, do_sample=False)
-  sampled = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "celerity_jax.tools.sample",
-      str(trained_text_run),
-      "--prompt",
-      "def ",
-      "--max-tokens",
-      "12",
-      "--json",
-    ],
-    capture_output=True,
-    text=True,
-  )
-  assert sampled.returncode == 0, sampled.stderr
-  ours = json.loads(sampled.stdout)["samples"][0]["ids"]
+  prompt = [3] + sp.encode(["def "])[0].tolist()  # what tools.sample decodes from
+  sampler = Sampler(run.model(), Settings(max_tokens=12), len(prompt), run.cfg.mesh)
+  ours = sampler.generate(prompt, stop=3).tokens[0].tolist()
   theirs = generated[0, inputs["input_ids"].shape[1] :].tolist()
   assert theirs[: len(ours)] == ours
 
@@ -170,3 +156,13 @@ def test_hf_export_errors_are_one_line(trained_text_run, tmp_path, capsys):
     assert run_cli(lambda args=args: export.main([str(trained_text_run), *args])) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_shipped_alibi_slopes_are_ours():
+  """modeling_celerity.py must import only torch and transformers, so it carries its own copy of
+  the slope rule: the two agree for every head count, powers of 2 or not."""
+  from celerity_jax.hf import modeling_celerity
+  from celerity_jax.models.layers import alibi_slopes
+
+  for n in range(1, 33):
+    np.testing.assert_array_equal(modeling_celerity.alibi_slopes(n).numpy(), alibi_slopes(n))

@@ -81,8 +81,7 @@ class Decoder(nnx.Module):
     bias = alibi_bias(cfg.n_heads, tokens_BxL.shape[1]) if cfg.position == "alibi" else None
     x_BxLxD = constrain(self.embed_tokens(tokens_BxL), ("batch", "length", "act_embed"))
 
-    groups = cfg.n_layers // cfg.moe_every if self.moe_blocks is not None else cfg.n_layers
-    per_group = cfg.n_layers // groups - (self.moe_blocks is not None)  # dense layers per group
+    groups, per_group = self.grouping()
     dense_def, dense = nnx.split(self.blocks) if self.blocks is not None else (None, None)
     moe_def, moe = nnx.split(self.moe_blocks) if self.moe_blocks is not None else (None, None)
     if dense is not None and per_group > 1:
@@ -116,6 +115,15 @@ class Decoder(nnx.Module):
       aux["moe"] = moe_summary(moe_aux)
     return logits_BxLxV, aux
 
+  def grouping(self) -> tuple[int, int]:
+    """(groups, dense layers per group): a dense model is n_layers groups of one dense layer; a
+    mixture of experts, groups of moe_every layers whose last is routed."""
+    cfg = self.cfg
+    if self.moe_blocks is None:
+      return cfg.n_layers, 1
+    groups = cfg.n_layers // cfg.moe_every
+    return groups, cfg.n_layers // groups - 1
+
   def embed_tokens(self, tokens_BxL):
     x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0) * self.mult.input_scale
     return x_BxLxD.astype(jnp.dtype(self.cfg.dtype))
@@ -133,11 +141,9 @@ class Decoder(nnx.Module):
   def layers(self) -> list[Block]:
     """The blocks one at a time in depth order (a routed MoeBlock last in each group of
     model.moe_every), sliced out of the stacks: for decoding, which runs them unrolled."""
-    cfg, out = self.cfg, []
+    out, (groups, per_group) = [], self.grouping()
     dense = nnx.split(self.blocks) if self.blocks is not None else None
     moe = nnx.split(self.moe_blocks) if self.moe_blocks is not None else None
-    groups = cfg.n_layers // cfg.moe_every if moe is not None else cfg.n_layers
-    per_group = cfg.n_layers // groups - (moe is not None)
     for g in range(groups):
       for i in range(g * per_group, (g + 1) * per_group):
         out.append(nnx.merge(dense[0], jax.tree.map(lambda a, i=i: a[i], dense[1])))
