@@ -42,6 +42,9 @@ FREE_KEYS = (
   "data.cache_dir",
   "data.eval_batches",
   "model.remat",
+  "model.scan_layers",  # how the same math is executed: free to change on resume
+  "model.attention",
+  "model.attention_block",
   "derived.stop_step",
   "derived.data_parallel",
   "derived.microbatches",

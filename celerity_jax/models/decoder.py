@@ -3,8 +3,9 @@ model.moe_every layers), final norm and unembedding, with CompleteP multipliers.
 
 Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V
 vocab.
-Layers are created stacked (leading axis = layer) and run under `lax.scan`, so compile time does not
-grow with depth; `model.scan_layers=false` unrolls them instead.
+Layers are created stacked (leading axis = layer) and, above SCAN_ABOVE layer groups, run under
+`lax.scan`, so compile time does not grow with depth; `model.scan_layers=true|false` decides it
+explicitly.
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from celerity_jax.models.layers import (
   Block,
   Constrain,
   Norm,
-  alibi_bias,
-  attention_mask,
   no_constraint,
   param,
 )
 from celerity_jax.models.moe import MoeBlock, MoeContext, moe_summary
 from celerity_jax.parametrization import Multipliers
+
+# model.scan_layers unset: deeper models run their layers under lax.scan (compile time flat in
+# depth); shallower ones unrolled, which on CPU is 1.4-1.8x faster per step at the default and 20M
+# shapes (XLA copies the scan body's residuals and transposes them for the weight gradients).
+SCAN_ABOVE = 8
+
+
+def scans(cfg, groups: int) -> bool:
+  return cfg.scan_layers if cfg.scan_layers is not None else groups > SCAN_ABOVE
+
 
 REMAT_POLICIES = {
   "full": None,  # save nothing
@@ -77,8 +86,6 @@ class Decoder(nnx.Module):
     cfg = self.cfg
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.zeros_like(tokens_BxL)
-    mask = attention_mask(segment_ids_BxL)
-    bias = alibi_bias(cfg.n_heads, tokens_BxL.shape[1]) if cfg.position == "alibi" else None
     x_BxLxD = constrain(self.embed_tokens(tokens_BxL), ("batch", "length", "act_embed"))
 
     groups, per_group = self.grouping()
@@ -94,14 +101,14 @@ class Decoder(nnx.Module):
       aux = {}
       for i in range(per_group if dense_states is not None else 0):
         layer = dense_states if per_group == 1 else jax.tree.map(lambda a, i=i: a[i], dense_states)
-        x = nnx.merge(dense_def, layer)(x, mask, bias, constrain)
+        x = nnx.merge(dense_def, layer)(x, segment_ids_BxL, constrain)
       if moe_state is not None:
-        x, aux = nnx.merge(moe_def, moe_state)(x, mask, bias, constrain, context)
+        x, aux = nnx.merge(moe_def, moe_state)(x, segment_ids_BxL, constrain, context)
       return x, ((x if residuals else None), aux)
 
     if cfg.remat != "none":
       group = jax.checkpoint(group, policy=REMAT_POLICIES[cfg.remat])
-    if cfg.scan_layers:
+    if scans(cfg, groups):
       x_BxLxD, (stream, moe_aux) = jax.lax.scan(group, x_BxLxD, (dense, moe))
     else:
       outs = [None] * groups

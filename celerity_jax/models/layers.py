@@ -7,13 +7,13 @@ vocab.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from celerity_jax.models import attention
 from celerity_jax.parametrization import Multipliers
 
 Constrain = Callable[[jax.Array, tuple], jax.Array]  # (activation, logical axes) -> activation
@@ -66,30 +66,6 @@ def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array
   return jnp.square(jax.nn.relu(h))
 
 
-def alibi_slopes(n_heads: int) -> jax.Array:
-  """Per-head ALiBi slopes (Press et al. 2022), including their rule for non-power-of-2 counts."""
-
-  def powers(n):
-    start = 2.0 ** (-8.0 / n)
-    return [start ** (i + 1) for i in range(n)]
-
-  if math.log2(n_heads).is_integer():
-    slopes = powers(n_heads)
-  else:
-    closest = 2 ** math.floor(math.log2(n_heads))
-    slopes = powers(closest) + powers(2 * closest)[0::2][: n_heads - closest]
-  return jnp.asarray(slopes, jnp.float32)
-
-
-def alibi_bias(n_heads: int, length: int, query_positions_Q: jax.Array | None = None) -> jax.Array:
-  """Additive attention bias -slope * (i - j) for queries at positions i (default 0..length-1)
-  over keys at 0..length-1, shape 1xNxQxlength (future positions are masked anyway)."""
-  keys = jnp.arange(length)
-  queries = keys if query_positions_Q is None else query_positions_Q
-  distance_QxL = (queries[:, None] - keys[None, :]).astype(jnp.float32)
-  return -alibi_slopes(n_heads)[None, :, None, None] * distance_QxL[None, None]
-
-
 def rope(x_BxLxNxH: jax.Array, theta: float, positions_L: jax.Array | None = None) -> jax.Array:
   """Rotary position embedding on the last axis (rotate-half convention), at `positions_L`
   (default 0..L-1; a cached decode step passes its absolute positions)."""
@@ -106,14 +82,6 @@ def rope(x_BxLxNxH: jax.Array, theta: float, positions_L: jax.Array | None = Non
   return out.astype(x_BxLxNxH.dtype)
 
 
-def attention_mask(segment_ids_BxL: jax.Array) -> jax.Array:
-  """Causal mask that also stops attention across packed documents, shape Bx1xLxL (bool)."""
-  length = segment_ids_BxL.shape[1]
-  causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-  same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-  return (causal_LxL[None] & same_doc_BxLxL)[:, None]
-
-
 class Attention(nnx.Module):
   def __init__(self, cfg, mult: Multipliers, rngs: nnx.Rngs):
     d, n, h, kv = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_kv_heads or cfg.n_heads
@@ -123,6 +91,7 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, kv, h), std, ("embed", "kv_heads", "head_dim"), "hidden")
     self.wo = param(rngs, (n, h, d), std, ("heads", "head_dim", "embed"), "hidden")
     self.scale, self.position, self.rope_theta = mult.attn_scale, cfg.position, cfg.rope_theta
+    self.cfg_attention = (cfg.attention, cfg.attention_block, cfg.position == "alibi")
 
   def project(self, x_BxLxD, positions_L=None):
     """(q BxLxNxH, k BxLxKxH, v BxLxKxH), rotated at `positions_L` under RoPE."""
@@ -136,16 +105,21 @@ class Attention(nnx.Module):
     return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
   def attend(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias):
-    """softmax(q.k * scale + bias) v over S keys (S = L in training, the cache in decoding),
+    """softmax(q.k * scale + bias) v over S cached keys, with the mask and bias given (decoding),
     projected back to d_model."""
     bias = None if bias is None else bias.astype(q_BxLxNxH.dtype)
     out_BxLxNxH = jax.nn.dot_product_attention(
       q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, bias=bias, mask=mask, scale=self.scale
     )
-    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(q_BxLxNxH.dtype))
+    return self.output(out_BxLxNxH)
 
-  def __call__(self, x_BxLxD, mask_Bx1xLxL, bias_1xNxLxL):
-    return self.attend(*self.project(x_BxLxD), mask_Bx1xLxL, bias_1xNxLxL)
+  def output(self, out_BxLxNxH):
+    return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(out_BxLxNxH.dtype))
+
+  def __call__(self, x_BxLxD, segment_ids_BxL):
+    """Causal self-attention over packed documents (training and full forward passes)."""
+    q, k, v = self.project(x_BxLxD)
+    return self.output(attention.causal(q, k, v, segment_ids_BxL, self.scale, self.cfg_attention))
 
 
 class Mlp(nnx.Module):
@@ -183,13 +157,13 @@ class Block(nnx.Module):
   def make_mlp(self, cfg, mult, rngs):
     return Mlp(cfg, mult, rngs)
 
-  def attend(self, x_BxLxD, mask, bias, constrain: Constrain):
-    x_BxLxD = x_BxLxD + self.residual_scale * self.attn(self.ln1(x_BxLxD), mask, bias)
+  def attend(self, x_BxLxD, segment_ids_BxL, constrain: Constrain):
+    x_BxLxD = x_BxLxD + self.residual_scale * self.attn(self.ln1(x_BxLxD), segment_ids_BxL)
     return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
   def add_branch(self, x_BxLxD, y_BxLxD, constrain: Constrain):
     return constrain(x_BxLxD + self.residual_scale * y_BxLxD, ("batch", "length", "act_embed"))
 
-  def __call__(self, x_BxLxD, mask, bias, constrain: Constrain):
-    x_BxLxD = self.attend(x_BxLxD, mask, bias, constrain)
+  def __call__(self, x_BxLxD, segment_ids_BxL, constrain: Constrain):
+    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain)
     return self.add_branch(x_BxLxD, self.mlp(self.ln2(x_BxLxD)), constrain)

@@ -252,7 +252,7 @@ class MoeBlock(Block):
   def make_mlp(self, cfg, mult, rngs):
     return MoeMlp(cfg, mult, rngs)
 
-  def __call__(self, x_BxLxD, mask, bias, constrain: Constrain, context: MoeContext):
-    x_BxLxD = self.attend(x_BxLxD, mask, bias, constrain)
+  def __call__(self, x_BxLxD, segment_ids_BxL, constrain: Constrain, context: MoeContext):
+    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain)
     y_BxLxD, aux = self.mlp(self.ln2(x_BxLxD), context)
     return self.add_branch(x_BxLxD, y_BxLxD, constrain), aux
