@@ -38,6 +38,7 @@ FREE_KEYS = (
   "train.stop_frac",
   "train.stop_step",
   "train.eval_every",
+  "train.cpu_microbatch_tokens",  # splits the same batch's gradient differently
   "data.threads",
   "data.cache_dir",
   "data.eval_batches",

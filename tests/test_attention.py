@@ -30,7 +30,7 @@ def _inputs(length, heads, kv, packed, seed=0):
     seg[0, 24:] = 2
     segment_ids = jnp.asarray(seg)
   else:
-    segment_ids = jnp.zeros((b, length), jnp.int32)
+    segment_ids = None  # one stream: the causal mask alone
   return q, k, v, cot, segment_ids
 
 

@@ -1,5 +1,7 @@
 """Mesh construction, the logical-axis rules and the start-up validation errors."""
 
+import dataclasses
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -58,3 +60,31 @@ def test_undivisible_parameter_names_the_parameter(small):
     sharding.ShardingError, match=r"param blocks/attn/w[kqv]: dimension 3 is not divisible"
   ):
     state_lib.build(cfg, resolve(cfg, 8), mesh)
+
+
+@pytest.mark.parametrize(
+  "overrides,devices,platform,want",
+  [
+    # 16 rows x 32 tokens on one device: 512 tokens, within any limit down to 512
+    (["train.cpu_microbatch_tokens=512"], 1, "cpu", 1),
+    (["train.cpu_microbatch_tokens=256"], 1, "cpu", 2),  # 8 rows of 32
+    (["train.cpu_microbatch_tokens=100"], 1, "cpu", 8),  # 2 rows (3 do not divide 16)
+    (["train.cpu_microbatch_tokens=10"], 1, "cpu", 16),  # one row is over the limit: 1 row
+    (["train.cpu_microbatch_tokens=100", "train.microbatches=2"], 1, "cpu", 8),  # 2 x 4
+    (["train.cpu_microbatch_tokens=64"], 8, "cpu", 1),  # 2 rows per device
+    (["train.cpu_microbatch_tokens=32"], 8, "cpu", 2),
+    (["train.cpu_microbatch_tokens=100"], 1, "tpu", 1),  # only on CPU
+    (["train.cpu_microbatch_tokens=0"], 1, "cpu", 1),  # off
+  ],
+)
+def test_split_for_cache_keeps_the_batch_and_bounds_a_microbatch(
+  small, overrides, devices, platform, want
+):
+  from celerity_jax.resolve import split_for_cache
+
+  cfg = small("train.batch_size=16", *overrides)
+  before = resolve(cfg, devices)
+  after = split_for_cache(cfg, before, devices, platform)
+  assert after.microbatches == want
+  assert after.batch_seqs == before.batch_seqs == 16
+  assert dataclasses.replace(after, microbatches=before.microbatches) == before

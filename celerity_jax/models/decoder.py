@@ -84,8 +84,6 @@ class Decoder(nnx.Module):
     of layers, stacked [groups, B, L, D] (for coordinate checks; decided at trace time, so training
     pays nothing). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py)."""
     cfg = self.cfg
-    if segment_ids_BxL is None:
-      segment_ids_BxL = jnp.zeros_like(tokens_BxL)
     x_BxLxD = constrain(self.embed_tokens(tokens_BxL), ("batch", "length", "act_embed"))
 
     groups, per_group = self.grouping()

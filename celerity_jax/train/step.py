@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
 from celerity_jax.models.layers import no_constraint
-from celerity_jax.resolve import Resolved
+from celerity_jax.resolve import Resolved, split_for_cache
 from celerity_jax.train import state as state_lib
 from celerity_jax.train.state import Setup, TrainState
 
@@ -157,8 +157,10 @@ class Training(NamedTuple):
 
 def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool = True) -> Training:
   """Mesh over `devices` (default all; `resolved` was resolved for as many), sharded setup, the
-  collapse monitor and the jitted step (`with_monitor=False` compiles it without the monitor)."""
+  collapse monitor and the jitted step (`with_monitor=False` compiles it without the monitor).
+  On CPU devices the returned `resolved` may hold more microbatches (resolve.split_for_cache)."""
   devices = list(jax.devices() if devices is None else devices)
+  resolved = split_for_cache(cfg, resolved, len(devices), devices[0].platform)
   mesh = sharding.make_mesh(cfg.mesh, devices)
   setup = state_lib.build(cfg, resolved, mesh)
   spec = monitor.build_spec(cfg, resolved)
