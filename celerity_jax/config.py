@@ -114,7 +114,7 @@ class TrainConfig:
   microbatches: int = 1  # gradient accumulation steps per optimizer step
   microbatch_rows: int = 0  # or: sequences per device per microbatch (microbatches follow from
   #   B); 0 = off. Memory per device is then the same on any slice
-  cpu_microbatch_tokens: int = 2048  # on CPU devices, also split each device's rows into the
+  cpu_microbatch_tokens: int = 2048  # on CPU, dense models also split each device's rows into the
   #   fewest microbatches of at most this many tokens (B unchanged): activations that stay in the
   #   CPU's cache make the step 1.2-1.4x faster; 0 = off (resolve.split_for_cache)
   seed: int = 0  # changes initialization and data order, nothing else

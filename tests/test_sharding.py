@@ -75,6 +75,7 @@ def test_undivisible_parameter_names_the_parameter(small):
     (["train.cpu_microbatch_tokens=32"], 8, "cpu", 2),
     (["train.cpu_microbatch_tokens=100"], 1, "tpu", 1),  # only on CPU
     (["train.cpu_microbatch_tokens=0"], 1, "cpu", 1),  # off
+    (["train.cpu_microbatch_tokens=100", "model.experts=4"], 1, "cpu", 1),  # MoE: balance loss
   ],
 )
 def test_split_for_cache_keeps_the_batch_and_bounds_a_microbatch(

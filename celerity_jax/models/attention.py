@@ -62,13 +62,22 @@ def attention_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
   return (causal_LxL[None] & same_doc_BxLxL)[:, None]
 
 
+def choose(kind: str, length: int, block: int, platform: str) -> str:
+  """model.attention's path: `auto` is blockwise above one block, and on CPU at any length: there a
+  tile's elementwise work stays in cache and the step is 1.2x faster at the default and ~20M
+  shapes (docs/results.md); elsewhere short contexts keep XLA's materialized attention."""
+  if kind != "auto":
+    return kind
+  return "blockwise" if length > block or platform == "cpu" else "reference"
+
+
 def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, how: tuple):
-  """Causal self-attention; `how` = (model.attention, model.attention_block, ALiBi or not)."""
+  """Causal self-attention; `how` = (model.attention, model.attention_block, ALiBi or not). The
+  train step fixes `auto` for its devices' platform (train/step.py); a model used directly
+  decides it for the default backend."""
   kind, block, alibi = how
   length = q_BxLxNxH.shape[1]
-  # auto: blockwise above one block, and on CPU at any length: there a tile's elementwise work
-  # stays in cache and the step is 1.2x faster at the default and ~20M shapes (docs/results.md)
-  if kind == "blockwise" or (kind == "auto" and (length > block or jax.default_backend() == "cpu")):
+  if choose(kind, length, block, jax.default_backend()) == "blockwise":
     return blockwise(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi, block)
   return reference(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi)
 

@@ -5,6 +5,7 @@ Everything a log row needs is computed here, on device, and fetched by the loop 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -17,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
+from celerity_jax.models import attention
 from celerity_jax.models.layers import no_constraint
 from celerity_jax.resolve import Resolved, split_for_cache
 from celerity_jax.train import state as state_lib
@@ -158,9 +160,13 @@ class Training(NamedTuple):
 def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool = True) -> Training:
   """Mesh over `devices` (default all; `resolved` was resolved for as many), sharded setup, the
   collapse monitor and the jitted step (`with_monitor=False` compiles it without the monitor).
-  On CPU devices the returned `resolved` may hold more microbatches (resolve.split_for_cache)."""
+  On CPU devices the returned `resolved` may hold more microbatches (resolve.split_for_cache);
+  `model.attention=auto` is decided for the devices' platform."""
   devices = list(jax.devices() if devices is None else devices)
-  resolved = split_for_cache(cfg, resolved, len(devices), devices[0].platform)
+  platform, m = devices[0].platform, cfg.model  # (a TPU topology's devices when compiling ahead)
+  resolved = split_for_cache(cfg, resolved, len(devices), platform)
+  path = attention.choose(m.attention, m.seq_len, m.attention_block, platform)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, attention=path))
   mesh = sharding.make_mesh(cfg.mesh, devices)
   setup = state_lib.build(cfg, resolved, mesh)
   spec = monitor.build_spec(cfg, resolved)
