@@ -25,7 +25,7 @@ from celerity_jax.models.moe import MoeBlock, MoeContext, moe_summary
 from celerity_jax.parametrization import Multipliers
 
 # model.scan_layers unset: deeper models run their layers under lax.scan (compile time flat in
-# depth); shallower ones unrolled, which on CPU is 1.4-1.8x faster per step at the default and 20M
+# depth); shallower ones unrolled, which on CPU is 1.1-1.5x faster per step at the default and 20M
 # shapes (XLA copies the scan body's residuals and transposes them for the weight gradients).
 SCAN_ABOVE = 8
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
-  import numpy as np
 
   from celerity_jax.models.attention import alibi_slopes as ours
 
