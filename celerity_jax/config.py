@@ -40,10 +40,11 @@ class ModelConfig:
   z_loss: float = 0.0  # coefficient of logsumexp(logits)^2, 0 = off
   remat: Literal["none", "full", "dots"] = "none"
   scan_layers: bool | None = None  # None: scan above SCAN_ABOVE layer groups (models/decoder.py)
-  # training attention: materialized scores ("reference"), tiles that never hold the L x L scores
-  # ("blockwise"), or "auto": blockwise on CPU and where seq_len > attention_block (attention.py)
-  attention: Literal["auto", "reference", "blockwise"] = "auto"
-  attention_block: int = 512  # query and key tile of the blockwise attention
+  # training attention: materialized scores ("reference"), XLA tiles that never hold the L x L
+  # scores ("blockwise"), the same as Pallas TPU kernels ("pallas"; interpreted off TPU, slowly),
+  # or "auto": blockwise on CPU; above attention_block pallas on TPU, else blockwise (attention.py)
+  attention: Literal["auto", "reference", "blockwise", "pallas"] = "auto"
+  attention_block: int = 512  # query and key tile of the blockwise and Pallas attention
   # mixture of experts (models/moe.py, docs/collapse.md); experts = 0 is a dense model
   experts: int = 0  # routed experts per MoE layer
   top_k: int = 1  # experts per token

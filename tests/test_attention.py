@@ -1,12 +1,14 @@
-"""Blockwise attention equals the materialized reference in value and in every gradient, and its
-compiled step holds no L x L array."""
+"""Blockwise attention and the Pallas kernels (interpreted on CPU) equal the materialized reference
+in value and in every gradient; the blockwise compiled step holds no L x L array; model.attention
+picks its path per platform."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celerity_jax.models import attention
+from celerity_jax.config import ConfigError
+from celerity_jax.models import attention, pallas_attention
 
 CASES = [
   # (length, heads, kv heads, block, alibi, packed documents)
@@ -91,3 +93,83 @@ def _array_sizes(hlo_text: str):
 
   for dims in re.findall(r"\b(?:f32|bf16|s32|pred)\[([\d,]+)\]", hlo_text):
     yield int(np.prod([int(d) for d in dims.split(",")]))
+
+
+# the kernels' tiles are multiples of 128 (or the whole sequence); each case runs them interpreted
+PALLAS_CASES = [
+  # (length, heads, kv heads, block, alibi, packed documents)
+  (256, 4, 2, 128, True, True),  # 2 x 2 tiles, one in the future; GQA; documents across tiles
+  (384, 2, 1, 256, True, False),  # block 256 does not divide 384: 128 is used; MQA, causal only
+  (48, 2, 2, 512, False, True),  # one tile, the whole (non-128) sequence; no ALiBi (RoPE models)
+]
+
+
+@pytest.mark.parametrize("length,heads,kv,block,alibi,packed", PALLAS_CASES)
+def test_pallas_kernels_equal_reference_in_value_and_gradients(
+  length, heads, kv, block, alibi, packed
+):
+  q, k, v, cot, seg = _inputs(length, heads, kv, packed)
+  if packed:  # documents that also end inside the second tile
+    seg = seg.at[1, length // 2 + 3 :].set(7)
+  scale = 0.3
+  ref = lambda q, k, v: attention.reference(q, k, v, seg, scale, alibi)  # noqa: E731
+  pal = lambda q, k, v: pallas_attention.causal(q, k, v, seg, scale, alibi, block)  # noqa: E731
+  np.testing.assert_allclose(jax.jit(pal)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+  grads = [
+    jax.jit(jax.grad(lambda *a, f=f: (f(*a) * cot).sum(), argnums=(0, 1, 2)))(q, k, v)
+    for f in (ref, pal)
+  ]
+  for name, want, got in zip("qkv", *grads, strict=True):
+    scale_of = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale_of, err_msg=f"d{name}")
+
+
+def test_pallas_kernels_run_per_device_on_a_sharded_mesh():
+  """Batch over data/fsdp and heads over tensor (2 x 2 x 2 of the 8 CPU devices), inside
+  jax.shard_map: the same values and gradients as on one device."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from celerity_jax import sharding
+  from celerity_jax.config import MeshConfig
+
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  q, k, v, cot, seg = _inputs(128, 4, 2, True)
+  q, k, v, cot = (jnp.concatenate([x, x[::-1]]) for x in (q, k, v, cot))  # 4 rows
+  seg = jnp.concatenate([seg, seg[::-1]])
+  shard = lambda x, *axes: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), *axes)))  # noqa: E731
+  placed = [shard(x, None, "tensor") for x in (q, k, v)] + [shard(seg)]
+
+  def loss(mesh_):
+    return lambda q, k, v, s: (pallas_attention.causal(q, k, v, s, 0.3, True, 128, mesh_) * cot).sum()
+
+  want = jax.jit(jax.value_and_grad(loss(None), argnums=(0, 1, 2)))(q, k, v, seg)
+  got = jax.jit(jax.value_and_grad(loss(mesh), argnums=(0, 1, 2)))(*placed)
+  for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_pallas_needs_a_sequence_it_can_tile():
+  assert pallas_attention.tile_size(8192, 512) == 512
+  assert pallas_attention.tile_size(1536, 1024) == 768
+  assert pallas_attention.tile_size(100, 512) == 100
+  with pytest.raises(ConfigError, match=r"model.seq_len=1000 .*model.attention_block=512"):
+    pallas_attention.tile_size(1000, 512)
+
+
+@pytest.mark.parametrize(
+  "kind,length,platform,path",
+  [
+    ("auto", 128, "cpu", "blockwise"),  # CPU: blockwise at any length
+    ("auto", 8192, "cpu", "blockwise"),
+    ("auto", 512, "tpu", "reference"),  # one block: XLA's materialized attention
+    ("auto", 8192, "tpu", "pallas"),
+    ("auto", 1000, "tpu", "blockwise"),  # no 128-multiple tile: the XLA tiles instead
+    ("auto", 8192, "gpu", "blockwise"),
+    ("auto", 256, "gpu", "reference"),
+    ("reference", 8192, "tpu", "reference"),  # an explicit choice stands
+    ("pallas", 128, "cpu", "pallas"),
+  ],
+)
+def test_auto_attention_per_platform(kind, length, platform, path):
+  assert attention.choose(kind, length, 512, platform) == path

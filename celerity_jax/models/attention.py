@@ -6,6 +6,8 @@ head dim, Q and C a block of queries and of keys (model.attention_block).
 `reference` builds the N x L x L scores with the ALiBi bias and the causal and same-document mask
 materialized, and calls `jax.nn.dot_product_attention`: what decoding uses too.
 
+`pallas` runs the same algorithm as `blockwise` in Pallas TPU kernels (models/pallas_attention.py).
+
 `blockwise` never holds more than a Q x C tile of scores per head: the forward pass walks the key
 blocks of each query block with an online softmax (running max and sum, Milakov & Gimelshein 2018;
 FlashAttention, Dao et al. 2022) and keeps only the output and the log-sum-exp; a custom VJP walks
@@ -63,23 +65,42 @@ def attention_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
 
 
 def choose(kind: str, length: int, block: int, platform: str) -> str:
-  """model.attention's path: `auto` is blockwise above one block, and on CPU at any length: there a
-  tile's elementwise work stays in cache and the step is 1.2x faster at the default and ~20M
-  shapes (docs/results.md); elsewhere short contexts keep XLA's materialized attention."""
+  """model.attention's path. `auto`: on CPU blockwise at any length (a tile's elementwise work
+  stays in cache: the step is 1.2x faster at the default and ~20M shapes, docs/results.md);
+  elsewhere XLA's materialized attention up to one block, and above it the Pallas kernels on TPU
+  (where the sequence tiles into multiples of 128) or blockwise."""
   if kind != "auto":
     return kind
-  return "blockwise" if length > block or platform == "cpu" else "reference"
+  if platform == "cpu":
+    return "blockwise"
+  if length <= block:
+    return "reference"
+  return "pallas" if platform == "tpu" and pallas_tile(length, block) else "blockwise"
 
 
-def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, how: tuple):
+def pallas_tile(length: int, block: int) -> int:
+  """The Pallas kernels' square tile: the whole sequence if it fits in one block, else the
+  largest multiple of 128 (a TPU vector register's lanes) not above `block` dividing it; 0 if
+  there is none."""
+  if length <= block:
+    return length
+  return next((s for s in range(block - block % 128, 0, -128) if length % s == 0), 0)
+
+
+def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, how: tuple, mesh=None):
   """Causal self-attention; `how` = (model.attention, model.attention_block, ALiBi or not). The
   train step fixes `auto` for its devices' platform (train/step.py); a model used directly
-  decides it for the default backend."""
+  decides it for the default backend. `mesh`: where the Pallas kernels run per device."""
   kind, block, alibi = how
-  length = q_BxLxNxH.shape[1]
-  if choose(kind, length, block, jax.default_backend()) == "blockwise":
-    return blockwise(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi, block)
-  return reference(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi)
+  path = choose(kind, q_BxLxNxH.shape[1], block, jax.default_backend())
+  args = (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi)
+  if path == "pallas":
+    from celerity_jax.models import pallas_attention  # Pallas loads only where it is used
+
+    return pallas_attention.causal(*args, block, mesh)
+  if path == "blockwise":
+    return blockwise(*args, block)
+  return reference(*args)
 
 
 def reference(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool):

@@ -82,7 +82,8 @@ class Decoder(nnx.Module):
     """(logits BxLxV float32, aux). aux["moe"] holds a mixture of experts' statistics
     (moe.moe_summary); with `residuals`, aux["residuals"] is the residual stream after each group
     of layers, stacked [groups, B, L, D] (for coordinate checks; decided at trace time, so training
-    pays nothing). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py)."""
+    pays nothing). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py) and
+    the Pallas attention kernels per device."""
     cfg = self.cfg
     x_BxLxD = constrain(self.embed_tokens(tokens_BxL), ("batch", "length", "act_embed"))
 
@@ -99,7 +100,7 @@ class Decoder(nnx.Module):
       aux = {}
       for i in range(per_group if dense_states is not None else 0):
         layer = dense_states if per_group == 1 else jax.tree.map(lambda a, i=i: a[i], dense_states)
-        x = nnx.merge(dense_def, layer)(x, segment_ids_BxL, constrain)
+        x = nnx.merge(dense_def, layer)(x, segment_ids_BxL, constrain, mesh)
       if moe_state is not None:
         x, aux = nnx.merge(moe_def, moe_state)(x, segment_ids_BxL, constrain, context)
       return x, ((x if residuals else None), aux)

@@ -116,10 +116,11 @@ class Attention(nnx.Module):
   def output(self, out_BxLxNxH):
     return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(out_BxLxNxH.dtype))
 
-  def __call__(self, x_BxLxD, segment_ids_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, mesh=None):
     """Causal self-attention over packed documents (training and full forward passes)."""
     q, k, v = self.project(x_BxLxD)
-    return self.output(attention.causal(q, k, v, segment_ids_BxL, self.scale, self.cfg_attention))
+    out = attention.causal(q, k, v, segment_ids_BxL, self.scale, self.cfg_attention, mesh)
+    return self.output(out)
 
 
 class Mlp(nnx.Module):
@@ -157,13 +158,14 @@ class Block(nnx.Module):
   def make_mlp(self, cfg, mult, rngs):
     return Mlp(cfg, mult, rngs)
 
-  def attend(self, x_BxLxD, segment_ids_BxL, constrain: Constrain):
-    x_BxLxD = x_BxLxD + self.residual_scale * self.attn(self.ln1(x_BxLxD), segment_ids_BxL)
+  def attend(self, x_BxLxD, segment_ids_BxL, constrain: Constrain, mesh=None):
+    attended = self.attn(self.ln1(x_BxLxD), segment_ids_BxL, mesh)
+    x_BxLxD = x_BxLxD + self.residual_scale * attended
     return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
   def add_branch(self, x_BxLxD, y_BxLxD, constrain: Constrain):
     return constrain(x_BxLxD + self.residual_scale * y_BxLxD, ("batch", "length", "act_embed"))
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, constrain: Constrain):
-    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain)
+  def __call__(self, x_BxLxD, segment_ids_BxL, constrain: Constrain, mesh=None):
+    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain, mesh)
     return self.add_branch(x_BxLxD, self.mlp(self.ln2(x_BxLxD)), constrain)

@@ -253,6 +253,6 @@ class MoeBlock(Block):
     return MoeMlp(cfg, mult, rngs)
 
   def __call__(self, x_BxLxD, segment_ids_BxL, constrain: Constrain, context: MoeContext):
-    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain)
+    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain, context.mesh)
     y_BxLxD, aux = self.mlp(self.ln2(x_BxLxD), context)
     return self.add_branch(x_BxLxD, y_BxLxD, constrain), aux

@@ -166,6 +166,10 @@ def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool =
   platform, m = devices[0].platform, cfg.model  # (a TPU topology's devices when compiling ahead)
   resolved = split_for_cache(cfg, resolved, len(devices), platform)
   path = attention.choose(m.attention, m.seq_len, m.attention_block, platform)
+  if path == "pallas":  # a sequence the kernels cannot tile is a config error, before compiling
+    from celerity_jax.models.pallas_attention import tile_size
+
+    tile_size(m.seq_len, m.attention_block)
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, attention=path))
   mesh = sharding.make_mesh(cfg.mesh, devices)
   setup = state_lib.build(cfg, resolved, mesh)
