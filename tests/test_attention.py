@@ -141,7 +141,9 @@ def test_pallas_kernels_run_per_device_on_a_sharded_mesh():
   placed = [shard(x, None, "tensor") for x in (q, k, v)] + [shard(seg)]
 
   def loss(mesh_):
-    return lambda q, k, v, s: (pallas_attention.causal(q, k, v, s, 0.3, True, 128, mesh_) * cot).sum()
+    return lambda q, k, v, s: (
+      pallas_attention.causal(q, k, v, s, 0.3, True, 128, mesh_) * cot
+    ).sum()
 
   want = jax.jit(jax.value_and_grad(loss(None), argnums=(0, 1, 2)))(q, k, v, seg)
   got = jax.jit(jax.value_and_grad(loss(mesh), argnums=(0, 1, 2)))(*placed)

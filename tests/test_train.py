@@ -93,7 +93,7 @@ def test_one_device_and_eight_device_mesh_agree(small):
 
 
 def test_gradient_accumulation_equals_the_big_batch_update(small):
-  from celerity_jax.train.step import _accumulate, make_loss_fn
+  from celerity_jax.train.step import _accumulate, make_eval_step, make_loss_fn
 
   big_cfg, acc_cfg = small(*MESH_222), small(*MESH_222, "train.microbatches=4")
   mesh = sharding.make_mesh(big_cfg.mesh)
@@ -106,6 +106,10 @@ def test_gradient_accumulation_equals_the_big_batch_update(small):
     for m in (1, 4)
   }
   np.testing.assert_allclose(grads[4][0]["ce"], grads[1][0]["ce"], rtol=1e-6)  # loss
+  # the held-out loss runs over the same microbatches and is the same mean
+  evals = {m: float(make_eval_step(setup, big_cfg, mesh, m)(state.params, batch)) for m in (1, 4)}
+  np.testing.assert_allclose(evals[4], evals[1], rtol=1e-6)
+  np.testing.assert_allclose(evals[1], grads[1][0]["ce"], rtol=1e-6)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()),
     grads[4][1],

@@ -46,7 +46,9 @@ def tile_size(length: int, block: int) -> int:
   return t
 
 
-def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool, block: int, mesh=None):
+def causal(
+  q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool, block: int, mesh=None
+):
   """Equals attention.reference(...) for causal self-attention over packed documents. Under a
   mesh of several devices the kernels run per device inside `jax.shard_map` (Mosaic kernels are
   not partitioned by XLA), with batch and heads split as sharding.RULES says."""
@@ -57,6 +59,7 @@ def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool,
 
   def local(q, k, v, seg, slopes):
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # BxNxLxH, BxKxLxH
+
     def run(interpret):
       return lambda *a: _attention(*a, float(scale), t, interpret)
 
@@ -86,9 +89,9 @@ def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool,
 
 def _scores(q, k, slope, scale, qi, kj, t, seg_refs):
   """One tile's scores (Q x C, float32) with ALiBi and the masks, and the visibility mask."""
-  s = jax.lax.dot_general(
-    q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-  ) * scale
+  s = (
+    jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+  )
   rows = qi * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
   cols = kj * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
   s = s - slope * (rows - cols).astype(jnp.float32)
@@ -137,7 +140,9 @@ def _forward_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, segmented)
     l_ref[...] = l_ref[...] * correction + p.sum(axis=-1, keepdims=True)
     m_ref[...] = m_new
     pv = jax.lax.dot_general(
-      p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
+      p.astype(v_ref.dtype),
+      v_ref[...],
+      (((1,), (0,)), ((), ())),
       preferred_element_type=jnp.float32,
     )
     acc_ref[...] = acc_ref[...] * _lanes(correction, acc_ref) + pv
@@ -180,7 +185,9 @@ def _forward(q, k, v, seg, slopes, scale, t, interpret):
   groups = n // k.shape[1]
   nb = length // t
   specs = _specs(
-    t, h_dim, seg is not None,
+    t,
+    h_dim,
+    seg is not None,
     kv_of=lambda b_, h, i, j: _div(h, groups),
     q_of=lambda b_, h, i, j: h,
     k_rows=lambda b_, h, i, j: jnp.minimum(j, i),  # future tiles repeat the diagonal: no fetch
@@ -239,13 +246,13 @@ def _dkv_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, nb, groups, se
   @pl.when(_needed(qi, kj, t))
   def _():
     slope = slopes_ref[kv * groups + g]
-    p, ds = _probs(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slope, scale, qi, kj, t, seg_refs)
+    p, ds = _probs(
+      q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slope, scale, qi, kj, t, seg_refs
+    )
     dv_acc[...] += jnp.dot(
       p.T.astype(do_ref.dtype), do_ref[...], preferred_element_type=jnp.float32
     )
-    dk_acc[...] += jnp.dot(
-      ds.T.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32
-    )
+    dk_acc[...] += jnp.dot(ds.T.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32)
 
   @pl.when(step == groups * nb - 1)
   def _():
@@ -268,7 +275,9 @@ def _dq_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, segmented):
       q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref[h], scale, qi, kj, t, seg_refs
     )
     dq_acc[...] += jax.lax.dot_general(
-      ds.astype(k_ref.dtype), k_ref[...], (((1,), (0,)), ((), ())),
+      ds.astype(k_ref.dtype),
+      k_ref[...],
+      (((1,), (0,)), ((), ())),
       preferred_element_type=jnp.float32,
     )
 
@@ -300,15 +309,18 @@ def _backward(q, k, v, seg, slopes, out, lse, d_out, scale, t, interpret):
   q_rows = lambda b_, kvh, j, s: jnp.maximum(jax.lax.rem(s, nb), j)  # noqa: E731
   kv_spec = pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda b_, kvh, j, s: (b_, kvh, j, 0))
   dk, dv = pl.pallas_call(
-    functools.partial(
-      _dkv_kernel, scale=scale, t=t, nb=nb, groups=groups, segmented=segmented
-    ),
+    functools.partial(_dkv_kernel, scale=scale, t=t, nb=nb, groups=groups, segmented=segmented),
     grid=(b, kv_heads, nb, groups * nb),
     in_specs=_specs(
-      t, h_dim, segmented,
-      kv_of=lambda b_, kvh, j, s: kvh, q_of=q_head,
-      k_rows=lambda b_, kvh, j, s: j, q_rows=q_rows,
-    ) + row_specs(q_head, q_rows),
+      t,
+      h_dim,
+      segmented,
+      kv_of=lambda b_, kvh, j, s: kvh,
+      q_of=q_head,
+      k_rows=lambda b_, kvh, j, s: j,
+      q_rows=q_rows,
+    )
+    + row_specs(q_head, q_rows),
     out_specs=[kv_spec, kv_spec],
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
     scratch_shapes=[pltpu.VMEM((t, h_dim), jnp.float32), pltpu.VMEM((t, h_dim), jnp.float32)],
@@ -323,10 +335,15 @@ def _backward(q, k, v, seg, slopes, out, lse, d_out, scale, t, interpret):
     functools.partial(_dq_kernel, scale=scale, t=t, segmented=segmented),
     grid=(b, n, nb, nb),
     in_specs=_specs(
-      t, h_dim, segmented,
-      kv_of=lambda b_, h, i, j: _div(h, groups), q_of=same,
-      k_rows=lambda b_, h, i, j: jnp.minimum(j, i), q_rows=at_q,
-    ) + row_specs(same, at_q),
+      t,
+      h_dim,
+      segmented,
+      kv_of=lambda b_, h, i, j: _div(h, groups),
+      q_of=same,
+      k_rows=lambda b_, h, i, j: jnp.minimum(j, i),
+      q_rows=at_q,
+    )
+    + row_specs(same, at_q),
     out_specs=[pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda b_, h, i, j: (b_, h, i, 0))],
     out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
     scratch_shapes=[pltpu.VMEM((t, h_dim), jnp.float32)],

@@ -57,6 +57,18 @@ def make_loss_fn(setup: Setup, cfg, mesh: Mesh | None = None):
   return loss_fn
 
 
+def split_microbatches(batch, micro: int, mesh: Mesh):
+  """[micro, rows / micro, ...] per key: row i*micro + j goes to microbatch j, so each device keeps
+  its own rows (no reshard)."""
+
+  def split(x):
+    x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+    spec = P(None, *sharding.logical_spec(("batch", "length")))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(split, batch)
+
+
 def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
   """Mean gradient (and mean aux) over `micro` equal microbatches via lax.scan: equals the
   full-batch gradient. Returns (aux, grads)."""
@@ -65,16 +77,11 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
     (_, aux), grads = grad_fn(params, batch)
     return aux, grads
 
-  def split(x):  # row i*micro + j -> microbatch j, so each device keeps its own rows (no reshard)
-    x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
-    spec = P(None, *sharding.logical_spec(("batch", "length")))
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
   def body(carry, mb):
     (_, aux), grads = grad_fn(params, mb)
     return jax.tree.map(jnp.add, carry, (aux, grads)), None
 
-  microbatches = jax.tree.map(split, batch)
+  microbatches = split_microbatches(batch, micro, mesh)
   (_, aux_shapes), _ = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], microbatches))
   zeros = (
     jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shapes),
@@ -135,12 +142,16 @@ def make_train_step(
   )
 
 
-def make_eval_step(setup: Setup, cfg, mesh: Mesh):
-  """Returns eval(params, batch) -> mean token cross-entropy, jitted with the train shardings."""
+def make_eval_step(setup: Setup, cfg, mesh: Mesh, microbatches: int = 1):
+  """Returns eval(params, batch) -> mean token cross-entropy, jitted with the train shardings;
+  the forward runs over the train step's `microbatches` (equal sizes: the mean of their means)."""
   loss_fn = make_loss_fn(setup, cfg, mesh)
 
   def eval_step(params, batch):
-    return loss_fn(params, batch)[1]["ce"]
+    if microbatches == 1:
+      return loss_fn(params, batch)[1]["ce"]
+    parts = split_microbatches(batch, microbatches, mesh)
+    return jax.lax.map(lambda mb: loss_fn(params, mb)[1]["ce"], parts).mean()
 
   return jax.jit(
     eval_step,
