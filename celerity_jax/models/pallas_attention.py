@@ -11,9 +11,11 @@ sequential axis with the running max, sum and output in scratch:
   dq        grid (B, N, L/Q, L/C).
 
 Tiles wholly in the future are skipped, and their index maps repeat the last needed block so the
-pipeline fetches nothing for them. Row statistics (max, sum, log-sum-exp, rowsum(dO * O)) travel
-as (rows, 128) lane-replicated arrays, the layout TPU vector registers want; only the
-(B, N, L) log-sum-exp is kept for the backward pass.
+pipeline fetches nothing for them. The forward tile is query-major (Q x C: the running max and sum
+are per row, kept lane-replicated in (Q, 128) scratch, the layout TPU vector registers want); the
+backward tiles are key-major (C x Q), so the per-query log-sum-exp and rowsum(dO * O) enter as
+(1, Q) rows of (B, N, 1, L) arrays and dk, dv come out of plain products; dq takes one transpose
+per tile. Only the (B, N, 1, L) log-sum-exp is kept for the backward pass.
 
 On CPU the kernels run in Pallas' interpreter (slow, for tests: tests/test_attention.py checks
 them against the reference in value and gradients); on TPU they compile through Mosaic, which
@@ -87,24 +89,40 @@ def causal(
 # ---- per-tile pieces shared by the three kernels ----
 
 
-def _scores(q, k, slope, scale, qi, kj, t, seg_refs):
-  """One tile's scores (Q x C, float32) with ALiBi and the masks, and the visibility mask."""
-  s = (
-    jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-  )
-  rows = qi * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
-  cols = kj * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  s = s - slope * (rows - cols).astype(jnp.float32)
-  visible = rows >= cols
-  if seg_refs is not None:
-    seg_q_ref, seg_k_ref = seg_refs
-    visible = visible & (seg_q_ref[:, :1] == seg_k_ref[:1, :])
+def _visible(pos_q, pos_k, seg_q, seg_k):
+  """Causal and same-document visibility of a tile from broadcastable positions and ids."""
+  visible = pos_q >= pos_k
+  return visible if seg_q is None else visible & (seg_q == seg_k)
+
+
+def _scores(q, k, slope, scale, qi, kj, t, segs):
+  """Query-major scores (Q x C, float32) with ALiBi and the masks, and the visibility mask;
+  `segs` = (query ids as a (Q, 1) column, key ids as a (1, C) row) or None."""
+  s = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * scale
+  pos_q = qi * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+  pos_k = kj * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  s = s - slope * (pos_q - pos_k).astype(jnp.float32)
+  visible = _visible(pos_q, pos_k, *(segs or (None, None)))
   return jnp.where(visible, s, MASKED), visible
 
 
-def _lanes(x_Q, like):
+def _scores_t(k, q, slope, scale, qi, kj, t, segs):
+  """Key-major scores (C x Q) of the same tile; `segs` = (key ids (C, 1), query ids (1, Q))."""
+  s = jax.lax.dot_general(k, q, NT, preferred_element_type=jnp.float32) * scale
+  pos_k = kj * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+  pos_q = qi * t + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+  s = s - slope * (pos_q - pos_k).astype(jnp.float32)
+  seg_k, seg_q = segs or (None, None)
+  visible = _visible(pos_q, pos_k, seg_q, seg_k)
+  return jnp.where(visible, s, MASKED), visible
+
+
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+
+
+def _lanes(x, like):
   """A (rows, 128)-replicated statistic broadcast to a (rows, C) tile's width."""
-  return jnp.broadcast_to(x_Q[:, :1], like.shape)
+  return jnp.broadcast_to(x[:, :1], like.shape)
 
 
 def _div(x, d: int):
@@ -112,8 +130,59 @@ def _div(x, d: int):
   return x if d == 1 else jax.lax.div(x, d)
 
 
-def _needed(qi, kj, t):
-  return kj <= qi  # square tiles: a key block is visible to a query block at or after it
+def _segment_inputs(seg):
+  """Document ids twice: lane-replicated columns (B, L, 128), sublane-replicated rows (B, 8, L)."""
+  if seg is None:
+    return ()
+  b, length = seg.shape
+  return (
+    jnp.broadcast_to(seg[:, :, None], (b, length, LANES)),
+    jnp.broadcast_to(seg[:, None, :], (b, SUBLANES, length)),
+  )
+
+
+def _specs(t, h_dim, segmented, kv_of, q_of, k_rows, q_rows, query_major: bool):
+  """BlockSpecs for slopes, q, k, v and the segment ids (ids of the tile's row axis as a column,
+  of its column axis as a row), given index functions of the grid."""
+  tile = (SQUEEZE, SQUEEZE, t, h_dim)
+  specs = [
+    pl.BlockSpec(memory_space=pltpu.SMEM),
+    pl.BlockSpec(tile, lambda *g: (g[0], q_of(*g), q_rows(*g), 0)),
+    pl.BlockSpec(tile, lambda *g: (g[0], kv_of(*g), k_rows(*g), 0)),
+    pl.BlockSpec(tile, lambda *g: (g[0], kv_of(*g), k_rows(*g), 0)),
+  ]
+  if segmented:
+    rows_of, cols_of = (q_rows, k_rows) if query_major else (k_rows, q_rows)
+    specs += [
+      pl.BlockSpec((SQUEEZE, t, LANES), lambda *g: (g[0], rows_of(*g), 0)),
+      pl.BlockSpec((SQUEEZE, SUBLANES, t), lambda *g: (g[0], 0, cols_of(*g))),
+    ]
+  return specs
+
+
+def _segs(refs):
+  return None if refs is None else (refs[0][:, :1], refs[1][:1, :])
+
+
+def _row_spec(t, head_of, rows_of):
+  """A (1, Q) block of a (B, N, 1, L) per-query statistic."""
+  return pl.BlockSpec((SQUEEZE, SQUEEZE, 1, t), lambda *g: (g[0], head_of(*g), 0, rows_of(*g)))
+
+
+PARAMS = dict(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _cost(q, matmuls: int, t: int, *arrays) -> pl.CostEstimate:
+  """What a kernel does, for XLA's cost analysis and scheduler (a custom call is otherwise free):
+  `matmuls` t x t x H products and t x t exponentials per visible tile, and its operands' bytes."""
+  b, n, length, h_dim = q.shape
+  nb = length // t
+  tiles = b * n * nb * (nb + 1) // 2  # causal: the diagonal and the tiles before it
+  return pl.CostEstimate(
+    flops=int(tiles * matmuls * 2 * t * t * h_dim),
+    transcendentals=int(tiles * t * t),
+    bytes_accessed=int(sum(x.size * x.dtype.itemsize for x in arrays)),
+  )
 
 
 # ---- forward ----
@@ -130,106 +199,68 @@ def _forward_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, segmented)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(_needed(qi, kj, t))
+  @pl.when(kj <= qi)  # square tiles: a key block is visible to query blocks at or after it
   def _():
-    s, visible = _scores(q_ref[...], k_ref[...], slopes_ref[h], scale, qi, kj, t, seg_refs)
+    s, visible = _scores(q_ref[...], k_ref[...], slopes_ref[h], scale, qi, kj, t, _segs(seg_refs))
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # (Q, 128)
     p = jnp.where(visible, jnp.exp(s - _lanes(m_new, s)), 0.0)
     correction = jnp.exp(m_prev - m_new)
     l_ref[...] = l_ref[...] * correction + p.sum(axis=-1, keepdims=True)
     m_ref[...] = m_new
-    pv = jax.lax.dot_general(
-      p.astype(v_ref.dtype),
-      v_ref[...],
-      (((1,), (0,)), ((), ())),
-      preferred_element_type=jnp.float32,
-    )
+    pv = jnp.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
     acc_ref[...] = acc_ref[...] * _lanes(correction, acc_ref) + pv
 
   @pl.when(kj == qi)  # the diagonal tile is each query block's last
   def _():
     total = l_ref[...]
     o_ref[...] = (acc_ref[...] / _lanes(total, acc_ref)).astype(o_ref.dtype)
-    lse_ref[...] = m_ref[...] + jnp.log(total)
-
-
-def _specs(t, h_dim, segmented, kv_of, q_of, k_rows, q_rows):
-  """BlockSpecs for q, k, v (and segment ids) given index functions of the grid."""
-  specs = [
-    pl.BlockSpec(memory_space=pltpu.SMEM),
-    pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda *g: (g[0], q_of(*g), q_rows(*g), 0)),
-    pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda *g: (g[0], kv_of(*g), k_rows(*g), 0)),
-    pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda *g: (g[0], kv_of(*g), k_rows(*g), 0)),
-  ]
-  if segmented:
-    specs += [
-      pl.BlockSpec((SQUEEZE, t, LANES), lambda *g: (g[0], q_rows(*g), 0)),
-      pl.BlockSpec((SQUEEZE, SUBLANES, t), lambda *g: (g[0], 0, k_rows(*g))),
-    ]
-  return specs
-
-
-def _segment_inputs(seg):
-  if seg is None:
-    return ()
-  b, length = seg.shape
-  return (
-    jnp.broadcast_to(seg[:, :, None], (b, length, LANES)),
-    jnp.broadcast_to(seg[:, None, :], (b, SUBLANES, length)),
-  )
+    lse_ref[...] = (m_ref[...] + jnp.log(total)).T[:1, :]  # (Q, 128) replicated -> a (1, Q) row
 
 
 def _forward(q, k, v, seg, slopes, scale, t, interpret):
   b, n, length, h_dim = q.shape
-  groups = n // k.shape[1]
-  nb = length // t
+  groups, nb = n // k.shape[1], length // t
   specs = _specs(
-    t,
-    h_dim,
-    seg is not None,
+    t, h_dim, seg is not None,
     kv_of=lambda b_, h, i, j: _div(h, groups),
     q_of=lambda b_, h, i, j: h,
     k_rows=lambda b_, h, i, j: jnp.minimum(j, i),  # future tiles repeat the diagonal: no fetch
     q_rows=lambda b_, h, i, j: i,
-  )
-  row = lambda b_, h, i, j: (b_, h, i, 0)  # noqa: E731
-  out, lse = pl.pallas_call(
+    query_major=True,
+  )  # fmt: skip
+  return pl.pallas_call(
     functools.partial(_forward_kernel, scale=scale, t=t, segmented=seg is not None),
     grid=(b, n, nb, nb),
     in_specs=specs,
     out_specs=[
-      pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), row),
-      pl.BlockSpec((SQUEEZE, SQUEEZE, t, LANES), row),
+      pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda b_, h, i, j: (b_, h, i, 0)),
+      _row_spec(t, lambda b_, h, i, j: h, lambda b_, h, i, j: i),
     ],
     out_shape=[
       jax.ShapeDtypeStruct(q.shape, q.dtype),
-      jax.ShapeDtypeStruct((b, n, length, LANES), jnp.float32),
+      jax.ShapeDtypeStruct((b, n, 1, length), jnp.float32),
     ],
     scratch_shapes=[
       pltpu.VMEM((t, LANES), jnp.float32),
       pltpu.VMEM((t, LANES), jnp.float32),
       pltpu.VMEM((t, h_dim), jnp.float32),
     ],
-    compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-    ),
+    compiler_params=pltpu.CompilerParams(**PARAMS),
+    cost_estimate=_cost(q, 2, t, q, k, v, q),
     interpret=interpret,
   )(slopes, q, k, v, *_segment_inputs(seg))
-  return out, lse[..., 0]
 
 
-# ---- backward ----
+# ---- backward (key-major tiles) ----
 
 
-def _probs(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slope, scale, qi, kj, t, seg_refs):
-  """Tile probabilities p and score gradients ds (both Q x C, float32)."""
-  s, visible = _scores(q_ref[...], k_ref[...], slope, scale, qi, kj, t, seg_refs)
-  p = jnp.where(visible, jnp.exp(s - _lanes(lse_ref[...], s)), 0.0)
-  dp = jax.lax.dot_general(
-    do_ref[...], v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-  )
-  return p, p * (dp - _lanes(delta_ref[...], s)) * scale
+def _probs_t(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slope, scale, qi, kj, t, seg_refs):
+  """A tile's probabilities and score gradients, key-major (both C x Q, float32)."""
+  s, visible = _scores_t(k_ref[...], q_ref[...], slope, scale, qi, kj, t, _segs(seg_refs))
+  p = jnp.where(visible, jnp.exp(s - lse_ref[...]), 0.0)  # lse: a (1, Q) row
+  dp = jax.lax.dot_general(v_ref[...], do_ref[...], NT, preferred_element_type=jnp.float32)
+  return p, p * (dp - delta_ref[...]) * scale
 
 
 def _dkv_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, nb, groups, segmented):
@@ -243,16 +274,13 @@ def _dkv_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, nb, groups, se
     dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
     dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
 
-  @pl.when(_needed(qi, kj, t))
+  @pl.when(kj <= qi)
   def _():
     slope = slopes_ref[kv * groups + g]
-    p, ds = _probs(
-      q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slope, scale, qi, kj, t, seg_refs
-    )
-    dv_acc[...] += jnp.dot(
-      p.T.astype(do_ref.dtype), do_ref[...], preferred_element_type=jnp.float32
-    )
-    dk_acc[...] += jnp.dot(ds.T.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32)
+    refs = (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref)
+    p, ds = _probs_t(*refs, slope, scale, qi, kj, t, seg_refs)
+    dv_acc[...] += jnp.dot(p.astype(do_ref.dtype), do_ref[...], preferred_element_type=jnp.float32)
+    dk_acc[...] += jnp.dot(ds.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32)
 
   @pl.when(step == groups * nb - 1)
   def _():
@@ -269,17 +297,11 @@ def _dq_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, segmented):
   def _():
     dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
 
-  @pl.when(_needed(qi, kj, t))
+  @pl.when(kj <= qi)
   def _():
-    _, ds = _probs(
-      q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, slopes_ref[h], scale, qi, kj, t, seg_refs
-    )
-    dq_acc[...] += jax.lax.dot_general(
-      ds.astype(k_ref.dtype),
-      k_ref[...],
-      (((1,), (0,)), ((), ())),
-      preferred_element_type=jnp.float32,
-    )
+    refs = (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref)
+    _, ds = _probs_t(*refs, slopes_ref[h], scale, qi, kj, t, seg_refs)
+    dq_acc[...] += jnp.dot(ds.T.astype(k_ref.dtype), k_ref[...], preferred_element_type=jnp.float32)
 
   @pl.when(kj == qi)
   def _():
@@ -290,24 +312,22 @@ def _backward(q, k, v, seg, slopes, out, lse, d_out, scale, t, interpret):
   b, n, length, h_dim = q.shape
   kv_heads = k.shape[1]
   groups, nb = n // kv_heads, length // t
-  delta = jnp.einsum("BNLH,BNLH->BNL", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  lanes = lambda x: jnp.broadcast_to(x[..., None], x.shape + (LANES,))  # noqa: E731
   segmented = seg is not None
-  params = lambda: pltpu.CompilerParams(  # noqa: E731
-    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-  )
+  delta = jnp.einsum("BNLH,BNLH->BNL", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = delta[:, :, None, :]  # (B, N, 1, L) like lse
+  tile = (SQUEEZE, SQUEEZE, t, h_dim)
 
-  def row_specs(head_of, rows_of):
+  def row_specs(head_of, rows_of):  # dO, then the two per-query rows
     return [
-      pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda *g: (g[0], head_of(*g), rows_of(*g), 0)),
-      pl.BlockSpec((SQUEEZE, SQUEEZE, t, LANES), lambda *g: (g[0], head_of(*g), rows_of(*g), 0)),
-      pl.BlockSpec((SQUEEZE, SQUEEZE, t, LANES), lambda *g: (g[0], head_of(*g), rows_of(*g), 0)),
+      pl.BlockSpec(tile, lambda *g: (g[0], head_of(*g), rows_of(*g), 0)),
+      _row_spec(t, head_of, rows_of),
+      _row_spec(t, head_of, rows_of),
     ]
 
   # dk, dv: grid (B, K, key block, G x query block); query blocks before the key block repeat it
   q_head = lambda b_, kvh, j, s: kvh * groups + _div(s, nb)  # noqa: E731
   q_rows = lambda b_, kvh, j, s: jnp.maximum(jax.lax.rem(s, nb), j)  # noqa: E731
-  kv_spec = pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda b_, kvh, j, s: (b_, kvh, j, 0))
+  kv_spec = pl.BlockSpec(tile, lambda b_, kvh, j, s: (b_, kvh, j, 0))
   dk, dv = pl.pallas_call(
     functools.partial(_dkv_kernel, scale=scale, t=t, nb=nb, groups=groups, segmented=segmented),
     grid=(b, kv_heads, nb, groups * nb),
@@ -319,14 +339,16 @@ def _backward(q, k, v, seg, slopes, out, lse, d_out, scale, t, interpret):
       q_of=q_head,
       k_rows=lambda b_, kvh, j, s: j,
       q_rows=q_rows,
+      query_major=False,
     )
-    + row_specs(q_head, q_rows),
+    + row_specs(q_head, q_rows),  # fmt: skip
     out_specs=[kv_spec, kv_spec],
     out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
     scratch_shapes=[pltpu.VMEM((t, h_dim), jnp.float32), pltpu.VMEM((t, h_dim), jnp.float32)],
-    compiler_params=params(),
+    compiler_params=pltpu.CompilerParams(**PARAMS),
+    cost_estimate=_cost(q, 4, t, q, k, v, d_out, k, v),
     interpret=interpret,
-  )(slopes, q, k, v, *_segment_inputs(seg), d_out, lanes(lse), lanes(delta))
+  )(slopes, q, k, v, *_segment_inputs(seg), d_out, lse, delta)
 
   # dq: grid (B, N, query block, key block); key blocks after the query block repeat it
   same = lambda b_, h, i, j: h  # noqa: E731
@@ -342,14 +364,16 @@ def _backward(q, k, v, seg, slopes, out, lse, d_out, scale, t, interpret):
       q_of=same,
       k_rows=lambda b_, h, i, j: jnp.minimum(j, i),
       q_rows=at_q,
+      query_major=False,
     )
-    + row_specs(same, at_q),
-    out_specs=[pl.BlockSpec((SQUEEZE, SQUEEZE, t, h_dim), lambda b_, h, i, j: (b_, h, i, 0))],
+    + row_specs(same, at_q),  # fmt: skip
+    out_specs=[pl.BlockSpec(tile, lambda b_, h, i, j: (b_, h, i, 0))],
     out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
     scratch_shapes=[pltpu.VMEM((t, h_dim), jnp.float32)],
-    compiler_params=params(),
+    compiler_params=pltpu.CompilerParams(**PARAMS),
+    cost_estimate=_cost(q, 3, t, q, k, v, d_out, q),
     interpret=interpret,
-  )(slopes, q, k, v, *_segment_inputs(seg), d_out, lanes(lse), lanes(delta))
+  )(slopes, q, k, v, *_segment_inputs(seg), d_out, lse, delta)
   return dq, dk, dv
 
 
