@@ -177,14 +177,9 @@ def _forward(q, k, v, seg, slopes, scale, bs):
       jnp.full(shape, MASKED, jnp.float32),
       jnp.zeros(shape, jnp.float32),
     )
-    if nblocks == 1:
-      acc, m, total = key_block(0, init)
-    else:  # causal: keys up to this block
-      acc, m, total = jax.lax.fori_loop(0, qi + 1, key_block, init)
+    acc, m, total = jax.lax.fori_loop(0, qi + 1, key_block, init)  # causal: keys up to this block
     return (acc / total[..., None]).astype(q.dtype), m + jnp.log(total)
 
-  if nblocks == 1:  # straight-line code: XLA fuses the tile's work with no loop around it
-    return query_block(0)
   out, lse = jax.lax.map(query_block, jnp.arange(nblocks))  # [blocks, ...]
   out = jnp.moveaxis(out, 0, 3).reshape(q.shape)
   lse = jnp.moveaxis(lse, 0, 3).reshape(q.shape[:-1])
@@ -235,14 +230,7 @@ def _flash_bwd(scale, bs, residuals, d_out):
     dq, dk, dv = jax.lax.fori_loop(kj, nblocks, body, (dq, zeros, zeros))  # causal: queries >= kj
     return dq, (dk, dv)
 
-  if nblocks == 1:
-    p, ds, q_blk, k_blk, do_blk = probs(0, 0)
-    dq = jnp.einsum("BKGQC,BKCH->BKGQH", ds, k_blk.astype(jnp.float32))
-    dk = jnp.einsum("BKGQC,BKGQH->BKCH", ds, q_blk.astype(jnp.float32))[None]
-    dv = jnp.einsum("BKGQC,BKGQH->BKCH", p, do_blk.astype(jnp.float32))[None]
-  else:
-    dq0 = jnp.zeros(q.shape, jnp.float32)
-    dq, (dk, dv) = jax.lax.scan(key_block, dq0, jnp.arange(nblocks))
+  dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nblocks))
   dk = jnp.moveaxis(dk, 0, 2).reshape(k.shape)
   dv = jnp.moveaxis(dv, 0, 2).reshape(v.shape)
   zero_seg = jnp.zeros(seg.shape, jax.dtypes.float0)

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
+from celerity_jax.config import ConfigError
 from celerity_jax.models import attention
 from celerity_jax.models.layers import no_constraint
 from celerity_jax.resolve import Resolved, split_for_cache
@@ -181,6 +182,11 @@ def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool =
     from celerity_jax.models.pallas_attention import tile_size
 
     tile_size(m.seq_len, m.attention_block)
+    if platform == "gpu":  # the kernels are Mosaic (TPU) kernels: on a GPU only the interpreter
+      raise ConfigError(
+        "model.attention=pallas runs TPU kernels (on CPU interpreted, for tests); on GPU use "
+        "model.attention=blockwise or auto"
+      )
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, attention=path))
   mesh = sharding.make_mesh(cfg.mesh, devices)
   setup = state_lib.build(cfg, resolved, mesh)
