@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -134,6 +135,13 @@ def test_cross_entropy_and_z_loss_values():
   ce, z = cross_entropy(logits + 2.0, jnp.asarray([[0]]), 1e-2)
   assert float(ce) == pytest.approx(np.log(2), rel=1e-6)
   assert float(z) == pytest.approx(1e-2 * 4.0, rel=1e-5)
+  # on random logits: the same value and gradient as softmax - one_hot (optax's integer-label CE)
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (2, 5, 7))
+  targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 7)
+  want = lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, targets).mean()  # noqa: E731
+  got = lambda lg: cross_entropy(lg, targets, 0.0)[0]  # noqa: E731
+  np.testing.assert_allclose(got(logits), want(logits), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(got)(logits), jax.grad(want)(logits), atol=1e-7)
 
 
 def test_one_return_shape_for_dense_and_routed_models():

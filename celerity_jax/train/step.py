@@ -29,7 +29,10 @@ from celerity_jax.train.state import Setup, TrainState
 def cross_entropy(logits_BxLxV, targets_BxL, z_coef: float):
   """Mean token cross-entropy and the mean z-loss term z_coef * logsumexp^2 (float32)."""
   lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  # the target's logit by a one-hot select, not a gather: its gradient is then elementwise and
+  # fuses with the softmax's (a gather's is a scatter), and a vocab split over devices only sums
+  vocab_BxLxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxLxV.shape, 2)
+  target_logit_BxL = jnp.where(vocab_BxLxV == targets_BxL[..., None], logits_BxLxV, 0.0).sum(-1)
   return (lse_BxL - target_logit_BxL).mean(), z_coef * jnp.square(lse_BxL).mean()
 
 
