@@ -57,6 +57,14 @@ def describe(cfg: Config, resolved: Resolved) -> dict:
   return {"config": to_dict(cfg), "derived": resolved.as_dict()}
 
 
+def _cpu_hint(n_devices: int) -> str:
+  import jax
+
+  if n_devices > 1 and jax.default_backend() == "cpu":
+    return f" ({n_devices} CPU devices: one per core; JAX_NUM_CPU_DEVICES=N sets N)"
+  return ""
+
+
 def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> Resolved:
   """Every derived quantity for `cfg` on `n_devices` devices. `kept_batch` (sequences; a resumed
   run's B) replaces the batch law's rounding; a fixed `train.batch_size` takes precedence."""
@@ -82,7 +90,7 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
     if tr.batch_size % granule:
       raise ConfigError(
         f"train.batch_size={tr.batch_size} must be a multiple of data-parallel size "
-        f"{dp} x {per} = {granule}"
+        f"{dp} x {per} = {granule}{_cpu_hint(n_devices)}"
       )
     batch_seqs = tr.batch_size
   elif kept_batch:
@@ -90,7 +98,7 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
       raise ConfigError(
         f"the checkpoint's batch of {kept_batch} sequences does not split over "
         f"data-parallel size {dp} x {per} = {granule}; resume on a mesh whose "
-        f"data-parallel size (mesh data x fsdp x expert) divides it"
+        f"data-parallel size (mesh data x fsdp x expert) divides it{_cpu_hint(n_devices)}"
       )
     batch_seqs = kept_batch
   else:

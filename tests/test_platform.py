@@ -67,6 +67,36 @@ def test_a_command_runs_with_the_tunable_and_keeps_its_arguments_and_pid():
   assert facts["glibc_tunables"] == "glibc.malloc.arena_max=4"
 
 
+@pytest.mark.parametrize(
+  "environ,argv,cores,want",
+  [
+    ({}, [], 2, 2),  # one device per core
+    ({}, ["recipe=celerity_tiny"], 16, 16),
+    ({}, [], 1, None),  # one core: jax's default is that already
+    ({"JAX_NUM_CPU_DEVICES": "1"}, [], 8, None),  # the user's count stands
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, [], 2, None),
+    ({"JAX_NUM_PROCESSES": "2"}, [], 8, None),  # one process of several shares the cores
+    ({}, ["dist.num_processes=2"], 8, None),
+  ],
+)
+def test_cpu_devices_wanted(environ, argv, cores, want):
+  assert platform.cpu_devices_wanted(environ, argv, cores) == want
+
+
+def test_a_command_gets_one_cpu_device_per_core_and_a_library_import_does_not():
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  probe = "import sys, jax; sys.stdout.write(str(jax.device_count()))"
+  cores = len(os.sched_getaffinity(0))
+  facts = subprocess.run(
+    [sys.executable, "-m", "celerity_jax.platform"], env=env, capture_output=True, text=True
+  )
+  assert json.loads(facts.stdout)["cpu_devices"] == (str(cores) if cores > 1 else "")
+  library = subprocess.run(
+    [sys.executable, "-c", "import celerity_jax; " + probe], env=env, capture_output=True, text=True
+  )
+  assert library.stdout == "1"  # notebooks and scripts keep jax's own default
+
+
 def _thp() -> str:
   try:
     return open("/sys/kernel/mm/transparent_hugepage/enabled").read()
