@@ -71,7 +71,7 @@ def wants_hugepages(environ, system: str, libc: tuple[str, str], thp_mode: str) 
   )
 
 
-def reexec_with_hugepages(environ=None):  # (python -m celerity_jax.platform shows the result)
+def reexec_with_hugepages(environ=None):  # (python -m celerity_jax.tools.platform shows it)
   """Re-executes this process (same command line, same PID) with HUGEPAGE_TUNABLE appended to
   GLIBC_TUNABLES when wants_hugepages says so; returns where it does not."""
   import platform as host
@@ -143,20 +143,3 @@ def running_a_command(argv=None) -> bool:
       return False  # a script or `-c` came first
     i += 1
   return False
-
-
-if __name__ == "__main__":  # python -m celerity_jax.platform: what this process runs with
-  import json
-  import sys
-
-  print(
-    json.dumps(
-      {
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        "pid": os.getpid(),
-        "argv": sys.argv[1:],
-        "tpu_vm": on_cloud_tpu_vm(),
-        "cpu_devices": os.environ.get(CPU_DEVICES, ""),
-      }
-    )
-  )

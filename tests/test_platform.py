@@ -54,7 +54,7 @@ def test_a_command_runs_with_the_tunable_and_keeps_its_arguments_and_pid():
     pytest.skip("this machine has no glibc huge-page tunable")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", platform.OPT_OUT)}
   env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=4"  # a user's own tunables are kept
-  cmd = [sys.executable, "-m", "celerity_jax.platform", "a b", "--flag"]
+  cmd = [sys.executable, "-m", "celerity_jax.tools.platform", "a b", "--flag"]
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
   out, _ = proc.communicate(timeout=120)
   facts = json.loads(out)
@@ -88,7 +88,7 @@ def test_a_command_gets_one_cpu_device_per_core_and_a_library_import_does_not():
   probe = "import sys, jax; sys.stdout.write(str(jax.device_count()))"
   cores = len(os.sched_getaffinity(0))
   facts = subprocess.run(
-    [sys.executable, "-m", "celerity_jax.platform"], env=env, capture_output=True, text=True
+    [sys.executable, "-m", "celerity_jax.tools.platform"], env=env, capture_output=True, text=True
   )
   assert json.loads(facts.stdout)["cpu_devices"] == (str(cores) if cores > 1 else "")
   library = subprocess.run(

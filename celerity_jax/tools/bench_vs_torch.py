@@ -7,7 +7,8 @@ Each framework trains the config's shape (float32, the config's batch) on a fixe
 `--steps` steps of each are interleaved (the first round compiles and is dropped), so machine noise
 hits all alike, and the median round gives tokens/s. Both frameworks' float32 matmul ceilings are
 measured in the same run, and the step's FLOP/s are reported as a fraction of XLA's. PyTorch runs
-with as many threads as the machine has cores, as XLA does. The PyTorch model is
+with as many threads as the machine has cores; ours, like every command on a CPU, with one device
+per core, data-parallel (celerity_jax/platform.py). The PyTorch model is
 tools/torch_reference.py (with ALiBi as an additive mask when the config uses ALiBi, and also plain
 `is_causal=True` attention, the fastest PyTorch path; the best of them is the comparison).
 Needs the `test` extra (torch).
@@ -95,6 +96,7 @@ def bench(argv: list[str]) -> dict:
     "n_params": resolved.n_params,
     "batch_tokens": tokens,
     "threads": torch.get_num_threads(),
+    "jax_devices": jax.device_count(),
     "tokens_per_s": {n: round(r, 1) for n, r in rates.items()},
     "best_torch": best_torch,
     "ours_over_best_torch": round(rates["celerity_jax"] / rates[best_torch], 3),
