@@ -5,8 +5,9 @@ to the part of the model that emitted it.
 
 Each executed op (fusion, matmul, copy) is looked up in the compiled step's HLO; the innermost
 Python function in its source metadata names the part (forward and backward ops share their
-source, so both count). "host" is the wall time of a step not spent in any op: dispatch, runtime
-and waiting. Prints a JSON object: seconds per step and share per part, and the top ops.
+source, so both count); collectives between devices are a part of their own. With several devices
+(a command on a CPU runs one per core) each has its own timeline and the shares are of their sum;
+"host" is the time of a step's timelines not spent in any op: dispatch, runtime and waiting. Prints a JSON object: seconds per step and share per part, and the top ops.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ PARTS = {  # innermost function -> part of the step
 }
 ATTENTION_FILE = "models/attention.py"
 OPTIMIZER_FILES = ("optax/", "celerity_jax/optim.py")
+
+
+COLLECTIVES = {"all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"}
 
 
 def op_parts(hlo_text: str) -> dict[str, str]:
@@ -108,8 +112,11 @@ def profile(argv: list[str]) -> dict:
       per_op[e["name"]] += e["dur"] / 1e6 / args.steps
   per_part = collections.Counter()
   for name, seconds in per_op.items():
-    per_part[parts[name]] += seconds
-  per_part["host (dispatch, runtime, waits)"] = max(0.0, wall - sum(per_op.values()))
+    collective = name.split(".")[0] in COLLECTIVES
+    per_part["collectives between devices" if collective else parts[name]] += seconds
+  # each device has its own timeline (a CPU command runs one per core): shares are of their sum
+  busy = wall * jax.device_count()
+  per_part["host (dispatch, runtime, waits)"] = max(0.0, busy - sum(per_op.values()))
   return {
     "n_params": resolved.n_params,
     "batch_tokens": resolved.batch_tokens,
@@ -117,7 +124,7 @@ def profile(argv: list[str]) -> dict:
     "tokens_per_s": round(resolved.batch_tokens / wall, 1),
     "note": "profiled steps run slower than bench_step's; shares are what to read",
     "parts": {
-      part: {"s": round(s, 4), "share": round(s / wall, 3)} for part, s in per_part.most_common()
+      part: {"s": round(s, 4), "share": round(s / busy, 3)} for part, s in per_part.most_common()
     },
     "top_ops": {f"{n} [{parts[n]}]": round(s, 4) for n, s in per_op.most_common(8)},
   }
