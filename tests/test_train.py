@@ -106,6 +106,28 @@ def test_gradient_accumulation_equals_the_big_batch_update(small):
     for m in (1, 4)
   }
   np.testing.assert_allclose(grads[4][0]["ce"], grads[1][0]["ce"], rtol=1e-6)  # loss
+  # on a mesh that only splits the batch, each device accumulates its own rows: the same gradient
+  from celerity_jax.train.step import _accumulate_per_device, splits_only_the_batch
+
+  dp_cfg = small("mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1")
+  dp_mesh = sharding.make_mesh(dp_cfg.mesh)
+  assert splits_only_the_batch(dp_mesh) and not splits_only_the_batch(mesh)
+  dp_setup = state_lib.build(dp_cfg, resolve(dp_cfg, 8), dp_mesh)
+  dp_state = dp_setup.init()
+  [dp_batch] = placed_batches(dp_cfg, resolve(dp_cfg, 8), dp_mesh)
+  local_loss = make_loss_fn(dp_setup, dp_cfg)
+  per_device = jax.jit(lambda p, b: _accumulate_per_device(local_loss, p, b, 2, dp_mesh))(
+    dp_state.params, dp_batch
+  )
+  in_loop = jax.jit(
+    lambda p, b: _accumulate(make_loss_fn(dp_setup, dp_cfg, dp_mesh), p, b, 2, dp_mesh)
+  )(dp_state.params, dp_batch)
+  np.testing.assert_allclose(per_device[0]["ce"], in_loop[0]["ce"], rtol=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()),
+    per_device[1],
+    in_loop[1],
+  )
   # the held-out loss runs over the same microbatches and is the same mean
   evals = {m: float(make_eval_step(setup, big_cfg, mesh, m)(state.params, batch)) for m in (1, 4)}
   np.testing.assert_allclose(evals[4], evals[1], rtol=1e-6)

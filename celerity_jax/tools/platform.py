@@ -1,5 +1,5 @@
-"""What this process runs with, as one JSON line: the facts celerity_jax.platform sets before jax
-loads (glibc tunables, CPU devices), the PID and arguments (kept by the re-execution), TPU VM or not.
+"""What this process runs with, as one JSON line: what celerity_jax.platform sets before jax loads
+(glibc tunables, CPU devices), the PID and arguments (kept by the re-execution), TPU VM or not.
 
   python -m celerity_jax.tools.platform
 """

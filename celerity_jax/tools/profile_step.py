@@ -7,7 +7,8 @@ Each executed op (fusion, matmul, copy) is looked up in the compiled step's HLO;
 Python function in its source metadata names the part (forward and backward ops share their
 source, so both count); collectives between devices are a part of their own. With several devices
 (a command on a CPU runs one per core) each has its own timeline and the shares are of their sum;
-"host" is the time of a step's timelines not spent in any op: dispatch, runtime and waiting. Prints a JSON object: seconds per step and share per part, and the top ops.
+"host" is the time of a step's timelines not spent in any op: dispatch, runtime and waiting.
+Prints a JSON object: seconds per step and share per part, and the top ops.
 """
 
 from __future__ import annotations

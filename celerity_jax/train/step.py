@@ -67,6 +67,8 @@ def split_microbatches(batch, micro: int, mesh: Mesh):
 
   def split(x):
     x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is None:  # one device's own rows (inside shard_map)
+      return x
     spec = P(None, *sharding.logical_spec(("batch", "length")))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
@@ -95,6 +97,29 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
   return jax.tree.map(lambda x: x / micro, total)
 
 
+def splits_only_the_batch(mesh: Mesh) -> bool:
+  """Several devices that only split the batch (mesh.data; every other axis 1): each holds whole
+  parameters, so each can accumulate its own rows' gradient."""
+  return mesh.size > 1 and all(size == 1 for axis, size in mesh.shape.items() if axis != "data")
+
+
+def _accumulate_per_device(local_loss_fn, params, batch, micro: int, mesh: Mesh):
+  """_accumulate for a mesh that only splits the batch: inside shard_map each device sums its own
+  rows' gradients over its microbatches and the devices average once. Under jit's sharding the
+  accumulator is replicated, so XLA all-reduces every microbatch's gradient inside the loop (20%
+  of the default CPU step's device time, over 83 microbatches). The same mean, summed in another
+  order."""
+  axes = sharding.RULES["batch"]
+
+  def local(params, batch):
+    return jax.lax.pmean(_accumulate(local_loss_fn, params, batch, micro, None), axes)
+
+  rows = sharding.batch_sharding(mesh).spec
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), rows), out_specs=P(), check_vma=False)(
+    params, batch
+  )
+
+
 def make_train_step(
   setup: Setup, cfg, mesh: Mesh, monitor_spec: monitor.MonitorSpec | None, microbatches: int = 1
 ):
@@ -102,9 +127,16 @@ def make_train_step(
   state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks);
   the batch's gradient is accumulated over `microbatches` (Resolved.microbatches)."""
   loss_fn = make_loss_fn(setup, cfg, mesh)
+  # measured on 2 CPU devices: 1.10x at 83 microbatches, 0.95-0.97x at 2 (where XLA overlaps the
+  # first all-reduce with the second microbatch)
+  per_device = microbatches > 2 and splits_only_the_batch(mesh)
+  local_loss_fn = make_loss_fn(setup, cfg) if per_device else None
 
   def train_step(state: TrainState, batch):
-    aux, grads = _accumulate(loss_fn, state.params, batch, microbatches, mesh)
+    if per_device:
+      aux, grads = _accumulate_per_device(local_loss_fn, state.params, batch, microbatches, mesh)
+    else:
+      aux, grads = _accumulate(loss_fn, state.params, batch, microbatches, mesh)
     ce, z = aux.pop("ce"), aux.pop("z")
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params, state.step)
     params = optax.apply_updates(state.params, updates)
