@@ -160,6 +160,19 @@ def _specs(t, h_dim, segmented, kv_of, q_of, k_rows, q_rows, query_major: bool):
   return specs
 
 
+def _query_grid_specs(t, h_dim, segmented, groups, query_major: bool):
+  """_specs for a grid (B, N, query block, key block), the forward's and dq's: key blocks after
+  the query block repeat the diagonal one, so the pipeline fetches nothing for them."""
+  return _specs(
+    t, h_dim, segmented,
+    kv_of=lambda b_, h, i, j: _div(h, groups),
+    q_of=lambda b_, h, i, j: h,
+    k_rows=lambda b_, h, i, j: jnp.minimum(j, i),
+    q_rows=lambda b_, h, i, j: i,
+    query_major=query_major,
+  )  # fmt: skip
+
+
 def _segs(refs):
   return None if refs is None else (refs[0][:, :1], refs[1][:1, :])
 
@@ -221,14 +234,7 @@ def _forward_kernel(slopes_ref, q_ref, k_ref, v_ref, *rest, scale, t, segmented)
 def _forward(q, k, v, seg, slopes, scale, t, interpret):
   b, n, length, h_dim = q.shape
   groups, nb = n // k.shape[1], length // t
-  specs = _specs(
-    t, h_dim, seg is not None,
-    kv_of=lambda b_, h, i, j: _div(h, groups),
-    q_of=lambda b_, h, i, j: h,
-    k_rows=lambda b_, h, i, j: jnp.minimum(j, i),  # future tiles repeat the diagonal: no fetch
-    q_rows=lambda b_, h, i, j: i,
-    query_major=True,
-  )  # fmt: skip
+  specs = _query_grid_specs(t, h_dim, seg is not None, groups, query_major=True)
   return pl.pallas_call(
     functools.partial(_forward_kernel, scale=scale, t=t, segmented=seg is not None),
     grid=(b, n, nb, nb),
@@ -356,17 +362,8 @@ def _backward(q, k, v, seg, slopes, out, lse, d_out, scale, t, interpret):
   [dq] = pl.pallas_call(
     functools.partial(_dq_kernel, scale=scale, t=t, segmented=segmented),
     grid=(b, n, nb, nb),
-    in_specs=_specs(
-      t,
-      h_dim,
-      segmented,
-      kv_of=lambda b_, h, i, j: _div(h, groups),
-      q_of=same,
-      k_rows=lambda b_, h, i, j: jnp.minimum(j, i),
-      q_rows=at_q,
-      query_major=False,
-    )
-    + row_specs(same, at_q),  # fmt: skip
+    in_specs=_query_grid_specs(t, h_dim, segmented, groups, query_major=False)
+    + row_specs(same, at_q),
     out_specs=[pl.BlockSpec(tile, lambda b_, h, i, j: (b_, h, i, 0))],
     out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
     scratch_shapes=[pltpu.VMEM((t, h_dim), jnp.float32)],
