@@ -3,10 +3,12 @@
   python -m celerity_jax.tools.bench_loop recipe=celerity_tiny [section.key=value ...] [--steps 40]
 
 Runs the real loop (`celerity_jax.main`'s run: data, logging, evaluation, checkpoints) for
-`--steps` steps into a temporary run directory, then times the same jitted step alone on a fixed
-batch (as tools.bench_step does). The loop's rate is its logged tokens over the time between its
-first and last logged rows, so compilation is left out and everything after it (the reader, the
-metric fetches, TensorBoard, evaluation, checkpoint saves) is in.
+`--steps` steps into a temporary run directory, and times the same jitted step alone on a fixed
+batch (as tools.bench_step does) both before and after the loop: the step's rate is the mean of the
+two, since a small machine's speed drifts by more than the gap being measured. The loop's rate is
+its logged tokens over the time between its first and last logged rows, so compilation is left out
+and everything after it (the reader, the metric fetches, TensorBoard, evaluation, checkpoint saves)
+is in.
 """
 
 from __future__ import annotations
@@ -47,21 +49,24 @@ def bench(argv: list[str]) -> dict:
   with tempfile.TemporaryDirectory() as run_dir:
     overrides = [f"run.dir={run_dir}", "run.progress=false", f"train.stop_step={args.steps}"]
     cfg, _ = parse(rest + overrides)
+    training = prepare_training(cfg, resolve(cfg, jax.device_count()))
+    [batch] = placed_batches(cfg, training.resolved, training.mesh)
+    runs = {"step": {"step": training.train_step, "state": training.setup.init(), "batch": batch}}
+    tokens = training.resolved.batch_tokens
+    before = tokens / interleaved_step_times(runs, args.bench_steps, rounds=3)["step"]
     t0 = time.perf_counter()
     run(cfg)
     wall = time.perf_counter() - t0
+    after = tokens / interleaved_step_times(runs, args.bench_steps, rounds=3)["step"]
     loop, span = loop_rate(Path(run_dir) / "metrics.jsonl")
-  training = prepare_training(cfg, resolve(cfg, jax.device_count()))
-  [batch] = placed_batches(cfg, training.resolved, training.mesh)
-  runs = {"step": {"step": training.train_step, "state": training.setup.init(), "batch": batch}}
-  step_s = interleaved_step_times(runs, args.bench_steps, rounds=3)["step"]
-  step = training.resolved.batch_tokens / step_s
+  step = (before + after) / 2
   return {
-    "batch_tokens": training.resolved.batch_tokens,
+    "batch_tokens": tokens,
     "microbatches": training.resolved.microbatches,
     "loop_steps_timed": span,
     "loop_tokens_per_s": round(loop, 1),
-    "step_tokens_per_s": round(step, 1),
+    "step_tokens_per_s_before": round(before, 1),
+    "step_tokens_per_s_after": round(after, 1),
     "loop_over_step": round(loop / step, 3),
     "loop_wall_s": round(wall, 1),
   }
