@@ -311,3 +311,41 @@ def test_plot_writes_a_png_with_spread_and_seed_noise(tmp_path):
     )
   out = plot({"synthetic": family}, tmp_path / "c.png", reference="surrogate")
   assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+def test_critical_batch_scan_holds_tau_and_tokens_and_resumes(tmp_path, capsys):
+  from celerity_jax.tools import critical_batch
+
+  small = [a for a in SMALL if not a.startswith("train.batch_size")]
+  argv = ["recipe=celerity_tiny", *small, "--batches", "8,16", "--out", str(tmp_path)]
+  critical_batch.main(argv)
+  report = json.loads((tmp_path / "celerity_tiny" / "report.json").read_text())
+  rows = {r["batch_seqs"]: r for r in report["rows"]}
+  assert abs(rows[8]["steps"] - 2 * rows[16]["steps"]) <= 1  # the same tokens in half the steps
+  derived = {
+    b: json.loads((tmp_path / "celerity_tiny" / f"b{b}_seed0" / "config.json").read_text())[
+      "derived"
+    ]
+    for b in (8, 16)
+  }
+  # lambda moved with B (within the rounding of T to whole steps: 81 against 2 x 40 here)
+  assert derived[8]["tau"] == pytest.approx(derived[16]["tau"], rel=0.02)
+  assert derived[16]["weight_decay"] == pytest.approx(2 * derived[8]["weight_decay"], rel=0.02)
+  best = min(r["final_loss_mean"] for r in rows.values())
+  assert report["critical_batch_seqs"] == critical_batch.critical(
+    [8, 16], [rows[8]["final_loss_mean"], rows[16]["final_loss_mean"]], 0.01
+  )
+  assert min(r["vs_best"] for r in rows.values()) == 0.0 and best > 0
+  metrics = tmp_path / "celerity_tiny" / "b8_seed0" / "metrics.jsonl"
+  before = metrics.stat().st_mtime_ns
+  critical_batch.main(argv)  # a finished scan is reused, not retrained
+  assert metrics.stat().st_mtime_ns == before
+  assert "| 8 |" in capsys.readouterr().out
+
+
+def test_critical_batch_is_the_largest_within_tolerance():
+  from celerity_jax.tools.critical_batch import critical
+
+  assert critical([8, 16, 32, 64], [3.30, 3.28, 3.29, 3.40], 0.01) == 32
+  assert critical([8, 16, 32, 64], [3.30, 3.28, 3.29, 3.40], 0.05) == 64
+  assert critical([8, 16], [3.0, 3.5], 0.01) == 8
