@@ -325,6 +325,22 @@ CASES = [
   ("tokenize bad key", "celerity_jax.tools.tokenize", ["data.pth=x"], 2, "data.pth", None),
   ("predict missing run", "celerity_jax.tools.predict", ["{tmp}/nope"], 2, "nope", None),
   ("aot bad topology", "celerity_jax.tools.aot", ["--topology", "v9z:2x2"], 2, "v9z", None),
+  (
+    "critical_batch bad batches",
+    "celerity_jax.tools.critical_batch",
+    ["recipe=celerity_nano_1", "--batches", "8,x", "--out", "{tmp}/cb"],
+    2,
+    "--batches",
+    None,
+  ),
+  (
+    "critical_batch bad key",
+    "celerity_jax.tools.critical_batch",
+    ["recipe=celerity_nano_1", "optim.taw=1", "--out", "{tmp}/cb"],
+    2,
+    "optim.taw",
+    None,
+  ),
 ]
 
 

@@ -1,6 +1,6 @@
 """Loss against batch size at fixed tokens and fixed tau: where the batch stops being free.
 
-  python -m celerity_jax.tools.critical_batch recipe=celerity_nano_2 [--batches 8,16,32,64,160]
+  python -m celerity_jax.tools.critical_batch [recipe=celerity_nano_2] [--batches 8,16,32,64,160]
       [--seeds 0] [--out runs/critical_batch] [--tolerance 0.01] [section.key=value ...]
 
 Every run trains the recipe's D tokens (its TPP) at train.batch_size=B with optim.tau held at the
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.main import ArgumentParser, recipe_name, run_cli
 from celerity_jax.tools import runs
 
 
@@ -28,6 +28,17 @@ def critical(batches: list[int], losses: list[float], tolerance: float) -> int:
   """The largest batch whose loss is within `tolerance` (relative) of the lowest loss."""
   best = min(losses)
   return max(b for b, loss in zip(batches, losses, strict=True) if loss <= best * (1 + tolerance))
+
+
+def int_list(parser, flag: str, text: str, least: int) -> list[int]:
+  """A comma-separated list of distinct ints >= `least`, or a usage error naming the flag."""
+  try:
+    values = [int(v) for v in text.split(",")]
+  except ValueError:
+    parser.error(f"{flag} {text!r}: give comma-separated integers")
+  if min(values) < least or len(set(values)) != len(values):
+    parser.error(f"{flag} {text!r}: give distinct integers >= {least}")
+  return values
 
 
 def scan(recipe: str, batches, seeds, overrides: list[str], out: Path, tolerance: float) -> dict:
@@ -91,12 +102,14 @@ def main(argv=None):
   parser.add_argument("--out", default="runs/critical_batch")
   parser.add_argument("--tolerance", type=float, default=0.01)
   args, rest = parser.parse_known_args(argv)
-  recipe = next((a.split("=", 1)[1] for a in rest if a.startswith("recipe=")), None)
-  if recipe is None:
-    parser.error("recipe=NAME is required")
+  recipe = recipe_name(rest)
   overrides = [a for a in rest if not a.startswith("recipe=")]
-  batches = [int(b) for b in args.batches.split(",")]
-  seeds = [int(s) for s in args.seeds.split(",")]
+  batches, seeds = (
+    int_list(parser, "--batches", args.batches, 1),
+    int_list(parser, "--seeds", args.seeds, 0),
+  )
+  if args.tolerance < 0:
+    parser.error(f"--tolerance {args.tolerance} must be >= 0")
   out = Path(args.out) / recipe
   report = scan(recipe, batches, seeds, overrides, out, args.tolerance)
   out.mkdir(parents=True, exist_ok=True)
