@@ -334,6 +334,22 @@ CASES = [
     None,
   ),
   (
+    "sweep bad grid",
+    "celerity_jax.tools.sweep",
+    ["recipe=celerity_nano_1", "--grid", "optim.lr_base=0.1", "--out", "{tmp}/sw"],
+    2,
+    "optim.lr_base=0.1",
+    None,
+  ),
+  (
+    "sweep one setting",
+    "celerity_jax.tools.sweep",
+    ["recipe=celerity_nano_1", "--set", "optim.tau=0.1", "--out", "{tmp}/sw"],
+    2,
+    "at least two settings",
+    None,
+  ),
+  (
     "critical_batch bad key",
     "celerity_jax.tools.critical_batch",
     ["recipe=celerity_nano_1", "optim.taw=1", "--out", "{tmp}/cb"],

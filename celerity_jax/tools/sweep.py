@@ -4,14 +4,16 @@ TPP and schedule, rank, optionally finish the winner, and report the compute sav
 
   python -m celerity_jax.tools.sweep recipe=celerity_nano_2 --set optim.tau=0.09 \\
       --set optim.tau=0.175 --set optim.tau=0.35 [--stop 0.3] [--out runs/sweep] [--complete] \\
-      [--full]
+      [--full] [--grid section.key=v1,v2,...]
 
-Each --set is one setting: space-separated section.key=value overrides. --complete resumes the
-predicted winner to the end; --full also finishes every setting, to measure the prediction error
-and the regret (true final loss of the chosen setting minus the best true final loss). Settings
-that change B should hold tau fixed (set optim.tau, never optim.weight_decay): then lambda moves
-with
-B/eta and the curves keep their shape, so mid-training losses rank the settings fairly.
+Each --set is one setting: space-separated section.key=value overrides. Each --grid multiplies the
+settings by the values of one key (the cartesian product; with no --set it starts from one empty
+setting), e.g. `--grid optim.lr_base=0.05,0.1 --grid param.alpha_out=2,4` is four settings.
+--complete resumes the predicted winner to the end; --full also finishes every setting, to
+measure the prediction error and the regret (true final loss of the chosen setting minus the best
+true final loss). Settings that change B should hold tau fixed (set optim.tau, never
+optim.weight_decay): then lambda moves with B/eta and the curves keep their shape, so
+mid-training losses rank the settings fairly.
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ from celerity_jax.collapse import predict, surrogate
 from celerity_jax.main import ArgumentParser, run_cli
 from celerity_jax.resolve import resolve
 from celerity_jax.tools import runs
+
+
+def expand(settings: list[list[str]], grids: list[str]) -> list[list[str]]:
+  """The settings times every --grid key's values, in order (the last key varies fastest)."""
+  out = settings or [[]]
+  for grid in grids:
+    key, _, values = grid.partition("=")
+    if not key or not values or "," not in values:
+      raise ValueError(f"--grid {grid!r}: give section.key=v1,v2[,...]")
+    out = [[*s, f"{key}={v}"] for s in out for v in values.split(",")]
+  return out
 
 
 def sweep(
@@ -92,6 +105,12 @@ def main(argv=None):
     dest="settings",
     help="one setting: space-separated section.key=value overrides",
   )
+  parser.add_argument(
+    "--grid",
+    action="append",
+    default=[],
+    help="section.key=v1,v2,...: multiply the settings by these values (repeatable)",
+  )
   parser.add_argument("--stop", type=float, default=0.3)
   parser.add_argument("--out", default="runs/sweep")
   parser.add_argument("--complete", action="store_true", help="finish the predicted winner")
@@ -100,11 +119,15 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if not args.recipe.startswith("recipe="):
     parser.error("the first argument is recipe=NAME")
-  if len(args.settings) < 2 or not 0.2 < args.stop <= 1.0:
-    parser.error("give at least two --set settings and --stop in (0.2, 1]")
+  try:
+    settings = expand([s.split() for s in args.settings], args.grid)
+  except ValueError as e:
+    parser.error(str(e))
+  if len(settings) < 2 or not 0.2 < args.stop <= 1.0:
+    parser.error("give at least two settings (--set or --grid) and --stop in (0.2, 1]")
   report = sweep(
     args.recipe.split("=", 1)[1],
-    [s.split() for s in args.settings],
+    settings,
     Path(args.out),
     args.stop,
     args.complete,
