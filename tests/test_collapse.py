@@ -349,3 +349,50 @@ def test_critical_batch_is_the_largest_within_tolerance():
   assert critical([8, 16, 32, 64], [3.30, 3.28, 3.29, 3.40], 0.01) == 32
   assert critical([8, 16, 32, 64], [3.30, 3.28, 3.29, 3.40], 0.05) == 64
   assert critical([8, 16], [3.0, 3.5], 0.01) == 8
+
+
+def test_sweep_grid_is_the_cartesian_product_of_the_settings_and_values():
+  from celerity_jax.tools.sweep import expand
+
+  assert expand([], ["optim.lr_base=0.1,0.2", "param.alpha_out=2,4"]) == [
+    ["optim.lr_base=0.1", "param.alpha_out=2"],
+    ["optim.lr_base=0.1", "param.alpha_out=4"],
+    ["optim.lr_base=0.2", "param.alpha_out=2"],
+    ["optim.lr_base=0.2", "param.alpha_out=4"],
+  ]
+  assert expand([["optim.tau=0.1"], ["optim.tau=0.3"]], ["train.seed=0,1"])[1:3] == [
+    ["optim.tau=0.1", "train.seed=1"],
+    ["optim.tau=0.3", "train.seed=0"],
+  ]
+  assert expand([["optim.tau=0.1"], ["optim.tau=0.3"]], []) == [
+    ["optim.tau=0.1"],
+    ["optim.tau=0.3"],
+  ]
+  for bad in ("optim.lr_base=0.1", "=0.1,0.2", "optim.lr_base"):
+    with pytest.raises(ValueError, match="--grid"):
+      expand([], [bad])
+
+
+def test_the_monitor_alerts_on_an_lr_bump_in_the_smallest_member(tmp_path, stdlib_cache):
+  """celerity_nano_1 against the shipped surrogate (its default reference): the clean run never
+  alerts; the same run resumed at t = 0.6 with every LR x3 (tau held, so lambda / 3) alerts by
+  t = 0.7 and not before the bump (tools.collapse_experiment's fault, on the smallest member)."""
+  from celerity_jax import recipes
+
+  common = [
+    "recipe=celerity_nano_1",
+    f"data.cache_dir={stdlib_cache}",
+    "run.progress=false",
+    "run.tensorboard=false",
+  ]
+  clean, fault = tmp_path / "clean", tmp_path / "fault"
+  assert main([*common, f"run.dir={clean}"]) == 0
+  assert main([*common, f"run.dir={fault}", "train.stop_frac=0.6"]) == 0
+  bumped = f"optim.lr_base={3 * recipes.load('celerity_nano_1').optim.lr_base:.6g}"
+  assert main([*common, f"run.dir={fault}", bumped, "checkpoint.allow_config_change=true"]) == 0
+  T = json.loads((clean / "config.json").read_text())["derived"]["steps"]
+  quiet = rows_of(clean)
+  assert quiet[-1]["step"] == T and any("collapse_residual" in r for r in quiet)
+  assert not any(r.get("collapse_alert") for r in quiet)
+  alerts = [r["step"] / T for r in rows_of(fault) if r.get("collapse_alert")]
+  assert alerts and 0.6 < alerts[0] <= 0.7

@@ -96,7 +96,13 @@ def test_nano_family_spans_8x_and_tiny_is_its_largest_member():
   assert len(nanos) >= 4 and max(sizes) / min(sizes) >= 8
   assert sizes == sorted(sizes)
   tiny, largest = recipes.load("celerity_tiny"), recipes.load(nanos[-1])
-  assert dataclasses.replace(tiny, run=largest.run) == largest
+  # the family trains at the critical batch; the default run keeps the batch law's B (fewer steps)
+  assert largest.train.batch_size == 32 and tiny.train.batch_size == 0
+  law = dataclasses.replace(largest.train, batch_size=0)
+  assert dataclasses.replace(tiny, run=largest.run, train=law) == dataclasses.replace(
+    largest, train=law
+  )
+  assert resolve(tiny).batch_seqs > 5 * resolve(largest).batch_seqs
 
 
 def test_a_nano_recipe_trains_to_its_horizon(tmp_path, stdlib_cache):

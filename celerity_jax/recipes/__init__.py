@@ -46,8 +46,8 @@ def _pod(name, d_model, n_layers, d_head, slice_, about) -> Recipe:
   )
 
 
-def _nano(name, d_model, about) -> Recipe:
-  return Recipe(name, partial(nano, name, d_model=d_model), about)
+def _nano(name, d_model, about, **kw) -> Recipe:
+  return Recipe(name, partial(nano, name, d_model=d_model, **kw), about)
 
 
 def _moe_nano(name, d_model) -> Recipe:
@@ -64,7 +64,9 @@ _ROWS = [
     "celerity_tiny",
     64,
     "the default run: nano rules at d_model 64 on the built-in stdlib "
-    "corpus, a few minutes on 2 CPU cores (celerity_nano_4's shape, its own run directory)",
+    "corpus, a few minutes on 2 CPU cores (celerity_nano_4's shape at the batch law's B, its own "
+    "run directory)",
+    batch_size=0,
   ),
   _nano("celerity_nano_1", 16, "CPU-sized Celerity member 1 of 4"),
   _nano("celerity_nano_2", 32, "CPU-sized Celerity member 2 of 4"),
