@@ -123,7 +123,7 @@ def nano(name: str, d_model: int, batch_size: int = NANO_BATCH) -> Config:
   (celerity_tiny, the default run, which must stay a few minutes).
 
   The base HPs are the published width-256 proxy values (d_base 256, l_base 2), extrapolated down.
-  A muTransfer sweep at base width 32 finds values that train every member 1-4% better, but the
+  A muTransfer sweep at base width 32 finds values that train every member 1-15% better, but the
   family then fans out by size (max Delta 0.09 against 0.03): docs/results.md, "The nano family".
   """
   cfg = celerity(
