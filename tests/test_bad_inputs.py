@@ -350,6 +350,14 @@ CASES = [
     None,
   ),
   (
+    "collapse_experiment corpus too small",
+    "celerity_jax.tools.collapse_experiment",
+    ["--family", "gpu", "--out", "{tmp}/ce", *FILES[-4:-1], *CORPUS_FILES],
+    3,
+    "training tokens; the largest run needs 2,140,441,600",
+    None,
+  ),
+  (
     "critical_batch bad key",
     "celerity_jax.tools.critical_batch",
     ["recipe=celerity_nano_1", "optim.taw=1", "--out", "{tmp}/cb"],

@@ -155,3 +155,34 @@ def test_the_recipe_table_in_the_docs_is_what_the_planner_prints():
   assert shown == plan.recipes_markdown(), (
     "docs/collapse.md is stale: python -m celerity_jax.tools.plan --recipes-markdown"
   )
+
+
+def test_gpu_family_spans_16x_at_20_tpp_and_its_experiment_plan_is_complete(capsys):
+  """The GPU family (tools.collapse_experiment --family gpu): five sizes from 9M to 150M at the
+  batch law's B and tau_opt; the experiment's runs have the taus, batches and TPPs their names
+  say, a fault run costs the 40% after its resume, and the corpus must hold the largest D."""
+  from celerity_jax.tools import collapse_experiment
+  from celerity_jax.tools.collapse_plan import FAMILIES, budget, resolved, tau_opt
+
+  f, one_gpu = FAMILIES["gpu"], ["train.microbatch_rows=2"]  # 8 devices x 2 rows = 1 GPU x 16
+  rows, totals = budget(f, one_gpu)
+  by_name = {r["name"]: r for r in rows}
+  sizes = [by_name[f"matched_{r.removeprefix('celerity_')}"]["n_params"] for r in f.sizes]
+  assert sizes == sorted(sizes) and 9e6 < sizes[0] and sizes[-1] < 1.5e8
+  assert sizes[-1] / sizes[0] > 15
+  for recipe in f.sizes:
+    x = resolved(recipe, one_gpu)
+    assert recipes.load(recipe).train.batch_size == 0  # the law's B, rounded
+    assert x.tokens == 20 * x.n_params and x.tau == pytest.approx(tau_opt(), rel=1e-6)
+    assert abs(x.batch_seqs / x.batch_seqs_law - 1) < 0.09 and x.steps > 500
+  assert resolved("celerity_gpu_10m", ["optim.tau=0.52"]).tau == pytest.approx(0.52)
+  first = by_name["matched_gpu_10m"]
+  assert by_name["halfbatch_gpu_10m"]["batch_seqs"] == first["batch_seqs"] // 2
+  assert by_name["tpp80_gpu_10m"]["tokens"] == 4 * first["tokens"]
+  assert by_name["fault_gpu_150m"]["flops"] == pytest.approx(
+    0.4 * by_name["matched_gpu_150m"]["flops"]
+  )
+  assert totals["max_tokens"] == by_name["matched_gpu_150m"]["tokens"]
+  collapse_experiment.main(["--family", "gpu", "--dry-run", *one_gpu])
+  out = capsys.readouterr().out
+  assert f"{len(rows)} runs" in out and "the corpus must hold 2,969,472,000 training tokens" in out

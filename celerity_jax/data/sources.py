@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import jax
@@ -43,6 +44,16 @@ def make_sources(cfg, resolved, rows=None, progress: bool = True) -> Sources:
 
   def windows(split, seed):
     return WindowBatches(split, model.seq_len, resolved.batch_seqs, seed, d.packing, rows)
+
+  reads, have = resolved.steps * resolved.batch_tokens, prepared.train.n_tokens
+  if reads > have and jax.process_index() == 0:
+    # legal (small experiments on small corpora), but a second pass bends the loss curve
+    print(
+      f"celerity_jax: warning: the run reads {reads:,} tokens, {reads / have:.1f} passes over "
+      f"the corpus's {have:,} training tokens: repeated data "
+      f"lowers the loss late in the run, off the collapse curve",
+      file=sys.stderr,
+    )
 
   return Sources(
     windows(prepared.train, cfg.train.seed),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from celerity_jax.config import Config, ConfigError
-from celerity_jax.recipes.family import celerity, moe, nano
+from celerity_jax.recipes.family import celerity, gpu, moe, nano
 
 DEFAULT = "celerity_tiny"
 
@@ -73,6 +73,16 @@ _ROWS = [
   _nano("celerity_nano_3", 48, "CPU-sized Celerity member 3 of 4"),
   _nano("celerity_nano_4", 64, "CPU-sized Celerity member 4 of 4"),
   *(_moe_nano(f"celerity_moe_nano_{i}", d) for i, d in enumerate((16, 32, 48, 64), start=1)),
+  *(
+    Recipe(f"celerity_gpu_{size}", partial(gpu, f"celerity_gpu_{size}", d_model=d), about)
+    for size, d, about in (
+      ("10m", 128, "GPU-sized Celerity member 1 of 5 (family.gpu): 3 layers, 9.4M parameters"),
+      ("25m", 256, "GPU-sized Celerity member 2 of 5: the base width and depth"),
+      ("50m", 384, "GPU-sized Celerity member 3 of 5"),
+      ("85m", 512, "GPU-sized Celerity member 4 of 5"),
+      ("150m", 640, "GPU-sized Celerity member 5 of 5: the 300M member's shape at vocab 32k"),
+    )
+  ),
   _pod("celerity_300m", 640, 13, 64, "v5litepod-8", "the paper's 300M member"),
   _pod("celerity_500m", 896, 17, 64, "v5litepod-16", "the paper's 500M member"),
   _pod("celerity_900m", 1152, 23, 128, "v5p-16", "the paper's 900M member"),

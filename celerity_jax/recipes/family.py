@@ -144,3 +144,46 @@ def nano(name: str, d_model: int, batch_size: int = NANO_BATCH) -> Config:
     run=dataclasses.replace(cfg.run, log_every=1),
     collapse=dataclasses.replace(cfg.collapse, align_start=0.4, align_end=0.6),
   )
+
+
+# The GPU family's vocabulary: a BPE tokenizer trained on the user's corpus (data.paths)
+GPU_VOCAB = 32_768
+
+
+def gpu(name: str, d_model: int) -> Config:
+  """The GPU-sized family (10M-150M parameters, 20 TPP): where the paper's regime begins, for the
+  collapse experiment on one GPU (tools.collapse_experiment --family gpu).
+
+  Celerity's shape rules at d_head 64 and n_layers = round(d_model / 50) (the paper's members have
+  49-53 d_model per layer), vocab 32,768 (a 128k vocabulary would be 60-90% of every member's
+  parameters), context 2048, bfloat16 compute. B is the batch law's (135-524 sequences, 720-2,800
+  steps): at D = 2e8-3e9 the law is inside the range Celerity tuned it on, unlike the nano
+  family's D ~ 1e6. The base HPs are the published width-256 proxy values, with l_base 5 (the
+  depth of the width-256 member), so every member is within 2.6x of the base in width and depth.
+  The corpus must hold at least D training tokens for the largest member (3e9): repeated data
+  bends the curve, so the experiment checks it first.
+
+  Each step runs in microbatches of 16 sequences (32k tokens; B unchanged up to rounding to a
+  multiple of 16 x the devices, within 4% on one GPU): the largest member's step then peaks at
+  28.5 GB compiled for one 95 GB v5p chip (`tools.aot recipe=celerity_gpu_150m --topology
+  v5p:1x1x1`), well inside an 80 GB H100. On several GPUs lower train.microbatch_rows so that
+  rows x devices stays near 16.
+  """
+  cfg = celerity(
+    name,
+    d_model=d_model,
+    n_layers=max(2, round(d_model / 50)),
+    d_head=64,
+    tpp=20.0,
+    vocab_size=GPU_VOCAB,
+    seq_len=2048,
+    dtype="bfloat16",
+    l_base=5,
+    microbatch_rows=16,
+  )
+  return dataclasses.replace(
+    cfg,
+    train=dataclasses.replace(cfg.train, eval_every=100),
+    checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=100),
+    run=dataclasses.replace(cfg.run, log_every=1),
+  )

@@ -34,7 +34,7 @@ def topology_devices(name: str, slices: int = 1) -> tuple[tpu_chips.Chip, list]:
   from jax.experimental import topologies
 
   kwargs = {"num_slices": slices} if slices > 1 else {}
-  if dims == (1, 1):  # one chip: a host of one
+  if set(dims) == {1}:  # one chip (v5e:1x1, v5p:1x1x1): a host of one
     kwargs["chips_per_host_bounds"] = (1, 1, 1)
   try:
     return chip, list(

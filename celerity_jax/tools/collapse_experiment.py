@@ -1,23 +1,29 @@
-"""The nano-family collapse experiment: does a family at fixed TPP with tau_opt collapse, does a
-mismatched tau break it, how well do the surrogate and early alignment predict each member, and
-does the monitor catch an injected fault?
+"""The collapse experiment: does a family at fixed TPP with tau_opt collapse, does a mismatched
+tau break it, how well do the surrogate and early alignment predict each member, and does the
+monitor catch an injected fault?
 
-  python -m celerity_jax.tools.collapse_experiment [--out runs/collapse]
-      [--figure docs/collapse.png] [--write-constants] [section.key=value ...]
+  python -m celerity_jax.tools.collapse_experiment [--family nano|gpu] [--out DIR] [--figure PNG]
+      [--write-constants] [--dry-run] [section.key=value ...]
 
-Runs (all 20 TPP at the recipes' B unless said; finished runs in --out are reused, so it resumes):
-  matched     nano_1 .. nano_4 at tau_opt(20), seed 0 (the family is nano_2-4; nano_1 is an extra)
-  seeds       nano_2 seeds 1-4 and nano_3 seed 1 (the noise floor sigma)
-  mismatched  nano_2 at 3 tau_opt, nano_3 at tau_opt, nano_4 at tau_opt / 3
-  half batch  nano_2 seeds 0-2 at B / 2 (same tokens and tau: twice the steps; not fitted)
-  faults      nano_2 and nano_4 resumed at t = 0.6 with optim.lr_base x 3 (tau held)
-  fit extras  nano_2 at tau_opt / 3; nano_1 at 10, 40, 80 TPP; nano_2 at 10, 40 TPP (tau_opt(TPP))
+Families (tools/collapse_plan.py): `nano`, celerity_nano_2..4 (plus nano_1) on the stdlib corpus,
+13 minutes on 2 CPU cores; `gpu`, celerity_gpu_10m..150m at the batch law's B, about 5 hours on
+one H100 at 40% MFU, on a corpus of at least 3e9 training tokens (data.paths=...; the corpus is
+tokenized and its size checked before any training). Runs (20 TPP unless said; finished runs in
+--out are reused, so it resumes):
+  matched     every size at tau_opt(20), seed 0 (and the nano family's extra member, nano_1)
+  seeds       the first size with seeds 1-4 and the second with seed 1 (the noise floor sigma)
+  mismatched  the first size at 3 tau_opt, the second at tau_opt, the third at tau_opt / 3
+  half batch  the first size at B / 2, seeds 0-2 (same tokens and tau: twice the steps; not fitted)
+  faults      the smallest and largest size resumed at t = 0.6 with optim.lr_base x 3 (tau held)
+  fit extras  the first size at tau_opt / 3; two small members at 10-80 TPP (tau_opt(TPP))
 Reports (collapse_analysis): Delta against sigma for both families, the held-out surrogate MAE and
 the final loss predicted from 30/50/70% for each member (surrogate fit without that size), the
-tau sweep nano_2 at tau_opt x (1/3, 1, 3) ranked from its first 30% (the regret), the monitor's
-alert time on each fault replayed against the surrogate, and a verdict on each pre-registered
-threshold. --write-constants refits the surrogate on every run without a fault and writes the
-package's surrogate_constants.json. Overrides apply to every run.
+tau sweep of the first size at tau_opt x (1/3, 1, 3) ranked from its first 30% (the regret), the
+monitor's alert time on each fault replayed against the surrogate, and a verdict on each
+pre-registered threshold. The surrogate refit on every run without a fault is written to
+DIR/surrogate_constants.json; --write-constants also makes it the package's
+surrogate_constants.json. --dry-run prints every run's N, D, B, T and FLOPs and trains nothing.
+Overrides apply to every run.
 """
 
 from __future__ import annotations
@@ -42,72 +48,39 @@ from celerity_jax.tools.collapse_analysis import (
   pair_gap,
   verdicts,
 )
+from celerity_jax.tools.collapse_plan import (
+  FAMILIES,
+  FAULT_AT,
+  Family,
+  budget,
+  check_corpus,
+  fault_overrides,
+  fault_runs,
+  half_batch_seeds,
+  plan,
+  short,
+)
+from celerity_jax.tools.plan import PEAK_TFLOPS
 from celerity_jax.tools.plot_collapse import plot
 
-TAU_OPT_20 = 0.785 * 20**-0.501
-SIZES = ("celerity_nano_2", "celerity_nano_3", "celerity_nano_4")
-FAULT_AT, FAULT_LR = 0.6, 3.0
 
-
-def short(recipe: str) -> str:
-  return recipe.removeprefix("celerity_")
-
-
-def monitor_settings() -> tuple[tuple[float, float], float, int]:
-  """The nano recipes' monitor: (alignment window, threshold, patience)."""
+def monitor_settings(f: Family) -> tuple[tuple[float, float], float, int]:
+  """The family's monitor (its largest recipe's): (alignment window, threshold, patience)."""
   from celerity_jax import recipes
 
-  col = recipes.load(SIZES[-1]).collapse
+  col = recipes.load(f.sizes[-1]).collapse
   return (col.align_start, col.align_end), col.threshold, col.patience
 
 
-def plan() -> dict[str, tuple[str, list[str]]]:
-  """name -> (recipe, overrides) for every run without a fault."""
-  p = {f"matched_{short(r)}": (r, []) for r in ("celerity_nano_1", *SIZES)}
-  p |= {f"seed{s}_nano_2": (SIZES[0], [f"train.seed={s}"]) for s in (1, 2, 3, 4)}
-  p["seed1_nano_3"] = (SIZES[1], ["train.seed=1"])
-  p |= {
-    "mismatched_nano_2": (SIZES[0], [f"optim.tau={3 * TAU_OPT_20:.6g}"]),
-    "mismatched_nano_4": (SIZES[2], [f"optim.tau={TAU_OPT_20 / 3:.6g}"]),
-    "taulow_nano_2": (SIZES[0], [f"optim.tau={TAU_OPT_20 / 3:.6g}"]),
-    "halfbatch_nano_2": (SIZES[0], [f"train.batch_size={nano_batch() // 2}"]),
-  }
-  for tpp in (10, 40, 80):
-    p[f"tpp{tpp}_nano_1"] = ("celerity_nano_1", [f"scaling.tpp={tpp}"])
-  for tpp in (10, 40):
-    p[f"tpp{tpp}_nano_2"] = (SIZES[0], [f"scaling.tpp={tpp}"])
-  return p
-
-
-def half_batch_seeds() -> dict[str, tuple[str, list[str]]]:
-  """Seeds 1-2 of nano_2 at B / 2: only for the half-batch comparison (kept out of every fit, so
-  the surrogate constants come from plan()'s runs alone)."""
-  half = f"train.batch_size={nano_batch() // 2}"
-  return {f"halfbatch_seed{s}_nano_2": (SIZES[0], [half, f"train.seed={s}"]) for s in (1, 2)}
-
-
-def nano_batch() -> int:
-  from celerity_jax import recipes
-
-  return recipes.load(SIZES[0]).train.batch_size
-
-
-def fault_overrides(recipe: str, overrides: list[str]) -> list[str]:
-  """The fault: every group's LR x FAULT_LR from the resume on (tau held, so lambda / FAULT_LR)."""
-  from celerity_jax import recipes
-  from celerity_jax.config import apply_overrides
-
-  lr = apply_overrides(recipes.load(recipe), overrides).optim.lr_base
-  return [f"optim.lr_base={FAULT_LR * lr:.6g}"]
-
-
-def tau_sweep(c: dict[str, Curve], constants: surrogate.Constants, stop: float = 0.3) -> dict:
-  """nano_2's runs at tau_opt x (1/3, 1, 3) as an early-stopped sweep (tools.sweep's rule): rank by
-  the final loss predicted from the first `stop`, then the regret of that pick."""
+def tau_sweep(
+  c: dict[str, Curve], first: str, constants: surrogate.Constants, stop: float = 0.3
+) -> dict:
+  """The first size's runs at tau_opt x (1/3, 1, 3) as an early-stopped sweep (tools.sweep's
+  rule): rank by the final loss predicted from the first `stop`, then the regret of that pick."""
   settings = {
-    "tau_opt/3": "taulow_nano_2",
-    "tau_opt": "matched_nano_2",
-    "3 tau_opt": "mismatched_nano_2",
+    "tau_opt/3": f"taulow_{first}",
+    "tau_opt": f"matched_{first}",
+    "3 tau_opt": f"mismatched_{first}",
   }
   rows = {
     k: {
@@ -134,26 +107,29 @@ def tau_sweep(c: dict[str, Curve], constants: surrogate.Constants, stop: float =
 
 
 def analyse(
-  c: dict[str, Curve], faults: dict[str, Curve], checks: dict[str, Curve]
+  f: Family, c: dict[str, Curve], faults: dict[str, Curve], checks: dict[str, Curve]
 ) -> tuple[dict, surrogate.Constants]:
-  matched = [c[f"matched_{short(r)}"] for r in SIZES]
-  mismatched = [c["mismatched_nano_2"], c["matched_nano_3"], c["mismatched_nano_4"]]
-  seeds_2 = [c["matched_nano_2"], *(c[f"seed{s}_nano_2"] for s in (1, 2, 3, 4))]
-  seeds = [seeds_2, [c["matched_nano_3"], c["seed1_nano_3"]]]
+  first, second, third = (short(r) for r in f.sizes[:3])
+  matched = [c[f"matched_{short(r)}"] for r in f.sizes]
+  mismatched = [c[f"mismatched_{first}"], c[f"matched_{second}"], c[f"mismatched_{third}"]]
+  seeds_first = [c[f"matched_{first}"], *(c[f"seed{s}_{first}"] for s in f.seeds)]
+  seeds = [seeds_first, [c[f"matched_{second}"], c[f"seed1_{second}"]]]
   report = family_figures(matched, mismatched, seeds)
-  with_nano_1 = family_figures([c["matched_nano_1"], *matched], mismatched, seeds)
-  report["with_nano_1"] = {
-    k: with_nano_1[k] for k in ("max_delta_matched", "mean_delta_matched", "supercollapse_frac")
-  }
-  halves = {0: ("matched_nano_2", "halfbatch_nano_2")}
-  halves |= {s: (f"seed{s}_nano_2", f"halfbatch_seed{s}_nano_2") for s in (1, 2)}
+  report["family"] = {"name": f.name, "sizes": [short(r) for r in f.sizes], "first": first}
+  if f.extra:
+    more = family_figures([c[f"matched_{short(f.extra)}"], *matched], mismatched, seeds)
+    report["with_extra"] = {"extra": short(f.extra)} | {
+      k: more[k] for k in ("max_delta_matched", "mean_delta_matched", "supercollapse_frac")
+    }
+  halves = {0: (f"matched_{first}", f"halfbatch_{first}")}
+  halves |= {s: (f"seed{s}_{first}", f"halfbatch_seed{s}_{first}") for s in (1, 2)}
   both = {**c, **checks}
-  report["half_batch_gap_nano_2"] = max(pair_gap(both[a], both[b]) for a, b in halves.values())
-  report["half_batch_gaps_nano_2"] = {
+  report["half_batch_gap"] = max(pair_gap(both[a], both[b]) for a, b in halves.values())
+  report["half_batch_gaps"] = {
     str(s): {"all": pair_gap(both[a], both[b]), "late": pair_gap(both[a], both[b], LATE)}
     for s, (a, b) in halves.items()
   }
-  report["seed_gap_nano_2_max"] = max(pair_gap(seeds_2[0], x) for x in seeds_2[1:])
+  report["seed_gap_max"] = max(pair_gap(seeds_first[0], x) for x in seeds_first[1:])
   everything = list(c.values())
   report["members"], held = {}, {}
   for i, m in enumerate(matched):
@@ -161,13 +137,13 @@ def analyse(
       m,
       everything,
       matched[i - 1] if i else None,
-      seeds_2 if i == 0 else seeds[1] if i == 1 else [m],
+      seeds_first if i == 0 else seeds[1] if i == 1 else [m],
     )
-    report["members"][short(SIZES[i])] = row
-  # the sweep's surrogate never saw nano_2 (held[...] is the fit without its size)
-  report["tau_sweep_nano_2"] = tau_sweep(c, held[matched[0].n_params])
+    report["members"][short(f.sizes[i])] = row
+  # the sweep's surrogate never saw the first size (held[...] is the fit without its size)
+  report["tau_sweep"] = tau_sweep(c, first, held[matched[0].n_params])
   constants, objective = surrogate.fit(everything)
-  window, threshold, patience = monitor_settings()
+  window, threshold, patience = monitor_settings(f)
   controls = [x for x in everything if x.tpp == matched[0].tpp and x.tau == matched[0].tau]
   report["faults"] = {
     name: fault_detection(f, controls, constants, window, threshold, patience)
@@ -234,16 +210,20 @@ def table(r: dict) -> str:
       + (" / ".join(f"{c[k]:+.2%}" for k in ("0.3", "0.5", "0.7")) if c else "-")
       + " |"
     )
-  sw = r["tau_sweep_nano_2"]
+  sw, first = r["tau_sweep"], r["family"]["first"]
   lines += [
     "",
-    f"tau sweep (nano_2, stopped at {sw['stop']:.0%}): picked {sw['picked']}, best {sw['best']}, "
+    f"tau sweep ({first}, stopped at {sw['stop']:.0%}): picked {sw['picked']}, best {sw['best']}, "
     f"regret {sw['regret']:.4f}, max prediction error {sw['max_abs_prediction_error']:.2%}; "
-    f"B / 2 vs B (nano_2, seeds 0-2) max gap {r['half_batch_gap_nano_2']:.4f} (seed vs seed max "
-    f"{r['seed_gap_nano_2_max']:.4f}); with nano_1 (four sizes) supercollapse fraction "
-    f"{r['with_nano_1']['supercollapse_frac']:.2f}, "
-    f"max Delta {r['with_nano_1']['max_delta_matched']:.4f}",
+    f"B / 2 vs B ({first}, seeds 0-2) max gap {r['half_batch_gap']:.4f} (seed vs seed max "
+    f"{r['seed_gap_max']:.4f})",
   ]
+  if "with_extra" in r:
+    x = r["with_extra"]
+    lines[-1] += (
+      f"; with {x['extra']} ({len(r['members']) + 1} sizes) supercollapse fraction "
+      f"{x['supercollapse_frac']:.2f}, max Delta {x['max_delta_matched']:.4f}"
+    )
   return "\n".join(lines)
 
 
@@ -269,17 +249,41 @@ def train_with_fault(recipe: str, overrides: list[str], run_dir: Path) -> Curve:
   return runs.load_run(run_dir)
 
 
+def dry_run(f: Family, base: list[str]) -> None:
+  """Every run the experiment would train, with its size and cost; nothing is trained."""
+  rows, totals = budget(f, base)
+  print(f"{'run':<26} {'N':>11} {'D':>14} {'B seq':>6} {'T':>6} {'FLOPs':>9}")
+  for r in rows:
+    print(
+      f"{r['name']:<26} {r['n_params']:>11,} {r['tokens']:>14,.0f} {r['batch_seqs']:>6} "
+      f"{r['steps']:>6} {r['flops']:>9.3g}"
+    )
+  hours = totals["flops"] / (PEAK_TFLOPS["h100"] * 1e12 * 0.4) / 3600
+  print(
+    f"{totals['runs']} runs, {totals['flops']:.3g} FLOPs ({hours:.2f} h on one H100 at 40% MFU); "
+    f"the corpus must hold {totals['max_tokens']:,.0f} training tokens"
+  )
+
+
 def main(argv=None):
   parser = ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="runs/collapse")
-  parser.add_argument("--figure", default="docs/collapse.png")
+  parser.add_argument("--family", choices=sorted(FAMILIES), default="nano")
+  parser.add_argument("--out", default=None, help="default: runs/collapse (nano), ..._gpu (gpu)")
+  parser.add_argument("--figure", default=None, help="default: docs/collapse.png, ..._gpu.png")
   parser.add_argument("--write-constants", action="store_true")
+  parser.add_argument("--dry-run", action="store_true", help="print the runs and their cost")
   parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run")
   args = parser.parse_args(argv)
-  out, started = Path(args.out), time.monotonic()
+  f = FAMILIES[args.family]
+  out, figure = Path(args.out or f.out), args.figure or f.figure
   base = ["collapse.reference=none", *args.overrides]
+  if args.dry_run:
+    dry_run(f, base)
+    return
+  started = time.monotonic()
+  check_corpus(f.sizes[-1], base, budget(f, base)[1]["max_tokens"])
   curves, faults = {}, {}
-  for name, (recipe, overrides) in plan().items():
+  for name, (recipe, overrides) in plan(f, base).items():
     curves[name] = runs.train(recipe, [*base, *overrides], out / name)
     print(
       f"{name}: final loss {curves[name].final_loss:.4f} "
@@ -288,41 +292,38 @@ def main(argv=None):
     )
   checks = {
     name: runs.train(recipe, [*base, *overrides], out / name)
-    for name, (recipe, overrides) in half_batch_seeds().items()
+    for name, (recipe, overrides) in half_batch_seeds(f, base).items()
   }
-  for recipe in (SIZES[0], SIZES[-1]):
-    name = f"fault_{short(recipe)}"
+  for name, recipe in fault_runs(f).items():
     faults[name] = train_with_fault(recipe, base, out / name)
-  report, constants = analyse(curves, faults, checks)
+  report, constants = analyse(f, curves, faults, checks)
   report["wall_s"] = time.monotonic() - started
   (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  command = f"python -m celerity_jax.tools.collapse_experiment --family {f.name} --write-constants"
+  meta = {"fit_mae": report["surrogate_fit_mae_all"], "runs": sorted(curves), "command": command}
+  surrogate.save_constants(out / "surrogate_constants.json", constants, meta)
   if args.write_constants:
-    surrogate.save_constants(
-      surrogate.PACKAGED,
-      constants,
-      {
-        "fit_mae": report["surrogate_fit_mae_all"],
-        "runs": sorted(curves),
-        "command": "python -m celerity_jax.tools.collapse_experiment --write-constants",
-      },
-    )
-  matched = [k for k in curves if k.startswith(("matched", "seed")) and "nano_1" not in k]
+    surrogate.save_constants(surrogate.PACKAGED, constants, meta)
+  first, second, third = (short(r) for r in f.sizes[:3])
+  matched = [k for k in curves if k.startswith(("matched", "seed"))]
+  if f.extra:
+    matched = [k for k in matched if not k.endswith(short(f.extra))]
   plot(
     {
       "matched (tau_opt)": [curves[k] for k in matched],
       "mismatched tau": [
-        curves["mismatched_nano_2"],
-        curves["matched_nano_3"],
-        curves["mismatched_nano_4"],
+        curves[f"mismatched_{first}"],
+        curves[f"matched_{second}"],
+        curves[f"mismatched_{third}"],
       ],
       "LR x3 from t = 0.6": list(faults.values()),
     },
-    args.figure,
-    reference=curves["matched_nano_3"],
-    title="nano family, 20 TPP, B = 32: residuals against nano_3's curve",
+    figure,
+    reference=curves[f"matched_{second}"],
+    title=f"{f.title}: residuals against {second}'s curve",
   )
   print(table(report))
-  print(f"report: {out / 'report.json'}; figure: {args.figure}")
+  print(f"report: {out / 'report.json'}; figure: {figure}")
 
 
 if __name__ == "__main__":
