@@ -251,3 +251,10 @@ def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
   kinds = {r["kind"] for r in result["rejected"]}
   assert "slower" in kinds and kinds <= {"memory", "dominated", "slower", "budget", "batch"}
   assert all("GB per device" in r["reason"] for r in result["rejected"] if r["kind"] == "memory")
+
+
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v5p:1x1x1"])
+def test_one_chip_topologies_build_a_single_device(topology):
+  """One chip of any generation (what a one-GPU recipe is checked against: the GPU family's
+  memory figure comes from v5p:1x1x1)."""
+  assert len(aot.topology_devices(topology)[1]) == 1
