@@ -38,6 +38,9 @@ class MetricsWriter:
     self.send_every = REMOTE_FLUSH_SECONDS if storage.is_remote(run_dir) else 0.0
     self.last_sent = time.monotonic()
     self.tb = None
+    if enabled:  # a run killed inside an append left its staged bytes beside the files
+      for directory in (run_dir, run_dir / "tb"):
+        storage.remove_append_tails(directory)
     if tensorboard and enabled:
       from tensorboardX import SummaryWriter, record_writer
 

@@ -86,8 +86,13 @@ def write_atomic(path: epath.Path, data: bytes | str):
   os.replace(partial, path)
 
 
+APPEND_TAIL = ".celerity-append-"  # the staged object of a remote append, beside the file
+
+
 def append(path: epath.Path, data: bytes | str):
-  """Adds `data` at the end of `path` (created if missing)."""
+  """Adds `data` at the end of `path` (created if missing). On Cloud Storage the data is staged as
+  an object named APPEND_TAIL... (no part of the file's name, so a tail that a killed process
+  leaves is not taken for a TensorBoard event file) and composed onto the file."""
   data = data.encode() if isinstance(data, str) else data
   if not data:
     return
@@ -99,7 +104,7 @@ def append(path: epath.Path, data: bytes | str):
   if not fs.exists(key):
     fs.pipe(key, data)
   else:
-    tail = f"{key}.append-{uuid.uuid4().hex[:12]}"
+    tail = f"{key.rsplit('/', 1)[0]}/{APPEND_TAIL}{uuid.uuid4().hex[:12]}"
     fs.pipe(tail, data)
     try:
       fs.merge(key, [key, tail])  # server-side compose: no download
@@ -108,6 +113,17 @@ def append(path: epath.Path, data: bytes | str):
     finally:
       fs.rm(tail)
   _forget(path)
+
+
+def remove_append_tails(directory: epath.Path):
+  """Deletes the staged appends a process killed inside append() left in `directory` (call it
+  from the directory's only writer before it appends)."""
+  if is_remote(directory):
+    fs = _gcs()
+    prefix = os.fspath(directory)[len("gs://") :].rstrip("/")
+    fs.invalidate_cache(prefix)
+    for key in fs.glob(f"{prefix}/{APPEND_TAIL}*"):
+      fs.rm(key)
 
 
 def file_sizes(directory: epath.Path) -> dict[str, int]:

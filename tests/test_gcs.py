@@ -57,6 +57,27 @@ def test_append_composes_onto_the_end_and_reads_back_at_once(gcs, tmp_path):
   assert gcs.ls(f"{BUCKET}/append", refresh=True) == [f"{BUCKET}/append/log.txt"]  # no leftovers
 
 
+def test_an_append_killed_before_its_compose_leaves_nothing_tensorboard_reads(gcs):
+  """A process killed between staging an append and composing it leaves the staged object; its
+  name shares nothing with the file's (so TensorBoard never loads it as an event file) and the
+  run's next metrics writer deletes it."""
+  from celerity_jax.metrics import MetricsWriter
+
+  run = storage.location(gs("killed_append"))
+  event = run / "tb" / "events.out.tfevents.1.host"
+  storage.append(event, b"first")
+  gcs.pipe(f"{BUCKET}/killed_append/tb/{storage.APPEND_TAIL}0123", b"staged")  # the leftover
+  gcs.pipe(f"{BUCKET}/killed_append/{storage.APPEND_TAIL}4567", b"staged")
+  storage.append(event, b" second")
+  names = [k.rsplit("/", 1)[1] for k in gcs.find(f"{BUCKET}/killed_append", refresh=True)]
+  assert sorted(n for n in names if "tfevents" in n) == ["events.out.tfevents.1.host"]
+  MetricsWriter(run, tensorboard=False).close()
+  assert gcs.find(f"{BUCKET}/killed_append", refresh=True) == [
+    f"{BUCKET}/killed_append/tb/events.out.tfevents.1.host"
+  ]
+  assert event.read_bytes() == b"first second"
+
+
 @pytest.mark.slow
 def test_gcs_run_dir_survives_sigkill_bit_identically(gcs, tmp_path):
   """Train with run.dir on gs://, SIGKILL at a random moment after a checkpoint, rerun the same
