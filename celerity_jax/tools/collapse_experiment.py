@@ -6,10 +6,10 @@ monitor catch an injected fault?
       [--write-constants] [--dry-run] [section.key=value ...]
 
 Families (tools/collapse_plan.py): `nano`, celerity_nano_2..4 (plus nano_1) on the stdlib corpus,
-13 minutes on 2 CPU cores; `gpu`, celerity_gpu_10m..150m at the batch law's B, about 5 hours on
-one H100 at 40% MFU, on a corpus of at least 3e9 training tokens (data.paths=...; the corpus is
-tokenized and its size checked before any training). Runs (20 TPP unless said; finished runs in
---out are reused, so it resumes):
+10-13 minutes on 2 CPU cores; `gpu`, celerity_gpu_10m..150m at the batch law's B, about 3.7
+hours on one H100 at 40% MFU (--dry-run), on a corpus of at least 3e9 training tokens
+(data.paths=...; the corpus is tokenized and its size checked before any training). Runs (20 TPP
+unless said; finished runs in --out are reused, so it resumes):
   matched     every size at tau_opt(20), seed 0 (and the nano family's extra member, nano_1)
   seeds       the first size with seeds 1-4 and the second with seed 1 (the noise floor sigma)
   mismatched  the first size at 3 tau_opt, the second at tau_opt, the third at tau_opt / 3
@@ -57,6 +57,7 @@ from celerity_jax.tools.collapse_plan import (
   fault_overrides,
   fault_runs,
   half_batch_seeds,
+  mismatched,
   plan,
   short,
 )
@@ -109,15 +110,15 @@ def tau_sweep(
 def analyse(
   f: Family, c: dict[str, Curve], faults: dict[str, Curve], checks: dict[str, Curve]
 ) -> tuple[dict, surrogate.Constants]:
-  first, second, third = (short(r) for r in f.sizes[:3])
+  first, second = (short(r) for r in f.sizes[:2])
   matched = [c[f"matched_{short(r)}"] for r in f.sizes]
-  mismatched = [c[f"mismatched_{first}"], c[f"matched_{second}"], c[f"mismatched_{third}"]]
+  mismatched_family = [c[name] for name in mismatched(f)]
   seeds_first = [c[f"matched_{first}"], *(c[f"seed{s}_{first}"] for s in f.seeds)]
   seeds = [seeds_first, [c[f"matched_{second}"], c[f"seed1_{second}"]]]
-  report = family_figures(matched, mismatched, seeds)
+  report = family_figures(matched, mismatched_family, seeds)
   report["family"] = {"name": f.name, "sizes": [short(r) for r in f.sizes], "first": first}
   if f.extra:
-    more = family_figures([c[f"matched_{short(f.extra)}"], *matched], mismatched, seeds)
+    more = family_figures([c[f"matched_{short(f.extra)}"], *matched], mismatched_family, seeds)
     report["with_extra"] = {"extra": short(f.extra)} | {
       k: more[k] for k in ("max_delta_matched", "mean_delta_matched", "supercollapse_frac")
     }
@@ -304,18 +305,14 @@ def main(argv=None):
   surrogate.save_constants(out / "surrogate_constants.json", constants, meta)
   if args.write_constants:
     surrogate.save_constants(surrogate.PACKAGED, constants, meta)
-  first, second, third = (short(r) for r in f.sizes[:3])
+  second = short(f.sizes[1])
   matched = [k for k in curves if k.startswith(("matched", "seed"))]
   if f.extra:
     matched = [k for k in matched if not k.endswith(short(f.extra))]
   plot(
     {
       "matched (tau_opt)": [curves[k] for k in matched],
-      "mismatched tau": [
-        curves[f"mismatched_{first}"],
-        curves[f"matched_{second}"],
-        curves[f"mismatched_{third}"],
-      ],
+      "mismatched tau": [curves[name] for name in mismatched(f)],
       "LR x3 from t = 0.6": list(faults.values()),
     },
     figure,

@@ -66,23 +66,25 @@ def tau_opt(tpp: float = TPP) -> float:
   return scaling.tau_opt(tpp, s.tau_c, s.tau_m)
 
 
+def config(recipe: str, overrides: list[str]):
+  from celerity_jax import recipes
+  from celerity_jax.config import apply_overrides, validate
+
+  return validate(apply_overrides(recipes.load(recipe), overrides))
+
+
 def resolved(recipe: str, overrides: list[str]):
   import jax
 
-  from celerity_jax import recipes
-  from celerity_jax.config import apply_overrides, validate
   from celerity_jax.resolve import resolve
 
-  return resolve(validate(apply_overrides(recipes.load(recipe), overrides)), len(jax.devices()))
+  return resolve(config(recipe, overrides), len(jax.devices()))
 
 
 def half_batch(recipe: str, base: list[str]) -> list[str]:
   """B / 2, with half the rows per microbatch where the recipe sets them (so B / 2 is still a
   multiple of rows x devices)."""
-  from celerity_jax import recipes
-  from celerity_jax.config import apply_overrides
-
-  rows = apply_overrides(recipes.load(recipe), base).train.microbatch_rows
+  rows = config(recipe, base).train.microbatch_rows
   half = [f"train.batch_size={resolved(recipe, base).batch_seqs // 2}"]
   return half + ([f"train.microbatch_rows={max(1, rows // 2)}"] if rows else [])
 
@@ -104,6 +106,13 @@ def plan(f: Family, base: list[str]) -> dict[str, tuple[str, list[str]]]:
   return p
 
 
+def mismatched(f: Family) -> list[str]:
+  """The run names of the mismatched-tau family: first size at 3 tau_opt, second at tau_opt,
+  third at tau_opt / 3."""
+  first, second, third = (short(r) for r in f.sizes[:3])
+  return [f"mismatched_{first}", f"matched_{second}", f"mismatched_{third}"]
+
+
 def half_batch_seeds(f: Family, base: list[str]) -> dict[str, tuple[str, list[str]]]:
   """Seeds 1-2 of the first size at B / 2: only for the half-batch comparison (kept out of every
   fit, so the surrogate constants come from plan()'s runs alone)."""
@@ -114,10 +123,7 @@ def half_batch_seeds(f: Family, base: list[str]) -> dict[str, tuple[str, list[st
 
 def fault_overrides(recipe: str, overrides: list[str]) -> list[str]:
   """The fault: every group's LR x FAULT_LR from the resume on (tau held, so lambda / FAULT_LR)."""
-  from celerity_jax import recipes
-  from celerity_jax.config import apply_overrides
-
-  lr = apply_overrides(recipes.load(recipe), overrides).optim.lr_base
+  lr = config(recipe, overrides).optim.lr_base
   return [f"optim.lr_base={FAULT_LR * lr:.6g}"]
 
 
@@ -159,12 +165,10 @@ def check_corpus(recipe: str, base: list[str], needed_tokens: float) -> int:
   """Builds (or reuses) the token stores the runs will read and fails, before any training, if
   the training split holds fewer than `needed_tokens`: a run that repeats its data bends its
   curve, which would be read as a failure of the collapse."""
-  from celerity_jax import recipes
-  from celerity_jax.config import apply_overrides, validate
   from celerity_jax.data import DataError
   from celerity_jax.data.prepare import prepare
 
-  cfg = validate(apply_overrides(recipes.load(recipe), base))
+  cfg = config(recipe, base)
   if cfg.data.corpus == "synthetic" and not cfg.data.paths:
     return 0
   have = prepare(cfg.data, cfg.model.vocab_size).train.n_tokens
