@@ -1,9 +1,12 @@
 """Orbax checkpoints of the train state plus metadata, resume checks, and export of params.
 
 A checkpoint holds the train state (params, optimizer state, step, non-finite counters) and JSON
-metadata: the resolved config and its trajectory hash, tokens seen, the data position (batches are
-a pure function of (seed, step), so the step *is* the data-iterator state), library versions and the
-restart count. Saves are async: the loop blocks only while device arrays are copied to host.
+metadata: the resolved config with the data's fingerprint (corpus, tokenizer, token stores) and
+their trajectory hash, the sequences and tokens seen, the data position (batches are a pure function
+of (seed, global row), so the sequences consumed *are* the data-iterator state), library versions
+and the restart count. Saves are async: the loop blocks only while device arrays are copied to
+host. A resume compares the checkpoint's trajectory with the new one (`config_changes`): the
+settings that change the trajectory and the data's fingerprint.
 
 A damaged checkpoint (a truncated or missing array file, an unreadable manifest or metadata) is
 never fatal while an older one is usable: `first_usable` warns, moves the damaged step aside to
@@ -42,6 +45,8 @@ FREE_KEYS = (
   "data.threads",
   "data.cache_dir",
   "data.eval_batches",
+  "data.paths",  # where the corpus is: its content is pinned by data_fingerprint.corpus
+  "data.tokenizer",  # where a given tokenizer is: pinned by data_fingerprint.tokenizer
   "model.remat",
   "model.scan_layers",  # how the same math is executed: free to change on resume
   "model.attention",
@@ -50,6 +55,8 @@ FREE_KEYS = (
   "derived.data_parallel",
   "derived.microbatches",
   "derived.batch_seqs_law",  # follow from settings kept
+  "derived.step_offset",  # follow from the checkpoint's position (resolve.Position)
+  "derived.row_offset",
   "collapse.threshold",
   "collapse.patience",
   "collapse.policy",
@@ -80,9 +87,21 @@ def flatten(tree: dict, prefix: str = "") -> dict:
   return out
 
 
+DATA = "data_fingerprint"  # the described key of what the run trains on (data/prepare.py)
+DATA_NAMES = {
+  "corpus": "the corpus's content",
+  "tokenizer": "the tokenizer",
+  "train_tokens": "the training token store",
+  "eval_tokens": "the held-out token store",
+}
+
+
 def trajectory(described: dict) -> dict:
-  """The flattened config + derived quantities that determine the run's trajectory."""
-  flat = flatten({**described["config"], "derived": described["derived"]})
+  """The flattened config, derived quantities and data fingerprint that determine the run's
+  trajectory."""
+  flat = flatten(
+    {**described["config"], "derived": described["derived"], DATA: described.get(DATA) or {}}
+  )
   return {k: v for k, v in flat.items() if not k.startswith(FREE_KEYS)}
 
 
@@ -91,8 +110,35 @@ def trajectory_hash(described: dict) -> str:
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
+  """The trajectory keys that differ. The data is compared where both sides name it (checkpoints
+  of earlier versions, and tools that describe a run without opening its data, do not)."""
   a, b = trajectory(saved), trajectory(current)
-  return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+  keys = a.keys() | b.keys()
+  if not (saved.get(DATA) and current.get(DATA)):
+    keys = {k for k in keys if not k.startswith(DATA + ".")}
+  return sorted(k for k in keys if a.get(k) != b.get(k))
+
+
+def explain_changes(changes: list[str], saved: dict, current: dict) -> str:
+  """The changed keys for a message: settings by name, the data in words with both fingerprints."""
+  words = []
+  for key in changes:
+    name = key.removeprefix(DATA + ".")
+    if name == key:
+      words.append(key)
+    else:
+      was, now = (d.get(DATA, {}).get(name) for d in (saved, current))
+      words.append(f"{DATA_NAMES.get(name, name)} ({key} {was} -> {now})")
+  return ", ".join(words)
+
+
+def refusal(run_dir, step: int, changes: list[str], saved: dict, current: dict) -> ConfigError:
+  """The one message for a resume whose settings or data differ from its checkpoint's."""
+  return ConfigError(
+    f"run.dir {run_dir} holds a checkpoint (step {step}) made with different settings or "
+    f"data: {explain_changes(changes, saved, current)}; use another run.dir, restore them, or "
+    f"pass checkpoint.allow_config_change=true to continue from the checkpoint with these"
+  )
 
 
 def versions() -> dict:
@@ -258,9 +304,10 @@ class Checkpointer:
     self.manager.close()
 
 
-def saved_batch(directory) -> int | None:
-  """B in sequences of the newest checkpoint whose metadata reads, or None (no checkpoint): a
-  resumed run keeps it (resolve's `kept_batch`). Reads only; damage is reported by the restore."""
+def newest_meta(directory) -> dict | None:
+  """The metadata of the newest checkpoint whose metadata reads, or None (no checkpoint): what a
+  resumed run starts from (its position and batch, its data). Reads only; damage is reported by
+  the restore."""
   directory = storage.location(directory)
   if not directory.exists():
     return None
@@ -268,12 +315,24 @@ def saved_batch(directory) -> int | None:
   try:
     for step in reader.steps(warn=False):
       try:
-        return int(reader.meta(step)["described"]["derived"]["batch_seqs"])
+        meta = reader.meta(step)
+        position(meta)  # the fields a resume needs are there
+        return meta
       except Exception:  # unreadable: the restore falls back past it, with a warning
         _quiet_abandoned_reads()
     return None
   finally:
     reader.close()
+
+
+def position(meta: dict):
+  """The resolve.Position a checkpoint's metadata records (checkpoints of earlier versions did not
+  record the sequences consumed: they never changed B, so it is step x B)."""
+  from celerity_jax.resolve import Position
+
+  step, batch = int(meta["step"]), int(meta["described"]["derived"]["batch_seqs"])
+  rows = meta.get("data", {}).get("rows")
+  return Position(step, step * batch if rows is None else int(rows), batch)
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:

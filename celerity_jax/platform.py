@@ -21,7 +21,19 @@ QUIET_LIBTPU = {
   "TPU_ACCELERATOR_TYPE": "v5litepod-1",
   "TPU_WORKER_HOSTNAMES": "localhost",
   "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+  "TPU_LOG_DIR": "disabled",  # else every jax process writes log files to /tmp/tpu_logs
 }
+
+
+def process_alive(pid: int) -> bool:
+  """Whether process `pid` of this machine exists (another user's counts)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def on_cloud_tpu_vm(sysfs: Path = Path("/sys/bus/pci/devices")) -> bool:

@@ -4,9 +4,16 @@ tau.
 These are printed by `--print-config`, written to `run.dir/config.json` and used by the trainer;
 nothing downstream recomputes them. Each entry point resolves once and passes the result on.
 
-The batch B is part of a run's trajectory: a resumed run keeps its checkpoint's B (`kept_batch`)
+The batch B is part of a run's trajectory: a resumed run keeps its checkpoint's B (`Position`)
 rather than rounding the batch law again for another data-parallel size, so a checkpoint restores
 onto any mesh whose data-parallel size divides it.
+
+A run's progress is counted in sequences, not steps: where a resume changes B (allowed with
+checkpoint.allow_config_change), the schedule, the data and the tokens seen continue from the
+sequences the checkpoint consumed, so t = tokens / D moves on without a jump and the run still ends
+after D tokens. `step_offset` and `row_offset` carry that: step k of the resumed run sits at
+schedule step k + step_offset and reads global rows from k * B + row_offset on. Both are 0 for a
+run that kept its batch.
 """
 
 from __future__ import annotations
@@ -18,6 +25,15 @@ from dataclasses import dataclass
 from celerity_jax import scaling
 from celerity_jax.config import Config, ConfigError, to_dict
 from celerity_jax.parametrization import DECAYED_GROUPS, Multipliers, multipliers
+
+
+@dataclass(frozen=True)
+class Position:
+  """Where a checkpoint left off: steps taken, sequences consumed, and its batch in sequences."""
+
+  step: int
+  rows: int
+  batch_seqs: int
 
 
 @dataclass(frozen=True)
@@ -36,7 +52,9 @@ class Resolved:
   batch_tokens: int  # B
   steps: int  # T = D / B: the schedule horizon
   warmup_steps: int
-  stop_step: int  # where this run ends (stop_frac / stop_step), <= T
+  stop_step: int  # where this run ends (stop_frac / stop_step)
+  step_offset: float  # schedule step minus steps taken (a resume that changed B; else 0)
+  row_offset: int  # global rows read before step 0 at this B (rows = step * B + row_offset)
   lr_peak: dict  # group -> peak LR (eta_base x group multiplier)
   eta_hidden: float  # the LR that defines tau
   weight_decay: float  # lambda (coupled, as optax.adamw)
@@ -51,10 +69,13 @@ class Resolved:
     return dataclasses.asdict(self)
 
 
-def describe(cfg: Config, resolved: Resolved) -> dict:
+def describe(cfg: Config, resolved: Resolved, data_fingerprint: dict | None = None) -> dict:
   """The resolved config: what a user chose plus every derived quantity (config.json, checkpoint
-  metadata and `--print-config` all hold this)."""
-  return {"config": to_dict(cfg), "derived": resolved.as_dict()}
+  metadata and `--print-config` all hold this), and, for a run, the fingerprint of its data."""
+  described = {"config": to_dict(cfg), "derived": resolved.as_dict()}
+  if data_fingerprint is not None:
+    described["data_fingerprint"] = data_fingerprint
+  return described
 
 
 def _cpu_hint(n_devices: int) -> str:
@@ -65,9 +86,11 @@ def _cpu_hint(n_devices: int) -> str:
   return ""
 
 
-def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> Resolved:
-  """Every derived quantity for `cfg` on `n_devices` devices. `kept_batch` (sequences; a resumed
-  run's B) replaces the batch law's rounding; a fixed `train.batch_size` takes precedence."""
+def resolve(cfg: Config, n_devices: int = 1, resume: Position | None = None) -> Resolved:
+  """Every derived quantity for `cfg` on `n_devices` devices. `resume`, the checkpoint a run
+  resumes from: its B replaces the batch law's rounding (a fixed `train.batch_size` takes
+  precedence), and its sequences consumed place the schedule and the data."""
+  kept_batch = resume.batch_seqs if resume is not None else None
   from celerity_jax.sharding import data_parallel_size, mesh_shape
 
   sc, tr, opt, model = cfg.scaling, cfg.train, cfg.optim, cfg.model
@@ -112,7 +135,11 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
       f"warmup of {warmup} steps is not shorter than T={steps} steps; "
       f"lower scaling.warmup_frac or raise scaling.tpp"
     )
-  stop = math.ceil(tr.stop_frac * steps)
+  row_offset, step_offset = 0, 0.0
+  if resume is not None and resume.rows != resume.step * batch_seqs:
+    row_offset = resume.rows - resume.step * batch_seqs
+    step_offset = resume.rows / batch_seqs - resume.step
+  stop = math.ceil(tr.stop_frac * steps - step_offset)
   if tr.stop_step:
     stop = min(stop, tr.stop_step)
 
@@ -147,6 +174,8 @@ def resolve(cfg: Config, n_devices: int = 1, kept_batch: int | None = None) -> R
     steps=steps,
     warmup_steps=warmup,
     stop_step=stop,
+    step_offset=step_offset,
+    row_offset=row_offset,
     lr_peak=lr_peak,
     eta_hidden=eta_hidden,
     weight_decay=lam,

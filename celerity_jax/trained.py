@@ -49,7 +49,6 @@ def load(run_dir, step: int | None = None, what: str = "run") -> Trained:
   """Reads `step` (default: the newest usable checkpoint) of `run_dir`; ConfigError naming the
   directory or step when there is nothing to read. `what` names the command in errors."""
   from celerity_jax.checkpoint import Checkpointer
-  from celerity_jax.data import tokenizer as tokenizer_lib
 
   run_dir = storage.location(run_dir)
   if not (run_dir / "checkpoints").exists():
@@ -75,6 +74,28 @@ def load(run_dir, step: int | None = None, what: str = "run") -> Trained:
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
   described = meta["described"]
   cfg = validate(from_dict(described["config"], f"{run_dir}/checkpoints/{step}"))
-  tok_path = run_dir / "tokenizer.model"
-  tokenizer = tokenizer_lib.load(tok_path) if tok_path.exists() else None
+  tokenizer = _tokenizer(run_dir, step, described.get("data_fingerprint"), what)
   return Trained(run_dir, int(step), cfg, described, params, tokenizer)
+
+
+def _tokenizer(run_dir, step: int, pinned: dict | None, what: str):
+  """The tokenizer the checkpoint trained with: run.dir/tokenizer.model, or the one a resume on
+  other data set beside it (tokenizer-FINGERPRINT.model); None for synthetic tokens. Checkpoints
+  of earlier versions pin nothing: tokenizer.model, if there is one."""
+  from celerity_jax.data import tokenizer as tokenizer_lib
+
+  path = run_dir / "tokenizer.model"
+  if pinned is None:
+    return tokenizer_lib.load(path) if path.exists() else None
+  wanted = pinned.get("tokenizer")
+  if wanted is None:
+    return None
+  for candidate in (path, run_dir / f"tokenizer-{wanted}.model"):
+    if candidate.exists():
+      found = tokenizer_lib.load(candidate)
+      if found.fingerprint == wanted:
+        return found
+  raise ConfigError(
+    f"{what}: checkpoint step {step} of {run_dir} trained with tokenizer {wanted}, and neither "
+    f"tokenizer.model nor tokenizer-{wanted}.model there is it"
+  )

@@ -13,7 +13,7 @@ def values(**changes):
 
 
 def judge(step, row, previous, train=TRAIN, collapse=COLLAPSE):
-  return events.judge(step, row, previous, steps=100, train_cfg=train, collapse_cfg=collapse)
+  return events.judge(step, row, previous, frac=step / 100, train_cfg=train, collapse_cfg=collapse)
 
 
 def test_a_spike_is_an_event_and_a_warning_on_its_first_step_only():

@@ -2,8 +2,9 @@
 
 The token array is cut into windows of seq_len + 1 tokens (stride seq_len, so every token is a
 target once per epoch). Window order is a grain shuffle per epoch; global row g of the run is window
-order[g], so step s holds rows s*B ... s*B + B - 1 and resuming at step k needs no replay. Each
-process reads only the rows its devices hold (sharding.process_rows). Packing: `concat` joins
+order[g], so step s holds rows s*B ... s*B + B - 1 (plus `row_offset`, where a resume changed B:
+resolve.py) and resuming at step k needs no replay. Each process reads only the rows its devices
+hold (sharding.process_rows). Packing: `concat` joins
 documents with EOS and lets
 them attend across; `segments` also returns segment ids so the model masks attention per document.
 """
@@ -26,6 +27,7 @@ class WindowBatches:
     seed: int,
     packing: str = "concat",
     rows=None,
+    row_offset: int = 0,
   ):
     self.store, self.seq_len, self.packing = store, seq_len, packing
     n_windows = (store.n_tokens - 1) // seq_len
@@ -37,13 +39,13 @@ class WindowBatches:
       )
     self.n_windows = n_windows
     self.rows = np.arange(global_batch) if rows is None else np.asarray(rows, np.int64)
-    self.global_batch = global_batch
+    self.global_batch, self.row_offset = global_batch, row_offset
     self.order = grain.MapDataset.range(n_windows).shuffle(seed=seed).repeat()
     self.offsets = store.doc_offsets() if packing == "segments" else None
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The global batch's `rows` (default all) at `step`: inputs, targets (and segment_ids)."""
-    first = step * self.global_batch
+    first = step * self.global_batch + self.row_offset
     windows = np.asarray([self.order[int(first + r)] for r in self.rows], np.int64)
     starts = windows * self.seq_len
     tokens = self.store.read(starts, self.seq_len + 1)

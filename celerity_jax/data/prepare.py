@@ -3,6 +3,10 @@
 The cache entry is keyed by the corpus content, the tokenizer settings (or the given tokenizer's
 own fingerprint) and the split, so a changed corpus is rebuilt, never silently reused. The held-out
 split is per document, by a hash of its text: stable under reordering of the files.
+
+`Prepared.fingerprint` names the data a run trains on: the corpus's content, the tokenizer and both
+token stores' contents. A run pins it in its checkpoints, and a resume on other data is refused
+(train/loop.py); `pinned` lets that refusal come before a changed corpus is tokenized.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from etils import epath
 from tqdm import tqdm
 
 from celerity_jax import storage
-from celerity_jax.data import DataError, corpus, store, tokenizer
+from celerity_jax.data import DataChanged, DataError, corpus, store, tokenizer
 
 ENCODE_BATCH = 256
 
@@ -29,6 +33,19 @@ class Prepared:
   train: store.TokenStore
   eval: store.TokenStore
   entry: epath.Path
+
+  @property
+  def fingerprint(self) -> dict:
+    return {
+      "corpus": self.corpus,
+      "tokenizer": self.tokenizer.fingerprint,
+      "train_tokens": self.train.content,
+      "eval_tokens": self.eval.content,
+    }
+
+  @property
+  def corpus(self) -> str:
+    return self.train.meta["settings"]["corpus"]
 
 
 def cache_root(data_cfg) -> epath.Path:
@@ -48,13 +65,24 @@ def _held_out(text: str, eval_frac: float) -> bool:
   return bucket < eval_frac * 2**32
 
 
-def prepare(data_cfg, vocab_size: int, progress: bool = True) -> Prepared:
+def prepare(
+  data_cfg, vocab_size: int, progress: bool = True, pinned: dict | None = None
+) -> Prepared:
+  """The corpus's tokenizer and stores, built unless cached. `pinned`: the fingerprint a resumed
+  run's checkpoint holds; a corpus or given tokenizer that differs from it is refused (ConfigError)
+  before anything is built."""
   files = corpus.stdlib_files() if not data_cfg.paths else corpus.resolve_paths(data_cfg.paths)
   if next(corpus.documents(files), None) is None:
     raise DataError(f"corpus {_names(files)}: no non-empty documents")
   given = tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
+  found = {"corpus": corpus.fingerprint(files)} | (
+    {"tokenizer": given.fingerprint} if given else {}
+  )
+  changed = [k for k, v in found.items() if pinned and k in pinned and pinned[k] != v]
+  if changed:
+    raise DataChanged(changed, pinned, found)
   settings = {
-    "corpus": corpus.fingerprint(files),
+    "corpus": found["corpus"],
     "eval_frac": data_cfg.eval_frac,
     "tokenizer": given.fingerprint
     if given

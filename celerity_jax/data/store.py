@@ -5,33 +5,39 @@ Layout of a store directory (local path or gs://bucket/path):
   offsets/      zarr3 int64 [n_docs + 1]     document d is tokens[offsets[d]:offsets[d+1]]
   meta.json     written last; a store without it is incomplete and is never read
 meta.json lists every array file with its size, checked when the store is opened (a deleted or
-truncated shard is refused before training starts); every inner chunk carries a crc32c checksum
-(corrupted bytes fail the read) and the token fill value is -1, so a read of a chunk that is not
-there can never pass as tokens.
-Local builds go to a sibling `.partial` directory renamed into place, so an interrupted build never
-leaves a store that looks complete and never touches an existing one. On Cloud Storage (no renames)
-the store is written in place and meta.json, written last, is what marks it complete.
+truncated shard is refused before training starts), and a digest of a sample of every shard (its
+first and last SAMPLE tokens), read back when the store is opened: two intact shards swapped, or a
+shard overwritten with another of the same size, are refused too. The digest over all samples is
+the store's `content` fingerprint, which a run pins in its checkpoints. Every inner chunk carries a
+crc32c checksum (corrupted bytes fail the read) and the token fill value is -1, so a read of a
+chunk that is not there can never pass as tokens.
+Local builds go to a sibling `.partial-HOST-PID` directory renamed into place, so an interrupted
+build never leaves a store that looks complete and never touches an existing one. On Cloud Storage
+(no renames) the store is written in place and meta.json, written last, is what marks it complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import tensorstore as ts
 
-from celerity_jax import storage
+from celerity_jax import platform, storage
 from celerity_jax.data import DataError
 
-FORMAT = 2
+FORMAT = 3  # 3: shard samples and the content fingerprint in meta.json
 FILL = -1  # no token id is negative: a read that returns it found no data
 WRITE_CHUNK = 1 << 20  # tokens per file (zarr3 shard)
 READ_CHUNK = 1 << 14  # tokens per independently readable inner chunk: windows read ~64 KB
 CACHE_BYTES = 256 << 20  # decoded chunks kept in memory by each reader
+SAMPLE = 64  # tokens read at each end of every shard to check it is the shard that was written
 
 
 def _spec(path: str, name: str) -> dict:
@@ -64,13 +70,49 @@ def _append(array: ts.TensorStore, values: np.ndarray, at: int) -> ts.TensorStor
   return array
 
 
+def _sample_reads(array: ts.TensorStore, length: int) -> list:
+  """Futures of each WRITE_CHUNK shard's first and last SAMPLE elements, in shard order."""
+  reads = []
+  for start in range(0, length, WRITE_CHUNK):
+    end = min(start + WRITE_CHUNK, length)
+    reads.append(
+      (array[start : min(start + SAMPLE, end)].read(), array[max(end - SAMPLE, start) : end].read())
+    )
+  return reads
+
+
+def _shard_digests(pairs) -> list[str]:
+  return [
+    hashlib.sha256(
+      np.ascontiguousarray(head).tobytes() + np.ascontiguousarray(tail).tobytes()
+    ).hexdigest()[:16]
+    for head, tail in pairs
+  ]
+
+
+def _content(n_tokens: int, n_docs: int, samples: dict) -> str:
+  """The store's content fingerprint: its sizes and every shard's sample digest."""
+  text = json.dumps({"n_tokens": n_tokens, "n_docs": n_docs, "samples": samples}, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _partial_dir(final: Path) -> Path:
+  """A build directory of this process's own (two processes building the same store never write
+  into each other's), after removing those of dead processes of this host (killed builds)."""
+  host = socket.gethostname()
+  for stale in final.parent.glob(f"{final.name}.partial-{host}-*"):
+    pid = stale.name.rsplit("-", 1)[-1]
+    if pid.isdigit() and not platform.process_alive(int(pid)):
+      shutil.rmtree(stale, ignore_errors=True)
+  return final.with_name(f"{final.name}.partial-{host}-{os.getpid()}")
+
+
 def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict) -> dict:
   """Writes a store from per-document token arrays (EOS appended here); returns its meta."""
   local = not storage.is_remote(path)
   final = Path(path) if local else None
-  target = str(final.with_name(final.name + ".partial")) if local else path
+  target = str(_partial_dir(final)) if local else path
   if local:
-    shutil.rmtree(target, ignore_errors=True)
     Path(target).mkdir(parents=True)
   tokens = _create(target, "tokens", "int32")
   n_tokens, offsets, max_id = 0, [0], -1
@@ -99,7 +141,14 @@ def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict
     if local:
       shutil.rmtree(target, ignore_errors=True)
     raise DataError(f"token store {path}: the corpus has no non-empty documents")
-  _append(_create(target, "offsets", "int64"), np.asarray(offsets, np.int64), 0)
+  offsets_array = _append(_create(target, "offsets", "int64"), np.asarray(offsets, np.int64), 0)
+  samples = {
+    name: _shard_digests([(a.result(), b.result()) for a, b in _sample_reads(array, size)])
+    for name, array, size in (
+      ("tokens", tokens, n_tokens),
+      ("offsets", offsets_array, len(offsets)),
+    )
+  }
   meta = {
     **meta,
     "format": FORMAT,
@@ -107,12 +156,16 @@ def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict
     "n_docs": len(offsets) - 1,
     "max_token_id": max_id,
     "files": storage.file_sizes(storage.location(target)),
+    "samples": samples,
+    "content": _content(n_tokens, len(offsets) - 1, samples),
   }
   _write_text(target, "meta.json", json.dumps(meta, indent=2))
   if local:
-    if final.exists():
-      shutil.rmtree(final)
-    os.replace(target, final)
+    if (final / "meta.json").exists():  # another process finished the same store first
+      shutil.rmtree(target, ignore_errors=True)
+    else:
+      shutil.rmtree(final, ignore_errors=True)  # an incomplete store of the same name
+      os.replace(target, final)
   return meta
 
 
@@ -162,6 +215,25 @@ class TokenStore:
     ):
       raise DataError(f"token store {path}: arrays do not match meta.json (truncated?); rebuild")
     self.n_tokens = self.meta["n_tokens"]
+    self.content = self.meta["content"]
+    self._check_samples()
+
+  def _check_samples(self):
+    """Every shard still starts and ends with the tokens it was written with."""
+    arrays = {
+      "tokens": (self.tokens, self.n_tokens),
+      "offsets": (self.offsets, self.meta["n_docs"] + 1),
+    }
+    for name, (array, size) in arrays.items():
+      pairs = [(self._result(a), self._result(b)) for a, b in _sample_reads(array, size)]
+      for shard, (found, expected) in enumerate(
+        zip(_shard_digests(pairs), self.meta["samples"][name], strict=True)
+      ):
+        if found != expected:
+          raise DataError(
+            f"token store {self.path}: {name}/c/{shard} holds other data than was written there "
+            f"(shards swapped or overwritten?); delete the directory to rebuild it"
+          )
 
   def _check_files(self):
     """Every array file meta.json lists is there with its size: before any step reads one."""

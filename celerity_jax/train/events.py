@@ -41,10 +41,10 @@ class Verdict:
 
 
 def judge(
-  step: int, values: dict, previous: dict, *, steps: int, train_cfg, collapse_cfg
+  step: int, values: dict, previous: dict, *, frac: float, train_cfg, collapse_cfg
 ) -> Verdict:
-  """The verdict on step `step`'s metrics `values` (a log row's fields); `previous` holds the
-  flags of the step before (empty at the start of a process)."""
+  """The verdict on step `step`'s metrics `values` (a log row's fields), at `frac` = t of the
+  schedule; `previous` holds the flags of the step before (empty at the start of a process)."""
   if values["nonfinite"] and (
     train_cfg.on_nonfinite == "halt" or values["bad_steps"] >= train_cfg.max_bad_steps
   ):
@@ -65,7 +65,7 @@ def judge(
     if not now or previous.get(key, 0):
       continue
     detail = {k: values[k] for k in DETAIL if k in values}
-    events.append({"event": key, "step": step, "frac": step / steps, **detail})
+    events.append({"event": key, "step": step, "frac": frac, **detail})
     text = ", ".join(f"{k} {v:.4g}" for k, v in detail.items())
     off = (
       f"off the collapse reference at step {step} ({text}; |residual| > "

@@ -21,6 +21,7 @@ from celerity_jax import checkpoint as ckpt_lib
 from celerity_jax import distributed, sharding, storage
 from celerity_jax.collapse import monitor
 from celerity_jax.config import ConfigError
+from celerity_jax.data import DataChanged
 from celerity_jax.data.pipeline import prefetch
 from celerity_jax.data.sources import make_sources
 from celerity_jax.metrics import MetricsWriter, Throughput, keep_rows_until, progress_bar
@@ -43,22 +44,23 @@ def run(cfg) -> dict:
   """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
   run_dir = storage.location(cfg.run.dir)
   storage.check_writable(run_dir, "run.dir")  # before any compile: a typo fails at once
-  kept = None if cfg.train.batch_size else ckpt_lib.saved_batch(run_dir / "checkpoints")
-  training = prepare_training(cfg, resolve(cfg, jax.device_count(), kept_batch=kept))
+  resumed = ckpt_lib.newest_meta(run_dir / "checkpoints")
+  position = None if resumed is None else ckpt_lib.position(resumed)
+  training = prepare_training(cfg, resolve(cfg, jax.device_count(), position))
   resolved, mesh = training.resolved, training.mesh
-  described = describe(cfg, resolved)
   rows = sharding.process_rows(mesh, resolved.batch_seqs)
-  train_data, held_out, tokenizer = make_sources(cfg, resolved, rows, cfg.run.progress)
-  evaluate = _evaluator(cfg, training, held_out)
+  sources = _sources(cfg, resolved, rows, resumed)
+  described = describe(cfg, resolved, sources.fingerprint)
+  evaluate = _evaluator(cfg, training, sources.held_out)
   ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
   writer = None
   try:
     # nothing is written to run.dir until the data, the settings and a checkpoint are accepted
-    restored = _restore(cfg, described, ckpt, training.setup)
+    restored = _restore(cfg, described, ckpt, training)
     if distributed.is_primary():
       storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
-      if tokenizer is not None:  # what sampling and export decode text with
-        tokenizer.save(run_dir / "tokenizer.model")
+      if sources.tokenizer is not None:  # what sampling and export decode text with
+        _save_tokenizer(run_dir, sources.tokenizer)
     writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
     if distributed.is_primary():
       keep_rows_until(writer.path, restored[0] if restored else 0)
@@ -72,10 +74,15 @@ def run(cfg) -> dict:
       )
       _say(
         f"celerity_jax: resumed from step {step} (restart {restarts})"
-        + (f"; changed settings: {', '.join(changes)}" if changes else "")
+        + (
+          f"; changed settings: {ckpt_lib.explain_changes(changes, meta['described'], described)}"
+          f"{_moved(step, meta, resolved)}"
+          if changes
+          else ""
+        )
       )
     loop = Loop(cfg, training, described, Outputs(run_dir, writer, ckpt), restarts, evaluate)
-    return loop.train(state, train_data)
+    return loop.train(state, sources.train)
   finally:
     ckpt.close()
     if writer is not None:
@@ -99,24 +106,75 @@ def _evaluator(cfg, training: Training, held_out):
   return lambda params: sum(float(compiled(params, b)) for b in batches) / len(batches)
 
 
-def _restore(cfg, described, ckpt, setup):
+def _sources(cfg, resolved, rows, resumed: dict | None):
+  """The run's data; a resume whose corpus differs from its checkpoint's is refused before the new
+  corpus is tokenized (unless checkpoint.allow_config_change)."""
+  pinned = None
+  if resumed is not None and not cfg.checkpoint.allow_config_change:
+    pinned = resumed["described"].get(ckpt_lib.DATA)
+  try:
+    return make_sources(cfg, resolved, rows, cfg.run.progress, pinned)
+  except DataChanged as e:
+    keys = [f"{ckpt_lib.DATA}.{k}" for k in e.keys]
+    raise ckpt_lib.refusal(
+      cfg.run.dir, resumed["step"], keys, resumed["described"], {ckpt_lib.DATA: e.found}
+    ) from None
+
+
+def _save_tokenizer(run_dir, tokenizer):
+  """run.dir/tokenizer.model is the run's current tokenizer; one that a resume on other data
+  replaces stays beside it as tokenizer-FINGERPRINT.model, for its checkpoints (trained.py)."""
+  from celerity_jax.data import tokenizer as tokenizer_lib
+
+  path = run_dir / "tokenizer.model"
+  if path.exists():
+    old = tokenizer_lib.load(path)
+    if old.fingerprint == tokenizer.fingerprint:
+      return
+    old.save(run_dir / f"tokenizer-{old.fingerprint}.model")
+  tokenizer.save(path)
+
+
+def _restore(cfg, described, ckpt, training: Training):
   """(step, state, meta, changes) from the newest usable checkpoint, or None for a fresh run.
-  Refuses (ConfigError) a checkpoint made with other trajectory settings before anything is
-  written."""
+  Refuses (ConfigError) a checkpoint made with other trajectory settings or data before anything
+  is written."""
 
   def load(step):
     meta = ckpt.meta(step)
     changes = ckpt_lib.config_changes(meta["described"], described)
     if changes and not cfg.checkpoint.allow_config_change:
-      raise ConfigError(
-        f"run.dir {cfg.run.dir} holds a checkpoint (step {step}) made with "
-        f"different settings: {', '.join(changes)}; use another run.dir, restore "
-        f"the settings, or pass checkpoint.allow_config_change=true"
-      )
-    return ckpt.restore(step, abstract_state(setup)), meta, changes
+      raise ckpt_lib.refusal(cfg.run.dir, step, changes, meta["described"], described)
+    return ckpt.restore(step, abstract_state(training.setup)), meta, changes
 
   found = ckpt.first_usable(load)
-  return None if found is None else (found[0], *found[1])
+  if found is None:
+    return None
+  step, (state, meta, changes) = found
+  r, at = training.resolved, ckpt_lib.position(meta)
+  if at.rows != step * r.batch_seqs + r.row_offset:  # resolved from a newer, damaged checkpoint
+    raise ConfigError(
+      f"run.dir {cfg.run.dir}: the newest checkpoint was damaged and the one before it (step "
+      f"{step}) was made with another batch; run the same command again to resume from it"
+    )
+  return step, state, meta, changes
+
+
+def _moved(step: int, meta: dict, resolved) -> str:
+  """What an allowed change does to the run's position: the schedule's t before and after, the
+  tokens seen, and the step where it now ends."""
+  saved = meta["described"]["derived"]
+  if (saved["steps"], saved["batch_seqs"]) == (resolved.steps, resolved.batch_seqs):
+    return ""
+  was = (step + saved.get("step_offset", 0.0)) / saved["steps"]
+  now = (step + resolved.step_offset) / resolved.steps
+  rows = ckpt_lib.position(meta).rows
+  moved = f"t {was:.3f} -> {now:.3f}" if abs(now - was) > 5e-4 else f"t {now:.3f} kept"
+  return (
+    f"; {rows * resolved.batch_tokens // resolved.batch_seqs:,} tokens seen, {moved}, "
+    f"T {saved['steps']} -> {resolved.steps} steps of {resolved.batch_seqs} sequences, "
+    f"ending at step {resolved.stop_step}"
+  )
 
 
 def _say(text: str):
@@ -179,16 +237,25 @@ class Loop:
       + ", ".join(f"{g}:{t:.4g}" for g, t in r.tau_groups.items() if t is not None)
     )
 
+  def rows(self, step: int) -> int:
+    """Sequences consumed after `step` steps (resolve.py: continued across a change of B)."""
+    return step * self.resolved.batch_seqs + self.resolved.row_offset
+
+  def frac(self, step: int) -> float:
+    """t of the schedule after `step` steps: tokens seen / D."""
+    return (step + self.resolved.step_offset) / self.resolved.steps
+
   def save(self, step: int, state):
     self.out.writer.flush()  # rows up to `step` are stored before its checkpoint commits
+    rows = self.rows(step)
     self.out.ckpt.save(
       step,
       state,
       {
         **self.meta,
         "step": step,
-        "tokens": step * self.resolved.batch_tokens,
-        "data": {"seed": self.cfg.train.seed, "next_step": step},
+        "tokens": rows * self.cfg.model.seq_len,
+        "data": {"seed": self.cfg.train.seed, "next_step": step, "rows": rows},
       },
       force=True,
     )
@@ -237,7 +304,7 @@ class Loop:
       step,
       values,
       self.flags,
-      steps=self.resolved.steps,
+      frac=self.frac(step),
       train_cfg=self.cfg.train,
       collapse_cfg=self.cfg.collapse,
     )
@@ -250,12 +317,12 @@ class Loop:
       self.halt(step, values, verdict.halt, keep)
     if not log:
       return decision
-    tokens = step * self.resolved.batch_tokens
+    tokens = self.rows(step) * self.cfg.model.seq_len
     rate = self.throughput.update(tokens)
     self.last_row = {
       "step": step,
       "tokens": tokens,
-      "frac": step / self.resolved.steps,
+      "frac": self.frac(step),
       **values,
       "tokens_per_s": rate,
       "microbatches": self.resolved.microbatches,
