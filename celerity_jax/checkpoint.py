@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from celerity_jax import storage
 from celerity_jax.config import ConfigError
+from celerity_jax.storage import NO_SPACE
 
 # Settings that do not change the training trajectory: they may differ on resume.
 FREE_KEYS = (
@@ -99,9 +100,8 @@ DATA_NAMES = {
 def trajectory(described: dict) -> dict:
   """The flattened config, derived quantities and data fingerprint that determine the run's
   trajectory."""
-  flat = flatten(
-    {**described["config"], "derived": described["derived"], DATA: described.get(DATA) or {}}
-  )
+  data = {DATA: described[DATA]} if described.get(DATA) else {}
+  flat = flatten({**described["config"], "derived": described["derived"], **data})
   return {k: v for k, v in flat.items() if not k.startswith(FREE_KEYS)}
 
 
@@ -167,6 +167,7 @@ class Checkpointer:
         enable_async_checkpointing=ckpt_cfg.async_save,
         create=True,
       )
+    quiet_abandoned_io()
     # explicit handlers: a fresh process can then read item metadata before any save or restore
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -215,7 +216,7 @@ class Checkpointer:
         raise
       except Exception as e:  # Orbax, tensorstore, JSON: any unreadable part
         result, reason = None, _one_line(e)
-        _quiet_abandoned_reads()
+        quiet_abandoned_io()
       if _all_processes_agree(reason is None):
         self._set_aside([s for s, _ in damaged])
         return step, result
@@ -300,6 +301,10 @@ class Checkpointer:
   def wait(self):
     self.manager.wait_until_finished()
 
+  def check(self):
+    """Raises the error of a background save that failed (a full disk), without waiting."""
+    self.manager.check_for_errors()
+
   def close(self):
     self.manager.close()
 
@@ -319,7 +324,7 @@ def newest_meta(directory) -> dict | None:
         position(meta)  # the fields a resume needs are there
         return meta
       except Exception:  # unreadable: the restore falls back past it, with a warning
-        _quiet_abandoned_reads()
+        quiet_abandoned_io()
     return None
   finally:
     reader.close()
@@ -343,11 +348,12 @@ def _one_line(error: Exception, limit: int = 200) -> str:
   return f"{type(error).__name__}: {text[:limit]}" + ("..." if len(text) > limit else "")
 
 
-def _quiet_abandoned_reads():
-  """A failed Orbax restore abandons its other array reads; when they finish, after Orbax closed
-  its event loop, each one prints a traceback about the closed loop, the unawaited read or the
-  task's unretrieved exception. They say nothing the warning has not said, so those kinds alone
-  are dropped from here on."""
+def quiet_abandoned_io():
+  """Orbax's background threads report a failed save or restore themselves, with tracebacks:
+  each one logs it (absl), and the array reads or writes it abandons print, when they finish after
+  Orbax closed its event loop, tracebacks about the closed loop, the unawaited read or the task's
+  unretrieved exception. They say nothing that the run's warning or one-line error does not say,
+  so from the first checkpoint a run opens, those kinds alone are dropped."""
   if getattr(sys.excepthook, "celerity_quiet", False):
     return
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
@@ -358,16 +364,24 @@ def _quiet_abandoned_reads():
 
   def quiet_unraisablehook(unraisable):
     text = str(unraisable.exc_value)
-    if "Encountered error while reading array" not in text and text != "Event loop is closed":
+    if not _abandoned(text) and text != "Event loop is closed":
       unraisablehook(unraisable)
-
-  def quiet_asyncio(record) -> bool:  # "Task exception was never retrieved" for the same reads
-    error = record.exc_info[1] if record.exc_info else None
-    return "Encountered error while reading array" not in record.getMessage() + str(error)
 
   quiet_excepthook.celerity_quiet = True
   sys.excepthook, sys.unraisablehook = quiet_excepthook, quiet_unraisablehook
-  logging.getLogger("asyncio").addFilter(quiet_asyncio)
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_not_abandoned)
+
+
+def _abandoned(text: str) -> bool:
+  """A message about an array read that failed, or a write that found no space."""
+  return "Encountered error while reading array" in text or any(m in text for m in NO_SPACE)
+
+
+def _not_abandoned(record) -> bool:
+  """A logging filter: False for a record about a failed read or a write that found no space."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not _abandoned(record.getMessage() + str(error))
 
 
 def _all_processes_agree(ok: bool) -> bool:

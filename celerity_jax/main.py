@@ -3,7 +3,9 @@
 Exit status: 0 done (or stopped by SIGTERM/SIGINT: after saving a checkpoint, or before the first
 step, when there is nothing to save), 2 configuration error (message names the key), 3 data error
 (names the file), 4 halted on non-finite losses, 5 halted on a collapse alert
-(collapse.policy=halt), 6 no usable checkpoint (every one in run.dir is damaged).
+(collapse.policy=halt), 6 no usable checkpoint (every one in run.dir is damaged), 7 no space
+left on a device it writes to (run.dir, the data cache, an export; the same command resumes once
+there is space).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_cli(action) -> int:
   """Runs action() and maps the contract's errors to exit statuses with a one-line message. Every
   entry point (main and tools) goes through here. An action returning an int sets the status."""
-  from celerity_jax.checkpoint import CheckpointUnusable
+  from celerity_jax.checkpoint import CheckpointUnusable, quiet_abandoned_io
   from celerity_jax.train.events import RunHalted
 
   try:
@@ -62,6 +64,11 @@ def run_cli(action) -> int:
   except CheckpointUnusable as e:
     return _fail("checkpoint error", e, 6)
   except Exception as e:
+    from celerity_jax import storage
+
+    if storage.out_of_space(e):
+      quiet_abandoned_io()
+      return _fail("disk full", storage.out_of_space_message(e), 7)
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     return _fail(
@@ -80,14 +87,15 @@ def _fail(kind: str, error, status: int) -> int:
   return status
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, linger: bool = False) -> int:
+  """`linger`: this is the command's own process, whose signal guard stays until it exits."""
   argv = sys.argv[1:] if argv is None else argv
   if "--help" in argv:
     print(__doc__.strip())
     return 0
   from celerity_jax.train import signals
 
-  with signals.guarded():  # first thing: a signal during start-up exits cleanly
+  with signals.guarded(linger):  # first thing: a signal during start-up exits cleanly
     return run_cli(lambda: _train_or_print(argv))
 
 
@@ -108,4 +116,4 @@ def _train_or_print(argv: list[str]):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(main(linger=True))

@@ -1,15 +1,18 @@
 """Run outputs: metrics.jsonl rows and events, TensorBoard scalars, a tokens/s progress bar.
 
-Both files are appended through `storage.append`, on disk or on Cloud Storage. On Cloud Storage
-every append is a few requests, so rows are sent in batches every `REMOTE_FLUSH_SECONDS` and at
-every `flush()` (the loop flushes before each checkpoint: a resume never misses a row).
+Both files are appended through `storage.append`, on disk or on Cloud Storage, in the calling
+thread: a write that fails (a full disk) raises where the run can report it, and no writer thread
+can die and leave the run waiting on its queue. On Cloud Storage every append is a few requests,
+so rows are sent in batches every `REMOTE_FLUSH_SECONDS` and at every `flush()` (the loop flushes
+before each checkpoint: a resume never misses a row).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import socket
+import struct
 import sys
 import time
 
@@ -18,6 +21,34 @@ from tqdm import tqdm
 from celerity_jax import storage
 
 REMOTE_FLUSH_SECONDS = 15
+
+
+# Dense bf16 peak FLOP/s per chip, by the device_kind jax reports (the vendors' data sheets); the
+# first name a device_kind contains wins, so the longer names come first. MFU is reported against
+# it (metrics.jsonl `mfu`); a device missing here (a CPU) gets no MFU.
+PEAK_FLOPS = (
+  ("TPU v5 lite", 197e12),
+  ("TPU v5e", 197e12),
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),
+  ("TPU v6 lite", 918e12),
+  ("TPU v6e", 918e12),
+  ("TPU7x", 2307e12),
+  ("TPU v4", 275e12),
+  ("H100 PCIe", 756e12),
+  ("H100", 989e12),
+  ("H200", 989e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """The peak bf16 FLOP/s of one device of this kind, or None where unknown."""
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
 
 
 def _clean(value):
@@ -42,37 +73,30 @@ class MetricsWriter:
       for directory in (run_dir, run_dir / "tb"):
         storage.remove_append_tails(directory)
     if tensorboard and enabled:
-      from tensorboardX import SummaryWriter, record_writer
-
-      record_writer.register_writer_factory("gs", _AppendingRecordFactory())
-      self.tb = SummaryWriter(os.fspath(run_dir / "tb"), flush_secs=self.send_every or 120)
+      self.tb = TensorBoardFile(run_dir / "tb")
 
   def row(self, row: dict):
     if not self.enabled:  # not process 0 of a multi-process run
       return
     self.unsent.append(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+    if self.tb is not None and "step" in row and "event" not in row:
+      self.tb.scalars(row["step"], row)
     if time.monotonic() - self.last_sent >= self.send_every:
       self._send()
-    if self.tb is not None and "step" in row and "event" not in row:
-      for key, value in row.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-          self.tb.add_scalar(key, value, row["step"])
 
   def _send(self):
     storage.append(self.path, "".join(self.unsent))
     self.unsent, self.last_sent = [], time.monotonic()
+    if self.tb is not None:
+      self.tb.flush()
 
   def flush(self):
     """Every row so far is in metrics.jsonl and every scalar in TensorBoard's file."""
     if self.enabled:
       self._send()
-    if self.tb is not None:
-      self.tb.flush()
 
   def close(self):
     self.flush()
-    if self.tb is not None:
-      self.tb.close()
 
 
 def keep_rows_until(path, step: int):
@@ -106,30 +130,39 @@ def keep_rows_until(path, step: int):
     storage.write_atomic(path, "".join(kept))
 
 
-class _AppendingRecordFactory:
-  """tensorboardX's writers for gs:// paths: bytes are appended through storage.append when
-  TensorBoard flushes (its own gs:// writer re-uploads the whole file on every flush)."""
+class TensorBoardFile:
+  """Scalars as TensorBoard events: TFRecord-framed `Event` protos, buffered and appended to one
+  events file per process start (tb/events.out.tfevents.TIME.HOST) at each flush."""
 
-  def open(self, path):
-    return _AppendingRecordWriter(path)
+  def __init__(self, directory):
+    from tensorboardX.proto import event_pb2, summary_pb2
 
-  def directory_check(self, path):
-    pass  # Cloud Storage has no directories to create
+    self.event, self.summary = event_pb2.Event, summary_pb2.Summary
+    storage.make_dir(directory)
+    self.path = directory / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+    self.buffer = bytearray()
+    self._record(self.event(wall_time=time.time(), file_version="brain.Event:2"))
 
+  def scalars(self, step: int, row: dict):
+    values = [
+      self.summary.Value(tag=key, simple_value=float(value))
+      for key, value in row.items()
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
+    ]
+    event = self.event(wall_time=time.time(), step=int(step), summary=self.summary(value=values))
+    self._record(event)
 
-class _AppendingRecordWriter:
-  def __init__(self, path):
-    self.path, self.buffer = storage.location(path), bytearray()
+  def _record(self, event):
+    from tensorboardX.record_writer import masked_crc32c
 
-  def write(self, data: bytes):
-    self.buffer += data
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    self.buffer += header + struct.pack("<I", masked_crc32c(header))
+    self.buffer += data + struct.pack("<I", masked_crc32c(data))
 
   def flush(self):
     data, self.buffer = bytes(self.buffer), bytearray()
     storage.append(self.path, data)
-
-  def close(self):
-    self.flush()
 
 
 class Throughput:

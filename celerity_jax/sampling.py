@@ -7,6 +7,7 @@ decoding alone. The step donates its cache, which is updated in place.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -31,12 +32,16 @@ class Settings:
   seed: int = 0
 
   def check(self, vocab_size: int):
-    problems = [
+    problems = [  # (NaN fails every comparison: each check is written to reject it)
       (self.max_tokens < 1, f"--max-tokens {self.max_tokens}: must be at least 1"),
-      (self.temperature < 0, f"--temperature {self.temperature}: must be >= 0"),
+      (
+        not (0 <= self.temperature < math.inf),
+        f"--temperature {self.temperature}: must be >= 0 and finite",
+      ),
       (not 0 <= self.top_k <= vocab_size, f"--top-k {self.top_k}: must be in [0, {vocab_size}]"),
       (not 0 < self.top_p <= 1, f"--top-p {self.top_p}: must be in (0, 1]"),
       (self.batch < 1, f"--batch {self.batch}: must be at least 1"),
+      (not 0 <= self.seed < 2**63, f"--seed {self.seed}: must be in [0, 2**63)"),
     ]
     for bad, message in problems:
       if bad:

@@ -13,7 +13,13 @@ TENSORSTORE_GCS_HTTP_URL.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import shutil
+import socket
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -28,13 +34,73 @@ class StorageError(ConfigError):
   """A configured location cannot be used (missing bucket, no permission); names the key."""
 
 
+# A write that failed for want of space, however it reached us: an OSError, or tensorstore's and
+# Orbax's messages around one (they carry the OS error's text and code).
+NO_SPACE = (
+  "No space left on device",
+  "Disk quota exceeded",
+  "os_error_code='28'",
+  "os_error_code='122'",
+)
+
+
+def out_of_space(error: BaseException) -> bool:
+  """Whether `error`, or one it was raised from, is a write that found no space."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if any(marker in str(error) for marker in NO_SPACE):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def out_of_space_message(error: BaseException) -> str:
+  """One line: the file that could not be written, and the space left where it lives."""
+  path = _failed_path(error)
+  where = Path(path)
+  while not where.exists() and where != where.parent:
+    where = where.parent
+  usage = shutil.disk_usage(where)
+  return (
+    f"no space left on the device of {path} ({_size(usage.free)} free of {_size(usage.total)}); "
+    f"free some space and run the same command again (a run resumes from its last checkpoint)"
+  )
+
+
+def _failed_path(error: BaseException) -> str:
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.filename:
+      return os.fspath(error.filename)
+    quoted = re.findall(r'"(/[^"]+)"', str(error))  # tensorstore quotes the file it wrote
+    if quoted:
+      return quoted[-1]
+    error = error.__cause__ or error.__context__
+  return os.getcwd()
+
+
+def _size(n: float) -> str:
+  for unit in ("bytes", "KB", "MB", "GB", "TB"):
+    if n < 1000 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    n /= 1000
+
+
 def is_remote(where) -> bool:
   return os.fspath(where).startswith(REMOTE_SCHEMES)
 
 
-def location(where) -> epath.Path:
-  """A Path for a local path (~ expanded, made absolute) or a gs:// URL."""
+def location(where, key: str | None = None) -> epath.Path:
+  """A Path for a local path (~ expanded, made absolute) or a gs:// URL (Cloud Storage is checked
+  to answer, once per process: a machine without a network fails in seconds, in one line that
+  names `key`, the setting, where given)."""
   if is_remote(where):
+    reachable(key, where, write=False)
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     return epath.Path(os.fspath(where))
   return epath.Path(Path(os.fspath(where)).expanduser().absolute())
 
@@ -52,10 +118,13 @@ def make_dir(path: epath.Path):
     path.mkdir(parents=True, exist_ok=True)
 
 
-def check_writable(path: epath.Path, key: str):
-  """Fails early, naming `key`, when `path` cannot hold a run's files."""
+def check_writable(path: epath.Path, key: str) -> Path | None:
+  """Fails early, naming `key`, when `path` cannot hold a run's files; returns the topmost
+  directory it created (None if it created none), for `remove_if_empty` when a run is refused."""
+  created = None
   try:
     if is_remote(path):
+      reachable(key, path)
       bucket = os.fspath(path)[len("gs://") :].split("/", 1)[0]
       if not bucket or not _gcs().exists(bucket):
         raise StorageError(
@@ -63,6 +132,9 @@ def check_writable(path: epath.Path, key: str):
           f"visible with these credentials"
         )
     else:
+      created = next((p for p in reversed(Path(path).parents) if not p.exists()), None)
+      if created is None and not path.exists():
+        created = Path(path)
       make_dir(path)
       probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"  # an existing read-only directory
       probe.write_bytes(b"")  # passes mkdir, not this
@@ -70,8 +142,27 @@ def check_writable(path: epath.Path, key: str):
   except StorageError:
     raise
   except Exception as e:  # gcsfs/auth/OS errors: one line, naming the setting
+    remove_if_empty(created)
     reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
     raise StorageError(f"{key}={path}: cannot be used ({reason})") from None
+  return created
+
+
+def remove_if_empty(directory: Path | None):
+  """Removes `directory` (one check_writable created) if nothing but empty directories is in it."""
+  try:
+    if directory is None or not directory.is_dir():
+      return
+    if any(p.is_file() or p.is_symlink() for p in directory.rglob("*")):
+      return
+    for sub in sorted(directory.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+      sub.rmdir()
+    directory.rmdir()
+  except OSError:  # (a name too long to stat, a directory another process wrote into)
+    pass
+
+
+CONNECT_TIMEOUT_S = 10.0
 
 
 def write_atomic(path: epath.Path, data: bytes | str):
@@ -82,7 +173,11 @@ def write_atomic(path: epath.Path, data: bytes | str):
     _forget(path)
     return
   partial = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex[:8]}")
-  partial.write_bytes(data)
+  try:
+    partial.write_bytes(data)
+  except OSError as e:  # (a failed write() names no file)
+    partial.unlink(missing_ok=True)
+    raise OSError(e.errno, e.strerror, os.fspath(path)) from e
   os.replace(partial, path)
 
 
@@ -97,8 +192,11 @@ def append(path: epath.Path, data: bytes | str):
   if not data:
     return
   if not is_remote(path):
-    with open(path, "ab") as f:
-      f.write(data)
+    try:
+      with open(path, "ab") as f:
+        f.write(data)
+    except OSError as e:  # (a failed write() names no file)
+      raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     return
   fs, key = _gcs(), os.fspath(path)[len("gs://") :]
   if not fs.exists(key):
@@ -150,8 +248,58 @@ def move(source: epath.Path, target: epath.Path):
   _gcs().invalidate_cache()
 
 
+def _endpoint() -> tuple[str, int, bool]:
+  """(host, port, is an emulator) of the Cloud Storage API this process talks to."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+  if emulator:
+    parsed = urllib.parse.urlsplit(emulator if "://" in emulator else f"http://{emulator}")
+    return parsed.hostname or "localhost", parsed.port or 80, True
+  return "storage.googleapis.com", 443, False
+
+
+_REACHED: set = set()  # endpoints (and credentials) already checked by this process
+
+
+def _why_not(write: bool) -> str | None:
+  """Why Cloud Storage cannot be used from here, or None: one connection attempt of at most
+  CONNECT_TIMEOUT_S, and, to write, credentials (an emulator needs none), before any gcsfs call:
+  gcsfs retries an unreachable service, or writes refused to an anonymous client, for a minute
+  and a half before it gives up."""
+  host, port, emulator = _endpoint()
+  if (host, port) not in _REACHED:
+    try:
+      socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+      reason = e.strerror or type(e).__name__
+      return f"cannot reach Cloud Storage at {host}:{port} ({reason}); check the network"
+    _REACHED.add((host, port))
+  if write and not emulator and "credentials" not in _REACHED:
+    import google.auth
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+      google.auth.default()
+    except DefaultCredentialsError:
+      return (
+        "no Google Cloud credentials on this machine (run `gcloud auth application-default "
+        "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key)"
+      )
+    _REACHED.add("credentials")
+  return None
+
+
+def reachable(key: str | None, where, write: bool = True):
+  """Raises StorageError, naming `key`, when Cloud Storage cannot be reached (or, to `write`,
+  there are no credentials)."""
+  reason = _why_not(write)
+  if reason:
+    raise StorageError(f"{key}={where}: {reason}" if key else f"{where}: {reason}")
+
+
 def _gcs():
-  """The gcsfs client etils.epath uses for gs:// paths: one client, one metadata cache."""
+  """The gcsfs client etils.epath uses for gs:// paths: one client, one metadata cache. gcsfs
+  logs every request it gives up on with a traceback; the caller's error says it in one line."""
+  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
   return epath.backend.fsspec_backend.fs("gs://")
 
 

@@ -11,6 +11,9 @@ from the TPU metadata: process id and count and a coordinator address (127.0.0.1
 (`image_venv`), as a custom TPU image would. Deleting a slice kills its processes and wipes its
 disks. `python fake_gcloud.py preempt NODE` plays a spot preemption: SIGTERM to every worker's run,
 up to 30 s of grace, SIGKILL, then the slice is SUSPENDED (queued) or PREEMPTED (TPU VM).
+`describe_errors` / `delete_errors` make that many describe / delete calls (counted over the whole
+scenario) fail first as the real service does when it cannot answer: exit 1 with gcloud's error,
+no state change.
 """
 
 from __future__ import annotations
@@ -212,6 +215,8 @@ def tpu_vm(verb: str, args: list[str]):
       fail(f"NOT_FOUND: node {names[0]}")
     print(node["state"])
   elif verb == "delete":
+    if names[0] not in state["nodes"]:
+      fail(f"NOT_FOUND: node {names[0]}")
     delete_node(state, names[0])
     store(state)
   elif verb == "scp":
@@ -281,6 +286,23 @@ def mark_preempted(node: str):
   store(state)
 
 
+def transient_error(group: str, verb: str):
+  """The scenario's next `describe_errors` / `delete_errors` calls fail as an unreachable API."""
+  key = f"{verb}_errors"
+  if verb not in ("describe", "delete") or not scenario().get(key):
+    return
+  with state_lock():
+    state = load()
+    state[key] = state.get(key, 0) + 1
+    store(state)
+  if state[key] <= scenario()[key]:
+    fail(
+      f"(gcloud.compute.tpus.{group}.{verb}) There was a problem refreshing your current auth "
+      f"tokens: ('Connection aborted.', RemoteDisconnected('Remote end closed connection "
+      f"without response')) UNAVAILABLE"
+    )
+
+
 def main(argv: list[str]):
   if argv[:1] == ["preempt"]:
     return preempt(argv[1])
@@ -292,6 +314,7 @@ def main(argv: list[str]):
   group, verb, rest = args[2], args[3], args[4:]
   if group not in ("queued-resources", "tpu-vm"):
     fail(f"fake gcloud does not know: {' '.join(argv)}", 2)
+  transient_error(group, verb)
   if group == "tpu-vm" and verb == "ssh":  # runs for minutes: reads the state only
     tpu_vm(verb, rest)
     return

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,14 @@ def drop_size_check(tmp):
 
 def a_file(name):
   return write(name, "not a directory")
+
+
+def held_by_this_process(tmp):
+  """run.dir/lock.json naming a live run of this machine: the test process itself."""
+  from celerity_jax import run_lock
+
+  owner = {**run_lock.RunLock(tmp / "run").owner, "heartbeat": time.time()}
+  (tmp / "run" / run_lock.NAME).write_text(json.dumps(owner))
 
 
 LONG = "x" * 300
@@ -157,6 +166,14 @@ CASES = [
     2,
     "model.d_model",
     None,
+  ),
+  (
+    "run.dir in use by a live run",
+    "celerity_jax.main",
+    [*RUN, "run.dir={run}"],
+    2,
+    "is in use by another run (host",
+    held_by_this_process,
   ),
   # data: exit 3 naming the file or store
   (
@@ -357,6 +374,89 @@ CASES = [
     "training tokens; the largest run needs 2,140,441,600",
     None,
   ),
+  # nothing replaced without a word (exports), nothing generated from a NaN (sample)
+  (
+    "export hf into its own run dir",
+    "celerity_jax.tools.export",
+    ["{run}", "--format", "hf", "--out", "{run}", "--overwrite"],
+    2,
+    "is a run directory",
+    None,
+  ),
+  (
+    "export hf into a non-empty dir",
+    "celerity_jax.tools.export",
+    ["{run}", "--format", "hf", "--out", "{tmp}/hf"],
+    2,
+    "the directory is not empty (notes.txt)",
+    write("hf/notes.txt", "mine"),
+  ),
+  (
+    "export hf overwrite a foreign dir",
+    "celerity_jax.tools.export",
+    ["{run}", "--format", "hf", "--out", "{tmp}/hf", "--overwrite"],
+    2,
+    "not a Hugging Face export",
+    write("hf/notes.txt", "mine"),
+  ),
+  (
+    "export npz over a file",
+    "celerity_jax.tools.export",
+    ["{run}", "--out", "{tmp}/p.npz"],
+    2,
+    "exists; pass --overwrite",
+    write("p.npz", "mine"),
+  ),
+  (
+    "sample nan temperature",
+    "celerity_jax.tools.sample",
+    ["{run}", "--prompt-ids", "5,6", "--temperature", "nan"],
+    2,
+    "--temperature nan",
+    None,
+  ),
+  (
+    "sample seed past 64 bits",
+    "celerity_jax.tools.sample",
+    ["{run}", "--prompt-ids", "5", "--seed", str(2**64)],
+    2,
+    "--seed 18446744073709551616",
+    None,
+  ),
+  # readers of a run: what a crash leaves, and values no run can have
+  ("predict nan stop", "celerity_jax.tools.predict", ["{run}", "--stop", "nan"], 2, "--stop", None),
+  (
+    "predict torn config.json",
+    "celerity_jax.tools.predict",
+    ["{run}"],
+    2,
+    "run/config.json: not a run's config.json",
+    lambda tmp: (tmp / "run" / "config.json").write_text('{"config": {"model": {'),
+  ),
+  (
+    "predict before any logged point",
+    "celerity_jax.tools.predict",
+    ["{run}", "--stop", "0.02"],
+    2,
+    "no logged points in t = [0.01, 0.02]",
+    None,
+  ),
+  (
+    "reference run with torn config.json",
+    "celerity_jax.main",
+    [*RUN, "collapse.reference={run}"],
+    2,
+    "run/config.json: not a run's config.json",
+    lambda tmp: (tmp / "run" / "config.json").write_text("{"),
+  ),
+  (
+    "critical_batch nan tolerance",
+    "celerity_jax.tools.critical_batch",
+    ["recipe=celerity_nano_1", "--tolerance", "nan", "--out", "{tmp}/cb"],
+    2,
+    "--tolerance nan",
+    None,
+  ),
   (
     "critical_batch bad key",
     "celerity_jax.tools.critical_batch",
@@ -439,3 +539,5 @@ def test_bad_input(name, module, args, status, named, setup, tmp_path, corpus, f
   assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
   after = snapshot(tmp_path)
   assert {k: after.get(k) for k in before} == before  # nothing there changed or went away
+  fresh = tmp_path / "fresh"  # a refused run leaves no empty run.dir behind (one that failed
+  assert not fresh.exists() or any(p.is_file() for p in fresh.rglob("*"))  # mid-run has files)

@@ -149,8 +149,19 @@ def test_prediction_recovers_the_final_loss_from_30_percent():
   partial = predict.truncate(curve_from(t, noisy, 0.1, 40.0, T), 0.3)
   assert partial.t_hat[-1] == pytest.approx(0.3)
   assert predict.predict_final_loss(partial, constants=TRUE) == pytest.approx(2.5, rel=0.003)
-  with pytest.raises(ValueError, match="no logged points"):
-    predict.predict_final_loss(predict.truncate(partial, 0.1), constants=TRUE)
+  # from 10% (the paper's earliest early stop) over t in [0.05, 0.1], and refused where the curve
+  # has no point in its window
+  early = predict.truncate(partial, 0.1)
+  assert predict.predict_final_loss(early, constants=TRUE) == pytest.approx(2.5, rel=0.01)
+  late = t >= 0.2
+  logged_late = dataclasses.replace(
+    partial,
+    t_hat=partial.t_hat[late[: len(partial.t_hat)]],
+    loss=partial.loss[late[: len(partial.t_hat)]],
+    loss_smooth=partial.loss_smooth[late[: len(partial.t_hat)]],
+  )
+  with pytest.raises(ValueError, match=r"no logged points in t = \[0.075, 0.15\]"):
+    predict.predict_final_loss(logged_late, stop=0.15, constants=TRUE)
 
 
 def test_spread_and_seed_noise_on_hand_made_curves():

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -211,3 +212,42 @@ def test_a_missing_bucket_fails_at_once_and_is_not_created(gcs, capsys):
   assert code == 2 and "run.dir=gs://no-such-bucket/run" in err and "does not exist" in err
   assert "Traceback" not in err
   assert not gcs.exists("no-such-bucket")
+
+
+def test_cloud_storage_out_of_reach_fails_in_seconds_and_one_line(tmp_path):
+  """No network (here: nothing listening where the service should be) is one line naming the
+  setting, in seconds: gcsfs alone retried for about a minute and a half, with tracebacks."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # closed once the block ends: connections are refused
+  env = {**os.environ, "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
+  start = time.monotonic()
+  result = subprocess.run(
+    [sys.executable, "-m", "celerity_jax.main", "recipe=celerity_tiny", *SMALL, "run.dir=gs://b/r"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert time.monotonic() - start < 30
+  assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+  assert f"run.dir=gs://b/r: cannot reach Cloud Storage at 127.0.0.1:{port}" in result.stderr
+
+
+def test_writing_without_credentials_is_one_line(monkeypatch):
+  """A reachable service but no credentials: gcsfs would write anonymously and retry every
+  refusal; the check says what to do instead."""
+  import google.auth
+  from google.auth.exceptions import DefaultCredentialsError
+
+  monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+  monkeypatch.setattr(storage.socket, "create_connection", lambda *a, **k: io.BytesIO())
+
+  def no_credentials():
+    raise DefaultCredentialsError("none")
+
+  monkeypatch.setattr(google.auth, "default", no_credentials)
+  monkeypatch.setattr(storage, "_REACHED", set())
+  with pytest.raises(storage.StorageError, match="run.dir=gs://b/r: no Google Cloud credentials"):
+    storage.reachable("run.dir", "gs://b/r")
+  storage.reachable("run.dir", "gs://b/r", write=False)  # reading a public bucket needs none

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,20 @@ def _thp() -> str:
     return open("/sys/kernel/mm/transparent_hugepage/enabled").read()
   except OSError:
     return "[never]"
+
+
+def test_libtpu_writes_no_logs_on_a_machine_without_tpus():
+  """With libtpu installed (the test extra), every jax process used to leave log files in
+  /tmp/tpu_logs, named with its pid; one that imports celerity_jax first leaves none."""
+  pytest.importorskip("libtpu")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "JAX_PLATFORMS"}
+  probe = subprocess.run(
+    [sys.executable, "-c", "import os, celerity_jax, jax; jax.devices(); print(os.getpid())"],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
+  pid = probe.stdout.strip()
+  logs = Path("/tmp/tpu_logs")
+  assert (sorted(logs.glob(f"*.{pid}")) if logs.exists() else []) == []

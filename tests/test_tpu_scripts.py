@@ -151,6 +151,65 @@ def test_dry_run_prints_every_gcloud_command_and_calls_none(cloud):
   assert cloud.calls() == []
 
 
+def test_a_failing_gcloud_never_reads_as_a_missing_slice(cloud, tmp_path):
+  """Only gcloud's NOT_FOUND means "not there": a describe that fails otherwise is retried (with
+  a bound) and then stops the script with gcloud's message; a missing gcloud is a setup error;
+  nothing is created or deleted on a guess, and a dry run leaves no files behind."""
+  quick = {
+    "CELERITY_TPU_QUEUED": "false",
+    "CELERITY_TPU_RETRIES": "2",
+    "CELERITY_TPU_BACKOFF_S": "0",
+  }
+  cloud.pod("create", settings=quick)
+  cloud.play(describe_errors=2)  # two transient failures, then answers
+  status = cloud.pod("status", settings=quick)
+  assert "celerity-test: READY" in status.stdout
+  assert status.stderr.count("failed (exit 1") == 2 and "UNAVAILABLE" in status.stderr
+  cloud.play(describe_errors=1000)  # a lasting outage
+  down = cloud.pod("status", settings=quick, check=False)
+  assert down.returncode == 2 and "NOT_FOUND" not in down.stdout
+  assert "failed 3 times" in down.stderr and "problem refreshing your current auth" in down.stderr
+  cloud.play(delete_errors=1000)
+  failed = cloud.pod("delete", settings=quick, check=False)
+  assert failed.returncode == 2 and "problem refreshing your current auth" in failed.stderr
+  assert [v for v in cloud.verbs() if v.endswith(("create", "delete"))] == [
+    "tpu-vm create",
+    *["tpu-vm delete"] * 3,  # the one create; deletes tried, none done
+  ]
+  cloud.play()
+  cloud.pod("delete", settings=quick)
+  gone = cloud.pod("delete", settings=quick)  # not there: deleted already, and said so
+  assert "was not there" in gone.stderr
+  assert "celerity-test: NOT_FOUND" in cloud.pod("status", settings=quick).stdout
+  for command in ("status", "delete"):
+    missing = cloud.pod(command, settings={"CELERITY_TPU_GCLOUD": "no-such-gcloud"}, check=False)
+    assert missing.returncode == 2 and "gcloud not found" in missing.stderr, missing.stderr
+  scratch = tmp_path / "scratch"
+  scratch.mkdir()
+  cloud.pod(
+    "--dry-run",
+    "up",
+    "recipe=celerity_1b",
+    settings={"TMPDIR": str(scratch), "CELERITY_TPU_FIT_CHECK": "off"},
+  )
+  assert list(scratch.iterdir()) == []
+
+
+def test_babysit_rides_out_a_transient_describe_failure_without_touching_the_slice(cloud, tmp_path):
+  """The old babysit read one failed describe as "the slice is gone" and force-deleted a healthy
+  slice; now a describe that fails once is asked again, and the run goes on to its end."""
+  quick = {"CELERITY_TPU_QUEUED": "false", "CELERITY_TPU_BACKOFF_S": "1"}
+  cloud.pod("create", settings=quick)
+  cloud.pod("setup", settings=quick)
+  before = len(cloud.calls())
+  cloud.play(describe_errors=1)
+  run = cloud.pod("babysit", *cli(tmp_path / "run", "train.stop_step=8"), settings=quick)
+  assert "retry 1 of 5" in run.stderr and "the run finished" in run.stderr, run.stderr[-3000:]
+  after = [" ".join(c[2:4]) for c in cloud.calls()[before:]]
+  assert not any(v.endswith(("create", "delete")) for v in after), after
+  cloud.pod("delete", settings=quick)
+
+
 def test_a_failed_queued_request_is_deleted_and_asked_again(cloud):
   cloud.play(fail_first=True, provision_polls=1)
   cloud.pod("create")

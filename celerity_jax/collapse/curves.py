@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,8 @@ class Curve:
   t_hat: np.ndarray  # logged steps / T
   loss: np.ndarray  # raw training loss at those steps
   loss_smooth: np.ndarray  # the monitor's EMA at those steps
+  residual: np.ndarray | None = None  # the monitor's collapse_residual (NaN before alignment)
+  threshold: float = 0.05  # collapse.threshold: the |residual| that counts as off the reference
 
   @property
   def finished(self) -> bool:
@@ -76,36 +79,60 @@ class Curve:
 
 def load_run(run_dir, require_finished: bool = False) -> Curve:
   """The curve of a run directory (config.json + metrics.jsonl); errors name the file and the
-  problem."""
+  problem. Lines of metrics.jsonl that do not read (the torn last line a killed run leaves, a
+  garbled one) are skipped with a warning, as a resume does; t is each row's logged `frac`, which
+  continues across a resume that changed the batch."""
   run_dir = storage.location(run_dir)
   config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
   for path in (config_path, metrics_path):
     if not path.is_file():
       raise ConfigError(f"{path}: not found; a run directory holds config.json and metrics.jsonl")
-  described = json.loads(config_path.read_text())
-  cfg, derived = described["config"], described["derived"]
-  rows = {}
-  for line in metrics_path.read_text().splitlines():
-    row = json.loads(line) if line.strip() else {}
-    if "event" not in row and "loss_smooth" in row:
+  try:
+    described = json.loads(config_path.read_text())
+    cfg, derived = described["config"], described["derived"]
+    T = int(derived["steps"])
+    fields = dict(
+      steps=T,
+      warmup=derived["warmup_steps"],
+      schedule=cfg["optim"]["schedule"],
+      tau=float(derived["tau"]),
+      tpp=float(derived.get("tpp_effective", derived["tpp"])),
+      n_params=derived["n_params"],
+      seed=cfg["train"]["seed"],
+      smooth_frac=float(cfg["collapse"]["smooth_frac"]),
+      threshold=float(cfg["collapse"].get("threshold", 0.05)),
+    )
+  except (ValueError, KeyError, TypeError) as e:
+    reason = f"missing {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:120]
+    raise ConfigError(
+      f"{config_path}: not a run's config.json ({reason}); it is written whole by the run, so "
+      f"this one was damaged or is from elsewhere"
+    ) from None
+  rows, skipped = {}, 0
+  for line in metrics_path.read_bytes().decode("utf-8", "replace").splitlines():
+    if not line.strip():
+      continue
+    row = _step_row(line)
+    if row is None:
+      skipped += 1
+    elif row is not False:
       rows[row["step"]] = row  # a resumed run may repeat steps: the last write wins
+  if skipped:
+    print(
+      f"celerity_jax: warning: {metrics_path}: skipped {skipped} unreadable line(s) (a write cut "
+      f"short by a crash?)",
+      file=sys.stderr,
+    )
   if not rows:
     raise ConfigError(f"{metrics_path}: no rows with loss_smooth (written by the collapse monitor)")
   steps = sorted(rows)
-  T = derived["steps"]
   curve = Curve(
     name=run_dir.name,
-    steps=T,
-    warmup=derived["warmup_steps"],
-    schedule=cfg["optim"]["schedule"],
-    tau=derived["tau"],
-    tpp=derived.get("tpp_effective", derived["tpp"]),
-    n_params=derived["n_params"],
-    seed=cfg["train"]["seed"],
-    smooth_frac=cfg["collapse"]["smooth_frac"],
-    t_hat=np.array(steps, np.float64) / T,
-    loss=np.array([float(rows[s]["loss"]) for s in steps]),
-    loss_smooth=np.array([float(rows[s]["loss_smooth"]) for s in steps]),
+    **fields,
+    t_hat=np.array([rows[s].get("frac", s / T) for s in steps], np.float64),
+    loss=np.array([rows[s]["loss"] for s in steps], np.float64),
+    loss_smooth=np.array([rows[s]["loss_smooth"] for s in steps], np.float64),
+    residual=np.array([_number(rows[s].get("collapse_residual")) for s in steps], np.float64),
   )
   if require_finished and not curve.finished:
     raise ConfigError(
@@ -113,6 +140,38 @@ def load_run(run_dir, require_finished: bool = False) -> Curve:
       f"reference curve needs the final loss"
     )
   return curve
+
+
+def _number(value) -> float:
+  return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else np.nan
+
+
+def _step_row(line: str):
+  """A step's row with finite numbers where the curve needs them; False for a row that is not a
+  step's (an event, a row without the monitor's fields); None for a line that does not read."""
+  try:
+    row = json.loads(line)
+  except ValueError:
+    return None
+  if not isinstance(row, dict):
+    return None
+  if "event" in row or "loss_smooth" not in row:
+    return False
+  out = dict(row)
+  for key in ("step", "loss", "loss_smooth", "frac"):
+    value = row.get(key)
+    if key == "frac" and value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+      return None
+    try:
+      out[key] = float(value)  # a skipped step's loss is logged as the string "nan"
+    except ValueError:
+      return None
+  if not out["step"].is_integer():
+    return None
+  out["step"] = int(out["step"])
+  return out
 
 
 def on_grid(curves: list[Curve], grid: np.ndarray) -> np.ndarray:

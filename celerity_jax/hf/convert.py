@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -157,16 +158,18 @@ def tokenizer_config(seq_len: int) -> dict:
   }
 
 
-def write(trained, out) -> dict:
-  """Writes the directory `out` (local; created if missing) and returns what it holds."""
+def write(trained, target) -> dict:
+  """Writes the directory `target` (local) and returns what it holds. The files go to a sibling
+  directory first, which then takes the place of `target` (an earlier export there is replaced
+  whole: a reader never sees a mix of two exports, and no stale file stays)."""
   from safetensors.numpy import save_file
 
   arch = architecture(trained.cfg.model)
-  if str(out).startswith("gs://"):
-    raise ConfigError(f"export --format hf --out {out}: writes a local directory (copy it after)")
-  out = Path(out)
+  target = Path(target)
+  out = target.with_name(f".{target.name}.partial-{os.getpid()}")
   try:
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     tensors = state_dict(trained, arch)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(trained, arch), indent=2) + "\n")
@@ -179,11 +182,19 @@ def write(trained, out) -> dict:
       (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
       shutil.copyfile(HERE / "tokenization_celerity.py", out / "tokenization_celerity.py")
       files += ["tokenizer.model", "tokenizer_config.json"]
+    if target.exists():
+      old = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+      os.replace(target, old)
+      os.replace(out, target)
+      shutil.rmtree(old)
+    else:
+      os.replace(out, target)
   except OSError as e:
-    raise ConfigError(f"export --out {out}: cannot write ({e.strerror or e})") from None
+    shutil.rmtree(out, ignore_errors=True)
+    raise ConfigError(f"export --out {target}: cannot write ({e.strerror or e})") from None
   return {
     "step": trained.step,
-    "out": str(out),
+    "out": str(target),
     "format": "hf",
     "architecture": hf_config(trained, arch)["architectures"][0],
     "model_needs_trust_remote_code": arch == "celerity",

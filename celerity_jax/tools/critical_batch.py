@@ -14,6 +14,7 @@ B's. Finished runs in --out are reused, so the scan resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -108,8 +109,8 @@ def main(argv=None):
     int_list(parser, "--batches", args.batches, 1),
     int_list(parser, "--seeds", args.seeds, 0),
   )
-  if args.tolerance < 0:
-    parser.error(f"--tolerance {args.tolerance} must be >= 0")
+  if not 0 <= args.tolerance < math.inf:  # NaN and inf fail this too
+    parser.error(f"--tolerance {args.tolerance}: must be a finite number >= 0")
   out = Path(args.out) / recipe
   report = scan(recipe, batches, seeds, overrides, out, args.tolerance)
   out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Export a checkpoint's params: as one .npz file, or as a Hugging Face `transformers` model.
 
-  python -m celerity_jax.tools.export RUN_DIR [--step N] [--out params.npz]
-  python -m celerity_jax.tools.export RUN_DIR [--step N] --format hf --out DIR
+  python -m celerity_jax.tools.export RUN_DIR [--step N] [--out params.npz] [--overwrite]
+  python -m celerity_jax.tools.export RUN_DIR [--step N] --format hf --out DIR [--overwrite]
 
 npz: keys are parameter paths (`blocks/attn/wq`, `embed`, ...), as trained (multipliers not
 folded); scanned blocks keep their leading layer axis. Read it without celerity_jax:
@@ -14,6 +14,9 @@ them), with `model.safetensors`, `config.json` and the run's tokenizer for `Auto
 CompleteP multipliers are folded into the weights (celerity_jax/hf/convert.py). --out is local.
 
 Without --step the newest usable checkpoint is exported (damaged ones are skipped with a warning).
+Nothing is replaced without --overwrite: an existing .npz (or its .config.json), a non-empty
+--out directory. A run directory is never written into by --format hf (its config.json is the
+run's own), and --overwrite replaces only a directory that holds an earlier Hugging Face export.
 """
 
 from __future__ import annotations
@@ -27,6 +30,54 @@ import numpy as np
 from celerity_jax import storage
 from celerity_jax.config import ConfigError
 from celerity_jax.main import ArgumentParser, run_cli
+
+
+def check_npz_out(out, overwrite: bool):
+  out = storage.location(out)
+  for path in (out, out.with_name(out.stem + ".config.json")):
+    if path.is_dir():
+      raise ConfigError(f"export --out {out}: {path} is a directory")
+    if path.exists() and not overwrite:
+      raise ConfigError(
+        f"export --out {out}: {path} exists; pass --overwrite to replace it, or another --out"
+      )
+
+
+def _is_run_dir(path) -> bool:
+  if (path / "checkpoints").exists() or (path / "metrics.jsonl").exists():
+    return True
+  try:
+    return "derived" in json.loads((path / "config.json").read_text())
+  except (OSError, ValueError):
+    return False
+
+
+def check_hf_out(out, overwrite: bool):
+  """--out for --format hf: missing or empty; with --overwrite, an earlier export; never a run."""
+  out = storage.location(out)
+  if not out.exists():
+    return
+  if not out.is_dir():
+    raise ConfigError(f"export --out {out}: exists and is not a directory")
+  names = sorted(p.name for p in out.iterdir())
+  if not names:
+    return
+  if _is_run_dir(out):
+    raise ConfigError(
+      f"export --out {out}: is a run directory (its config.json is the run's own); export to "
+      f"another directory"
+    )
+  listed = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+  if not overwrite:
+    raise ConfigError(
+      f"export --out {out}: the directory is not empty ({listed}); pass --overwrite to replace "
+      f"an earlier export, or another --out"
+    )
+  if "model.safetensors" not in names:
+    raise ConfigError(
+      f"export --out {out}: holds files that are not a Hugging Face export ({listed}); "
+      f"--overwrite replaces only an earlier export"
+    )
 
 
 def export_npz(trained, out) -> dict:
@@ -52,18 +103,26 @@ def export_npz(trained, out) -> dict:
   }
 
 
-def export(run_dir, step: int | None, out, fmt: str = "npz") -> dict:
-  """Writes the params of `step` (default: the newest usable checkpoint) in format `fmt`."""
+def export(run_dir, step: int | None, out, fmt: str = "npz", overwrite: bool = False) -> dict:
+  """Writes the params of `step` (default: the newest usable checkpoint) in format `fmt`; refuses,
+  before reading the checkpoint, to replace anything unless `overwrite`."""
   from celerity_jax import trained as trained_lib
 
-  if fmt == "hf" and out is None:
-    raise ConfigError("export --format hf: give --out DIR, the directory to write")
+  if fmt == "hf":
+    if out is None:
+      raise ConfigError("export --format hf: give --out DIR, the directory to write")
+    if str(out).startswith("gs://"):
+      raise ConfigError(f"export --format hf --out {out}: writes a local directory (copy it after)")
+    check_hf_out(out, overwrite)
+  else:
+    out = out or storage.location(run_dir) / "params.npz"
+    check_npz_out(out, overwrite)
   run = trained_lib.load(run_dir, step, "export")
   if fmt == "hf":
     from celerity_jax.hf import convert
 
     return convert.write(run, out)
-  return export_npz(run, out or storage.location(run_dir) / "params.npz")
+  return export_npz(run, out)
 
 
 def main(argv):
@@ -74,8 +133,9 @@ def main(argv):
   parser.add_argument("--step", type=int, default=None)
   parser.add_argument("--out", default=None)
   parser.add_argument("--format", choices=("npz", "hf"), default="npz")
+  parser.add_argument("--overwrite", action="store_true", help="replace an earlier export")
   args = parser.parse_args(argv)
-  print(json.dumps(export(args.run_dir, args.step, args.out, args.format)))
+  print(json.dumps(export(args.run_dir, args.step, args.out, args.format, args.overwrite)))
 
 
 if __name__ == "__main__":

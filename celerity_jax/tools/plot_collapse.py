@@ -5,7 +5,10 @@ the spread Delta(t) across sizes and the seed noise sigma(t).
       [--reference surrogate|none|RUN_DIR] [--out collapse.png]
 
 Runs with the same parameter count are seeds of one size: Delta(t) uses the lowest seed of each
-size, sigma(t) every size with two or more seeds. Unfinished runs are skipped (they have no L(T)).
+size, sigma(t) every size with two or more seeds (one run has no spread panel). The reference
+curve is drawn on the normalized panel; the residual panel shows, from t = 0.2 on, the monitor's
+logged residual (what alerts) and L/L(T) minus the reference, with the run's alert threshold.
+Unfinished runs are skipped (they have no L(T)).
 """
 
 from __future__ import annotations
@@ -46,54 +49,111 @@ def reference_curve(curve: Curve, reference) -> np.ndarray | None:
   )
 
 
-def plot(families: dict[str, list[Curve]], out, reference=None, title: str = "") -> Path:
-  """One row of panels per family (name -> finished curves)."""
-  rows = len(families)
-  fig, axes = plt.subplots(rows, 4, figsize=(19, 4.2 * rows), squeeze=False)
+RESIDUAL_FROM = 0.2  # the residual panel starts where alignment and alerts matter
+
+
+def panels(families: dict[str, list[Curve]], reference) -> list[str]:
+  """The panels every row shows: raw and normalized curves, the residual against the reference
+  (when there is one) and the spread (when there are two sizes or two seeds to spread)."""
+  names = ["raw", "normalized"]
+  if reference not in (None, "none"):
+    names.append("residual")
+  if any(len(curves) > 1 for curves in families.values()):
+    names.append("spread")
+  return names
+
+
+def figure(families: dict[str, list[Curve]], reference=None, title: str = ""):
+  """One row of panels per family (name -> finished curves); returns the matplotlib figure."""
+  names = panels(families, reference)
+  fig, axes = plt.subplots(
+    len(families), len(names), figsize=(4.8 * len(names), 4.2 * len(families)), squeeze=False
+  )
+  ref_name = (reference.name if isinstance(reference, Curve) else reference) or "none"
   for row, (name, curves) in zip(axes, families.items(), strict=True):
+    ax = dict(zip(names, row, strict=True))
     groups = by_size(curves)
     colors = plt.cm.viridis(np.linspace(0, 0.85, max(len(groups), 1)))
+    thresholds = set()
     for color, (n, members) in zip(colors, groups.items(), strict=True):
       for c in members:
         style = dict(color=color, lw=1.2, ls="-" if c.seed == members[0].seed else "--")
         label = f"N={fmt_count(n)} seed {c.seed} tau {c.tau:.3g}"
-        row[0].plot(c.t_hat * c.steps, c.loss, alpha=0.35, color=color, lw=0.8)
-        row[0].plot(c.t_hat * c.steps, c.loss_smooth, label=label, **style)
-        row[1].plot(c.t_hat, c.normalized(), label=label, **style)
+        ax["raw"].plot(c.t_hat * c.steps, c.loss, alpha=0.35, color=color, lw=0.8)
+        ax["raw"].plot(c.t_hat * c.steps, c.loss_smooth, label=label, **style)
+        ax["normalized"].plot(c.t_hat, c.normalized(), label=label, **style)
         ref = reference_curve(c, reference)
-        if ref is not None:
-          row[2].plot(c.t_hat, c.normalized() - ref, **style)
-    row[0].set(
-      xlabel="step",
-      ylabel="training loss (raw, smoothed)",
-      yscale="log",
-      title=f"{name}: raw curves",
-    )
-    row[1].set(
-      xlabel="t = step / T", ylabel="L(t) / L(T)", ylim=(0.95, 1.8), title=f"{name}: normalized"
-    )
-    row[1].legend(fontsize=7)
-    ref_name = (reference.name if isinstance(reference, Curve) else reference) or "none"
-    row[2].axhline(0, color="k", lw=0.6)
-    row[2].set(
-      xlabel="t",
-      ylabel="residual",
-      xlim=(0, 1),
-      title=f"{name}: residual vs reference ({ref_name})",
-    )
-    firsts = [m[0] for m in groups.values()]
-    if len(firsts) > 1:
-      row[3].plot(GRID, curves_lib.spread(firsts, GRID), label="Delta(t) across sizes", color="C0")
-    seeded = [m for m in groups.values() if len(m) > 1]
-    if seeded:
-      row[3].plot(
-        GRID, curves_lib.seed_noise(seeded, GRID), label="sigma(t) across seeds", color="C3"
-      )
-    row[3].set(xlabel="t", ylabel="std of L(t)/L(T)", yscale="log", title=f"{name}: spread")
-    row[3].legend(fontsize=8)
+        if ref is None:
+          continue
+        first = c is curves[0]
+        ax["normalized"].plot(
+          c.t_hat,
+          ref,
+          color="k",
+          lw=0.9,
+          ls=":",
+          label=f"reference ({ref_name})" if first else None,
+        )
+        late = c.t_hat >= RESIDUAL_FROM
+        ax["residual"].plot(
+          c.t_hat[late],
+          (c.normalized() - ref)[late],
+          color=color,
+          lw=0.8,
+          ls=":",
+          label="L/L(T) - reference" if first else None,
+        )
+        if c.residual is not None and np.isfinite(c.residual).any():
+          ax["residual"].plot(
+            c.t_hat[late],
+            c.residual[late],
+            color=color,
+            lw=1.3,
+            label="the monitor's residual (alerts)" if first else None,
+          )
+        thresholds.add(c.threshold)
+    ax["raw"].set(xlabel="step", ylabel="training loss (raw, smoothed)", yscale="log")
+    ax["raw"].set_title(f"{name}: raw curves")
+    ax["normalized"].set(xlabel="t = step / T", ylabel="L(t) / L(T)", ylim=(0.95, 1.8))
+    ax["normalized"].set_title(f"{name}: normalized")
+    ax["normalized"].legend(fontsize=7)
+    if "residual" in ax:
+      for threshold in sorted(thresholds):
+        for sign in (1, -1):
+          ax["residual"].axhline(
+            sign * threshold,
+            color="C3",
+            lw=0.8,
+            ls="--",
+            label=f"alert threshold ±{threshold:g}" if sign > 0 else None,
+          )
+      ax["residual"].axhline(0, color="k", lw=0.6)
+      ax["residual"].set(xlabel="t", ylabel="residual", xlim=(RESIDUAL_FROM, 1))
+      ax["residual"].set_title(f"{name}: residual vs reference ({ref_name})")
+      ax["residual"].legend(fontsize=7)
+    if "spread" in ax:
+      firsts = [m[0] for m in groups.values()]
+      if len(firsts) > 1:
+        ax["spread"].plot(
+          GRID, curves_lib.spread(firsts, GRID), label="Delta(t) across sizes", color="C0"
+        )
+      seeded = [m for m in groups.values() if len(m) > 1]
+      if seeded:
+        ax["spread"].plot(
+          GRID, curves_lib.seed_noise(seeded, GRID), label="sigma(t) across seeds", color="C3"
+        )
+      ax["spread"].set(xlabel="t", ylabel="std of L(t)/L(T)", yscale="log")
+      ax["spread"].set_title(f"{name}: spread")
+      ax["spread"].legend(fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  return fig
+
+
+def plot(families: dict[str, list[Curve]], out, reference=None, title: str = "") -> Path:
+  """figure(...) written to `out` (a PNG)."""
+  fig = figure(families, reference, title)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=110)

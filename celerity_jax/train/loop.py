@@ -20,73 +20,109 @@ import numpy as np
 from celerity_jax import checkpoint as ckpt_lib
 from celerity_jax import distributed, sharding, storage
 from celerity_jax.collapse import monitor
-from celerity_jax.config import ConfigError
-from celerity_jax.data import DataChanged
 from celerity_jax.data.pipeline import prefetch
-from celerity_jax.data.sources import make_sources
-from celerity_jax.metrics import MetricsWriter, Throughput, keep_rows_until, progress_bar
+from celerity_jax.metrics import (
+  MetricsWriter,
+  Throughput,
+  keep_rows_until,
+  peak_flops,
+  progress_bar,
+)
 from celerity_jax.resolve import describe, resolve
-from celerity_jax.train import control, events, signals
+from celerity_jax.run_lock import RunDirInUse, RunLock
+from celerity_jax.train import control, events, resume, signals
+from celerity_jax.train.console import Console
 from celerity_jax.train.state import abstract_state
 from celerity_jax.train.step import Training, make_eval_step, prepare_training
 
 
 @dataclass(frozen=True)
 class Outputs:
-  """Where a run writes: its directory, the metrics writer (process 0 only), the checkpoints."""
+  """Where a run writes: its directory, the metrics writer (process 0 only), the checkpoints, the
+  lock that makes the directory this run's (process 0 only) and the console."""
 
   run_dir: object
   writer: MetricsWriter
   ckpt: ckpt_lib.Checkpointer
+  lock: RunLock | None
+  console: Console
 
 
 def run(cfg) -> dict:
-  """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run."""
-  run_dir = storage.location(cfg.run.dir)
-  storage.check_writable(run_dir, "run.dir")  # before any compile: a typo fails at once
-  resumed = ckpt_lib.newest_meta(run_dir / "checkpoints")
-  position = None if resumed is None else ckpt_lib.position(resumed)
-  training = prepare_training(cfg, resolve(cfg, jax.device_count(), position))
-  resolved, mesh = training.resolved, training.mesh
-  rows = sharding.process_rows(mesh, resolved.batch_seqs)
-  sources = _sources(cfg, resolved, rows, resumed)
-  described = describe(cfg, resolved, sources.fingerprint)
-  evaluate = _evaluator(cfg, training, sources.held_out)
-  ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
-  writer = None
+  """Trains per `cfg` and returns the last metrics row; raises RunHalted for a halted run. A run
+  refused before it starts (settings, data, a directory in use) leaves run.dir as it found it,
+  and does not leave one behind that it created."""
+  run_dir = storage.location(cfg.run.dir, "run.dir")
+  created = storage.check_writable(run_dir, "run.dir")  # before any compile: a typo fails at once
+  lock, accepted = None, False
   try:
-    # nothing is written to run.dir until the data, the settings and a checkpoint are accepted
-    restored = _restore(cfg, described, ckpt, training)
-    if distributed.is_primary():
-      storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
-      if sources.tokenizer is not None:  # what sampling and export decode text with
-        _save_tokenizer(run_dir, sources.tokenizer)
-    writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
-    if distributed.is_primary():
-      keep_rows_until(writer.path, restored[0] if restored else 0)
-    if restored is None:
-      state, restarts = training.setup.init(), 0
-    else:
-      step, state, meta, changes = restored
-      restarts = meta["restarts"] + 1
-      writer.row(
-        {"event": "restart", "step": step, "restarts": restarts, "config_changes": changes}
-      )
-      _say(
-        f"celerity_jax: resumed from step {step} (restart {restarts})"
-        + (
-          f"; changed settings: {ckpt_lib.explain_changes(changes, meta['described'], described)}"
-          f"{_moved(step, meta, resolved)}"
-          if changes
-          else ""
+    lock = _own(run_dir)
+    resumed = ckpt_lib.newest_meta(run_dir / "checkpoints")
+    position = None if resumed is None else ckpt_lib.position(resumed)
+    training = prepare_training(cfg, resolve(cfg, jax.device_count(), position))
+    resolved, mesh = training.resolved, training.mesh
+    sources = resume.open_data(
+      cfg, resolved, sharding.process_rows(mesh, resolved.batch_seqs), resumed
+    )
+    described = describe(cfg, resolved, sources.fingerprint)
+    evaluate = _evaluator(cfg, training, sources.held_out)
+    ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    writer = None
+    try:
+      # nothing is written to run.dir until the data, the settings and a checkpoint are accepted
+      restored = resume.restore(cfg, described, ckpt, training)
+      accepted = True
+      if distributed.is_primary():
+        storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
+        if sources.tokenizer is not None:  # what sampling and export decode text with
+          resume.save_tokenizer(run_dir, sources.tokenizer)
+      writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
+      console = Console(cfg.run.dir, distributed.is_primary(), cfg.run.progress)
+      if distributed.is_primary():
+        keep_rows_until(writer.path, restored[0] if restored else 0)
+      if restored is None:
+        state, restarts = training.setup.init(), 0
+      else:
+        step, state, meta, changes = restored
+        restarts = meta["restarts"] + 1
+        writer.row(
+          {"event": "restart", "step": step, "restarts": restarts, "config_changes": changes}
         )
-      )
-    loop = Loop(cfg, training, described, Outputs(run_dir, writer, ckpt), restarts, evaluate)
-    return loop.train(state, sources.train)
+        console.say(resume.announce(step, restarts, meta, changes, described, resolved))
+      out = Outputs(run_dir, writer, ckpt, lock, console)
+      loop = Loop(cfg, training, described, out, restarts, evaluate)
+      last = loop.train(state, sources.train)
+      if last.get("step") == resolved.stop_step:
+        console.say(loop.summary(sources.tokenizer is not None))
+      return last
+    finally:
+      ckpt.close()
+      if writer is not None:
+        writer.close()
   finally:
-    ckpt.close()
-    if writer is not None:
-      writer.close()
+    if lock is not None:
+      lock.release()
+    if not accepted and distributed.is_primary():
+      storage.remove_if_empty(created)
+
+
+def _own(run_dir) -> RunLock | None:
+  """Process 0 takes run.dir's lock (run_lock.py) and every process learns whether it did."""
+  lock, refused = RunLock(run_dir) if distributed.is_primary() else None, None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except RunDirInUse as e:
+      lock, refused = None, e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    taken = int(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+    if not taken and refused is None:
+      refused = RunDirInUse(f"run.dir {run_dir} is in use by another run (process 0 says which)")
+  if refused is not None:
+    raise refused
+  return lock
 
 
 def _evaluator(cfg, training: Training, held_out):
@@ -104,77 +140,6 @@ def _evaluator(cfg, training: Training, held_out):
   # (2-3% of the default run's loop) and surface an eval-only error only after steps were spent
   compiled = eval_step.lower(abstract_state(training.setup).params, batches[0]).compile()
   return lambda params: sum(float(compiled(params, b)) for b in batches) / len(batches)
-
-
-def _sources(cfg, resolved, rows, resumed: dict | None):
-  """The run's data; a resume whose corpus differs from its checkpoint's is refused before the new
-  corpus is tokenized (unless checkpoint.allow_config_change)."""
-  pinned = None
-  if resumed is not None and not cfg.checkpoint.allow_config_change:
-    pinned = resumed["described"].get(ckpt_lib.DATA)
-  try:
-    return make_sources(cfg, resolved, rows, cfg.run.progress, pinned)
-  except DataChanged as e:
-    keys = [f"{ckpt_lib.DATA}.{k}" for k in e.keys]
-    raise ckpt_lib.refusal(
-      cfg.run.dir, resumed["step"], keys, resumed["described"], {ckpt_lib.DATA: e.found}
-    ) from None
-
-
-def _save_tokenizer(run_dir, tokenizer):
-  """run.dir/tokenizer.model is the run's current tokenizer; one that a resume on other data
-  replaces stays beside it as tokenizer-FINGERPRINT.model, for its checkpoints (trained.py)."""
-  from celerity_jax.data import tokenizer as tokenizer_lib
-
-  path = run_dir / "tokenizer.model"
-  if path.exists():
-    old = tokenizer_lib.load(path)
-    if old.fingerprint == tokenizer.fingerprint:
-      return
-    old.save(run_dir / f"tokenizer-{old.fingerprint}.model")
-  tokenizer.save(path)
-
-
-def _restore(cfg, described, ckpt, training: Training):
-  """(step, state, meta, changes) from the newest usable checkpoint, or None for a fresh run.
-  Refuses (ConfigError) a checkpoint made with other trajectory settings or data before anything
-  is written."""
-
-  def load(step):
-    meta = ckpt.meta(step)
-    changes = ckpt_lib.config_changes(meta["described"], described)
-    if changes and not cfg.checkpoint.allow_config_change:
-      raise ckpt_lib.refusal(cfg.run.dir, step, changes, meta["described"], described)
-    return ckpt.restore(step, abstract_state(training.setup)), meta, changes
-
-  found = ckpt.first_usable(load)
-  if found is None:
-    return None
-  step, (state, meta, changes) = found
-  r, at = training.resolved, ckpt_lib.position(meta)
-  if at.rows != step * r.batch_seqs + r.row_offset:  # resolved from a newer, damaged checkpoint
-    raise ConfigError(
-      f"run.dir {cfg.run.dir}: the newest checkpoint was damaged and the one before it (step "
-      f"{step}) was made with another batch; run the same command again to resume from it"
-    )
-  return step, state, meta, changes
-
-
-def _moved(step: int, meta: dict, resolved) -> str:
-  """What an allowed change does to the run's position: the schedule's t before and after, the
-  tokens seen, and the step where it now ends."""
-  saved = meta["described"]["derived"]
-  if (saved["steps"], saved["batch_seqs"]) == (resolved.steps, resolved.batch_seqs):
-    return ""
-  was = (step + saved.get("step_offset", 0.0)) / saved["steps"]
-  now = (step + resolved.step_offset) / resolved.steps
-  rows = ckpt_lib.position(meta).rows
-  moved = f"t {was:.3f} -> {now:.3f}" if abs(now - was) > 5e-4 else f"t {now:.3f} kept"
-  return (
-    f"; {rows * resolved.batch_tokens // resolved.batch_seqs:,} tokens seen, {moved}, "
-    f"T {saved['steps']} -> {resolved.steps} steps of {resolved.batch_seqs} sequences, "
-    f"ending at step {resolved.stop_step}"
-  )
 
 
 def _say(text: str):
@@ -205,6 +170,11 @@ class Loop:
     self.last_row: dict = {}
     self.flags: dict = {}  # the last step's event flags (events.judge)
     self.last_save, self.last_save_step = time.monotonic(), 0
+    self.checkpoint_step: int | None = None  # the newest this process saved
+    self.console = out.console
+    # the devices' peak FLOP/s for MFU: known for TPUs and data-center GPUs, not for CPUs
+    peak = peak_flops(training.mesh.devices.flat[0].device_kind)
+    self.peak = None if peak is None else peak * training.mesh.size
     self.bar = None
 
   def announce(self, start: int):
@@ -230,7 +200,7 @@ class Loop:
       if r.n_active != r.n_params
       else ""
     )
-    _say(
+    self.console.say(
       f"celerity_jax: N={r.n_params:,}{moe} D={r.tokens:.4g} B={r.batch_seqs}x"
       f"{self.cfg.model.seq_len} T={r.steps} warmup={r.warmup_steps} "
       f"lambda={r.weight_decay:.4g} tau={r.tau:.4g} per-group tau="
@@ -260,6 +230,7 @@ class Loop:
       force=True,
     )
     self.last_save, self.last_save_step = time.monotonic(), step
+    self.checkpoint_step = step
 
   def local_flags(self, signal) -> int:
     """This process's votes: a signal reached it; its clock says a timed save is due."""
@@ -311,12 +282,16 @@ class Loop:
     self.flags = verdict.flags
     for row in verdict.events:
       self.out.writer.row(row)
+      self.console.event(row)
     for line in verdict.warnings:
-      _say(line)
+      self.console.say(line)
     if verdict.halt is not None:
       self.halt(step, values, verdict.halt, keep)
     if not log:
       return decision
+    self.out.ckpt.check()  # a background save that failed (a full disk) stops the run here
+    if self.out.lock is not None:
+      self.out.lock.check()
     tokens = self.rows(step) * self.cfg.model.seq_len
     rate = self.throughput.update(tokens)
     self.last_row = {
@@ -329,12 +304,14 @@ class Loop:
       "dtype": self.cfg.model.dtype,
       "restarts": self.restarts,
     }
+    if rate is not None and self.peak is not None:
+      self.last_row["mfu"] = rate * self.resolved.flops_per_token / self.peak
     self.out.writer.row(self.last_row)
-    shown = {"loss": f"{values['loss']:.4f}"}
-    if rate is not None:
-      shown["tok_s"] = f"{rate:,.0f}"
-    self.bar.set_postfix(shown, refresh=False)
+    self.bar.set_postfix(self.console.fields(self.last_row), refresh=False)
     return decision
+
+  def summary(self, tokenizer: bool) -> str:
+    return self.console.summary(self.last_row, self.resolved.steps, self.checkpoint_step, tokenizer)
 
   def train(self, state, train_data) -> dict:
     """Steps from `state` to the stop step (or a stop agreed by every process); returns the last
@@ -349,9 +326,15 @@ class Loop:
     with signals.guarded() as guard:
       try:
         for step, host_batch in zip(range(start, r.stop_step), batches, strict=True):
+          if step == start:
+            shape = " x ".join(f"{axis} {size}" for axis, size in self.mesh.shape.items())
+            kind = self.mesh.devices.flat[0].platform
+            self.console.compiling(f"mesh {shape} over {self.mesh.size} {kind} devices")
           state, metrics = self.train_step(
             state, sharding.place_batch(host_batch, self.mesh, r.batch_seqs)
           )
+          if step == start:
+            self.console.compiled()
           guard.training()  # compiled and stepped: a signal now saves first
           decision = self.agreement.vote(self.local_flags(guard.signal))
           done = step + 1
@@ -391,6 +374,8 @@ class Loop:
         if pending is not None:
           self.emit(pending)
         self.out.ckpt.wait()
+        self.out.ckpt.check()
+        guard.ended()  # saved: a signal from here on has nothing to stop
       finally:
         self.bar.close()
     return self.last_row

@@ -10,7 +10,11 @@ between bytecodes of the main thread, but the C-level handler writes each signal
 `signal.set_wakeup_fd` at once, and the watcher reads it there.
 
 Once training, the first signal asks the loop to finish its step, checkpoint and exit; a second
-aborts at once (status 128 + signal).
+aborts at once (status 128 + signal). Once the run has saved its last checkpoint (`ended`), a
+signal has nothing left to stop: it is noted and the process exits as it was going to, with the
+run's status. A command's process ignores the signals from then on until it exits
+(`guarded(linger=True)`), so a SIGTERM in its last second never kills it with the default handler
+(status 143), which a pod's babysitter would read as a preemption.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class PreemptionGuard:
   def __init__(self):
     self.signal: int | None = None
     self._training = False
+    self._ended = False
     self._previous: dict = {}
     self._previous_fd = -1
     self._pipe: tuple[int, int] | None = None
@@ -38,7 +43,14 @@ class PreemptionGuard:
     """The loop has run a step: from now on a signal saves a checkpoint before exiting."""
     self._training = True
 
+  def ended(self):
+    """The run has saved its last checkpoint (or failed): nothing is left for a signal to stop."""
+    self._ended = True
+
   def _on_signal(self, signum: int):
+    if self._ended:
+      _say(f"celerity_jax: signal {signum} after the run ended: nothing to stop; exiting")
+      return
     if not self._training:
       _say(
         f"celerity_jax: signal {signum} before the first step: nothing to save (a resume "
@@ -91,9 +103,10 @@ def _say(text: str):
 
 
 @contextlib.contextmanager
-def guarded():
+def guarded(linger: bool = False):
   """The process's guard for the block: installed here unless an outer block (the CLI, first
-  thing) already did."""
+  thing) already did. `linger`: after the block the guard stays, ended, until the process exits
+  (for a command's own process; a caller in a test or a notebook gets its handlers back)."""
   global _current
   if _current is not None:
     yield _current
@@ -104,6 +117,10 @@ def guarded():
   try:
     yield guard
   finally:
-    if installed:
+    if installed and linger:
+      guard.ended()
+      for sig in SIGNALS:  # ignored, not handled: Python resets handled signals to the default
+        signal.signal(sig, signal.SIG_IGN)  # (death) while the interpreter shuts down
+    elif installed:
       guard.uninstall()
       _current = None
