@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from conftest import CACHE, SMALL
+from test_checkpoint import cli
+from test_checkpoint import subprocess_env as env
 
 from celerity_jax import run_lock
 from celerity_jax.main import main
@@ -22,17 +23,8 @@ def command(run_dir, *extra):
     sys.executable,
     "-m",
     "celerity_jax.main",
-    "recipe=celerity_tiny",
-    *SMALL,
-    f"run.dir={run_dir}",
-    "run.log_every=1",
-    "checkpoint.every_steps=10",
-    *extra,
+    *cli(run_dir, "checkpoint.every_steps=10", *extra),
   ]
-
-
-def env():
-  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
 
 
 def steps_logged(run_dir):
