@@ -173,7 +173,8 @@ def main(argv=None):
   reference = args.reference
   if reference not in ("surrogate", "none"):
     reference = curves_lib.load_run(reference, require_finished=True)
-  print(plot({"runs": finished}, args.out, reference))
+  name = finished[0].name if len(finished) == 1 else "runs"
+  print(plot({name: finished}, args.out, reference))
 
 
 if __name__ == "__main__":
