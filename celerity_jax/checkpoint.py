@@ -128,7 +128,10 @@ def explain_changes(changes: list[str], saved: dict, current: dict) -> str:
       words.append(key)
     else:
       was, now = (d.get(DATA, {}).get(name) for d in (saved, current))
-      words.append(f"{DATA_NAMES.get(name, name)} ({key} {was} -> {now})")
+      data_cfg = current.get("config", saved["config"])["data"]
+      stdlib = name == "corpus" and not data_cfg["paths"] and data_cfg["corpus"] == "stdlib"
+      hint = "; the built-in corpus is this Python's standard library" if stdlib else ""
+      words.append(f"{DATA_NAMES.get(name, name)} ({key} {was} -> {now}{hint})")
   return ", ".join(words)
 
 

@@ -69,12 +69,16 @@ class Console:
       f"  final loss {row['loss']:.4f} (smoothed {row['loss_smooth']:.4f})"
       + (f", held-out {row['eval_loss']:.4f}" if "eval_loss" in row else ""),
     ]
-    if "final_loss_estimate" in row:
+    if "final_loss_estimate" in row and row["frac"] >= 1:
       predicted, reached = row["final_loss_estimate"], row["loss_smooth"]
       lines.append(
         f"  the collapse monitor predicted L(T) {predicted:.4f}, reached {reached:.4f} "
         f"({reached / predicted - 1:+.1%})"
-        + ("" if row["frac"] >= 1 else f" at t {row['frac']:.3f}")
+      )
+    elif "final_loss_estimate" in row:  # stopped early (train.stop_*): the prediction stands
+      lines.append(
+        f"  the collapse monitor predicts L(T) {row['final_loss_estimate']:.4f} for the whole "
+        f"run (stopped at t {row['frac']:.3f})"
       )
     if self.alerts:
       step, residual = self.alerts[0]

@@ -10,7 +10,7 @@ continues in sequences).
 from __future__ import annotations
 
 from celerity_jax import checkpoint as ckpt_lib
-from celerity_jax.config import ConfigError
+from celerity_jax.config import ConfigError, to_dict
 from celerity_jax.data import DataChanged
 from celerity_jax.data.sources import make_sources
 from celerity_jax.train.state import abstract_state
@@ -27,8 +27,9 @@ def open_data(cfg, resolved, rows, resumed: dict | None):
     return make_sources(cfg, resolved, rows, cfg.run.progress, pinned)
   except DataChanged as e:
     keys = [f"{ckpt_lib.DATA}.{k}" for k in e.keys]
+    current = {"config": to_dict(cfg), ckpt_lib.DATA: e.found}
     raise ckpt_lib.refusal(
-      cfg.run.dir, resumed["step"], keys, resumed["described"], {ckpt_lib.DATA: e.found}
+      cfg.run.dir, resumed["step"], keys, resumed["described"], current
     ) from None
 
 
