@@ -89,12 +89,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 DATA = "data_fingerprint"  # the described key of what the run trains on (data/prepare.py)
-DATA_NAMES = {
-  "corpus": "the corpus's content",
-  "tokenizer": "the tokenizer",
-  "train_tokens": "the training token store",
-  "eval_tokens": "the held-out token store",
-}
 
 
 def trajectory(described: dict) -> dict:
@@ -117,31 +111,6 @@ def config_changes(saved: dict, current: dict) -> list[str]:
   if not (saved.get(DATA) and current.get(DATA)):
     keys = {k for k in keys if not k.startswith(DATA + ".")}
   return sorted(k for k in keys if a.get(k) != b.get(k))
-
-
-def explain_changes(changes: list[str], saved: dict, current: dict) -> str:
-  """The changed keys for a message: settings by name, the data in words with both fingerprints."""
-  words = []
-  for key in changes:
-    name = key.removeprefix(DATA + ".")
-    if name == key:
-      words.append(key)
-    else:
-      was, now = (d.get(DATA, {}).get(name) for d in (saved, current))
-      data_cfg = current.get("config", saved["config"])["data"]
-      stdlib = name == "corpus" and not data_cfg["paths"] and data_cfg["corpus"] == "stdlib"
-      hint = "; the built-in corpus is this Python's standard library" if stdlib else ""
-      words.append(f"{DATA_NAMES.get(name, name)} ({key} {was} -> {now}{hint})")
-  return ", ".join(words)
-
-
-def refusal(run_dir, step: int, changes: list[str], saved: dict, current: dict) -> ConfigError:
-  """The one message for a resume whose settings or data differ from its checkpoint's."""
-  return ConfigError(
-    f"run.dir {run_dir} holds a checkpoint (step {step}) made with different settings or "
-    f"data: {explain_changes(changes, saved, current)}; use another run.dir, restore them, or "
-    f"pass checkpoint.allow_config_change=true to continue from the checkpoint with these"
-  )
 
 
 def versions() -> dict:

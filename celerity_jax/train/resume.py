@@ -16,6 +16,13 @@ from celerity_jax.data.sources import make_sources
 from celerity_jax.train.state import abstract_state
 from celerity_jax.train.step import Training
 
+DATA_NAMES = {
+  "corpus": "the corpus's content",
+  "tokenizer": "the tokenizer",
+  "train_tokens": "the training token store",
+  "eval_tokens": "the held-out token store",
+}
+
 
 def open_data(cfg, resolved, rows, resumed: dict | None):
   """The run's data; a resume whose corpus differs from its checkpoint's is refused before the new
@@ -28,9 +35,7 @@ def open_data(cfg, resolved, rows, resumed: dict | None):
   except DataChanged as e:
     keys = [f"{ckpt_lib.DATA}.{k}" for k in e.keys]
     current = {"config": to_dict(cfg), ckpt_lib.DATA: e.found}
-    raise ckpt_lib.refusal(
-      cfg.run.dir, resumed["step"], keys, resumed["described"], current
-    ) from None
+    raise refusal(cfg.run.dir, resumed["step"], keys, resumed["described"], current) from None
 
 
 def save_tokenizer(run_dir, tokenizer):
@@ -56,7 +61,7 @@ def restore(cfg, described, ckpt, training: Training):
     meta = ckpt.meta(step)
     changes = ckpt_lib.config_changes(meta["described"], described)
     if changes and not cfg.checkpoint.allow_config_change:
-      raise ckpt_lib.refusal(cfg.run.dir, step, changes, meta["described"], described)
+      raise refusal(cfg.run.dir, step, changes, meta["described"], described)
     return ckpt.restore(step, abstract_state(training.setup)), meta, changes
 
   found = ckpt.first_usable(load)
@@ -94,8 +99,31 @@ def announce(step: int, restarts: int, meta: dict, changes: list[str], described
   changed, with what it does to the run's position."""
   line = f"celerity_jax: resumed from step {step} (restart {restarts})"
   if changes:
-    line += (
-      f"; changed settings: {ckpt_lib.explain_changes(changes, meta['described'], described)}"
-      + moved(step, meta, resolved)
-    )
+    changed = explain_changes(changes, meta["described"], described)
+    line += f"; changed settings: {changed}{moved(step, meta, resolved)}"
   return line
+
+
+def explain_changes(changes: list[str], saved: dict, current: dict) -> str:
+  """The changed keys for a message: settings by name, the data in words with both fingerprints."""
+  words = []
+  for key in changes:
+    name = key.removeprefix(ckpt_lib.DATA + ".")
+    if name == key:
+      words.append(key)
+    else:
+      was, now = (d.get(ckpt_lib.DATA, {}).get(name) for d in (saved, current))
+      data_cfg = current.get("config", saved["config"])["data"]
+      stdlib = name == "corpus" and not data_cfg["paths"] and data_cfg["corpus"] == "stdlib"
+      hint = "; the built-in corpus is this Python's standard library" if stdlib else ""
+      words.append(f"{DATA_NAMES.get(name, name)} ({key} {was} -> {now}{hint})")
+  return ", ".join(words)
+
+
+def refusal(run_dir, step: int, changes: list[str], saved: dict, current: dict) -> ConfigError:
+  """The one message for a resume whose settings or data differ from its checkpoint's."""
+  return ConfigError(
+    f"run.dir {run_dir} holds a checkpoint (step {step}) made with different settings or "
+    f"data: {explain_changes(changes, saved, current)}; use another run.dir, restore them, or "
+    f"pass checkpoint.allow_config_change=true to continue from the checkpoint with these"
+  )
