@@ -103,3 +103,19 @@ def trained_text_run(tmp_path_factory, stdlib_cache):
     )
   )
   return run_dir
+
+
+@pytest.fixture(scope="session")
+def bad_input_corpus(tmp_path_factory):
+  """The bad-input tables' corpus and its token cache, built once (tests/bad_inputs.py)."""
+  from bad_inputs import build_corpus
+
+  return build_corpus(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="session")
+def bad_input_run(tmp_path_factory):
+  """The bad-input tables' finished run (tests/bad_inputs.py)."""
+  from bad_inputs import build_finished_run
+
+  return build_finished_run(tmp_path_factory.mktemp("finished") / "run")

@@ -1,0 +1,155 @@
+"""Bad input as a user meets it: each row of a case table (tests/test_bad_inputs.py for the
+training command, tests/test_bad_tool_inputs.py for the tools) runs a real entry point in its own
+process and must exit with its status, print exactly one line on stderr naming the key or file
+(besides the run's own `celerity_jax: N=...` summary when the failure comes after it), print no
+traceback, leave every file that existed before exactly as it was, and leave no empty run.dir.
+
+Adding a case is one line: (id, module, arguments, expected status, text the line must contain,
+setup). Arguments may use {tmp} (the case's directory), {run} (a finished run, copied), {cache}
+(a built token cache, copied) and {corpus} (its corpus); setup(tmp) damages or creates files first.
+"""
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import CACHE, SMALL
+
+from celerity_jax.data import corpus as corpus_lib
+from celerity_jax.main import main
+from celerity_jax.tools import tokenize
+
+RUN = ["recipe=celerity_tiny", *SMALL, "run.dir={tmp}/fresh"]
+FILES = [
+  "recipe=celerity_tiny",
+  *[a for a in SMALL if not a.startswith("data.corpus")],
+  "model.vocab_size=384",
+  "data.eval_frac=0.2",
+  "data.cache_dir={cache}",
+  "run.dir={tmp}/fresh",
+]
+CORPUS_FILES = ["data.paths={corpus}"]
+
+
+def write(name, data):
+  def setup(tmp):
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+
+  return setup
+
+
+def first_shard(tmp):
+  """The first array file of the copied cache's train store."""
+  entry = next((tmp / "cache").glob("files-*"))
+  return sorted((entry / "train" / "tokens" / "c").iterdir())[0]
+
+
+def edit_first_shard(edit):
+  """A setup that opens the first shard for update and calls edit(file, size)."""
+
+  def setup(tmp):
+    path = first_shard(tmp)
+    with open(path, "r+b") as f:
+      edit(f, path.stat().st_size)
+
+  return setup
+
+
+def corrupt_gzip(tmp):
+  data = bytearray(gzip.compress(b"some text " * 2000))
+  data[20:60] = bytes(b ^ 0x55 for b in data[20:60])
+  (tmp / "bad.txt.gz").write_bytes(bytes(data))
+
+
+def drop_size_check(tmp):
+  """Deletes a shard and its entry in meta.json: only the read-time fill check can catch it."""
+  entry = next((tmp / "cache").glob("files-*")) / "train"
+  meta = json.loads((entry / "meta.json").read_text())
+  del meta["files"]["tokens/c/0"]
+  (entry / "meta.json").write_text(json.dumps(meta))
+  (entry / "tokens" / "c" / "0").unlink()
+
+
+def a_file(name):
+  return write(name, "not a directory")
+
+
+def held_by_this_process(tmp):
+  """run.dir/lock.json naming a live run of this machine: the test process itself."""
+  from celerity_jax import run_lock
+
+  owner = {**run_lock.RunLock(tmp / "run").owner, "heartbeat": time.time()}
+  (tmp / "run" / run_lock.NAME).write_text(json.dumps(owner))
+
+
+LONG = "x" * 300
+
+
+def build_corpus(root: Path):
+  """A small text corpus and its token cache under `root`: (corpus dir, cache dir)."""
+  docs = root / "docs"
+  docs.mkdir()
+  for i, source in enumerate(corpus_lib.stdlib_files()[:40]):  # varied text, no download
+    (docs / f"d{i}.txt").write_bytes(source.read_bytes())
+  args = [
+    a.format(cache=root / "cache", corpus=docs, tmp=root)
+    for a in [*FILES, *CORPUS_FILES]
+    if not a.startswith("run.dir")
+  ]
+  assert tokenize.main(args) == 0
+  return docs, root / "cache"
+
+
+def build_finished_run(run: Path) -> Path:
+  """A run stopped at step 6 with checkpoints at 3 and 6."""
+  args = ["recipe=celerity_tiny", *SMALL, f"run.dir={run}", "train.stop_step=6"]
+  assert main([*args, "checkpoint.every_steps=3"]) == 0
+  return run
+
+
+def snapshot(root: Path) -> dict:
+  return {
+    p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(root.rglob("*"))
+    if p.is_file()
+  }
+
+
+def check(module, args, status, named, setup, tmp_path, corpus, finished_run):
+  """Runs one case in tmp_path (with copies of the corpus's cache and the finished run)."""
+  docs, cache = corpus
+  shutil.copytree(cache, tmp_path / "cache")
+  shutil.copytree(finished_run, tmp_path / "run")
+  if setup:
+    setup(tmp_path)
+  argv = [
+    a.format(tmp=tmp_path, run=tmp_path / "run", cache=tmp_path / "cache", corpus=docs)
+    for a in args
+  ]
+  before = snapshot(tmp_path)
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.run(
+    [sys.executable, "-m", module, *argv],
+    cwd=tmp_path,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  lines = [line for line in proc.stderr.splitlines() if not line.startswith("celerity_jax: N=")]
+  assert proc.returncode == status, proc.stderr[-3000:]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert named in lines[0], lines[0]
+  assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+  after = snapshot(tmp_path)
+  assert {k: after.get(k) for k in before} == before  # nothing there changed or went away
+  fresh = tmp_path / "fresh"  # a refused run leaves no empty run.dir behind (one that failed
+  assert not fresh.exists() or any(p.is_file() for p in fresh.rglob("*"))  # mid-run has files)
