@@ -28,6 +28,8 @@ from etils import epath
 from celerity_jax.config import ConfigError
 
 REMOTE_SCHEMES = ("gs://",)
+# gcsfs logs every request it gives up on with a traceback; the caller's error says it in one line
+logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
 
 class StorageError(ConfigError):
@@ -100,7 +102,6 @@ def location(where, key: str | None = None) -> epath.Path:
   names `key`, the setting, where given)."""
   if is_remote(where):
     reachable(key, where, write=False)
-    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     return epath.Path(os.fspath(where))
   return epath.Path(Path(os.fspath(where)).expanduser().absolute())
 
@@ -297,9 +298,7 @@ def reachable(key: str | None, where, write: bool = True):
 
 
 def _gcs():
-  """The gcsfs client etils.epath uses for gs:// paths: one client, one metadata cache. gcsfs
-  logs every request it gives up on with a traceback; the caller's error says it in one line."""
-  logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+  """The gcsfs client etils.epath uses for gs:// paths: one client, one metadata cache."""
   return epath.backend.fsspec_backend.fs("gs://")
 
 

@@ -9,6 +9,6 @@ class DataChanged(Exception):
   """The corpus or given tokenizer differs from what the checkpoint being resumed pinned; the loop
   words the refusal (checkpoint.refusal)."""
 
-  def __init__(self, keys: list[str], pinned: dict, found: dict):
+  def __init__(self, keys: list[str], found: dict):
     super().__init__(", ".join(keys))
-    self.keys, self.pinned, self.found = keys, pinned, found
+    self.keys, self.found = keys, found

@@ -80,7 +80,7 @@ def prepare(
   )
   changed = [k for k, v in found.items() if pinned and k in pinned and pinned[k] != v]
   if changed:
-    raise DataChanged(changed, pinned, found)
+    raise DataChanged(changed, found)
   settings = {
     "corpus": found["corpus"],
     "eval_frac": data_cfg.eval_frac,

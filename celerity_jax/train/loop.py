@@ -142,12 +142,6 @@ def _evaluator(cfg, training: Training, held_out):
   return lambda params: sum(float(compiled(params, b)) for b in batches) / len(batches)
 
 
-def _say(text: str):
-  """A line on stderr from process 0 only (every process runs the same loop)."""
-  if distributed.is_primary():
-    print(text, file=sys.stderr)
-
-
 class Loop:
   """One process's part of a run from a restored or fresh state to the stop step: it steps,
   votes with the other processes, logs each step one step late, saves, and halts."""
