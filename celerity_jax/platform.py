@@ -14,8 +14,8 @@ TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "
 # TPU VM's metadata whenever jax starts, and prints warnings where there is none; these tell it
 # there is nothing to find. They are set only off TPU VMs and only where unset. libtpu also takes
 # a machine-wide lock file so that two processes never drive the same chips; off a TPU VM there are
-# no chips, and the lock would only stop two compile-only processes (celerity_jax.tools.aot) running
-# at once.
+# no chips, and the lock would only stop two compile-only processes (celerity_jax.commands.aot)
+# running at once.
 QUIET_LIBTPU = {
   "TPU_SKIP_MDS_QUERY": "1",
   "TPU_ACCELERATOR_TYPE": "v5litepod-1",
@@ -83,7 +83,7 @@ def wants_hugepages(environ, system: str, libc: tuple[str, str], thp_mode: str) 
   )
 
 
-def reexec_with_hugepages(environ=None):  # (python -m celerity_jax.tools.platform shows it)
+def reexec_with_hugepages(environ=None):  # (python -m celerity_jax.commands.platform shows it)
   """Re-executes this process (same command line, same PID) with HUGEPAGE_TUNABLE appended to
   GLIBC_TUNABLES when wants_hugepages says so; returns where it does not."""
   import platform as host
@@ -136,10 +136,10 @@ def one_cpu_device_per_core(environ=None):
     environ[CPU_DEVICES] = str(wanted)
 
 
-def running_a_command(argv=None) -> bool:
-  """This process is `python -m celerity_jax.<module> ...` (not a library import, a notebook or
-  pytest). Read from the interpreter's own command line: while `-m` imports the package, the
-  module that will be __main__ is not yet known any other way."""
+def command_module(argv=None) -> str:
+  """The module this process runs as `python -m MODULE ...`, or "" (a script, `-c`, a notebook's
+  kernel is `-m ipykernel_launcher`). Read from the interpreter's own command line: while `-m`
+  imports the module's packages, the module that will be __main__ is not yet known any other way."""
   import sys
 
   argv = sys.orig_argv if argv is None else argv
@@ -147,11 +147,19 @@ def running_a_command(argv=None) -> bool:
   while i < len(argv):
     arg = argv[i]
     if arg.startswith("-m"):
-      module = arg[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
-      return module.split(".")[0] == "celerity_jax"
+      return arg[2:] or (argv[i + 1] if i + 1 < len(argv) else "")
     if arg in ("-X", "-W"):  # options that take a value
       i += 1
     elif not arg.startswith("-") or arg.startswith("-c"):
-      return False  # a script or `-c` came first
+      return ""  # a script or `-c` came first
     i += 1
-  return False
+  return ""
+
+
+def prepare_command():
+  """What a command's entry point does first, before jax loads: one CPU device per core, then the
+  re-execution with huge pages. Only entry points call it (main, the commands package, tools/);
+  importing celerity_jax in a notebook or a script changes nothing."""
+  quiet_libtpu_off_tpu()
+  one_cpu_device_per_core()
+  reexec_with_hugepages()

@@ -21,9 +21,11 @@ from pathlib import Path
 
 from conftest import CACHE, SMALL
 
+from celerity_jax.commands import tokenize
 from celerity_jax.data import corpus as corpus_lib
 from celerity_jax.main import main
-from celerity_jax.tools import tokenize
+
+REPO = Path(__file__).resolve().parent.parent
 
 RUN = ["recipe=celerity_tiny", *SMALL, "run.dir={tmp}/fresh"]
 FILES = [
@@ -136,6 +138,8 @@ def check(module, args, status, named, setup, tmp_path, corpus, finished_run):
   ]
   before = snapshot(tmp_path)
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(CACHE), "PYTHONUNBUFFERED": "1"}
+  if module.startswith("tools."):  # tools/ runs from a checkout: the repository on the path
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
   proc = subprocess.run(
     [sys.executable, "-m", module, *argv],
     cwd=tmp_path,

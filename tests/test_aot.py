@@ -1,4 +1,4 @@
-"""celerity_jax.tools.aot: the loop's train step compiled for TPU topologies on this CPU machine
+"""celerity_jax.commands.aot: the loop's train step compiled for TPU topologies on this CPU machine
 (libtpu, from the test extra, provides compile-only TPU devices; nothing runs on a TPU)."""
 
 import dataclasses
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import CACHE
 
+from celerity_jax.commands import aot, aot_fit, hlo_collectives, tpu_chips
 from celerity_jax.main import parse
-from celerity_jax.tools import aot, aot_fit, hlo_collectives, tpu_chips
 
 # celerity_tiny's rules on a shape whose dims are multiples of TPU tiles (8 x 128), so arrays carry
 # no layout padding and the argument bytes can be predicted exactly
@@ -221,11 +221,11 @@ def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
   needed ~26 GB with materialized attention and a B x L x L mask; blockwise attention and a
   constant mask bring them to 6.2 GB); the search finds a layout that fits (keeping B) and says
   why it rejected the others. A second
-  celerity_jax.tools.aot
+  celerity_jax.commands.aot
   runs at the same time in another process: libtpu's lock file does not stop it."""
   big = [*ALIGNED[:-1], "model.seq_len=2048", "train.batch_size=4096"]
   other = subprocess.Popen(
-    [sys.executable, "-m", "celerity_jax.tools.aot", *big, "--topology", "v5e:2x2", "--json"],
+    [sys.executable, "-m", "celerity_jax.commands.aot", *big, "--topology", "v5e:2x2", "--json"],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

@@ -8,7 +8,7 @@ TOOL_CASES = [
   # tools: the same contract
   (
     "export missing step",
-    "celerity_jax.tools.export",
+    "celerity_jax.commands.export",
     ["{run}", "--step", "7", "--out", "{tmp}/p.npz"],
     2,
     "--step 7",
@@ -16,17 +16,17 @@ TOOL_CASES = [
   ),
   (
     "export unwritable out",
-    "celerity_jax.tools.export",
+    "celerity_jax.commands.export",
     ["{run}", "--out", "/proc/celerity/p.npz"],
     2,
     "/proc/celerity/p.npz",
     None,
   ),
-  ("export not a run", "celerity_jax.tools.export", ["{tmp}"], 2, "checkpoints", None),
-  ("export bad flag", "celerity_jax.tools.export", ["{run}", "--stpe", "3"], 2, "--stpe", None),
+  ("export not a run", "celerity_jax.commands.export", ["{tmp}"], 2, "checkpoints", None),
+  ("export bad flag", "celerity_jax.commands.export", ["{run}", "--stpe", "3"], 2, "--stpe", None),
   (
     "plan zero chips",
-    "celerity_jax.tools.plan",
+    "celerity_jax.commands.plan",
     ["recipe=celerity_1b", "--chips", "0"],
     2,
     "--chips",
@@ -34,7 +34,7 @@ TOOL_CASES = [
   ),
   (
     "plan zero mfu",
-    "celerity_jax.tools.plan",
+    "celerity_jax.commands.plan",
     ["recipe=celerity_1b", "--mfu", "0"],
     2,
     "--mfu",
@@ -42,7 +42,7 @@ TOOL_CASES = [
   ),
   (
     "bench_step bad key",
-    "celerity_jax.tools.bench_step",
+    "tools.bench_step",
     ["model.d_modle=3"],
     2,
     "model.d_modle",
@@ -50,7 +50,7 @@ TOOL_CASES = [
   ),
   (
     "bench_data bad key",
-    "celerity_jax.tools.bench_data",
+    "tools.bench_data",
     ["data.thread=3"],
     2,
     "data.thread",
@@ -58,7 +58,7 @@ TOOL_CASES = [
   ),
   (
     "bench_checkpoint bad key",
-    "celerity_jax.tools.bench_checkpoint",
+    "tools.bench_checkpoint",
     ["optim.lr=3"],
     2,
     "optim.lr",
@@ -66,7 +66,7 @@ TOOL_CASES = [
   ),
   (
     "bench_moe bad key",
-    "celerity_jax.tools.bench_moe",
+    "tools.bench_moe",
     ["model.expert=3"],
     2,
     "model.expert",
@@ -74,18 +74,18 @@ TOOL_CASES = [
   ),
   (
     "coord_check bad flag",
-    "celerity_jax.tools.coord_check",
+    "tools.coord_check",
     ["--widths", "x"],
     2,
     "--widths",
     None,
   ),
-  ("tokenize bad key", "celerity_jax.tools.tokenize", ["data.pth=x"], 2, "data.pth", None),
-  ("predict missing run", "celerity_jax.tools.predict", ["{tmp}/nope"], 2, "nope", None),
-  ("aot bad topology", "celerity_jax.tools.aot", ["--topology", "v9z:2x2"], 2, "v9z", None),
+  ("tokenize bad key", "celerity_jax.commands.tokenize", ["data.pth=x"], 2, "data.pth", None),
+  ("predict missing run", "celerity_jax.commands.predict", ["{tmp}/nope"], 2, "nope", None),
+  ("aot bad topology", "celerity_jax.commands.aot", ["--topology", "v9z:2x2"], 2, "v9z", None),
   (
     "critical_batch bad batches",
-    "celerity_jax.tools.critical_batch",
+    "tools.critical_batch",
     ["recipe=celerity_nano_1", "--batches", "8,x", "--out", "{tmp}/cb"],
     2,
     "--batches",
@@ -93,7 +93,7 @@ TOOL_CASES = [
   ),
   (
     "sweep bad grid",
-    "celerity_jax.tools.sweep",
+    "celerity_jax.commands.sweep",
     ["recipe=celerity_nano_1", "--grid", "optim.lr_base=0.1", "--out", "{tmp}/sw"],
     2,
     "optim.lr_base=0.1",
@@ -101,7 +101,7 @@ TOOL_CASES = [
   ),
   (
     "sweep one setting",
-    "celerity_jax.tools.sweep",
+    "celerity_jax.commands.sweep",
     ["recipe=celerity_nano_1", "--set", "optim.tau=0.1", "--out", "{tmp}/sw"],
     2,
     "at least two settings",
@@ -109,7 +109,7 @@ TOOL_CASES = [
   ),
   (
     "collapse_experiment corpus too small",
-    "celerity_jax.tools.collapse_experiment",
+    "tools.collapse_experiment",
     ["--family", "gpu", "--out", "{tmp}/ce", *FILES[-4:-1], *CORPUS_FILES],
     3,
     "training tokens; the largest run needs 2,140,441,600",
@@ -118,7 +118,7 @@ TOOL_CASES = [
   # nothing replaced without a word (exports), nothing generated from a NaN (sample)
   (
     "export hf into its own run dir",
-    "celerity_jax.tools.export",
+    "celerity_jax.commands.export",
     ["{run}", "--format", "hf", "--out", "{run}", "--overwrite"],
     2,
     "is a run directory",
@@ -126,7 +126,7 @@ TOOL_CASES = [
   ),
   (
     "export hf into a non-empty dir",
-    "celerity_jax.tools.export",
+    "celerity_jax.commands.export",
     ["{run}", "--format", "hf", "--out", "{tmp}/hf"],
     2,
     "the directory is not empty (notes.txt)",
@@ -134,7 +134,7 @@ TOOL_CASES = [
   ),
   (
     "export hf overwrite a foreign dir",
-    "celerity_jax.tools.export",
+    "celerity_jax.commands.export",
     ["{run}", "--format", "hf", "--out", "{tmp}/hf", "--overwrite"],
     2,
     "not a Hugging Face export",
@@ -142,7 +142,7 @@ TOOL_CASES = [
   ),
   (
     "export npz over a file",
-    "celerity_jax.tools.export",
+    "celerity_jax.commands.export",
     ["{run}", "--out", "{tmp}/p.npz"],
     2,
     "exists; pass --overwrite",
@@ -150,7 +150,7 @@ TOOL_CASES = [
   ),
   (
     "sample nan temperature",
-    "celerity_jax.tools.sample",
+    "celerity_jax.commands.sample",
     ["{run}", "--prompt-ids", "5,6", "--temperature", "nan"],
     2,
     "--temperature nan",
@@ -158,17 +158,24 @@ TOOL_CASES = [
   ),
   (
     "sample seed past 64 bits",
-    "celerity_jax.tools.sample",
+    "celerity_jax.commands.sample",
     ["{run}", "--prompt-ids", "5", "--seed", str(2**64)],
     2,
     "--seed 18446744073709551616",
     None,
   ),
   # readers of a run: what a crash leaves, and values no run can have
-  ("predict nan stop", "celerity_jax.tools.predict", ["{run}", "--stop", "nan"], 2, "--stop", None),
+  (
+    "predict nan stop",
+    "celerity_jax.commands.predict",
+    ["{run}", "--stop", "nan"],
+    2,
+    "--stop",
+    None,
+  ),
   (
     "predict torn config.json",
-    "celerity_jax.tools.predict",
+    "celerity_jax.commands.predict",
     ["{run}"],
     2,
     "run/config.json: not a run's config.json",
@@ -176,7 +183,7 @@ TOOL_CASES = [
   ),
   (
     "predict before any logged point",
-    "celerity_jax.tools.predict",
+    "celerity_jax.commands.predict",
     ["{run}", "--stop", "0.02"],
     2,
     "no logged points in t = [0.01, 0.02]",
@@ -192,7 +199,7 @@ TOOL_CASES = [
   ),
   (
     "critical_batch nan tolerance",
-    "celerity_jax.tools.critical_batch",
+    "tools.critical_batch",
     ["recipe=celerity_nano_1", "--tolerance", "nan", "--out", "{tmp}/cb"],
     2,
     "--tolerance nan",
@@ -200,7 +207,7 @@ TOOL_CASES = [
   ),
   (
     "critical_batch bad key",
-    "celerity_jax.tools.critical_batch",
+    "tools.critical_batch",
     ["recipe=celerity_nano_1", "optim.taw=1", "--out", "{tmp}/cb"],
     2,
     "optim.taw",

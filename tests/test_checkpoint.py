@@ -300,7 +300,7 @@ def test_export_reads_back_without_celerity_jax(tmp_path):
   assert main(cli(run_dir, "train.stop_step=5")) == 0
   out = tmp_path / "export" / "p.npz"
   subprocess.run(
-    [sys.executable, "-m", "celerity_jax.tools.export", str(run_dir), "--out", str(out)],
+    [sys.executable, "-m", "celerity_jax.commands.export", str(run_dir), "--out", str(out)],
     check=True,
     env=subprocess_env(),
     capture_output=True,

@@ -215,7 +215,7 @@ def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, cap
     run.loss_smooth[-1] / estimate - ref_at[-1], abs=1e-4
   )
   # the predict tool gives the same alignment over [0.2, 0.5]; a reference with other controls warns
-  from celerity_jax.tools import predict as predict_tool
+  from celerity_jax.commands import predict as predict_tool
 
   capsys.readouterr()
   predict_tool.main([str(run_dir), "--stop", "0.5", "--reference", str(ref_dir)])
@@ -229,7 +229,7 @@ def test_reference_run_end_to_end_residuals_and_halt_policy(small, tmp_path, cap
   monitor.build_spec(other, resolve(other))
   assert "trained with other controls (tau 0.5 vs" in capsys.readouterr().err
   # fit_surrogate writes constants the monitor can load, and says when b and q are not identifiable
-  from celerity_jax.tools import fit_surrogate
+  from tools import fit_surrogate
 
   fit_surrogate.main([str(ref_dir), str(run_dir), "--out", str(tmp_path / "fit.json")])
   assert "not separately identifiable" in capsys.readouterr().err
@@ -312,7 +312,7 @@ def test_packaged_surrogate_constants_load_and_give_a_sane_curve():
 
 
 def test_plot_writes_a_png_with_spread_and_seed_noise(tmp_path):
-  from celerity_jax.tools.plot_collapse import plot
+  from celerity_jax.commands.plot_collapse import plot
 
   family = []
   for n, seed, scale in ((1000, 0, 1.0), (1000, 1, 1.01), (4000, 0, 0.99)):
@@ -325,7 +325,7 @@ def test_plot_writes_a_png_with_spread_and_seed_noise(tmp_path):
 
 
 def test_critical_batch_scan_holds_tau_and_tokens_and_resumes(tmp_path, capsys):
-  from celerity_jax.tools import critical_batch
+  from tools import critical_batch
 
   small = [a for a in SMALL if not a.startswith("train.batch_size")]
   argv = ["recipe=celerity_tiny", *small, "--batches", "8,16", "--out", str(tmp_path)]
@@ -355,7 +355,7 @@ def test_critical_batch_scan_holds_tau_and_tokens_and_resumes(tmp_path, capsys):
 
 
 def test_critical_batch_is_the_largest_within_tolerance():
-  from celerity_jax.tools.critical_batch import critical
+  from tools.critical_batch import critical
 
   assert critical([8, 16, 32, 64], [3.30, 3.28, 3.29, 3.40], 0.01) == 32
   assert critical([8, 16, 32, 64], [3.30, 3.28, 3.29, 3.40], 0.05) == 64
@@ -363,7 +363,7 @@ def test_critical_batch_is_the_largest_within_tolerance():
 
 
 def test_sweep_grid_is_the_cartesian_product_of_the_settings_and_values():
-  from celerity_jax.tools.sweep import expand
+  from celerity_jax.commands.sweep import expand
 
   assert expand([], ["optim.lr_base=0.1,0.2", "param.alpha_out=2,4"]) == [
     ["optim.lr_base=0.1", "param.alpha_out=2"],

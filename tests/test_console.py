@@ -42,7 +42,7 @@ def test_the_console_says_when_it_compiles_and_sums_up_the_run(tmp_path, capsys)
   ) in summary
   assert f"checkpoint: {tmp_path / 'run'}/checkpoints/40" in summary
   for tool in ("sample", "plot_collapse", "predict"):
-    assert f"python -m celerity_jax.tools.{tool} {tmp_path / 'run'}" in summary
+    assert f"python -m celerity_jax.commands.{tool} {tmp_path / 'run'}" in summary
   assert "mfu" not in last  # no known peak for a CPU: no made-up MFU
 
 
@@ -62,7 +62,7 @@ def damage(run_dir):
 def test_readers_take_a_run_as_a_crash_leaves_it(finished, tmp_path, capsys):
   import shutil
 
-  from celerity_jax.tools import plot_collapse, predict
+  from celerity_jax.commands import plot_collapse, predict
 
   run_dir = tmp_path / "run"
   shutil.copytree(finished, run_dir)
@@ -81,7 +81,7 @@ def test_readers_take_a_run_as_a_crash_leaves_it(finished, tmp_path, capsys):
 
 
 def test_one_runs_figure_shows_the_residual_where_it_matters(finished):
-  from celerity_jax.tools.plot_collapse import figure
+  from celerity_jax.commands.plot_collapse import figure
 
   curve = curves.load_run(finished)
   fig = figure({"run": [curve]}, reference="surrogate")

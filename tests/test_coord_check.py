@@ -2,7 +2,7 @@
 
 import pytest
 
-from celerity_jax.tools import coord_check
+from tools import coord_check
 
 
 def test_completep_is_flat_across_width_and_sp_drifts():

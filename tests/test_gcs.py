@@ -26,8 +26,8 @@ from test_checkpoint import abstract, assert_trees_equal, build, cli, trained_st
 from celerity_jax import storage
 from celerity_jax.checkpoint import Checkpointer
 from celerity_jax.collapse.curves import load_run
+from celerity_jax.commands import export
 from celerity_jax.main import main
-from celerity_jax.tools import export
 
 
 def losses(run_dir) -> list:

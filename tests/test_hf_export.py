@@ -106,7 +106,7 @@ def test_export_command_writes_a_model_and_tokenizer_transformers_loads(trained_
     [
       sys.executable,
       "-m",
-      "celerity_jax.tools.export",
+      "celerity_jax.commands.export",
       str(trained_text_run),
       "--format",
       "hf",
@@ -145,8 +145,8 @@ def test_export_command_writes_a_model_and_tokenizer_transformers_loads(trained_
 
 
 def test_hf_export_errors_are_one_line(trained_text_run, tmp_path, capsys):
+  from celerity_jax.commands import export
   from celerity_jax.main import run_cli
-  from celerity_jax.tools import export
 
   for args, message in [
     (["--format", "hf"], "export --format hf: give --out DIR"),

@@ -50,7 +50,7 @@ def test_the_notebook_trains_plots_predicts_sweeps_and_samples(tmp_path, stdlib_
   text = "".join("".join(o.get("text", "")) for o in outputs)
   assert "celerity_nano_1: N = " in text and "celerity_nano_2: N = " in text
   assert "predicted from t <= 0.3" in text and "tokens/s" in text
-  # the sweep (celerity_jax.tools.sweep): the winner has the lowest predicted final loss, and the
+  # the sweep (celerity_jax.commands.sweep): the winner has the lowest predicted final loss, and the
   # compute is 0.3 of each of the two settings plus the rest of the winner: (2 x 0.3 + 0.7) / 2
   rows = re.findall(
     r"tau = ([\d.]+): loss at t = 0.3: ([\d.]+), predicted final ([\d.]+)(.*)", text

@@ -1,5 +1,6 @@
-"""A celerity_jax command re-executes itself once with glibc's huge-page malloc tunable (about 1.5x
-faster CPU steps); library imports, notebooks and pytest are never re-executed."""
+"""A celerity_jax command (the training entry point, an installed command, a tool) re-executes
+itself once with glibc's huge-page malloc tunable (about 1.5x faster CPU steps) and gets one CPU
+device per core; library imports, notebooks and pytest never do."""
 
 import json
 import os
@@ -18,17 +19,29 @@ THP = "always [madvise] never"
 @pytest.mark.parametrize(
   "argv,want",
   [
-    (["python", "-m", "celerity_jax.main", "recipe=celerity_tiny"], True),
-    (["python", "-X", "dev", "-mcelerity_jax.tools.sample", "run"], True),
-    (["python", "-u", "-m", "celerity_jax"], True),
-    (["python", "-m", "pytest", "tests"], False),
-    (["python", "script.py", "-m", "celerity_jax.main"], False),
-    (["python", "-c", "import celerity_jax"], False),
-    (["python"], False),
+    (["python", "-m", "celerity_jax.main", "recipe=celerity_tiny"], "celerity_jax.main"),
+    (
+      ["python", "-X", "dev", "-mcelerity_jax.commands.sample", "run"],
+      "celerity_jax.commands.sample",
+    ),
+    (["python", "-u", "-m", "tools.bench_step"], "tools.bench_step"),
+    (["python", "-m", "pytest", "tests"], "pytest"),
+    (["python", "script.py", "-m", "celerity_jax.main"], ""),
+    (["python", "-c", "import celerity_jax"], ""),
+    (["python"], ""),
   ],
 )
-def test_running_a_command_reads_the_interpreter_command_line(argv, want):
-  assert platform.running_a_command(argv) is want
+def test_command_module_reads_the_interpreter_command_line(argv, want):
+  assert platform.command_module(argv) == want
+
+
+def test_the_training_entry_point_prepares_the_process_before_jax_loads():
+  """main.py calls prepare_command under __main__ after its imports: they must not load jax, or
+  the CPU device count would be read before it is set."""
+  probe = "import sys, celerity_jax.main; sys.stdout.write(str('jax' in sys.modules))"
+  assert (
+    subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout == "False"
+  )
 
 
 @pytest.mark.parametrize(
@@ -55,7 +68,7 @@ def test_a_command_runs_with_the_tunable_and_keeps_its_arguments_and_pid():
     pytest.skip("this machine has no glibc huge-page tunable")
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", platform.OPT_OUT)}
   env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=4"  # a user's own tunables are kept
-  cmd = [sys.executable, "-m", "celerity_jax.tools.platform", "a b", "--flag"]
+  cmd = [sys.executable, "-m", "celerity_jax.commands.platform", "a b", "--flag"]
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
   out, _ = proc.communicate(timeout=120)
   facts = json.loads(out)
@@ -89,7 +102,10 @@ def test_a_command_gets_one_cpu_device_per_core_and_a_library_import_does_not():
   probe = "import sys, jax; sys.stdout.write(str(jax.device_count()))"
   cores = len(os.sched_getaffinity(0))
   facts = subprocess.run(
-    [sys.executable, "-m", "celerity_jax.tools.platform"], env=env, capture_output=True, text=True
+    [sys.executable, "-m", "celerity_jax.commands.platform"],
+    env=env,
+    capture_output=True,
+    text=True,
   )
   assert json.loads(facts.stdout)["cpu_devices"] == (str(cores) if cores > 1 else "")
   library = subprocess.run(

@@ -48,7 +48,7 @@ def test_chinchilla_tpp_chooser():
 
 
 def test_planner_lists_the_family_with_the_overrides(capsys):
-  from celerity_jax.tools import plan
+  from celerity_jax.commands import plan
 
   assert (
     plan.main(
@@ -78,7 +78,7 @@ def test_planner_lists_the_family_with_the_overrides(capsys):
 
 def test_the_last_recipe_given_wins_in_main_and_in_the_planner(capsys):
   """As for every key, a later recipe= overrides an earlier one (a wrapper script's default)."""
-  from celerity_jax.tools import plan
+  from celerity_jax.commands import plan
 
   assert main(["recipe=celerity_1b", "recipe=celerity_nano_2", "--print-config"]) == 0
   assert json.loads(capsys.readouterr().out)["config"]["run"]["dir"] == "runs/celerity_nano_2"
@@ -129,7 +129,7 @@ def test_planner_shows_each_members_slice_and_layout_and_checks_the_fit(capsys):
   """Pod recipes name their slice and ship a layout; B is resolved on the slice's chips
   (celerity_1b: 32 v5p chips, one row per device per microbatch: 352 sequences in 11
   microbatches)."""
-  from celerity_jax.tools import plan
+  from celerity_jax.commands import plan
 
   assert plan.main(["recipe=celerity_1b", "--json"]) == 0
   rows = {r["recipe"]: r for r in json.loads(capsys.readouterr().out)}
@@ -148,12 +148,12 @@ def test_the_recipe_table_in_the_docs_is_what_the_planner_prints():
   changed recipe or law that leaves the page stale fails here (regenerate with the command)."""
   from pathlib import Path
 
-  from celerity_jax.tools import plan
+  from celerity_jax.commands import plan
 
   page = (Path(__file__).resolve().parent.parent / "docs" / "collapse.md").read_text()
   shown = page.split("<!-- recipes: begin -->\n", 1)[1].split("\n<!-- recipes: end -->", 1)[0]
   assert shown == plan.recipes_markdown(), (
-    "docs/collapse.md is stale: python -m celerity_jax.tools.plan --recipes-markdown"
+    "docs/collapse.md is stale: python -m celerity_jax.commands.plan --recipes-markdown"
   )
 
 
@@ -161,8 +161,8 @@ def test_gpu_family_spans_16x_at_20_tpp_and_its_experiment_plan_is_complete(caps
   """The GPU family (tools.collapse_experiment --family gpu): five sizes from 9M to 150M at the
   batch law's B and tau_opt; the experiment's runs have the taus, batches and TPPs their names
   say, a fault run costs the 40% after its resume, and the corpus must hold the largest D."""
-  from celerity_jax.tools import collapse_experiment
-  from celerity_jax.tools.collapse_plan import FAMILIES, budget, resolved, tau_opt
+  from tools import collapse_experiment
+  from tools.collapse_plan import FAMILIES, budget, resolved, tau_opt
 
   f, one_gpu = FAMILIES["gpu"], ["train.microbatch_rows=2"]  # 8 devices x 2 rows = 1 GPU x 16
   rows, totals = budget(f, one_gpu)

@@ -109,7 +109,7 @@ def test_no_usable_checkpoint_exits_6_and_moves_nothing(runs, tmp_path, capsys):
 def export(run, *args):
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(CACHE)}
   return subprocess.run(
-    [sys.executable, "-m", "celerity_jax.tools.export", str(run), *args],
+    [sys.executable, "-m", "celerity_jax.commands.export", str(run), *args],
     capture_output=True,
     text=True,
     env=env,

@@ -123,8 +123,8 @@ def test_generation_stops_at_the_stop_token(small):
   ],
 )
 def test_bad_sampling_arguments_are_one_line_errors(trained_text_run, args, message, capsys):
+  from celerity_jax.commands import sample
   from celerity_jax.main import run_cli
-  from celerity_jax.tools import sample
 
   argv = [str(trained_text_run), "--prompt", "x", *args]
   assert run_cli(lambda: sample.main(argv)) == 2  # anything but the contract's errors raises
@@ -137,7 +137,7 @@ def test_sample_command_streams_text_from_a_trained_run(trained_text_run):
     [
       sys.executable,
       "-m",
-      "celerity_jax.tools.sample",
+      "celerity_jax.commands.sample",
       str(trained_text_run),
       "--prompt",
       "def ",

@@ -107,7 +107,7 @@ def test_missing_or_bad_settings_fail_before_any_gcloud_call(cloud):
 
 def test_a_run_that_cannot_fit_the_slice_is_refused_before_any_gcloud_call(cloud):
   """celerity_3_9b (made for a v5p-64) cannot fit a v5e-8's 16 GB chips: `up` compiles its step
-  here for the slice (celerity_jax.tools.aot) and stops with XLA's numbers before it asks for the
+  here for the slice (celerity_jax.commands.aot) and stops with XLA's numbers before it asks for the
   slice."""
   result = cloud.pod("up", "recipe=celerity_3_9b", "run.dir=gs://bucket/run", check=False)
   assert result.returncode == 2, result.stderr[-3000:]

@@ -100,8 +100,8 @@ class Console:
     prompt = "--prompt 'def '" if tokenizer else "--prompt-ids 5,6,7"
     lines += [
       "  next:",
-      f"    python -m celerity_jax.tools.sample {run} {prompt} --max-tokens 64",
-      f"    python -m celerity_jax.tools.plot_collapse {run} --out {run}/collapse.png",
-      f"    python -m celerity_jax.tools.predict {run} --stop 0.3",
+      f"    python -m celerity_jax.commands.sample {run} {prompt} --max-tokens 64",
+      f"    python -m celerity_jax.commands.plot_collapse {run} --out {run}/collapse.png",
+      f"    python -m celerity_jax.commands.predict {run} --stop 0.3",
     ]
     return "\n".join(lines)

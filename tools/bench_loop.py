@@ -1,6 +1,6 @@
 """The training loop's tokens/s against its step's alone, in one process.
 
-  python -m celerity_jax.tools.bench_loop recipe=celerity_tiny [section.key=value ...] [--steps 40]
+  python -m tools.bench_loop recipe=celerity_tiny [section.key=value ...] [--steps 40]
 
 Runs the real loop (`celerity_jax.main`'s run: data, logging, evaluation, checkpoints) for
 `--steps` steps into a temporary run directory, and times the same jitted step alone on a fixed
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.cli import ArgumentParser, run_cli
 
 
 def loop_rate(metrics_path: Path) -> tuple[float, int]:
@@ -39,12 +39,12 @@ def bench(argv: list[str]) -> dict:
   parser.add_argument("--bench-steps", type=int, default=3)
   args, rest = parser.parse_known_args(argv)
 
+  from celerity_jax.cli import parse
   from celerity_jax.data.synthetic import placed_batches
-  from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
-  from celerity_jax.tools.bench_step import interleaved_step_times
   from celerity_jax.train.loop import run
   from celerity_jax.train.step import prepare_training
+  from tools.bench_step import interleaved_step_times
 
   with tempfile.TemporaryDirectory() as run_dir:
     overrides = [f"run.dir={run_dir}", "run.progress=false", f"train.stop_step={args.steps}"]

@@ -1,6 +1,6 @@
 """Data benchmark: tokenization MB/s, and loader tokens/s against the tokens/s training consumes.
 
-  python -m celerity_jax.tools.bench_data recipe=celerity_tiny [--steps 40] [--train-steps 4]
+  python -m tools.bench_data recipe=celerity_tiny [--steps 40] [--train-steps 4]
 
 Tokenization is timed on a fresh build of the recipe's corpus (a temporary cache). The loader is the
 run's pipeline (grain window batches, `data.threads` reader threads, tensorstore reads) timed over
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.cli import ArgumentParser, run_cli
 
 
 def main(argv: list[str]) -> dict:
@@ -28,10 +28,10 @@ def main(argv: list[str]) -> dict:
   import jax
 
   from celerity_jax import sharding
+  from celerity_jax.cli import parse
   from celerity_jax.data import corpus
   from celerity_jax.data.pipeline import WindowBatches, prefetch
   from celerity_jax.data.prepare import prepare
-  from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 

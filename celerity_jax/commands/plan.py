@@ -1,9 +1,9 @@
 """Plan a model family: every derived hyperparameter, FLOPs and estimated wall time per member.
 
-  python -m celerity_jax.tools.plan recipe=celerity_1b [scaling.tpp=80 ...] [--family celerity]
+  python -m celerity_jax.commands.plan recipe=celerity_1b [scaling.tpp=80 ...] [--family celerity]
                        [--accelerator v5p|v6e|v5e|h100|h200] [--chips 64] [--mfu 0.4] [--json]
                        [--check-fit [--topology v5p-64]]
-  python -m celerity_jax.tools.plan --recipes-markdown     # every recipe, a markdown table
+  python -m celerity_jax.commands.plan --recipes-markdown     # every recipe, a markdown table
 
 The family is every recipe whose name minus its size suffix (`_1b`, `_1_8b`, `_300m`, `_3`) equals
 --family (default: the recipe's own): celerity, celerity_nano, celerity_moe, celerity_moe_nano. The
@@ -14,10 +14,8 @@ family also shows its active parameters and effective TPP (what sets tau).
 Each member shows the slice its recipe is made for (the recipe's SLICE, or --topology) and its
 layout: the mesh axes, remat and sequences per device per microbatch; B and T are resolved on that
 slice's chips (on one device for a member without a slice). `--check-fit` compiles each member's
-train
-step for that slice (or for --topology) with celerity_jax.tools.aot and adds whether it fits, with
-the peak
-bytes per chip; this needs libtpu and takes a minute or more per large member.
+train step for that slice (or for --topology) with celerity_jax.commands.aot and adds whether it
+fits, with the peak bytes per chip; this needs libtpu and takes a minute or more per large member.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import json
 import re
 import sys
 
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.cli import ArgumentParser, run_cli
 
 # dense bf16 peak TFLOP/s per chip (vendor figures)
 PEAK_TFLOPS = {"v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "h200": 989.0}
@@ -48,7 +46,7 @@ def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
   parser.add_argument(
     "--check-fit",
     action="store_true",
-    help="compile each member for its slice (celerity_jax.tools.aot) and say if it fits",
+    help="compile each member for its slice (celerity_jax.commands.aot) and say if it fits",
   )
   parser.add_argument(
     "--topology",
@@ -58,10 +56,10 @@ def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
   args, rest = parser.parse_known_args(argv)
 
   from celerity_jax import recipes, scaling
+  from celerity_jax.cli import parse, recipe_name
+  from celerity_jax.commands import tpu_chips
   from celerity_jax.config import ConfigError, apply_overrides, validate
-  from celerity_jax.main import parse, recipe_name
   from celerity_jax.resolve import resolve
-  from celerity_jax.tools import tpu_chips
 
   cfg, _ = parse(rest)  # validates the recipe and overrides
   if args.chips < 1 or not 0 < args.mfu <= 1:
@@ -119,8 +117,8 @@ def layout(cfg) -> str:
 
 
 def check_fit(cfg, slice_name: str) -> dict:
-  """celerity_jax.tools.aot's verdict for cfg on a slice: fits, peak and HBM bytes per chip."""
-  from celerity_jax.tools import aot, tpu_chips
+  """celerity_jax.commands.aot's verdict for cfg on a slice: fits, peak and HBM bytes per chip."""
+  from celerity_jax.commands import aot, tpu_chips
 
   rep = aot.report(cfg, tpu_chips.resolve_topology(slice_name))
   m = rep["memory"]
@@ -174,9 +172,9 @@ def recipes_markdown() -> str:
   """Every recipe as a row of a markdown table (docs/collapse.md holds this output; a test checks
   that it is current): what it is, its slice, and what it resolves to there at its own TPP."""
   from celerity_jax import recipes
+  from celerity_jax.commands import tpu_chips
   from celerity_jax.resolve import resolve
   from celerity_jax.scaling import fmt_count
-  from celerity_jax.tools import tpu_chips
 
   rows = []
   for name in recipes.available():

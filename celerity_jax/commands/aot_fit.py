@@ -1,5 +1,5 @@
-"""`celerity_jax.tools.aot --fit`: the fastest predicted layout of a recipe's step that fits a TPU
-slice.
+"""`celerity_jax.commands.aot --fit`: the fastest predicted layout of a recipe's step that fits
+a TPU slice.
 
 A layout is the mesh over one slice's chips (data x fsdp x tensor x expert), the remat policy and
 the sequences each device takes per microbatch (`train.microbatch_rows`; the microbatch count
@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from celerity_jax.tools import aot
+from celerity_jax.commands import aot
 
 REMATS = ("none", "dots", "full")  # more memory saved, more computed again
 LAYOUT_KEYS = {

@@ -1,7 +1,7 @@
 """Where the train step's time goes: a jax.profiler trace of a few steps, each XLA op's time charged
 to the part of the model that emitted it.
 
-  python -m celerity_jax.tools.profile_step recipe=celerity_tiny [section.key=value ...] [--steps 3]
+  python -m tools.profile_step recipe=celerity_tiny [section.key=value ...] [--steps 3]
 
 Each executed op (fusion, matmul, copy) is looked up in the compiled step's HLO; the innermost
 Python function in its source metadata names the part (forward and backward ops share their
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.cli import ArgumentParser, run_cli
 
 PARTS = {  # innermost function -> part of the step
   "Mlp.__call__": "MLP matmuls and activation",
@@ -84,8 +84,8 @@ def profile(argv: list[str]) -> dict:
   parser.add_argument("--steps", type=int, default=3)
   args, rest = parser.parse_known_args(argv)
 
+  from celerity_jax.cli import parse
   from celerity_jax.data.synthetic import placed_batches
-  from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 

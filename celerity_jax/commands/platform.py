@@ -1,7 +1,7 @@
 """What this process runs with, as one JSON line: what celerity_jax.platform sets before jax loads
 (glibc tunables, CPU devices), the PID and arguments (kept by the re-execution), TPU VM or not.
 
-  python -m celerity_jax.tools.platform
+  python -m celerity_jax.commands.platform
 """
 
 import json

@@ -2,9 +2,9 @@
 
 `recipe=NAME` on the command line loads RECIPES[NAME]. A recipe states only its choices: the
 family, the shape and, for pod recipes, the slice its layout is made for. Every derived number (N,
-D, B, T, warmup, eta, lambda, tau, FLOPs) comes from the config: `python -m celerity_jax.tools.plan
-recipe=NAME` prints the family's table, `python -m celerity_jax.main recipe=NAME --print-config`
-one member's. Adding a member is one row.
+D, B, T, warmup, eta, lambda, tau, FLOPs) comes from the config:
+`python -m celerity_jax.commands.plan recipe=NAME` prints the family's table,
+`python -m celerity_jax.main recipe=NAME --print-config` one member's. Adding a member is one row.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from celerity_jax.config import Config, ConfigError
 from celerity_jax.recipes.family import celerity, gpu, moe, nano
+
+from celerity_jax.config import Config, ConfigError
 
 DEFAULT = "celerity_tiny"
 

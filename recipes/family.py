@@ -44,7 +44,7 @@ def celerity(
 
   Every pod recipe ships FSDP over the whole slice, `dots` remat and one sequence per device per
   microbatch: memory per chip is then the same on any slice, B stays within a few percent of the
-  law, and the layout runs on any slice size. `python -m celerity_jax.tools.aot recipe=NAME
+  law, and the layout runs on any slice size. `python -m celerity_jax.commands.aot recipe=NAME
   --topology SLICE` checks that it fits; `--fit` ranks the alternatives. For 1.8B and 3.9B the
   search prefers 2- or 4-way tensor parallelism without remat (5-7% faster at the roofline bound)
   but at 90-95 GB per chip, many times the bytes between chips, and only on slice sizes that the

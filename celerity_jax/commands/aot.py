@@ -1,8 +1,8 @@
 """Compile a recipe's train step for a TPU slice on any machine, and say whether it fits.
 
-  python -m celerity_jax.tools.aot recipe=NAME [key=value ...] --topology v5p:4x4x4 [--slices N] \
-      [--json]
-  python -m celerity_jax.tools.aot recipe=NAME [key=value ...] --topology v5p-64 --fit \
+  python -m celerity_jax.commands.aot recipe=NAME [key=value ...] --topology v5p:4x4x4 \
+      [--slices N] [--json]
+  python -m celerity_jax.commands.aot recipe=NAME [key=value ...] --topology v5p-64 --fit \
       [--max-batch-change 0.05]
 
 Needs `libtpu` (the test extra installs the version the pinned jax pairs with); no TPU is used.
@@ -24,8 +24,8 @@ import re
 import sys
 import time
 
-from celerity_jax.main import ArgumentParser, run_cli
-from celerity_jax.tools import hlo_collectives, tpu_chips
+from celerity_jax.cli import ArgumentParser, run_cli
+from celerity_jax.commands import hlo_collectives, tpu_chips
 
 
 def topology_devices(name: str, slices: int = 1) -> tuple[tpu_chips.Chip, list]:
@@ -117,7 +117,7 @@ HEADROOM = 0.05
 
 
 def report(cfg, topology: str, slices: int = 1, devices=None, step=None) -> dict:
-  """Everything celerity_jax.tools.aot prints, as one JSON-able dict (`devices`: reuse
+  """Everything celerity_jax.commands.aot prints, as one JSON-able dict (`devices`: reuse
   topology_devices; `step`: reuse compile_step's result for those devices)."""
   chip, devices = topology_devices(topology, slices) if devices is None else devices
   training, compiled, seconds, error = step or compile_step(cfg, devices)
@@ -198,9 +198,8 @@ def recompute_flops_per_token(model) -> float:
 def roofline(chip, cost: dict, comms: dict, resolved, model, n_devices: int) -> dict:
   """Lower bounds on one step's time per device from compute, HBM traffic and ICI traffic. XLA
   counts a loop body's FLOPs once, so compute uses the larger of XLA's FLOPs and the model's
-  (6 N D per step plus attention, celerity_jax.tools.plan's count, plus what remat computes again)
-  shared by
-  the devices. MFU counts the model's FLOPs only, as MFU does."""
+  (6 N D per step plus attention, the plan command's count, plus what remat computes again)
+  shared by the devices. MFU counts the model's FLOPs only, as MFU does."""
   model_flops = resolved.flops_per_token * resolved.batch_tokens
   executed = (resolved.flops_per_token + recompute_flops_per_token(model)) * resolved.batch_tokens
   flops = max(cost["flops"], executed / n_devices)
@@ -282,11 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+  from celerity_jax.cli import parse
   from celerity_jax.config import ConfigError
-  from celerity_jax.main import parse
 
   parser = ArgumentParser(
-    prog="python -m celerity_jax.tools.aot", description=__doc__.splitlines()[0]
+    prog="python -m celerity_jax.commands.aot", description=__doc__.splitlines()[0]
   )
   parser.add_argument("--topology", required=True, help="e.g. v5e:2x2, v5p:4x4x4, v6e:4x4")
   parser.add_argument("--slices", type=int, default=1)
@@ -314,7 +313,7 @@ def _main(argv: list[str]) -> int:
       cfg = parse(overrides + [f"mesh.slices={args.slices}"])[0]
     topology = tpu_chips.resolve_topology(args.topology)
     if args.fit:
-      from celerity_jax.tools import aot_fit
+      from celerity_jax.commands import aot_fit
 
       if args.max_batch_change < 0 or args.max_compiles < 1 or args.keep < 1:
         raise ConfigError("--max-batch-change must be >= 0, --max-compiles and --keep >= 1")

@@ -1,7 +1,7 @@
 """MoE step-time benchmark: a mixture-of-experts recipe against the dense model with the same active
 parameters, both dispatch modes, timed in interleaved rounds in one process.
 
-  python -m celerity_jax.tools.bench_moe recipe=celerity_moe_nano_4 [section.key=value ...] \
+  python -m tools.bench_moe recipe=celerity_moe_nano_4 [section.key=value ...] \
       [--steps 3]
       [--rounds 5] [--peak-tflops 989]
 
@@ -18,8 +18,8 @@ import sys
 
 import jax
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.config import ConfigError
-from celerity_jax.main import ArgumentParser, run_cli
 
 
 def variants(cfg) -> dict:
@@ -27,9 +27,7 @@ def variants(cfg) -> dict:
 
   model = cfg.model
   if not model.experts:
-    raise ConfigError(
-      "celerity_jax.tools.bench_moe: the recipe has model.experts=0; give an MoE recipe"
-    )
+    raise ConfigError("tools.bench_moe: the recipe has model.experts=0; give an MoE recipe")
   width = model.top_k * (model.expert_d_ff or model.d_ff)
   out = {"dense": validate(apply_overrides(cfg, ["model.experts=0", f"model.d_ff={width}"]))}
   for dispatch in ("dropless", "capacity"):
@@ -47,11 +45,11 @@ def bench(argv: list[str]) -> dict:
 
   import jax.numpy as jnp
 
+  from celerity_jax.cli import parse
   from celerity_jax.data.synthetic import placed_batches
-  from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
-  from celerity_jax.tools.bench_step import interleaved_step_times, matmul_ceiling
   from celerity_jax.train.step import prepare_training
+  from tools.bench_step import interleaved_step_times, matmul_ceiling
 
   cfg, _ = parse(rest)
   runs = {}

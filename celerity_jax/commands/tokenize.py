@@ -1,6 +1,6 @@
 """Build (or find in the cache) the tokenizer and train/eval token stores of a recipe's data config.
 
-  python -m celerity_jax.tools.tokenize recipe=celerity_tiny [data.paths=DIR,FILE,...] \
+  python -m celerity_jax.commands.tokenize recipe=celerity_tiny [data.paths=DIR,FILE,...] \
       [data.cache_dir=DIR]
 
 Prints the cache entry, the tokenizer file and the token counts as JSON. Exit 2 on a config error,
@@ -14,8 +14,8 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+  from celerity_jax.cli import parse, run_cli
   from celerity_jax.data.prepare import prepare
-  from celerity_jax.main import parse, run_cli
 
   def build():
     cfg, _ = parse(argv)

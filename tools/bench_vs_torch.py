@@ -1,6 +1,6 @@
 """Our train step against the same model in PyTorch (eager and torch.compile), in one process.
 
-  python -m celerity_jax.tools.bench_vs_torch recipe=celerity_tiny [section.key=value ...]
+  python -m tools.bench_vs_torch recipe=celerity_tiny [section.key=value ...]
       [--steps 3] [--rounds 3] [--ceiling-n 2048]
 
 Each framework trains the config's shape (float32, the config's batch) on a fixed batch; rounds of
@@ -24,8 +24,8 @@ import time
 import jax
 import numpy as np
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.config import ConfigError
-from celerity_jax.main import ArgumentParser, run_cli
 
 
 def bench(argv: list[str]) -> dict:
@@ -43,12 +43,12 @@ def bench(argv: list[str]) -> dict:
   except ImportError:
     raise ConfigError("bench_vs_torch needs torch: pip install -e '.[test]'") from None
 
+  from celerity_jax.cli import parse
   from celerity_jax.data.synthetic import placed_batches
-  from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
-  from celerity_jax.tools import torch_reference as ref
-  from celerity_jax.tools.bench_step import matmul_ceiling
   from celerity_jax.train.step import prepare_training
+  from tools import torch_reference as ref
+  from tools.bench_step import matmul_ceiling
 
   cfg, _ = parse(rest)
   m = cfg.model

@@ -1,6 +1,6 @@
 """Loss against batch size at fixed tokens and fixed tau: where the batch stops being free.
 
-  python -m celerity_jax.tools.critical_batch [recipe=celerity_nano_2] [--batches 8,16,32,64,160]
+  python -m tools.critical_batch [recipe=celerity_nano_2] [--batches 8,16,32,64,160]
       [--seeds 0] [--out runs/critical_batch] [--tolerance 0.01] [section.key=value ...]
 
 Every run trains the recipe's D tokens (its TPP) at train.batch_size=B with optim.tau held at the
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from celerity_jax.main import ArgumentParser, recipe_name, run_cli
-from celerity_jax.tools import runs
+from celerity_jax.cli import ArgumentParser, recipe_name, run_cli
+from celerity_jax.commands import runs
 
 
 def critical(batches: list[int], losses: list[float], tolerance: float) -> int:

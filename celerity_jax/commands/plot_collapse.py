@@ -1,7 +1,7 @@
 """Collapse plots: raw curves, normalized curves against t = step/T, residuals against a reference,
 the spread Delta(t) across sizes and the seed noise sigma(t).
 
-  python -m celerity_jax.tools.plot_collapse RUN_DIR [RUN_DIR ...]
+  python -m celerity_jax.commands.plot_collapse RUN_DIR [RUN_DIR ...]
       [--reference surrogate|none|RUN_DIR] [--out collapse.png]
 
 Runs with the same parameter count are seeds of one size: Delta(t) uses the lowest seed of each
@@ -23,11 +23,11 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.collapse import curves as curves_lib  # noqa: E402
 from celerity_jax.collapse import predict
 from celerity_jax.collapse.curves import Curve  # noqa: E402
 from celerity_jax.config import ConfigError
-from celerity_jax.main import ArgumentParser, run_cli
 from celerity_jax.scaling import fmt_count  # noqa: E402
 
 GRID = np.linspace(0.2, 1.0, 81)

@@ -1,12 +1,12 @@
 """Fit the loss-curve surrogate's four constants to finished runs and write them as JSON.
 
-  python -m celerity_jax.tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] \
+  python -m tools.fit_surrogate RUN_DIR [RUN_DIR ...] [--out surrogate.json] \
       [--holdout RUN_DIR ...]
 
 The fit is the alternating grid search of docs/method.md section 7
 (celerity_jax.collapse.surrogate.fit);
 --holdout runs are not fitted but their MAE is reported. The package's shipped constants come from
-`python -m celerity_jax.tools.collapse_experiment --write-constants`, which fits every run of that
+`python -m tools.collapse_experiment --write-constants`, which fits every run of that
 experiment.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import sys
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.collapse import surrogate
 from celerity_jax.collapse.curves import load_run
-from celerity_jax.main import ArgumentParser, run_cli
 
 
 def main(argv=None):
@@ -39,8 +39,7 @@ def main(argv=None):
     "runs": args.runs,
     "mae": {c.name: surrogate.mae(c, constants) for c in fitted},
     "holdout_mae": {c.name: surrogate.mae(c, constants) for c in held},
-    "command": "python -m celerity_jax.tools.fit_surrogate "
-    + " ".join(sys.argv[1:] if argv is None else argv),
+    "command": "python -m tools.fit_surrogate " + " ".join(sys.argv[1:] if argv is None else argv),
   }
   surrogate.save_constants(args.out, constants, report)
   print(json.dumps({"constants": constants._asdict(), **report}, indent=2))

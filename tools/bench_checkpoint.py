@@ -1,6 +1,6 @@
 """Checkpoint benchmark: how long the training loop is blocked per async save, against step time.
 
-  python -m celerity_jax.tools.bench_checkpoint recipe=celerity_tiny [section.key=value ...] \
+  python -m tools.bench_checkpoint recipe=celerity_tiny [section.key=value ...] \
       [--saves 5]
 
 The blocked time is the duration of the `save()` call (device-to-host copy and dispatch; the write
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.cli import ArgumentParser, run_cli
 
 
 def main(argv: list[str]) -> dict:
@@ -29,8 +29,8 @@ def main(argv: list[str]) -> dict:
   import jax
 
   from celerity_jax.checkpoint import Checkpointer
+  from celerity_jax.cli import parse
   from celerity_jax.data.synthetic import placed_batches
-  from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 

@@ -1,8 +1,8 @@
 """Train-step benchmark: tokens/s and MFU against the matmul ceiling measured in the same process.
 
-  python -m celerity_jax.tools.bench_step recipe=celerity_tiny [section.key=value ...] [--steps 10]
-  python -m celerity_jax.tools.bench_step recipe=celerity_1b --compile-only   # allocates nothing
-  python -m celerity_jax.tools.bench_step recipe=celerity_tiny --monitor-overhead   # monitor cost
+  python -m tools.bench_step recipe=celerity_tiny [section.key=value ...] [--steps 10]
+  python -m tools.bench_step recipe=celerity_1b --compile-only   # allocates nothing
+  python -m tools.bench_step recipe=celerity_tiny --monitor-overhead   # monitor cost
 
 FLOPs convention: 6 x (matmul params, unembedding included, input embedding excluded) per token
 plus causal attention 6 x layers x seq_len x heads x d_head (MaxText; full attention doubles the
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.cli import ArgumentParser, run_cli
 
 
 def matmul_ceiling(n: int, dtype, repeats: int = 10) -> float:
@@ -134,8 +134,8 @@ def bench(argv: list[str]) -> dict:
   )
   args, rest = parser.parse_known_args(argv)
 
+  from celerity_jax.cli import parse
   from celerity_jax.data.synthetic import placed_batches
-  from celerity_jax.main import parse
   from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 

@@ -1,7 +1,7 @@
 """Export a checkpoint's params: as one .npz file, or as a Hugging Face `transformers` model.
 
-  python -m celerity_jax.tools.export RUN_DIR [--step N] [--out params.npz] [--overwrite]
-  python -m celerity_jax.tools.export RUN_DIR [--step N] --format hf --out DIR [--overwrite]
+  python -m celerity_jax.commands.export RUN_DIR [--step N] [--out params.npz] [--overwrite]
+  python -m celerity_jax.commands.export RUN_DIR [--step N] --format hf --out DIR [--overwrite]
 
 npz: keys are parameter paths (`blocks/attn/wq`, `embed`, ...), as trained (multipliers not
 folded); scanned blocks keep their leading layer axis. Read it without celerity_jax:
@@ -28,8 +28,8 @@ import sys
 import numpy as np
 
 from celerity_jax import storage
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.config import ConfigError
-from celerity_jax.main import ArgumentParser, run_cli
 
 
 def check_npz_out(out, overwrite: bool):
@@ -127,7 +127,7 @@ def export(run_dir, step: int | None, out, fmt: str = "npz", overwrite: bool = F
 
 def main(argv):
   parser = ArgumentParser(
-    prog="python -m celerity_jax.tools.export", description=__doc__.splitlines()[0]
+    prog="python -m celerity_jax.commands.export", description=__doc__.splitlines()[0]
   )
   parser.add_argument("run_dir")
   parser.add_argument("--step", type=int, default=None)

@@ -1,6 +1,6 @@
 """Coordinate check: do activations and their updates stay O(1) as width and depth grow?
 
-  python -m celerity_jax.tools.coord_check [--steps 4] [--widths 1,2,4,8] [--depths 1,2,4]
+  python -m tools.coord_check [--steps 4] [--widths 1,2,4,8] [--depths 1,2,4]
       [--out coord.png]
 
 Trains a base model (d_model 32, 2 layers, 16-dim heads, d_ff 8 d_model) scaled in width by each
@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import sys
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.config import ConfigError
-from celerity_jax.main import ArgumentParser, run_cli
 
 
 def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62e-2) -> dict:

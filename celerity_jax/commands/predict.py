@@ -1,6 +1,6 @@
 """Predict a run's final loss from its curve so far (docs/method.md section 7).
 
-  python -m celerity_jax.tools.predict RUN_DIR [--stop 0.3] [--reference surrogate|RUN_DIR] \
+  python -m celerity_jax.commands.predict RUN_DIR [--stop 0.3] [--reference surrogate|RUN_DIR] \
       [--surrogate F]
 
 Aligns the run's smoothed loss over t in [0.2, stop] (for a stop before 0.3, over the 0.1 before
@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 import sys
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.collapse import predict, surrogate
 from celerity_jax.collapse.curves import load_run
-from celerity_jax.main import ArgumentParser, run_cli
 
 
 def fraction(text: str) -> float:

@@ -2,7 +2,7 @@
 tau break it, how well do the surrogate and early alignment predict each member, and does the
 monitor catch an injected fault?
 
-  python -m celerity_jax.tools.collapse_experiment [--family nano|gpu] [--out DIR] [--figure PNG]
+  python -m tools.collapse_experiment [--family nano|gpu] [--out DIR] [--figure PNG]
       [--write-constants] [--dry-run] [section.key=value ...]
 
 Families (tools/collapse_plan.py): `nano`, celerity_nano_2..4 (plus nano_1) on the stdlib corpus,
@@ -35,11 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.collapse import predict, surrogate
 from celerity_jax.collapse.curves import Curve
-from celerity_jax.main import ArgumentParser, run_cli
-from celerity_jax.tools import runs
-from celerity_jax.tools.collapse_analysis import (
+from celerity_jax.commands import runs
+from celerity_jax.commands.plan import PEAK_TFLOPS
+from celerity_jax.commands.plot_collapse import plot
+from tools.collapse_analysis import (
   LATE,
   THRESHOLDS,
   family_figures,
@@ -48,7 +50,7 @@ from celerity_jax.tools.collapse_analysis import (
   pair_gap,
   verdicts,
 )
-from celerity_jax.tools.collapse_plan import (
+from tools.collapse_plan import (
   FAMILIES,
   FAULT_AT,
   Family,
@@ -61,8 +63,6 @@ from celerity_jax.tools.collapse_plan import (
   plan,
   short,
 )
-from celerity_jax.tools.plan import PEAK_TFLOPS
-from celerity_jax.tools.plot_collapse import plot
 
 
 def monitor_settings(f: Family) -> tuple[tuple[float, float], float, int]:
@@ -76,7 +76,7 @@ def monitor_settings(f: Family) -> tuple[tuple[float, float], float, int]:
 def tau_sweep(
   c: dict[str, Curve], first: str, constants: surrogate.Constants, stop: float = 0.3
 ) -> dict:
-  """The first size's runs at tau_opt x (1/3, 1, 3) as an early-stopped sweep (tools.sweep's
+  """The first size's runs at tau_opt x (1/3, 1, 3) as an early-stopped sweep (the sweep command's
   rule): rank by the final loss predicted from the first `stop`, then the regret of that pick."""
   settings = {
     "tau_opt/3": f"taulow_{first}",
@@ -300,7 +300,7 @@ def main(argv=None):
   report, constants = analyse(f, curves, faults, checks)
   report["wall_s"] = time.monotonic() - started
   (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  command = f"python -m celerity_jax.tools.collapse_experiment --family {f.name} --write-constants"
+  command = f"python -m tools.collapse_experiment --family {f.name} --write-constants"
   meta = {"fit_mae": report["surrogate_fit_mae_all"], "runs": sorted(curves), "command": command}
   surrogate.save_constants(out / "surrogate_constants.json", constants, meta)
   if args.write_constants:

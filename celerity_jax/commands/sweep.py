@@ -2,7 +2,7 @@
 tokens, predict each final loss by aligning the partial curve to the surrogate at that run's tau,
 TPP and schedule, rank, optionally finish the winner, and report the compute saved.
 
-  python -m celerity_jax.tools.sweep recipe=celerity_nano_2 --set optim.tau=0.09 \\
+  python -m celerity_jax.commands.sweep recipe=celerity_nano_2 --set optim.tau=0.09 \\
       --set optim.tau=0.175 --set optim.tau=0.35 [--stop 0.3] [--out runs/sweep] [--complete] \\
       [--full] [--grid section.key=v1,v2,...]
 
@@ -22,10 +22,10 @@ import json
 import sys
 from pathlib import Path
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.collapse import predict, surrogate
-from celerity_jax.main import ArgumentParser, run_cli
+from celerity_jax.commands import runs
 from celerity_jax.resolve import resolve
-from celerity_jax.tools import runs
 
 
 def expand(settings: list[list[str]], grids: list[str]) -> list[list[str]]:

@@ -1,6 +1,6 @@
 """Generate text from a trained run, streaming tokens to stdout as they are decoded.
 
-  python -m celerity_jax.tools.sample RUN_DIR [--step N] --prompt TEXT [--max-tokens 64]
+  python -m celerity_jax.commands.sample RUN_DIR [--step N] --prompt TEXT [--max-tokens 64]
       [--temperature 0] [--top-k 0] [--top-p 1] [--seed 0] [--batch 1] [--json]
 
 Decoding is jitted with a KV cache and sharded on the run's mesh where it fits this machine's
@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import sys
 
+from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.config import ConfigError
-from celerity_jax.main import ArgumentParser, run_cli
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -109,7 +109,7 @@ def sample(args) -> dict:
 
 def main(argv):
   parser = ArgumentParser(
-    prog="python -m celerity_jax.tools.sample", description=__doc__.splitlines()[0]
+    prog="python -m celerity_jax.commands.sample", description=__doc__.splitlines()[0]
   )
   parser.add_argument("run_dir")
   parser.add_argument("--step", type=int, default=None)

@@ -1,1 +1,0 @@
-"""Command-line tools (python -m celerity_jax.tools.NAME)."""
