@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from celerity_jax.config import ConfigError, apply_overrides, validate
+from celerity_jax.config import ConfigError
 from celerity_jax.data import DataError
 
 
@@ -19,8 +19,7 @@ def parse(argv: list[str]):
     if flag not in ("--print-config", "--help"):
       raise ConfigError(f"unknown flag {flag!r}; known: --print-config, --help")
   args = [a for a in argv if not a.startswith("--")]
-  cfg = recipes.load(recipe_name(args))
-  cfg = validate(apply_overrides(cfg, [a for a in args if not a.startswith("recipe=")]))
+  cfg = recipes.configure(recipe_name(args), [a for a in args if not a.startswith("recipe=")])
   return cfg, "--print-config" in flags
 
 

@@ -109,12 +109,15 @@ def moe(cfg: Config, experts: int = 8, top_k: int = 2, aux_loss: float = 0.01) -
 NANO_BATCH = 32
 
 
-def nano(name: str, d_model: int, batch_size: int = NANO_BATCH) -> Config:
+def nano(
+  name: str, d_model: int, n_layers: int = 0, d_head: int = 16, batch_size: int = NANO_BATCH
+) -> Config:
   """The CPU-sized family: Celerity rules at laptop scale for collapse experiments.
 
-  d_head 16, n_layers = round(d_model / 32) (at least 1), d_ff 8 d_model, vocab 512 (a BPE tokenizer
-  built from the stdlib corpus on first use), context 128, float32; held-out loss every 20 steps, a
-  checkpoint every 25, a metrics row every step (every row is a point of the collapse curve).
+  d_head 16, n_layers = round(d_model / 32) (at least 1; `n_layers` sets it), d_ff 8 d_model,
+  vocab 512 (a BPE tokenizer built from the stdlib corpus on first use), context 128, float32;
+  held-out loss every 20 steps, a checkpoint every 25, a metrics row every step (every row is a
+  point of the collapse curve).
 
   B is fixed at 32 sequences (4k tokens), not the batch law's D / 50: at D ~ 1e6 tokens the law
   gives 102-333 sequences, 3-10x above the critical batch measured at this scale, where the loss is
@@ -129,8 +132,8 @@ def nano(name: str, d_model: int, batch_size: int = NANO_BATCH) -> Config:
   cfg = celerity(
     name,
     d_model=d_model,
-    n_layers=max(1, round(d_model / 32)),
-    d_head=16,
+    n_layers=n_layers or max(1, round(d_model / 32)),
+    d_head=d_head,
     tpp=20.0,
     vocab_size=512,
     seq_len=128,
@@ -150,7 +153,7 @@ def nano(name: str, d_model: int, batch_size: int = NANO_BATCH) -> Config:
 GPU_VOCAB = 32_768
 
 
-def gpu(name: str, d_model: int) -> Config:
+def gpu(name: str, d_model: int, n_layers: int = 0, d_head: int = 64) -> Config:
   """The GPU-sized family (10M-150M parameters, 20 TPP): where the paper's regime begins, for the
   collapse experiment on one GPU (tools.collapse_experiment --family gpu).
 
@@ -172,8 +175,8 @@ def gpu(name: str, d_model: int) -> Config:
   cfg = celerity(
     name,
     d_model=d_model,
-    n_layers=max(2, round(d_model / 50)),
-    d_head=64,
+    n_layers=n_layers or max(2, round(d_model / 50)),
+    d_head=d_head,
     tpp=20.0,
     vocab_size=GPU_VOCAB,
     seq_len=2048,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import CACHE
 
-from celerity_jax.commands import aot, aot_fit, hlo_collectives, tpu_chips
+from celerity_jax.commands import aot, aot_compile, aot_fit, hlo_collectives, tpu_chips
 from celerity_jax.main import parse
 
 # celerity_tiny's rules on a shape whose dims are multiples of TPU tiles (8 x 128), so arrays carry
@@ -48,16 +48,16 @@ def per_device_bytes(tree) -> tuple[int, int]:
 )
 def test_the_loop_step_compiles_for_a_topology_and_holds_the_sharded_state(topology, mesh):
   cfg, _ = parse(ALIGNED + mesh)
-  chip, devices = aot.topology_devices(topology)
+  chip, devices = aot_compile.topology_devices(topology)
   assert len(devices) == 4 and {d.platform for d in devices} == {"tpu"}
   cached = set(os.listdir(CACHE)) if CACHE.exists() else set()
-  step = aot.compile_step(cfg, devices)
+  step = aot_compile.compile_step(cfg, devices)
   # TPU executables stay out of the persistent cache (later CPU runs could not load them); the
   # shape is new to this session, so a leak would add an entry
   assert (set(os.listdir(CACHE)) if CACHE.exists() else set()) == cached
   training, compiled, _, error = step
   assert compiled is not None, error
-  state, batch = aot.abstract_inputs(training, cfg)
+  state, batch = aot_compile.abstract_inputs(training, cfg)
   state_bytes, scalars = per_device_bytes(state)
   batch_bytes, _ = per_device_bytes(batch)
   fsdp = training.mesh.shape["fsdp"] * training.mesh.shape["tensor"]
@@ -66,7 +66,9 @@ def test_the_loop_step_compiles_for_a_topology_and_holds_the_sharded_state(topol
   argument = compiled.memory_analysis().argument_size_in_bytes
   assert 0 <= argument - (state_bytes + batch_bytes) <= scalars * TPU_SCALAR_BYTES
 
-  rep = aot.report(cfg, topology, devices=(chip, devices), step=step)  # one compile for both
+  rep = aot_compile.report(
+    cfg, topology, devices=(chip, devices), step=step
+  )  # one compile for both
   m = rep["memory"]
   assert m["fits"] and m["argument_bytes"] == argument and 0 < m["peak_bytes"] < m["hbm_bytes"]
   assert m["hbm_bytes"] == chip.hbm_bytes
@@ -84,8 +86,8 @@ def test_long_context_attention_compiles_as_pallas_kernels_inside_the_sharded_st
   step holds no 1024 x 1024 scores."""
   long = ALIGNED + ["model.seq_len=1024", "train.batch_size=16", "mesh.data=2", "mesh.tensor=2"]
   cfg, _ = parse(long)
-  _, devices = aot.topology_devices("v6e:2x2")
-  training, compiled, _, error = aot.compile_step(cfg, devices)
+  _, devices = aot_compile.topology_devices("v6e:2x2")
+  training, compiled, _, error = aot_compile.compile_step(cfg, devices)
   assert compiled is not None, error
   text = compiled.as_text()
   # per layer: the forward (again in the backward if remat recomputes it), dk/dv and dq
@@ -118,7 +120,7 @@ def test_expert_parallel_moe_compiles_with_all_to_all():
   cfg, _ = parse(
     ["recipe=celerity_moe_nano_1", "mesh.data=1", "mesh.expert=4", "model.dispatch=capacity"]
   )
-  rep = aot.report(cfg, "v5e:2x2")
+  rep = aot_compile.report(cfg, "v5e:2x2")
   assert rep["memory"]["fits"] and rep["collectives"]["all-to-all"]["count"] > 0
 
 
@@ -188,7 +190,7 @@ ENTRY %main (a: f32[4]) -> f32[4] {
 def test_accelerator_types_name_the_topology_libtpu_builds(accelerator, topology, chips):
   """Cloud TPU types count TensorCores on v5p (two per chip) and chips on v5e and v6e."""
   assert tpu_chips.topology_for(accelerator) == topology
-  assert len(aot.topology_devices(tpu_chips.resolve_topology(accelerator))[1]) == chips
+  assert len(aot_compile.topology_devices(tpu_chips.resolve_topology(accelerator))[1]) == chips
 
 
 def test_fit_candidates_keep_the_batch_near_the_law_and_the_model_divisible():
@@ -247,7 +249,7 @@ def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
     "train.microbatch_rows=1024"
   )
   cfg, _ = parse(big + best["overrides"])  # the printed overrides reproduce it
-  assert aot.report(cfg, "v5e:2x2")["memory"]["peak_bytes"] == best["memory"]["peak_bytes"]
+  assert aot_compile.report(cfg, "v5e:2x2")["memory"]["peak_bytes"] == best["memory"]["peak_bytes"]
   kinds = {r["kind"] for r in result["rejected"]}
   assert "slower" in kinds and kinds <= {"memory", "dominated", "slower", "budget", "batch"}
   assert all("GB per device" in r["reason"] for r in result["rejected"] if r["kind"] == "memory")
@@ -257,4 +259,4 @@ def test_fit_finds_a_layout_that_fits_where_the_default_does_not(capsys):
 def test_one_chip_topologies_build_a_single_device(topology):
   """One chip of any generation (what a one-GPU recipe is checked against: the GPU family's
   memory figure comes from v5p:1x1x1)."""
-  assert len(aot.topology_devices(topology)[1]) == 1
+  assert len(aot_compile.topology_devices(topology)[1]) == 1

@@ -186,3 +186,57 @@ def test_gpu_family_spans_16x_at_20_tpp_and_its_experiment_plan_is_complete(caps
   collapse_experiment.main(["--family", "gpu", "--dry-run", *one_gpu])
   out = capsys.readouterr().out
   assert f"{len(rows)} runs" in out and "the corpus must hold 2,969,472,000 training tokens" in out
+
+
+def test_a_size_override_re_derives_the_family_shape():
+  """Overriding a size key calls the family rule with it, so the rules that follow from it hold
+  (layers, heads, d_ff, the experts' width); a key given explicitly still wins."""
+  from celerity_jax.cli import parse
+
+  def shape(*args):
+    m = parse(list(args))[0].model
+    return m.d_model, m.n_layers, m.n_heads, m.d_head, m.d_ff, m.expert_d_ff
+
+  assert shape("recipe=celerity_nano_2") == (32, 1, 2, 16, 256, 0)
+  assert shape("recipe=celerity_nano_2", "model.d_model=96") == (96, 3, 6, 16, 768, 0)
+  assert shape("recipe=celerity_nano_2", "model.d_model=96", "model.n_heads=3")[2] == 3
+  assert shape("recipe=celerity_nano_2", "model.d_head=8") == (32, 1, 4, 8, 256, 0)
+  assert shape("recipe=celerity_moe_nano_2", "model.d_model=64") == (64, 2, 4, 16, 512, 256)
+  assert shape("recipe=celerity_1b", "model.d_model=1536")[2:5] == (12, 128, 12288)
+
+
+USER_RECIPES = """
+import dataclasses
+from celerity_jax.recipes import Recipe
+from celerity_jax.recipes.family import nano
+
+mine = Recipe("mine", nano, {"d_model": 48, "batch_size": 16}, about="a user's member")
+as_config = dataclasses.replace(nano("plain", d_model=16))
+def as_function():
+  return nano("made", d_model=16)
+def not_a_config():
+  return 3
+"""
+
+
+def test_a_users_own_recipe_file_runs_without_touching_the_package(tmp_path, capsys):
+  from celerity_jax.cli import parse
+
+  path = tmp_path / "my_recipes.py"
+  path.write_text(USER_RECIPES)
+  cfg = parse([f"recipe={path}:mine", "model.d_model=64"])[0]
+  assert (cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size) == (64, 2, 16)
+  assert parse([f"recipe={path}:as_config"])[0].model.d_model == 16
+  assert parse([f"recipe={path}:as_function"])[0].run.dir == "runs/made"
+  (tmp_path / "broken.py").write_text("import no_such_module\n")
+  cases = {
+    f"{path}:nope": "no 'nope'",
+    f"{path}:not_a_config": "not a Config",
+    f"{path}": "recipe=" + str(path) + ":NAME",
+    f"{tmp_path}/missing.py:x": "no such file",
+    f"{tmp_path}/broken.py:x": "ModuleNotFoundError",
+  }
+  for spec, named in cases.items():
+    assert main([f"recipe={spec}", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1, err

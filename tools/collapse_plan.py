@@ -68,9 +68,8 @@ def tau_opt(tpp: float = TPP) -> float:
 
 def config(recipe: str, overrides: list[str]):
   from celerity_jax import recipes
-  from celerity_jax.config import apply_overrides, validate
 
-  return validate(apply_overrides(recipes.load(recipe), overrides))
+  return recipes.configure(recipe, overrides)
 
 
 def resolved(recipe: str, overrides: list[str]):

@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from celerity_jax.commands import aot
+from celerity_jax.commands import aot_compile
 
 REMATS = ("none", "dots", "full")  # more memory saved, more computed again
 LAYOUT_KEYS = {
@@ -113,7 +113,7 @@ def predicted(cfg, resolved, chip, n_devices: int) -> dict:
   through one chip's links on rings (bf16 gathers, float32 gradient reductions)."""
   m, mesh = cfg.model, cfg.mesh
   compute = (
-    (resolved.flops_per_token + aot.recompute_flops_per_token(m))
+    (resolved.flops_per_token + aot_compile.recompute_flops_per_token(m))
     * resolved.batch_tokens
     / n_devices
     / chip.peak_flops
@@ -218,7 +218,7 @@ def search(
   from celerity_jax.config import ConfigError
 
   start = time.perf_counter()
-  chip, devices = aot.topology_devices(topology, slices)
+  chip, devices = aot_compile.topology_devices(topology, slices)
   n = len(devices)
   kept, rejected = candidates(cfg, chip, n, slices, max_batch_change, fixed)
   too_big, fits, compiles, reasons = [], [], 0, []
@@ -251,7 +251,7 @@ def search(
     if progress:
       progress(f"compiling {layout} (B={r.batch_seqs})")
     try:
-      rep = aot.report(layout_cfg, topology, slices, devices=(chip, devices))
+      rep = aot_compile.report(layout_cfg, topology, slices, devices=(chip, devices))
     except ConfigError as e:
       reasons.append({"layout": str(layout), "kind": "error", "reason": str(e)})
       continue
@@ -269,7 +269,9 @@ def search(
       fits.append(rep)
     else:
       need = mem.get("needed_bytes") or mem.get("peak_bytes")
-      what = f"needs {aot._gb(need)} per device, {aot._gb(mem['usable_bytes'])} usable"
+      what = (
+        f"needs {aot_compile.gb(need)} per device, {aot_compile.gb(mem['usable_bytes'])} usable"
+      )
       too_big.append((layout, what))
       reasons.append({"layout": str(layout), "kind": "memory", "reason": f"does not fit: {what}"})
   # equal bounds (compute-bound layouts) go to B nearer the law, fewer microbatches, fewer bytes
@@ -333,13 +335,13 @@ def table(result: dict) -> str:
       f"{b['law_batch_seqs']:.1f}), T = {b['steps']:,}, lambda = {b['weight_decay']:.4g} "
       f"(at the law's B: {b['weight_decay_at_law']:.4g}), tau = {b['tau']:.3f}; the run "
       f"takes >= {best['run_s'] / 3600:,.3g} h at the bound",
-      *("  " + line for line in aot.table(best).splitlines()),
+      *("  " + line for line in aot_compile.table(best).splitlines()),
     ]
     for rep in result["runner_ups"]:
       m = rep["memory"]
       lines.append(
         f"runner-up: {rep['layout']}: B = {rep['batch']['batch_seqs']}, peak "
-        f"{aot._gb(m['peak_bytes'])}, run >= {rep['run_s'] / 3600:,.3g} h"
+        f"{aot_compile.gb(m['peak_bytes'])}, run >= {rep['run_s'] / 3600:,.3g} h"
       )
   counts, dominated = {}, {}
   for row in result["rejected"]:

@@ -58,7 +58,7 @@ def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
   from celerity_jax import recipes, scaling
   from celerity_jax.cli import parse, recipe_name
   from celerity_jax.commands import tpu_chips
-  from celerity_jax.config import ConfigError, apply_overrides, validate
+  from celerity_jax.config import ConfigError
   from celerity_jax.resolve import resolve
 
   cfg, _ = parse(rest)  # validates the recipe and overrides
@@ -70,7 +70,7 @@ def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
   rows = []
   peak = PEAK_TFLOPS[args.accelerator] * 1e12 * args.chips * args.mfu
   for member in (m for m in recipes.available() if family_of(m) == family):
-    member_cfg = validate(apply_overrides(recipes.load(member), overrides))
+    member_cfg = recipes.configure(member, overrides)
     target = args.topology or recipes.target_slice(member)
     try:
       chips = tpu_chips.chip_count(target) if target else 1
@@ -118,9 +118,9 @@ def layout(cfg) -> str:
 
 def check_fit(cfg, slice_name: str) -> dict:
   """celerity_jax.commands.aot's verdict for cfg on a slice: fits, peak and HBM bytes per chip."""
-  from celerity_jax.commands import aot, tpu_chips
+  from celerity_jax.commands import aot_compile, tpu_chips
 
-  rep = aot.report(cfg, tpu_chips.resolve_topology(slice_name))
+  rep = aot_compile.report(cfg, tpu_chips.resolve_topology(slice_name))
   m = rep["memory"]
   return {
     "fits": m["fits"],

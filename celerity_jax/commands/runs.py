@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from celerity_jax.collapse.curves import Curve, load_run
-from celerity_jax.config import ConfigError, apply_overrides, validate
+from celerity_jax.config import ConfigError
 
 QUIET = ["run.progress=false", "run.tensorboard=false"]
 
@@ -16,11 +16,8 @@ QUIET = ["run.progress=false", "run.tensorboard=false"]
 def config(recipe: str, overrides: list[str], run_dir: Path, stop_frac: float = 1.0):
   from celerity_jax import recipes
 
-  return validate(
-    apply_overrides(
-      recipes.load(recipe),
-      [*overrides, *QUIET, f"run.dir={run_dir}", f"train.stop_frac={stop_frac}"],
-    )
+  return recipes.configure(
+    recipe, [*overrides, *QUIET, f"run.dir={run_dir}", f"train.stop_frac={stop_frac}"]
   )
 
 
