@@ -57,6 +57,10 @@ FREE_KEYS = (
   "derived.microbatches",
   "derived.batch_seqs_law",  # follow from settings kept
   "derived.step_offset",  # follow from the checkpoint's position (resolve.Position)
+  "derived.platform",  # how the same math executes (execution.py)
+  "derived.attention",
+  "derived.scan_layers",
+  "derived.accumulate_per_device",
   "derived.row_offset",
   "collapse.threshold",
   "collapse.patience",

@@ -39,7 +39,7 @@ class ModelConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params are always float32
   z_loss: float = 0.0  # coefficient of logsumexp(logits)^2, 0 = off
   remat: Literal["none", "full", "dots"] = "none"
-  scan_layers: bool | None = None  # None: scan above SCAN_ABOVE layer groups (models/decoder.py)
+  scan_layers: bool | None = None  # None: scan above SCAN_ABOVE layer groups (execution.py)
   # training attention: materialized scores ("reference"), XLA tiles that never hold the L x L
   # scores ("blockwise"), the same as Pallas TPU kernels ("pallas"; interpreted off TPU, slowly),
   # or "auto": blockwise on CPU; above attention_block pallas on TPU, else blockwise (attention.py)
@@ -117,7 +117,7 @@ class TrainConfig:
   #   B); 0 = off. Memory per device is then the same on any slice
   cpu_microbatch_tokens: int = 2048  # on CPU, dense models also split each device's rows into the
   #   fewest microbatches of at most this many tokens (B unchanged): activations that stay in the
-  #   CPU's cache make the step 1.2-1.4x faster; 0 = off (resolve.split_for_cache)
+  #   CPU's cache make the step 1.2-1.4x faster; 0 = off (execution.cache_split)
   seed: int = 0  # changes initialization and data order, nothing else
   stop_frac: float = 1.0  # end early at this fraction of T without changing T
   stop_step: int = 0  # end early at this step (0 = off); the earlier stop wins

@@ -1,5 +1,6 @@
 """Derives every run quantity from a config once: N, D, TPP, B, T, warmup, eta per group, lambda,
-tau.
+tau, and how the step executes on the run's platform (execution.py: the attention path, scanned
+layers, microbatches and where they are summed).
 
 These are printed by `--print-config`, written to `run.dir/config.json` and used by the trainer;
 nothing downstream recomputes them. Each entry point resolves once and passes the result on.
@@ -22,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from celerity_jax import scaling
+from celerity_jax import execution, scaling
 from celerity_jax.config import Config, ConfigError, to_dict
 from celerity_jax.parametrization import DECAYED_GROUPS, Multipliers, multipliers
 
@@ -46,7 +47,8 @@ class Resolved:
   tpp_effective: float  # what sets tau_opt and the collapse shape (scaling.effective_tpp)
   tokens: float  # D = TPP * N_active
   data_parallel: int
-  microbatches: int  # gradient accumulation steps (train.microbatches, or from rows)
+  microbatches: int  # gradient accumulation steps (train.microbatches or from rows; on CPU split
+  #   further so each fits the cache: execution.cache_split)
   batch_seqs_law: float  # B in sequences before rounding (train.batch_size when fixed)
   batch_seqs: int
   batch_tokens: int  # B
@@ -64,6 +66,10 @@ class Resolved:
   flops_per_token: float  # 6N + causal attention (MaxText convention)
   flops_per_token_full_attn: float
   multipliers: Multipliers
+  platform: str  # what the plan below is for: cpu, gpu or tpu
+  attention: str  # the attention path (execution.attention_path)
+  scan_layers: bool  # layers under lax.scan, else unrolled (execution.scan_layers)
+  accumulate_per_device: bool  # microbatch gradients summed per device (execution)
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -86,10 +92,17 @@ def _cpu_hint(n_devices: int) -> str:
   return ""
 
 
-def resolve(cfg: Config, n_devices: int = 1, resume: Position | None = None) -> Resolved:
-  """Every derived quantity for `cfg` on `n_devices` devices. `resume`, the checkpoint a run
-  resumes from: its B replaces the batch law's rounding (a fixed `train.batch_size` takes
+def resolve(
+  cfg: Config, n_devices: int = 1, resume: Position | None = None, platform: str = ""
+) -> Resolved:
+  """Every derived quantity for `cfg` on `n_devices` devices of `platform` ("": jax's default
+  backend; the aot command plans for a TPU topology from a CPU machine). `resume`, the checkpoint
+  a run resumes from: its B replaces the batch law's rounding (a fixed `train.batch_size` takes
   precedence), and its sequences consumed place the schedule and the data."""
+  if not platform:
+    import jax
+
+    platform = jax.default_backend()
   kept_batch = resume.batch_seqs if resume is not None else None
   from celerity_jax.sharding import data_parallel_size, mesh_shape
 
@@ -97,7 +110,8 @@ def resolve(cfg: Config, n_devices: int = 1, resume: Position | None = None) -> 
   counts = scaling.param_counts(model)
   n = counts["active"]
   d_tokens = sc.tpp * n
-  dp = data_parallel_size(mesh_shape(cfg.mesh, n_devices))
+  mesh_sizes = mesh_shape(cfg.mesh, n_devices)
+  dp = data_parallel_size(mesh_sizes)
   # every device gets whole sequences in every microbatch
   granule = dp * (tr.microbatch_rows or tr.microbatches)
   per = (
@@ -127,6 +141,8 @@ def resolve(cfg: Config, n_devices: int = 1, resume: Position | None = None) -> 
   else:
     batch_seqs = scaling.round_batch(law, granule)
   microbatches = batch_seqs // granule if tr.microbatch_rows else tr.microbatches
+  rows = batch_seqs // (dp * microbatches)  # per device per microbatch
+  microbatches *= execution.cache_split(model, tr.cpu_microbatch_tokens, rows, platform)
   b_tokens = batch_seqs * model.seq_len
   steps = scaling.total_steps(d_tokens, b_tokens)
   warmup = scaling.warmup_steps(d_tokens, b_tokens, sc.warmup_frac, sc.warmup_max_tokens)
@@ -185,23 +201,10 @@ def resolve(cfg: Config, n_devices: int = 1, resume: Position | None = None) -> 
     flops_per_token=scaling.flops_per_token(model, causal=True),
     flops_per_token_full_attn=scaling.flops_per_token(model, causal=False),
     multipliers=mult,
+    platform=platform,
+    attention=execution.attention_path(
+      model.attention, model.seq_len, model.attention_block, platform
+    ),
+    scan_layers=execution.scan_layers(model),
+    accumulate_per_device=execution.accumulates_per_device(microbatches, mesh_sizes),
   )
-
-
-def split_for_cache(cfg: Config, resolved: Resolved, n_devices: int, platform: str) -> Resolved:
-  """On CPU, `resolved` with its microbatches multiplied by the smallest divisor of each device's
-  rows per microbatch that brings a microbatch to at most train.cpu_microbatch_tokens tokens (one
-  row at least). B, the gradient (a mean over the same rows) and the trajectory are unchanged;
-  the activations of a microbatch stay in cache, where XLA's CPU fusions, which each stream
-  through their whole operands, run 1.2-1.4x faster (docs/results.md). Off elsewhere, and for
-  mixtures of experts, whose load-balancing loss is not a mean over tokens."""
-  from celerity_jax.sharding import data_parallel_size, mesh_shape
-
-  limit, seq_len = cfg.train.cpu_microbatch_tokens, cfg.model.seq_len
-  if platform != "cpu" or not limit or cfg.model.experts:
-    return resolved
-  dp = data_parallel_size(mesh_shape(cfg.mesh, n_devices))
-  rows = resolved.batch_seqs // (dp * resolved.microbatches)
-  fits = (m for m in range(1, rows + 1) if rows % m == 0 and rows // m * seq_len <= limit)
-  split = next(fits, rows)  # one row at a time where a row alone is over the limit
-  return dataclasses.replace(resolved, microbatches=resolved.microbatches * split)

@@ -40,6 +40,7 @@ from celerity_jax.config import apply_overrides, validate  # noqa: E402
 # A model small enough to compile and step in about a second, shardable on a 2x2x2 mesh.
 SMALL = [
   "model.d_model=32",
+  "model.n_layers=2",  # (the CLI re-derives it from d_model through the family rule: keep 2)
   "model.n_heads=2",
   "model.d_head=16",
   "model.d_ff=128",

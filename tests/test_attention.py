@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from celerity_jax import execution
 from celerity_jax.config import ConfigError
 from celerity_jax.models import attention, pallas_attention
 
@@ -170,4 +171,4 @@ def test_pallas_needs_a_sequence_it_can_tile():
   ],
 )
 def test_auto_attention_per_platform(kind, length, platform, path):
-  assert attention.choose(kind, length, 512, platform) == path
+  assert execution.attention_path(kind, length, 512, platform) == path

@@ -39,9 +39,10 @@ abstract = state_lib.abstract_state
 
 def trained_state(cfg, steps=3):
   mesh, setup = build(cfg)
-  spec = build_spec(cfg, resolve(cfg, len(mesh.devices.flat)))
-  state, train_step = setup.init(), step_lib.make_train_step(setup, cfg, mesh, spec)
-  for batch in placed_batches(cfg, resolve(cfg, len(mesh.devices.flat)), mesh, steps):
+  resolved = resolve(cfg, len(mesh.devices.flat))
+  spec = build_spec(cfg, resolved)
+  state, train_step = setup.init(), step_lib.make_train_step(setup, cfg, resolved, mesh, spec)
+  for batch in placed_batches(cfg, resolved, mesh, steps):
     state, _ = train_step(state, batch)
   return state
 

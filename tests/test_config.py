@@ -156,3 +156,18 @@ def test_out_of_device_memory_is_a_one_line_config_error(capsys):
 
   with pytest.raises(RuntimeError):
     run_cli(bug)
+
+
+def test_print_config_is_what_the_run_writes_to_config_json(tmp_path, capsys):
+  """One plan: everything --print-config shows (the config and every derived value, the
+  platform's execution choices included) is what the run then writes and trains with."""
+  from conftest import SMALL
+
+  args = ["recipe=celerity_tiny", *SMALL, f"run.dir={tmp_path / 'run'}", "train.stop_step=2"]
+  args += ["train.cpu_microbatch_tokens=32"]  # so that the CPU's cache split is in the plan
+  assert main([*args, "--print-config"]) == 0
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["derived"]["microbatches"] > 1 and printed["derived"]["platform"] == "cpu"
+  assert main(args) == 0
+  written = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert {k: written[k] for k in ("config", "derived")} == printed

@@ -13,7 +13,7 @@ from flax import nnx
 from celerity_jax import recipes, scaling
 from celerity_jax.config import ConfigError, apply_overrides, validate
 from celerity_jax.models import moe
-from celerity_jax.models.layers import Mlp, mlp_activation
+from celerity_jax.models.layers import Forward, Mlp, mlp_activation
 from celerity_jax.parametrization import multipliers
 from celerity_jax.resolve import resolve
 from celerity_jax.train import loop
@@ -72,7 +72,7 @@ def test_one_expert_top1_equals_the_dense_mlp(small, kind):
       if hasattr(dense, name):
         getattr(dense, name)[...] = getattr(layer, name)[...][0]
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, cfg.d_model))
-    y, aux = layer(x, moe.MoeContext(jnp.zeros((2, 32), jnp.int32)))
+    y, aux = layer(x, Forward(tokens_BxL=jnp.zeros((2, 32), jnp.int32)))
     np.testing.assert_allclose(y, dense(x), rtol=1e-5, atol=1e-6)
     assert float(aux["dropped"]) == 0.0 and float(aux["balance"]) == pytest.approx(1.0)
 

@@ -81,11 +81,14 @@ def test_undivisible_parameter_names_the_parameter(small):
 def test_split_for_cache_keeps_the_batch_and_bounds_a_microbatch(
   small, overrides, devices, platform, want
 ):
-  from celerity_jax.resolve import split_for_cache
-
   cfg = small("train.batch_size=16", *overrides)
-  before = resolve(cfg, devices)
-  after = split_for_cache(cfg, before, devices, platform)
+  before = resolve(
+    small("train.batch_size=16", *overrides, "train.cpu_microbatch_tokens=0"),
+    devices,
+    platform=platform,
+  )
+  after = resolve(cfg, devices, platform=platform)
   assert after.microbatches == want
   assert after.batch_seqs == before.batch_seqs == 16
-  assert dataclasses.replace(after, microbatches=before.microbatches) == before
+  same = dataclasses.replace(after, microbatches=before.microbatches)
+  assert dataclasses.replace(same, accumulate_per_device=before.accumulate_per_device) == before

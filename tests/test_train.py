@@ -1,5 +1,6 @@
 """Training: the loop's outputs, loss falling on a 2x2x2 mesh, mesh-independence, accumulation."""
 
+import dataclasses
 import json
 
 import jax
@@ -93,34 +94,39 @@ def test_one_device_and_eight_device_mesh_agree(small):
 
 
 def test_gradient_accumulation_equals_the_big_batch_update(small):
-  from celerity_jax.train.step import _accumulate, make_eval_step, make_loss_fn
+  from celerity_jax.train.step import _accumulate, forward_on, make_eval_step, make_loss_fn
 
   big_cfg, acc_cfg = small(*MESH_222), small(*MESH_222, "train.microbatches=4")
   mesh = sharding.make_mesh(big_cfg.mesh)
   setup = state_lib.build(big_cfg, resolve(big_cfg, 8), mesh)
   state = setup.init()
   [batch] = placed_batches(big_cfg, resolve(big_cfg, 8), mesh)
-  loss_fn = make_loss_fn(setup, big_cfg)
+  loss_fn = make_loss_fn(setup, big_cfg, forward_on(resolve(big_cfg, 8), big_cfg, None))
   grads = {
     m: jax.jit(lambda p, b, m=m: _accumulate(loss_fn, p, b, m, mesh))(state.params, batch)
     for m in (1, 4)
   }
   np.testing.assert_allclose(grads[4][0]["ce"], grads[1][0]["ce"], rtol=1e-6)  # loss
   # on a mesh that only splits the batch, each device accumulates its own rows: the same gradient
-  from celerity_jax.train.step import _accumulate_per_device, splits_only_the_batch
+  from celerity_jax.execution import accumulates_per_device
+  from celerity_jax.train.step import _accumulate_per_device
 
   dp_cfg = small("mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1")
   dp_mesh = sharding.make_mesh(dp_cfg.mesh)
-  assert splits_only_the_batch(dp_mesh) and not splits_only_the_batch(mesh)
+  assert accumulates_per_device(3, dict(dp_mesh.shape))
+  assert not accumulates_per_device(3, dict(mesh.shape))
   dp_setup = state_lib.build(dp_cfg, resolve(dp_cfg, 8), dp_mesh)
   dp_state = dp_setup.init()
   [dp_batch] = placed_batches(dp_cfg, resolve(dp_cfg, 8), dp_mesh)
-  local_loss = make_loss_fn(dp_setup, dp_cfg)
+  dp_resolved = resolve(dp_cfg, 8)
+  local_loss = make_loss_fn(dp_setup, dp_cfg, forward_on(dp_resolved, dp_cfg, None))
   per_device = jax.jit(lambda p, b: _accumulate_per_device(local_loss, p, b, 2, dp_mesh))(
     dp_state.params, dp_batch
   )
   in_loop = jax.jit(
-    lambda p, b: _accumulate(make_loss_fn(dp_setup, dp_cfg, dp_mesh), p, b, 2, dp_mesh)
+    lambda p, b: _accumulate(
+      make_loss_fn(dp_setup, dp_cfg, forward_on(dp_resolved, dp_cfg, dp_mesh)), p, b, 2, dp_mesh
+    )
   )(dp_state.params, dp_batch)
   np.testing.assert_allclose(per_device[0]["ce"], in_loop[0]["ce"], rtol=1e-6)
   jax.tree.map(
@@ -129,7 +135,10 @@ def test_gradient_accumulation_equals_the_big_batch_update(small):
     in_loop[1],
   )
   # the held-out loss runs over the same microbatches and is the same mean
-  evals = {m: float(make_eval_step(setup, big_cfg, mesh, m)(state.params, batch)) for m in (1, 4)}
+  planned = lambda m: dataclasses.replace(resolve(big_cfg, 8), microbatches=m)  # noqa: E731
+  evals = {
+    m: float(make_eval_step(setup, big_cfg, planned(m), mesh)(state.params, batch)) for m in (1, 4)
+  }
   np.testing.assert_allclose(evals[4], evals[1], rtol=1e-6)
   np.testing.assert_allclose(evals[1], grads[1][0]["ce"], rtol=1e-6)
   jax.tree.map(

@@ -47,7 +47,9 @@ def compile_step(cfg, devices):
   from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
 
-  training = prepare_training(cfg, resolve(cfg, len(devices)), devices)
+  training = prepare_training(
+    cfg, resolve(cfg, len(devices), platform=devices[0].platform), devices
+  )
   state, batch = abstract_inputs(training, cfg)
   start = time.perf_counter()
   with _cache_off():

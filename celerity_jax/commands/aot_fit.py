@@ -163,7 +163,7 @@ def candidates(
           continue
         layout_cfg = with_layout(cfg, layout)
         try:
-          r = resolve(layout_cfg, n_devices)
+          r = resolve(layout_cfg, n_devices, platform="tpu")
         except ConfigError:
           continue  # a fixed train.batch_size this granule does not divide
         options.append((layout, layout_cfg, r, abs(r.batch_seqs / law - 1)))

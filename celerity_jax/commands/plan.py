@@ -76,7 +76,7 @@ def plan(argv: list[str]) -> tuple[list[dict], argparse.Namespace]:
       chips = tpu_chips.chip_count(target) if target else 1
     except ValueError as e:
       raise ConfigError(str(e)) from None
-    r = resolve(member_cfg, n_devices=chips)
+    r = resolve(member_cfg, n_devices=chips, platform="tpu" if target else "")
     flops = scaling.flops_per_token(member_cfg.model, causal=False, all_params=True) * r.tokens
     rows.append(
       {
@@ -179,7 +179,8 @@ def recipes_markdown() -> str:
   rows = []
   for name in recipes.available():
     recipe, cfg = recipes.get(name), recipes.load(name)
-    r = resolve(cfg, tpu_chips.chip_count(recipe.slice) if recipe.slice else 1)
+    chips = tpu_chips.chip_count(recipe.slice) if recipe.slice else 1
+    r = resolve(cfg, chips, platform="tpu" if recipe.slice else "")
     n = fmt_count(r.n_params) + (f" ({fmt_count(r.n_active)})" if r.n_active != r.n_params else "")
     line = (
       f"| `{name}` | {recipe.about} | {recipe.slice or 'any'} | {n} | {fmt_count(r.tokens)} "

@@ -64,45 +64,6 @@ def attention_mask(segment_ids_BxL: jax.Array | None, length: int) -> jax.Array:
   return (causal_LxL[None] & same_doc_BxLxL)[:, None]
 
 
-def choose(kind: str, length: int, block: int, platform: str) -> str:
-  """model.attention's path. `auto`: on CPU blockwise at any length (a tile's elementwise work
-  stays in cache: the step is 1.2x faster at the default and ~20M shapes, docs/results.md);
-  elsewhere XLA's materialized attention up to one block, and above it the Pallas kernels on TPU
-  (where the sequence tiles into multiples of 128) or blockwise."""
-  if kind != "auto":
-    return kind
-  if platform == "cpu":
-    return "blockwise"
-  if length <= block:
-    return "reference"
-  return "pallas" if platform == "tpu" and pallas_tile(length, block) else "blockwise"
-
-
-def pallas_tile(length: int, block: int) -> int:
-  """The Pallas kernels' square tile: the whole sequence if it fits in one block, else the
-  largest multiple of 128 (a TPU vector register's lanes) not above `block` dividing it; 0 if
-  there is none."""
-  if length <= block:
-    return length
-  return next((s for s in range(block - block % 128, 0, -128) if length % s == 0), 0)
-
-
-def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, how: tuple, mesh=None):
-  """Causal self-attention; `how` = (model.attention, model.attention_block, ALiBi or not). The
-  train step fixes `auto` for its devices' platform (train/step.py); a model used directly
-  decides it for the default backend. `mesh`: where the Pallas kernels run per device."""
-  kind, block, alibi = how
-  path = choose(kind, q_BxLxNxH.shape[1], block, jax.default_backend())
-  args = (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi)
-  if path == "pallas":
-    from celerity_jax.models import pallas_attention  # Pallas loads only where it is used
-
-    return pallas_attention.causal(*args, block, mesh)
-  if path == "blockwise":
-    return blockwise(*args, block)
-  return reference(*args)
-
-
 def reference(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool):
   n_heads, length = q_BxLxNxH.shape[2], q_BxLxNxH.shape[1]
   mask = attention_mask(segment_ids_BxL, length)

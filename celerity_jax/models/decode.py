@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from celerity_jax.models.attention import alibi_bias
 from celerity_jax.models.decoder import Decoder
-from celerity_jax.models.moe import MoeBlock, MoeContext
+from celerity_jax.models.layers import Forward
+from celerity_jax.models.moe import MoeBlock
 
 
 class KVCache(NamedTuple):
@@ -67,7 +68,7 @@ def forward(
     x_BxSxD = x_BxSxD + mult.residual_scale * attended
     h_BxSxD = block.ln2(x_BxSxD)
     if isinstance(block, MoeBlock):
-      y_BxSxD, _ = block.mlp(h_BxSxD, MoeContext(tokens_BxS))
+      y_BxSxD, _ = block.mlp(h_BxSxD, Forward(tokens_BxL=tokens_BxS))
     else:
       y_BxSxD = block.mlp(h_BxSxD)
     x_BxSxD = x_BxSxD + mult.residual_scale * y_BxSxD

@@ -3,36 +3,21 @@ model.moe_every layers), final norm and unembedding, with CompleteP multipliers.
 
 Shape legend: B batch, L sequence, D d_model, N query heads, K kv heads, H head dim, F d_ff, V
 vocab.
-Layers are created stacked (leading axis = layer) and, above SCAN_ABOVE layer groups, run under
-`lax.scan`, so compile time does not grow with depth; `model.scan_layers=true|false` decides it
-explicitly.
+Layers are created stacked (leading axis = layer) and run under `lax.scan` (compile time flat in
+depth) or unrolled, as the plan decides (execution.scan_layers).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from celerity_jax.models.layers import (
-  Block,
-  Constrain,
-  Norm,
-  no_constraint,
-  param,
-)
-from celerity_jax.models.moe import MoeBlock, MoeContext, moe_summary
+from celerity_jax.models.layers import Block, Forward, Norm, param
+from celerity_jax.models.moe import MoeBlock, moe_summary
 from celerity_jax.parametrization import Multipliers
-
-# model.scan_layers unset: deeper models run their layers under lax.scan (compile time flat in
-# depth); shallower ones unrolled, which on CPU is 1.1-1.5x faster per step at the default and 20M
-# shapes (XLA copies the scan body's residuals and transposes them for the weight gradients).
-SCAN_ABOVE = 8
-
-
-def scans(cfg, groups: int) -> bool:
-  return cfg.scan_layers if cfg.scan_layers is not None else groups > SCAN_ABOVE
-
 
 REMAT_POLICIES = {
   "full": None,  # save nothing
@@ -72,19 +57,18 @@ class Decoder(nnx.Module):
     )
 
   def __call__(
-    self,
-    tokens_BxL,
-    segment_ids_BxL=None,
-    constrain: Constrain = no_constraint,
-    mesh=None,
-    residuals: bool = False,
+    self, tokens_BxL, segment_ids_BxL=None, forward: Forward | None = None, residuals: bool = False
   ):
     """(logits BxLxV float32, aux). aux["moe"] holds a mixture of experts' statistics
     (moe.moe_summary); with `residuals`, aux["residuals"] is the residual stream after each group
     of layers, stacked [groups, B, L, D] (for coordinate checks; decided at trace time, so training
-    pays nothing). `mesh` runs the experts expert-parallel on it (models/expert_parallel.py) and
-    the Pallas attention kernels per device."""
+    pays nothing). `forward`: how it runs (the train step passes the run's plan and mesh); None
+    plans for jax's default backend on one device."""
     cfg = self.cfg
+    if forward is None:
+      forward = Forward.planned(cfg, jax.default_backend())
+    forward = dataclasses.replace(forward, tokens_BxL=tokens_BxL)
+    constrain = forward.constrain
     x_BxLxD = constrain(self.embed_tokens(tokens_BxL), ("batch", "length", "act_embed"))
 
     groups, per_group = self.grouping()
@@ -93,21 +77,19 @@ class Decoder(nnx.Module):
     if dense is not None and per_group > 1:
       dense = jax.tree.map(lambda a: a.reshape(groups, per_group, *a.shape[1:]), dense)
 
-    context = MoeContext(tokens_BxL, mesh)
-
     def group(x, states):
       dense_states, moe_state = states
       aux = {}
       for i in range(per_group if dense_states is not None else 0):
         layer = dense_states if per_group == 1 else jax.tree.map(lambda a, i=i: a[i], dense_states)
-        x = nnx.merge(dense_def, layer)(x, segment_ids_BxL, constrain, mesh)
+        x, _ = nnx.merge(dense_def, layer)(x, segment_ids_BxL, forward)
       if moe_state is not None:
-        x, aux = nnx.merge(moe_def, moe_state)(x, segment_ids_BxL, constrain, context)
+        x, aux = nnx.merge(moe_def, moe_state)(x, segment_ids_BxL, forward)
       return x, ((x if residuals else None), aux)
 
     if cfg.remat != "none":
       group = jax.checkpoint(group, policy=REMAT_POLICIES[cfg.remat])
-    if scans(cfg, groups):
+    if forward.scan_layers:
       x_BxLxD, (stream, moe_aux) = jax.lax.scan(group, x_BxLxD, (dense, moe))
     else:
       outs = [None] * groups

@@ -7,12 +7,15 @@ vocab.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from celerity_jax import execution
 from celerity_jax.models import attention
 from celerity_jax.parametrization import Multipliers
 
@@ -22,6 +25,26 @@ Constrain = Callable[[jax.Array, tuple], jax.Array]  # (activation, logical axes
 def no_constraint(x: jax.Array, axes: tuple) -> jax.Array:
   del axes
   return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward:
+  """How a forward pass runs, never what it computes: the plan's choices (resolve.Resolved: the
+  attention path, scanned layers), where (the mesh, whose sharding `constrain` applies to
+  activations; None: one device) and the input tokens (a hash router routes by them)."""
+
+  attention: str = "reference"  # reference | blockwise | pallas
+  attention_block: int = 512
+  scan_layers: bool = False
+  constrain: Constrain = no_constraint
+  mesh: Any = None
+  tokens_BxL: Any = None
+
+  @classmethod
+  def planned(cls, model, platform: str, **where) -> Forward:
+    """The plan's choices for a ModelConfig on `platform` (what resolve records for a run)."""
+    path = execution.attention_path(model.attention, model.seq_len, model.attention_block, platform)
+    return cls(path, model.attention_block, execution.scan_layers(model), **where)
 
 
 def param(
@@ -91,7 +114,6 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, kv, h), std, ("embed", "kv_heads", "head_dim"), "hidden")
     self.wo = param(rngs, (n, h, d), std, ("heads", "head_dim", "embed"), "hidden")
     self.scale, self.position, self.rope_theta = mult.attn_scale, cfg.position, cfg.rope_theta
-    self.cfg_attention = (cfg.attention, cfg.attention_block, cfg.position == "alibi")
 
   def project(self, x_BxLxD, positions_L=None):
     """(q BxLxNxH, k BxLxKxH, v BxLxKxH), rotated at `positions_L` under RoPE."""
@@ -116,10 +138,18 @@ class Attention(nnx.Module):
   def output(self, out_BxLxNxH):
     return jnp.einsum("BLNH,NHD->BLD", out_BxLxNxH, self.wo[...].astype(out_BxLxNxH.dtype))
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, mesh=None):
-    """Causal self-attention over packed documents (training and full forward passes)."""
-    q, k, v = self.project(x_BxLxD)
-    out = attention.causal(q, k, v, segment_ids_BxL, self.scale, self.cfg_attention, mesh)
+  def __call__(self, x_BxLxD, segment_ids_BxL, forward: Forward):
+    """Causal self-attention over packed documents (training and full forward passes), by the
+    path the plan chose."""
+    args = (*self.project(x_BxLxD), segment_ids_BxL, self.scale, self.position == "alibi")
+    if forward.attention == "pallas":
+      from celerity_jax.models import pallas_attention  # Pallas loads only where it is used
+
+      out = pallas_attention.causal(*args, forward.attention_block, forward.mesh)
+    elif forward.attention == "blockwise":
+      out = attention.blockwise(*args, forward.attention_block)
+    else:
+      out = attention.reference(*args)
     return self.output(out)
 
 
@@ -158,14 +188,19 @@ class Block(nnx.Module):
   def make_mlp(self, cfg, mult, rngs):
     return Mlp(cfg, mult, rngs)
 
-  def attend(self, x_BxLxD, segment_ids_BxL, constrain: Constrain, mesh=None):
-    attended = self.attn(self.ln1(x_BxLxD), segment_ids_BxL, mesh)
-    x_BxLxD = x_BxLxD + self.residual_scale * attended
-    return constrain(x_BxLxD, ("batch", "length", "act_embed"))
+  def add_branch(self, x_BxLxD, y_BxLxD, forward: Forward):
+    x_BxLxD = x_BxLxD + self.residual_scale * y_BxLxD
+    return forward.constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
-  def add_branch(self, x_BxLxD, y_BxLxD, constrain: Constrain):
-    return constrain(x_BxLxD + self.residual_scale * y_BxLxD, ("batch", "length", "act_embed"))
+  def mlp_branch(self, x_BxLxD, forward: Forward):
+    """(the MLP's output, its statistics): none for a dense MLP."""
+    del forward
+    return self.mlp(x_BxLxD), {}
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, constrain: Constrain, mesh=None):
-    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain, mesh)
-    return self.add_branch(x_BxLxD, self.mlp(self.ln2(x_BxLxD)), constrain)
+  def __call__(self, x_BxLxD, segment_ids_BxL, forward: Forward):
+    """(x, aux): every block, dense or routed, takes and returns the same."""
+    x_BxLxD = self.add_branch(
+      x_BxLxD, self.attn(self.ln1(x_BxLxD), segment_ids_BxL, forward), forward
+    )
+    y_BxLxD, aux = self.mlp_branch(self.ln2(x_BxLxD), forward)
+    return self.add_branch(x_BxLxD, y_BxLxD, forward), aux

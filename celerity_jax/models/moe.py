@@ -22,25 +22,14 @@ per token (top_k), G sequences, S tokens per sequence, C capacity per expert and
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
-from celerity_jax.models.layers import Block, Constrain, Mlp, mlp_activation, param
+from celerity_jax.models.layers import Block, Forward, Mlp, mlp_activation, param
 from celerity_jax.parametrization import Multipliers
-
-
-class MoeContext(NamedTuple):
-  """What routed experts need beyond their input, and only they get: the token ids (the hash
-  router routes by id) and the mesh to run expert-parallel on (None: on one device)."""
-
-  tokens_BxL: jax.Array
-  mesh: Mesh | None = None
-
 
 # ---------------------------------------------------------------- routing
 
@@ -190,8 +179,10 @@ class MoeMlp(nnx.Module):
     self.wo = param(rngs, (e, f, d), std, ("expert", "mlp", "embed"), "hidden")
     self.shared = Mlp(cfg, mult, rngs, d_ff=f) if cfg.shared_expert else None
 
-  def __call__(self, x_BxLxD, context: MoeContext):
-    cfg, dt, tokens_BxL = self.cfg, x_BxLxD.dtype, context.tokens_BxL
+  def __call__(self, x_BxLxD, forward: Forward):
+    """(output, statistics). Runs expert-parallel on forward.mesh (None: on one device); the hash
+    router routes by forward.tokens_BxL."""
+    cfg, dt, tokens_BxL = self.cfg, x_BxLxD.dtype, forward.tokens_BxL
     b, length, d = x_BxLxD.shape
     if cfg.router == "topk":
       logits_BxLxE = (
@@ -206,14 +197,14 @@ class MoeMlp(nnx.Module):
     gates_BxLxK = gates.reshape(b, length, cfg.top_k)
     weights = {name: getattr(self, name) for name in ("wi", "wg", "wo") if hasattr(self, name)}
     w = {name: v[...].astype(dt) for name, v in weights.items()}
-    if context.mesh is None:
+    if forward.mesh is None:
       y_BxLxD, kept = self._dispatch(x_BxLxD, experts_BxLxK, gates_BxLxK, w)
     else:
       from celerity_jax.models import expert_parallel
 
       axes = {name: tuple(v.get_metadata()["axes"]) for name, v in weights.items()}
       y_BxLxD, kept = expert_parallel.dispatch(
-        self._dispatch, cfg.dispatch, context.mesh, x_BxLxD, experts_BxLxK, gates_BxLxK, w, axes
+        self._dispatch, cfg.dispatch, forward.mesh, x_BxLxD, experts_BxLxK, gates_BxLxK, w, axes
       )
     aux["dropped"] = 1.0 - kept
     if self.shared is not None:
@@ -247,12 +238,10 @@ class MoeMlp(nnx.Module):
 
 
 class MoeBlock(Block):
-  """A pre-LN block whose MLP is routed experts; returns (x, the MoE layer's statistics)."""
+  """A pre-LN block whose MLP is routed experts; its aux is the MoE layer's statistics."""
 
   def make_mlp(self, cfg, mult, rngs):
     return MoeMlp(cfg, mult, rngs)
 
-  def __call__(self, x_BxLxD, segment_ids_BxL, constrain: Constrain, context: MoeContext):
-    x_BxLxD = self.attend(x_BxLxD, segment_ids_BxL, constrain, context.mesh)
-    y_BxLxD, aux = self.mlp(self.ln2(x_BxLxD), context)
-    return self.add_branch(x_BxLxD, y_BxLxD, constrain), aux
+  def mlp_branch(self, x_BxLxD, forward: Forward):
+    return self.mlp(x_BxLxD, forward)

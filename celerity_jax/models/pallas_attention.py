@@ -31,21 +31,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from celerity_jax.config import ConfigError
-from celerity_jax.models.attention import MASKED, alibi_slopes, pallas_tile
+from celerity_jax.execution import pallas_tile_or_error
+from celerity_jax.models.attention import MASKED, alibi_slopes
 
 LANES, SUBLANES = 128, 8
 SQUEEZE = pl.Squeezed()  # a block dimension the kernel does not see
 
 
-def tile_size(length: int, block: int) -> int:
-  t = pallas_tile(length, block)
-  if not t:
-    raise ConfigError(
-      f"model.attention=pallas needs model.seq_len={length} to be a multiple of 128 at most "
-      f"model.attention_block={block} (or seq_len <= attention_block)"
-    )
-  return t
+tile_size = pallas_tile_or_error
 
 
 def causal(

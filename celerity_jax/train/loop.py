@@ -131,7 +131,7 @@ def _evaluator(cfg, training: Training, held_out):
   if held_out is None or not cfg.data.eval_batches:
     return None
   n_rows = training.resolved.batch_seqs
-  eval_step = make_eval_step(training.setup, cfg, training.mesh, training.resolved.microbatches)
+  eval_step = make_eval_step(training.setup, cfg, training.resolved, training.mesh)
   batches = [
     sharding.place_batch(held_out.batch(i), training.mesh, n_rows)
     for i in range(cfg.data.eval_batches)

@@ -5,7 +5,6 @@ Everything a log row needs is computed here, on device, and fetched by the loop 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -18,10 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from celerity_jax import sharding
 from celerity_jax.collapse import monitor
-from celerity_jax.config import ConfigError
-from celerity_jax.models import attention
-from celerity_jax.models.layers import no_constraint
-from celerity_jax.resolve import Resolved, split_for_cache
+from celerity_jax.models.layers import Forward
+from celerity_jax.resolve import Resolved
 from celerity_jax.train import state as state_lib
 from celerity_jax.train.state import Setup, TrainState
 
@@ -36,17 +33,22 @@ def cross_entropy(logits_BxLxV, targets_BxL, z_coef: float):
   return (lse_BxL - target_logit_BxL).mean(), z_coef * jnp.square(lse_BxL).mean()
 
 
-def make_loss_fn(setup: Setup, cfg, mesh: Mesh | None = None):
+def forward_on(resolved: Resolved, cfg, mesh: Mesh | None) -> Forward:
+  """The plan's forward pass, sharded on `mesh` (None: one device's own rows, in shard_map)."""
+  where = {"mesh": mesh, "constrain": sharding.make_constrain(mesh)} if mesh is not None else {}
+  return Forward(resolved.attention, cfg.model.attention_block, resolved.scan_layers, **where)
+
+
+def make_loss_fn(setup: Setup, cfg, forward: Forward):
   """loss_fn(params, batch) -> (objective, aux). The objective adds to the cross-entropy the logit
   z-loss and, for a mixture of experts, the weighted load-balancing and router z-losses; aux holds
-  `ce`, `z` and the MoE statistics (models/moe.moe_summary). With `mesh`, activations are sharded
-  on it and experts run expert-parallel."""
-  constrain = sharding.make_constrain(mesh) if mesh is not None else no_constraint
+  `ce`, `z` and the MoE statistics (models/moe.moe_summary). `forward` says how the model runs
+  and on which mesh (forward_on)."""
   model_cfg = cfg.model
 
   def loss_fn(params, batch):
     model = nnx.merge(setup.graphdef, params)
-    logits, extra = model(batch["inputs"], batch.get("segment_ids"), constrain, mesh=mesh)
+    logits, extra = model(batch["inputs"], batch.get("segment_ids"), forward)
     ce, z = cross_entropy(logits, batch["targets"], model_cfg.z_loss)
     aux, objective = {"ce": ce, "z": z}, ce + z
     if "moe" in extra:
@@ -97,18 +99,12 @@ def _accumulate(loss_fn, params, batch, micro: int, mesh: Mesh):
   return jax.tree.map(lambda x: x / micro, total)
 
 
-def splits_only_the_batch(mesh: Mesh) -> bool:
-  """Several devices that only split the batch (mesh.data; every other axis 1): each holds whole
-  parameters, so each can accumulate its own rows' gradient."""
-  return mesh.size > 1 and all(size == 1 for axis, size in mesh.shape.items() if axis != "data")
-
-
 def _accumulate_per_device(local_loss_fn, params, batch, micro: int, mesh: Mesh):
-  """_accumulate for a mesh that only splits the batch: inside shard_map each device sums its own
-  rows' gradients over its microbatches and the devices average once. Under jit's sharding the
-  accumulator is replicated, so XLA all-reduces every microbatch's gradient inside the loop (20%
-  of the default CPU step's device time, over 83 microbatches). The same mean, summed in another
-  order."""
+  """_accumulate for a mesh that only splits the batch (Resolved.accumulate_per_device): inside
+  shard_map each device sums its own rows' gradients over its microbatches and the devices average
+  once. Under jit's sharding the accumulator is replicated, so XLA all-reduces every microbatch's
+  gradient inside the loop (20% of the default CPU step's device time, over 83 microbatches). The
+  same mean, summed in another order."""
   axes = sharding.RULES["batch"]
 
   def local(params, batch):
@@ -121,22 +117,16 @@ def _accumulate_per_device(local_loss_fn, params, batch, micro: int, mesh: Mesh)
 
 
 def make_train_step(
-  setup: Setup,
-  cfg,
-  mesh: Mesh,
-  monitor_spec: monitor.MonitorSpec | None,
-  microbatches: int = 1,
-  step_offset: float = 0.0,
+  setup: Setup, cfg, resolved: Resolved, mesh: Mesh, monitor_spec: monitor.MonitorSpec | None
 ):
   """Returns step(state, batch) -> (state, metrics), jitted with in/out shardings on `mesh` and the
-  state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks);
-  the batch's gradient is accumulated over `microbatches` (Resolved.microbatches); the schedule
-  and the monitor read step + `step_offset` (Resolved.step_offset)."""
-  loss_fn = make_loss_fn(setup, cfg, mesh)
-  # measured on 2 CPU devices: 1.10x at 83 microbatches, 0.95-0.97x at 2 (where XLA overlaps the
-  # first all-reduce with the second microbatch)
-  per_device = microbatches > 2 and splits_only_the_batch(mesh)
-  local_loss_fn = make_loss_fn(setup, cfg) if per_device else None
+  state donated; `monitor_spec` None leaves the collapse monitor out (for overhead benchmarks).
+  As `resolved` plans: the batch's gradient is accumulated over its microbatches (per device or
+  under jit's sharding), and the schedule and the monitor read step + its step_offset."""
+  loss_fn = make_loss_fn(setup, cfg, forward_on(resolved, cfg, mesh))
+  microbatches, step_offset = resolved.microbatches, resolved.step_offset
+  per_device = resolved.accumulate_per_device
+  local_loss_fn = make_loss_fn(setup, cfg, forward_on(resolved, cfg, None)) if per_device else None
 
   def train_step(state: TrainState, batch):
     if per_device:
@@ -183,10 +173,11 @@ def make_train_step(
   )
 
 
-def make_eval_step(setup: Setup, cfg, mesh: Mesh, microbatches: int = 1):
+def make_eval_step(setup: Setup, cfg, resolved: Resolved, mesh: Mesh):
   """Returns eval(params, batch) -> mean token cross-entropy, jitted with the train shardings;
-  the forward runs over the train step's `microbatches` (equal sizes: the mean of their means)."""
-  loss_fn = make_loss_fn(setup, cfg, mesh)
+  the forward runs over the train step's microbatches (equal sizes: the mean of their means)."""
+  loss_fn = make_loss_fn(setup, cfg, forward_on(resolved, cfg, mesh))
+  microbatches = resolved.microbatches
 
   def eval_step(params, batch):
     if microbatches == 1:
@@ -210,38 +201,15 @@ class Training(NamedTuple):
 
 
 def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool = True) -> Training:
-  """Mesh over `devices` (default all; `resolved` was resolved for as many), sharded setup, the
-  collapse monitor and the jitted step (`with_monitor=False` compiles it without the monitor).
-  On CPU devices the returned `resolved` may hold more microbatches (resolve.split_for_cache);
-  `model.attention=auto` is decided for the devices' platform."""
+  """Mesh over `devices` (default all; `resolved` was resolved for as many, of their platform),
+  sharded setup, the collapse monitor and the jitted step (`with_monitor=False` compiles it
+  without the monitor). Changes neither the config nor the plan."""
   devices = list(jax.devices() if devices is None else devices)
-  platform, m = devices[0].platform, cfg.model  # (a TPU topology's devices when compiling ahead)
-  resolved = split_for_cache(cfg, resolved, len(devices), platform)
-  path = attention.choose(m.attention, m.seq_len, m.attention_block, platform)
-  if path == "pallas":  # a sequence the kernels cannot tile is a config error, before compiling
-    from celerity_jax.models.pallas_attention import tile_size
-
-    tile_size(m.seq_len, m.attention_block)
-    if platform == "gpu":  # the kernels are Mosaic (TPU) kernels: on a GPU only the interpreter
-      raise ConfigError(
-        "model.attention=pallas runs TPU kernels (on CPU interpreted, for tests); on GPU use "
-        "model.attention=blockwise or auto"
-      )
-  cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, attention=path))
+  platform = devices[0].platform  # (a TPU topology's devices when compiling ahead)
+  if platform != resolved.platform:
+    raise ValueError(f"resolved for {resolved.platform}, run on {platform}: resolve(platform=...)")
   mesh = sharding.make_mesh(cfg.mesh, devices)
   setup = state_lib.build(cfg, resolved, mesh)
   spec = monitor.build_spec(cfg, resolved)
-  return Training(
-    mesh,
-    resolved,
-    setup,
-    make_train_step(
-      setup,
-      cfg,
-      mesh,
-      spec if with_monitor else None,
-      resolved.microbatches,
-      resolved.step_offset,
-    ),
-    spec,
-  )
+  step = make_train_step(setup, cfg, resolved, mesh, spec if with_monitor else None)
+  return Training(mesh, resolved, setup, step, spec)
