@@ -30,43 +30,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from celerity_jax import storage
-from celerity_jax.config import ConfigError
+from celerity_jax.config import ConfigError, free_keys
+from celerity_jax.resolve import FREE_DERIVED
 from celerity_jax.storage import NO_SPACE
 
-# Settings that do not change the training trajectory: they may differ on resume.
-FREE_KEYS = (
-  "run.",
-  "checkpoint.",
-  "mesh.",
-  "dist.",
-  "train.stop_frac",
-  "train.stop_step",
-  "train.eval_every",
-  "train.cpu_microbatch_tokens",  # splits the same batch's gradient differently
-  "data.threads",
-  "data.cache_dir",
-  "data.eval_batches",
-  "data.paths",  # where the corpus is: its content is pinned by data_fingerprint.corpus
-  "data.tokenizer",  # where a given tokenizer is: pinned by data_fingerprint.tokenizer
-  "model.remat",
-  "model.scan_layers",  # how the same math is executed: free to change on resume
-  "model.attention",
-  "model.attention_block",
-  "derived.stop_step",
-  "derived.data_parallel",
-  "derived.microbatches",
-  "derived.batch_seqs_law",  # follow from settings kept
-  "derived.step_offset",  # follow from the checkpoint's position (resolve.Position)
-  "derived.platform",  # how the same math executes (execution.py)
-  "derived.attention",
-  "derived.scan_layers",
-  "derived.accumulate_per_device",
-  "derived.row_offset",
-  "collapse.threshold",
-  "collapse.patience",
-  "collapse.policy",
-  "collapse.spike_factor",
-)
+# What may differ on resume: the config keys whose Rule says free (config.py), and the derived
+# values that follow from free keys or from the checkpoint's position (resolve.FREE_DERIVED).
+FREE_KEYS = (*free_keys(), *(f"derived.{name}" for name in FREE_DERIVED))
 DAMAGED_SUFFIX = ".damaged"
 T = TypeVar("T")
 
@@ -100,7 +70,7 @@ def trajectory(described: dict) -> dict:
   trajectory."""
   data = {DATA: described[DATA]} if described.get(DATA) else {}
   flat = flatten({**described["config"], "derived": described["derived"], **data})
-  return {k: v for k, v in flat.items() if not k.startswith(FREE_KEYS)}
+  return {k: v for k, v in flat.items() if k not in FREE_KEYS}
 
 
 def trajectory_hash(described: dict) -> str:

@@ -13,117 +13,211 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 
 class ConfigError(ValueError):
   """A bad key, value or combination; the CLI prints it and exits with status 2."""
 
 
+# ---------------------------------------------------------------- every key's rules
+
+
+class Check(NamedTuple):
+  """A key's range: `ok(value)`, and what it must be (`{key}={value}: must be {text}`)."""
+
+  text: str
+  ok: Callable[[object], bool]
+
+
+POSITIVE = Check("> 0", lambda v: v > 0)
+NONNEG = Check(">= 0", lambda v: v >= 0)
+
+
+def at_least(low) -> Check:
+  return Check(f">= {low}", lambda v: v >= low)
+
+
+def above(low) -> Check:
+  return Check(f"> {low}", lambda v: v > low)
+
+
+def between(low, high, ends: str) -> Check:
+  """In the interval from low to high, `ends` its brackets: "[)", "(]", "()" or "[]"."""
+  lo_ok = (lambda v: v >= low) if ends[0] == "[" else (lambda v: v > low)
+  hi_ok = (lambda v: v <= high) if ends[1] == "]" else (lambda v: v < high)
+  return Check(f"in {ends[0]}{low}, {high}{ends[1]}", lambda v: lo_ok(v) and hi_ok(v))
+
+
+@dataclass(frozen=True)
+class Rule:
+  """What a config key's field says besides its type and default: its range (`check`; None: any
+  value of its type), whether a resumed run may change it (`free`: it changes how the run
+  executes or is kept, not its trajectory; checkpoint.config_changes) and, for the collapse
+  monitor, the relative tolerance within which a reference run must share it (`matched`)."""
+
+  check: Check | None
+  free: bool
+  matched: float | None = None
+
+
+def key(default, check: Check | None = None, *, free: bool, matched: float | None = None):
+  """A config field with its rules (Rule); every field of every section is declared with one."""
+  return field(default=default, metadata={"rule": Rule(check, free, matched)})
+
+
+def rules() -> dict[str, Rule]:
+  """Every key's Rule, by "section.name"."""
+  return {
+    f"{s.name}.{f.name}": f.metadata["rule"]
+    for s in dataclasses.fields(Config)
+    for f in dataclasses.fields(s.default_factory)
+  }
+
+
+def free_keys() -> tuple[str, ...]:
+  """The keys a resumed run may change (the rest are its trajectory)."""
+  return tuple(k for k, rule in rules().items() if rule.free)
+
+
+def matched_keys() -> dict[str, float]:
+  """The keys a collapse reference run must share, with their relative tolerances."""
+  return {k: rule.matched for k, rule in rules().items() if rule.matched is not None}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-  vocab_size: int = 2048
-  d_model: int = 128
-  n_layers: int = 2
-  n_heads: int = 2
-  n_kv_heads: int = 0  # 0 = n_heads (multi-head); fewer = grouped-query attention
-  d_head: int = 64
-  d_ff: int = 1024
-  seq_len: int = 256
-  norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-  norm_eps: float = 1e-5
-  position: Literal["alibi", "rope"] = "alibi"
-  rope_theta: float = 10000.0
-  mlp: Literal["squared_relu", "swiglu"] = "squared_relu"
-  dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params are always float32
-  z_loss: float = 0.0  # coefficient of logsumexp(logits)^2, 0 = off
-  remat: Literal["none", "full", "dots"] = "none"
-  scan_layers: bool | None = None  # None: scan above SCAN_ABOVE layer groups (execution.py)
+  vocab_size: int = key(2048, POSITIVE, free=False)
+  d_model: int = key(128, POSITIVE, free=False)
+  n_layers: int = key(2, POSITIVE, free=False)
+  n_heads: int = key(2, POSITIVE, free=False)
+  # 0 = n_heads (multi-head); fewer = grouped-query attention
+  n_kv_heads: int = key(0, NONNEG, free=False)
+  d_head: int = key(64, POSITIVE, free=False)
+  d_ff: int = key(1024, POSITIVE, free=False)
+  seq_len: int = key(256, POSITIVE, free=False)
+  norm: Literal["layernorm", "rmsnorm"] = key("layernorm", free=False)
+  norm_eps: float = key(1e-5, free=False)
+  position: Literal["alibi", "rope"] = key("alibi", free=False)
+  rope_theta: float = key(10000.0, free=False)
+  mlp: Literal["squared_relu", "swiglu"] = key("squared_relu", free=False)
+  # compute dtype; params are always float32
+  dtype: Literal["float32", "bfloat16"] = key("float32", free=False)
+  z_loss: float = key(0.0, NONNEG, free=False)  # coefficient of logsumexp(logits)^2, 0 = off
+  remat: Literal["none", "full", "dots"] = key("none", free=True)
+  # None: scan above SCAN_ABOVE layer groups (execution.py)
+  scan_layers: bool | None = key(None, free=True)
   # training attention: materialized scores ("reference"), XLA tiles that never hold the L x L
   # scores ("blockwise"), the same as Pallas TPU kernels ("pallas"; interpreted off TPU, slowly),
-  # or "auto": blockwise on CPU; above attention_block pallas on TPU, else blockwise (attention.py)
-  attention: Literal["auto", "reference", "blockwise", "pallas"] = "auto"
-  attention_block: int = 512  # query and key tile of the blockwise and Pallas attention
+  # or "auto": blockwise on CPU; above attention_block pallas on TPU, else blockwise (execution.py)
+  attention: Literal["auto", "reference", "blockwise", "pallas"] = key("auto", free=True)
+  # query and key tile of the blockwise and Pallas attention
+  attention_block: int = key(512, POSITIVE, free=True)
   # mixture of experts (models/moe.py, docs/collapse.md); experts = 0 is a dense model
-  experts: int = 0  # routed experts per MoE layer
-  top_k: int = 1  # experts per token
-  router: Literal["topk", "hash"] = "topk"  # learned softmax top-k | fixed token-id hash (top-1)
-  dispatch: Literal["dropless", "capacity"] = "dropless"  # grouped matmul | capacity + dropping
-  capacity_factor: float = 1.25  # per-sequence capacity per expert = ceil(cf * seq_len * k / E)
-  moe_every: int = 1  # the last layer of every group of this many layers is MoE
-  expert_d_ff: int = 0  # hidden width of each expert; 0 = d_ff
-  shared_expert: bool = False  # plus one always-on expert of width expert_d_ff
-  aux_loss: float = 0.01  # load-balancing loss coefficient (Switch), topk router only
-  router_z_loss: float = 0.001  # router z-loss coefficient (ST-MoE), topk router only
+  experts: int = key(0, NONNEG, free=False)  # routed experts per MoE layer
+  top_k: int = key(1, free=False)  # experts per token
+  # learned softmax top-k | fixed token-id hash (top-1)
+  router: Literal["topk", "hash"] = key("topk", free=False)
+  # grouped matmul | capacity + dropping
+  dispatch: Literal["dropless", "capacity"] = key("dropless", free=False)
+  # per-sequence capacity per expert = ceil(cf * seq_len * k / E)
+  capacity_factor: float = key(1.25, free=False)
+  moe_every: int = key(1, free=False)  # the last layer of every group of this many layers is MoE
+  expert_d_ff: int = key(0, NONNEG, free=False)  # hidden width of each expert; 0 = d_ff
+  shared_expert: bool = key(False, free=False)  # plus one always-on expert of width expert_d_ff
+  # load-balancing loss coefficient (Switch), topk router only
+  aux_loss: float = key(0.01, NONNEG, free=False)
+  # router z-loss coefficient (ST-MoE), topk router only
+  router_z_loss: float = key(0.001, NONNEG, free=False)
 
 
 @dataclass(frozen=True)
 class ParamConfig:
   """CompleteP (alpha = 1) or standard parameterization; base values: docs/method.md section 4."""
 
-  kind: Literal["completep", "sp"] = "completep"
-  d_base: int = 256
-  l_base: int = 2
-  sigma_base: float = 8.67e-2
-  alpha_in: float = 9.17
-  alpha_out: float = 1.095
+  kind: Literal["completep", "sp"] = key("completep", free=False)
+  d_base: int = key(256, POSITIVE, free=False)
+  l_base: int = key(2, POSITIVE, free=False)
+  sigma_base: float = key(8.67e-2, free=False)
+  alpha_in: float = key(9.17, free=False)
+  alpha_out: float = key(1.095, free=False)
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
   """Laws that turn (N, TPP) into D, B, warmup and tau (docs/method.md section 2)."""
 
-  tpp: float = 20.0
-  tau_c: float = 0.785  # tau_opt = tau_c * TPP ** tau_m: log-space least squares on the
-  tau_m: float = -0.501  #   Celerity bands (0.175, 0.087, 0.051 at 20, 80, 234), within 0.3%
-  batch_coef: float = 19.87  # B_tokens = batch_coef * D ** 0.5 at batch_exp 0.5 (Celerity; fit to
-  batch_exp: float = 0.5  #   its five 20-TPP batch sizes, all within 2.8%); another exponent
-  batch_anchor: float = 5.41e9  #   (Power Lines: 0.383) rotates the law about D = batch_anchor
-  warmup_frac: float = 0.10  # warmup = min(warmup_frac * D, warmup_max_tokens)
-  warmup_max_tokens: float = 375e6
+  tpp: float = key(20.0, POSITIVE, free=False, matched=0.02)
+  # tau_opt = tau_c * TPP ** tau_m: log-space least squares on the Celerity bands (0.175, 0.087,
+  # 0.051 at 20, 80, 234), within 0.3%
+  tau_c: float = key(0.785, free=False)
+  tau_m: float = key(-0.501, free=False)
+  # B_tokens = batch_coef * D ** 0.5 at batch_exp 0.5 (Celerity; fit to its five 20-TPP batch
+  # sizes, all within 2.8%); another exponent (Power Lines: 0.383) rotates the law about
+  # D = batch_anchor
+  batch_coef: float = key(19.87, free=False)
+  batch_exp: float = key(0.5, free=False)
+  batch_anchor: float = key(5.41e9, POSITIVE, free=False)
+  # warmup = min(warmup_frac * D, warmup_max_tokens)
+  warmup_frac: float = key(0.10, between(0, 1, "[)"), free=False, matched=0.1)
+  warmup_max_tokens: float = key(375e6, free=False)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-  lr_base: float = 1.62e-2  # eta_base; the hidden-matrix LR is lr_base / m_N under CompleteP
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  tau: float = 0.0  # 0 = tau_opt(TPP); else this timescale
-  weight_decay: float | None = None  # None = derived from tau; a value overrides tau
-  schedule: Literal["linear", "cosine", "constant"] = "linear"
-  clip_norm: float = 0.0  # global-norm clipping threshold, 0 = off
+  # eta_base; the hidden-matrix LR is lr_base / m_N under CompleteP
+  lr_base: float = key(1.62e-2, POSITIVE, free=False)
+  b1: float = key(0.9, free=False)
+  b2: float = key(0.95, free=False)
+  eps: float = key(1e-8, free=False)
+  tau: float = key(0.0, NONNEG, free=False, matched=0.02)  # 0 = tau_opt(TPP); else this timescale
+  # None = derived from tau; a value overrides tau
+  weight_decay: float | None = key(None, NONNEG, free=False)
+  schedule: Literal["linear", "cosine", "constant"] = key("linear", free=False, matched=0.0)
+  clip_norm: float = key(0.0, NONNEG, free=False)  # global-norm clipping threshold, 0 = off
 
 
 @dataclass(frozen=True)
 class DataConfig:
-  corpus: Literal["stdlib", "synthetic"] = "stdlib"  # built-in corpus, used when `paths` is empty
-  paths: str = ""  # comma-separated .txt / .jsonl (+ .gz) files, directories or globs
-  tokenizer: str = ""  # an existing sentencepiece .model; "" = train one on the corpus
-  tokenizer_type: Literal["bpe", "unigram"] = "bpe"
-  cache_dir: str = ""  # "" = $CELERITY_JAX_CACHE or ~/.cache/celerity_jax
-  packing: Literal["concat", "segments"] = "concat"
-  eval_frac: float = 0.02  # fraction of documents held out (chosen by a hash of their text)
-  eval_batches: int = 2  # held-out batches per evaluation
-  threads: int = 2  # grain reader threads
+  # built-in corpus, used when `paths` is empty
+  corpus: Literal["stdlib", "synthetic"] = key("stdlib", free=False)
+  # comma-separated .txt / .jsonl (+ .gz) files, directories or globs
+  paths: str = key("", free=True)
+  # an existing sentencepiece .model; "" = train one on the corpus
+  tokenizer: str = key("", free=True)
+  tokenizer_type: Literal["bpe", "unigram"] = key("bpe", free=False)
+  cache_dir: str = key("", free=True)  # "" = $CELERITY_JAX_CACHE or ~/.cache/celerity_jax
+  packing: Literal["concat", "segments"] = key("concat", free=False)
+  # fraction of documents held out (chosen by a hash of their text)
+  eval_frac: float = key(0.02, between(0, 1, "()"), free=False)
+  eval_batches: int = key(2, at_least(1), free=True)  # held-out batches per evaluation
+  threads: int = key(2, NONNEG, free=True)  # grain reader threads
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-  batch_size: int = 0  # sequences per step; 0 = from the batch law
-  microbatches: int = 1  # gradient accumulation steps per optimizer step
-  microbatch_rows: int = 0  # or: sequences per device per microbatch (microbatches follow from
-  #   B); 0 = off. Memory per device is then the same on any slice
-  cpu_microbatch_tokens: int = 2048  # on CPU, dense models also split each device's rows into the
-  #   fewest microbatches of at most this many tokens (B unchanged): activations that stay in the
-  #   CPU's cache make the step 1.2-1.4x faster; 0 = off (execution.cache_split)
-  seed: int = 0  # changes initialization and data order, nothing else
-  stop_frac: float = 1.0  # end early at this fraction of T without changing T
-  stop_step: int = 0  # end early at this step (0 = off); the earlier stop wins
-  eval_every: int = 0  # held-out loss every this many steps and at the end (0 = off)
-  on_nonfinite: Literal["skip", "halt"] = "skip"  # skip: leave params/optimizer untouched
-  max_bad_steps: int = 8  # consecutive skipped steps before halting anyway
+  batch_size: int = key(0, NONNEG, free=False)  # sequences per step; 0 = from the batch law
+  microbatches: int = key(1, POSITIVE, free=False)  # gradient accumulation steps per optimizer step
+  # or: sequences per device per microbatch (microbatches follow from B); 0 = off. Memory per
+  # device is then the same on any slice
+  microbatch_rows: int = key(0, NONNEG, free=False)
+  # on CPU, dense models also split each device's rows into the fewest microbatches of at most
+  # this many tokens (B unchanged): activations that stay in the CPU's cache make the step
+  # 1.2-1.4x faster; 0 = off (execution.cache_split)
+  cpu_microbatch_tokens: int = key(2048, NONNEG, free=True)
+  seed: int = key(0, NONNEG, free=False)  # changes initialization and data order, nothing else
+  # end early at this fraction of T without changing T
+  stop_frac: float = key(1.0, between(0, 1, "(]"), free=True)
+  # end early at this step (0 = off); the earlier stop wins
+  stop_step: int = key(0, NONNEG, free=True)
+  # held-out loss every this many steps and at the end (0 = off)
+  eval_every: int = key(0, NONNEG, free=True)
+  # skip: leave params/optimizer untouched
+  on_nonfinite: Literal["skip", "halt"] = key("skip", free=False)
+  # consecutive skipped steps before halting anyway
+  max_bad_steps: int = key(8, at_least(1), free=False)
 
 
 @dataclass(frozen=True)
@@ -132,11 +226,11 @@ class MeshConfig:
   With several slices (TPU multislice, or several GPU/CPU processes) the data axis also spans the
   slices over the data-center network: its total size is slices x data."""
 
-  data: int = -1
-  fsdp: int = 1
-  tensor: int = 1
-  expert: int = 1
-  slices: int = 1
+  data: int = key(-1, free=True)
+  fsdp: int = key(1, free=True)
+  tensor: int = key(1, free=True)
+  expert: int = key(1, free=True)
+  slices: int = key(1, free=True)
 
 
 @dataclass(frozen=True)
@@ -145,46 +239,58 @@ class DistConfig:
   JAX_NUM_PROCESSES and JAX_PROCESS_ID; on a Cloud TPU VM with none of them set, from the TPU
   metadata; otherwise the run is one process."""
 
-  coordinator: str = ""  # host:port of process 0
-  num_processes: int = 0  # 0 = from the environment
-  process_id: int = -1  # -1 = from the environment
-  init_timeout_s: int = 300  # how long processes wait for each other at start
-  heartbeat_timeout_s: int = 100  # a process silent this long is dead, and every other one exits
+  coordinator: str = key("", free=True)  # host:port of process 0
+  num_processes: int = key(0, NONNEG, free=True)  # 0 = from the environment
+  process_id: int = key(-1, at_least(-1), free=True)  # -1 = from the environment
+  # how long processes wait for each other at start
+  init_timeout_s: int = key(300, at_least(1), free=True)
+  # a process silent this long is dead, and every other one exits
+  heartbeat_timeout_s: int = key(100, at_least(1), free=True)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
   """Orbax checkpoints in run.dir/checkpoints; the same command with the same run.dir resumes."""
 
-  every_steps: int = 500  # save every this many steps (0 = off)
-  every_minutes: float = 15.0  # and at least this often in wall time (0 = off)
-  keep: int = 3  # latest checkpoints kept
-  keep_every: int = 0  # also keep every checkpoint whose step is a multiple (0 = off)
-  async_save: bool = True
-  allow_config_change: bool = False  # resume even if trajectory settings differ (logged)
+  every_steps: int = key(500, NONNEG, free=True)  # save every this many steps (0 = off)
+  # and at least this often in wall time (0 = off)
+  every_minutes: float = key(15.0, NONNEG, free=True)
+  keep: int = key(3, at_least(1), free=True)  # latest checkpoints kept
+  # also keep every checkpoint whose step is a multiple (0 = off)
+  keep_every: int = key(0, NONNEG, free=True)
+  async_save: bool = key(True, free=True)
+  # resume even if trajectory settings differ (logged)
+  allow_config_change: bool = key(False, free=True)
 
 
 @dataclass(frozen=True)
 class CollapseConfig:
   """The in-step collapse monitor (docs/method.md section 6), computed inside the jitted step."""
 
-  reference: str = "surrogate"  # "surrogate" | "none" (spike checks only) | a finished run's dir
-  surrogate: str = ""  # surrogate constants JSON; "" = the fit shipped in the package
-  align_start: float = 0.25  # window of t = step/T over which L(T) is estimated by alignment
-  align_end: float = 0.5
-  smooth_frac: float = 0.02  # loss EMA time constant as a fraction of T
-  threshold: float = 0.05  # |residual| that counts as off the reference (docs/results.md)
-  patience: int = 5  # consecutive steps over the threshold before an alert
-  policy: Literal["warn", "halt"] = "warn"  # halt: checkpoint, then exit 5
-  spike_factor: float = 1.2  # smoothed loss above this x its running minimum = a loss spike
+  # "surrogate" | "none" (spike checks only) | a finished run's dir
+  reference: str = key("surrogate", free=False)
+  # surrogate constants JSON; "" = the fit shipped in the package
+  surrogate: str = key("", free=False)
+  # window of t = step/T over which L(T) is estimated by alignment
+  align_start: float = key(0.25, free=False)
+  align_end: float = key(0.5, free=False)
+  # loss EMA time constant as a fraction of T
+  smooth_frac: float = key(0.02, between(0, 0.5, "[)"), free=False, matched=1e-6)
+  # |residual| that counts as off the reference (docs/results.md)
+  threshold: float = key(0.05, POSITIVE, free=True)
+  # consecutive steps over the threshold before an alert
+  patience: int = key(5, at_least(1), free=True)
+  policy: Literal["warn", "halt"] = key("warn", free=True)  # halt: checkpoint, then exit 5
+  # smoothed loss above this x its running minimum = a loss spike
+  spike_factor: float = key(1.2, above(1), free=True)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-  dir: str = "runs/default"
-  log_every: int = 10  # steps between metrics.jsonl rows
-  progress: bool = True  # tqdm progress bar on stderr
-  tensorboard: bool = True
+  dir: str = key("runs/default", free=True)
+  log_every: int = key(10, POSITIVE, free=True)  # steps between metrics.jsonl rows
+  progress: bool = key(True, free=True)  # tqdm progress bar on stderr
+  tensorboard: bool = key(True, free=True)
 
 
 @dataclass(frozen=True)
@@ -311,78 +417,30 @@ def _check_numbers(cfg: Config):
 
 
 def validate(cfg: Config) -> Config:
-  """Cross-field checks; returns cfg unchanged or raises ConfigError naming the keys."""
+  """Every key's own range (its Rule), then the rules that tie keys together; returns cfg
+  unchanged or raises ConfigError naming the keys."""
   _check_numbers(cfg)
-  m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.scaling
-  positive = {
-    "model.vocab_size": m.vocab_size,
-    "model.d_model": m.d_model,
-    "model.n_layers": m.n_layers,
-    "model.n_heads": m.n_heads,
-    "model.d_head": m.d_head,
-    "model.d_ff": m.d_ff,
-    "model.seq_len": m.seq_len,
-    "model.attention_block": m.attention_block,
-    "param.d_base": cfg.param.d_base,
-    "param.l_base": cfg.param.l_base,
-    "scaling.tpp": s.tpp,
-    "scaling.batch_anchor": s.batch_anchor,
-    "optim.lr_base": o.lr_base,
-    "train.microbatches": t.microbatches,
-    "run.log_every": cfg.run.log_every,
-  }
-  for key, value in positive.items():
-    if value <= 0:
-      raise ConfigError(f"{key}={value}: must be > 0")
-  if m.n_kv_heads < 0:
-    raise ConfigError(f"model.n_kv_heads={m.n_kv_heads}: must be >= 0 (0 = model.n_heads)")
-  if t.seed < 0:
-    raise ConfigError(f"train.seed={t.seed}: must be >= 0")
+  for name, rule in rules().items():
+    section, field_name = name.split(".")
+    value = getattr(getattr(cfg, section), field_name)
+    if rule.check is not None and value is not None and not rule.check.ok(value):
+      raise ConfigError(f"{name}={value}: must be {rule.check.text}")
+  m, t = cfg.model, cfg.train
   kv = m.n_kv_heads or m.n_heads
   if m.n_heads % kv:
     raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
   if m.position == "rope" and m.d_head % 2:
     raise ConfigError(f"model.d_head={m.d_head} must be even for rope positions")
-  if not 0.0 < t.stop_frac <= 1.0:
-    raise ConfigError(f"train.stop_frac={t.stop_frac}: must be in (0, 1]")
-  if t.stop_step < 0 or t.batch_size < 0 or o.tau < 0 or o.clip_norm < 0 or m.z_loss < 0:
-    raise ConfigError(
-      "train.stop_step, train.batch_size, optim.tau, optim.clip_norm and model.z_loss must be >= 0"
-    )
-  if o.weight_decay is not None and o.weight_decay < 0:
-    raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
-  c = cfg.checkpoint
-  if c.every_steps < 0 or c.every_minutes < 0 or c.keep < 1 or c.keep_every < 0:
-    raise ConfigError(
-      "checkpoint.every_steps, every_minutes, keep_every must be >= 0 and checkpoint.keep >= 1"
-    )
-  if t.cpu_microbatch_tokens < 0:
-    raise ConfigError(f"train.cpu_microbatch_tokens={t.cpu_microbatch_tokens}: must be >= 0")
-  if t.microbatch_rows < 0 or (t.microbatch_rows and t.microbatches != 1):
+  if t.microbatch_rows and t.microbatches != 1:
     raise ConfigError(
       f"train.microbatch_rows={t.microbatch_rows} with train.microbatches="
-      f"{t.microbatches}: set one of them (rows >= 0; microbatches follow from rows)"
+      f"{t.microbatches}: set one of them (microbatches follow from rows)"
     )
-  if t.max_bad_steps < 1:
-    raise ConfigError(f"train.max_bad_steps={t.max_bad_steps}: must be >= 1")
-  if not 0.0 < cfg.data.eval_frac < 1.0:
-    raise ConfigError(f"data.eval_frac={cfg.data.eval_frac}: must be in (0, 1)")
-  if cfg.data.eval_batches < 1 or cfg.data.threads < 0 or t.eval_every < 0:
-    raise ConfigError("data.eval_batches must be >= 1; data.threads, train.eval_every >= 0")
-  if not 0.0 <= s.warmup_frac < 1.0:
-    raise ConfigError(f"scaling.warmup_frac={s.warmup_frac}: must be in [0, 1)")
   k = cfg.collapse
   if not 0.0 < k.align_start < k.align_end < 1.0:
     raise ConfigError(
       f"collapse.align_start={k.align_start}, collapse.align_end={k.align_end}: "
       f"need 0 < align_start < align_end < 1"
-    )
-  if not 0.0 <= k.smooth_frac < 0.5:
-    raise ConfigError(f"collapse.smooth_frac={k.smooth_frac}: must be in [0, 0.5)")
-  if k.threshold <= 0 or k.patience < 1 or k.spike_factor <= 1.0:
-    raise ConfigError(
-      f"collapse.threshold={k.threshold} must be > 0, collapse.patience="
-      f"{k.patience} >= 1 and collapse.spike_factor={k.spike_factor} > 1"
     )
   _validate_moe(m)
   sizes = dataclasses.asdict(cfg.mesh)
@@ -391,20 +449,10 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, at most one may be -1")
   if slices < 1:
     raise ConfigError(f"mesh.slices={slices}: must be >= 1")
-  g = cfg.dist
-  if g.num_processes < 0 or g.process_id < -1 or g.init_timeout_s < 1 or g.heartbeat_timeout_s < 1:
-    raise ConfigError(
-      "dist.num_processes must be >= 0, dist.process_id >= -1 (-1 = from the "
-      "environment), dist.init_timeout_s and dist.heartbeat_timeout_s >= 1"
-    )
   return cfg
 
 
 def _validate_moe(m: ModelConfig):
-  if m.experts < 0 or m.expert_d_ff < 0 or m.aux_loss < 0 or m.router_z_loss < 0:
-    raise ConfigError(
-      "model.experts, model.expert_d_ff, model.aux_loss and model.router_z_loss must be >= 0"
-    )
   if not m.experts:
     return
   if not 1 <= m.top_k <= m.experts:

@@ -37,6 +37,22 @@ class Position:
   batch_seqs: int
 
 
+# Derived values a resumed run may change: they follow from free keys (the mesh, stops, the
+# platform's execution choices) or from the checkpoint's position (Position), never the trajectory.
+FREE_DERIVED = (
+  "stop_step",
+  "data_parallel",
+  "microbatches",
+  "batch_seqs_law",
+  "step_offset",
+  "row_offset",
+  "platform",
+  "attention",
+  "scan_layers",
+  "accumulate_per_device",
+)
+
+
 @dataclass(frozen=True)
 class Resolved:
   n_params: int  # every parameter

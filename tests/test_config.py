@@ -171,3 +171,25 @@ def test_print_config_is_what_the_run_writes_to_config_json(tmp_path, capsys):
   assert main(args) == 0
   written = json.loads((tmp_path / "run" / "config.json").read_text())
   assert {k: written[k] for k in ("config", "derived")} == printed
+
+
+def test_every_key_carries_its_own_rules():
+  """Each field is declared with config.key: its range, whether a resume may change it, and
+  whether a collapse reference must match it, read by validation, the resume check and the
+  monitor. A field declared without them fails here."""
+  import dataclasses
+
+  from celerity_jax import checkpoint, config
+  from celerity_jax.resolve import FREE_DERIVED, Resolved
+
+  for section in dataclasses.fields(config.Config):
+    for f in dataclasses.fields(section.default_factory):
+      assert isinstance(f.metadata.get("rule"), config.Rule), f"{section.name}.{f.name}"
+  keys = set(config.rules())
+  assert set(config.free_keys()) <= keys and set(config.matched_keys()) <= keys
+  assert set(FREE_DERIVED) <= {f.name for f in dataclasses.fields(Resolved)}
+  assert "mesh.data" in checkpoint.FREE_KEYS and "optim.tau" not in checkpoint.FREE_KEYS
+  for key, rule in config.rules().items():  # each range rejects a value outside it, by name
+    if rule.check is not None and rule.check.text == "> 0":
+      with pytest.raises(ConfigError, match=rf"{key}=0(\.0)?: must be > 0"):
+        validate(apply_overrides(recipes.load("celerity_tiny"), [f"{key}=0"]))

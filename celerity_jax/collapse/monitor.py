@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celerity_jax.collapse import curves, surrogate
+from celerity_jax.config import matched_keys
 
 
 class MonitorSpec(NamedTuple):
@@ -109,7 +110,12 @@ def host_fields(values: dict) -> dict:
 
 # Controls that must match for curves to collapse (docs/method.md section 5), with a relative
 # tolerance; "tpp" is the effective TPP, so a mixture of experts compares as TPP * top_k / experts.
-_MATCHED = {"tau": 0.02, "tpp": 0.02, "warmup_frac": 0.1, "smooth_frac": 1e-6}
+def _close(a, b, tol: float) -> bool:
+  return a == b if isinstance(a, str) or isinstance(b, str) else math.isclose(a, b, rel_tol=tol)
+
+
+def _show(value) -> str:
+  return value if isinstance(value, str) else f"{value:.4g}"
 
 
 def build_spec(cfg, resolved) -> MonitorSpec:
@@ -131,25 +137,26 @@ def build_spec(cfg, resolved) -> MonitorSpec:
   elif col.reference != "none":
     ref = curves.load_run(col.reference, require_finished=True)
     t, ell = ref.t_hat, ref.normalized()
+    # the keys whose Rule says a reference must share them (config.matched_keys), as run
     mine = {
-      "tau": resolved.tau,
-      "tpp": resolved.tpp_effective,
-      "warmup_frac": resolved.warmup_steps / steps,
-      "smooth_frac": col.smooth_frac,
+      "optim.tau": resolved.tau,
+      "scaling.tpp": resolved.tpp_effective,
+      "scaling.warmup_frac": resolved.warmup_steps / steps,
+      "collapse.smooth_frac": col.smooth_frac,
+      "optim.schedule": cfg.optim.schedule,
     }
     theirs = {
-      "tau": ref.tau,
-      "tpp": ref.tpp,
-      "warmup_frac": ref.warmup / ref.steps,
-      "smooth_frac": ref.smooth_frac,
+      "optim.tau": ref.tau,
+      "scaling.tpp": ref.tpp,
+      "scaling.warmup_frac": ref.warmup / ref.steps,
+      "collapse.smooth_frac": ref.smooth_frac,
+      "optim.schedule": ref.schedule,
     }
     off = [
-      f"{key} {mine[key]:.4g} vs {theirs[key]:.4g}"
-      for key, tol in _MATCHED.items()
-      if not math.isclose(mine[key], theirs[key], rel_tol=tol)
+      f"{key.split('.')[1]} {_show(mine[key])} vs {_show(theirs[key])}"
+      for key, tol in matched_keys().items()
+      if not _close(mine[key], theirs[key], tol)
     ]
-    if ref.schedule != cfg.optim.schedule:
-      off.append(f"schedule {cfg.optim.schedule} vs {ref.schedule}")
     if off:
       print(
         f"celerity_jax: warning: collapse.reference {col.reference} was trained with other "
