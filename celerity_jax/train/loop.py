@@ -142,6 +142,17 @@ def _evaluator(cfg, training: Training, held_out):
   return lambda params: sum(float(compiled(params, b)) for b in batches) / len(batches)
 
 
+@dataclass(frozen=True)
+class Dispatched:
+  """A step handed to the devices whose metrics are fetched one step later."""
+
+  step: int  # steps done once it finishes
+  metrics: dict  # on device
+  decision: object  # the processes' agreed control.STOP | control.SAVE bits, on device
+  extra: dict  # host values for its row (the held-out loss)
+  log: bool  # whether it gets a metrics row
+
+
 class Loop:
   """One process's part of a run from a restored or fresh state to the stop step: it steps,
   votes with the other processes, logs each step one step late, saves, and halts."""
@@ -252,19 +263,29 @@ class Loop:
     diagnostics = run_dir / "diagnostics.json"
     raise events.RunHalted(halt.code, f"{halt.message}; diagnostics in {diagnostics}")
 
-  def emit(self, pending, keep=None) -> int:
-    """Logs a dispatched step's metrics and acts on them (events, warnings, halts); returns the
+  def settle(self, pending: Dispatched, keep=None) -> int:
+    """Fetches a dispatched step's metrics, acts on them, logs its row when due; returns the
     processes' agreed decision voted at that step (control.STOP | control.SAVE bits). `keep` =
     (step, state), the newest state, is what a collapse halt saves."""
-    step, metrics, decision, extra, log = pending
-    fetched, decision = jax.device_get((metrics, decision))
+    values, decision = self.fetch(pending)
+    self.act(pending.step, values, keep)
+    if pending.log:
+      self.record(pending.step, values)
+    return decision
+
+  def fetch(self, pending: Dispatched) -> tuple[dict, int]:
+    """(the step's metrics as host values, with its extra ones; the agreed decision)."""
+    fetched, decision = jax.device_get((pending.metrics, pending.decision))
     decision = int(decision)
-    if decision & control.SAVE and step <= self.last_save_step:
+    if decision & control.SAVE and pending.step <= self.last_save_step:
       decision &= ~control.SAVE  # voted before the save that has since happened
     values = monitor.host_fields(
       {k: (float(v) if np.ndim(v) == 0 else np.round(v, 5).tolist()) for k, v in fetched.items()}
     )
-    values |= extra
+    return values | pending.extra, decision
+
+  def act(self, step: int, values: dict, keep):
+    """Carries out events.judge's verdict on the step: event rows, warnings, a halt."""
     verdict = events.judge(
       step,
       values,
@@ -281,8 +302,10 @@ class Loop:
       self.console.say(line)
     if verdict.halt is not None:
       self.halt(step, values, verdict.halt, keep)
-    if not log:
-      return decision
+
+  def record(self, step: int, values: dict):
+    """The step's metrics row and progress bar fields (and the checks due with a row: a failed
+    background save, the run directory's lock)."""
     self.out.ckpt.check()  # a background save that failed (a full disk) stops the run here
     if self.out.lock is not None:
       self.out.lock.check()
@@ -302,7 +325,6 @@ class Loop:
       self.last_row["mfu"] = rate * self.resolved.flops_per_token / self.peak
     self.out.writer.row(self.last_row)
     self.bar.set_postfix(self.console.fields(self.last_row), refresh=False)
-    return decision
 
   def summary(self, tokenizer: bool) -> str:
     return self.console.summary(self.last_row, self.resolved.steps, self.checkpoint_step, tokenizer)
@@ -332,13 +354,13 @@ class Loop:
           guard.training()  # compiled and stepped: a signal now saves first
           decision = self.agreement.vote(self.local_flags(guard.signal))
           done = step + 1
-          agreed = self.emit(pending, (done, state)) if pending is not None else 0
+          agreed = self.settle(pending, (done, state)) if pending is not None else 0
           evaluate_now = self.evaluate is not None and (
             done % cfg.train.eval_every == 0 or done == r.stop_step
           )
           extra = {"eval_loss": self.evaluate(state.params)} if evaluate_now else {}
           log = done % cfg.run.log_every == 0 or done == r.stop_step or done == 1 or evaluate_now
-          pending = (done, metrics, decision, extra, log)
+          pending = Dispatched(done, metrics, decision, extra, log)
           self.bar.update(1)
           stop = agreed & control.STOP  # every process stops at the same step
           if (
@@ -348,7 +370,7 @@ class Loop:
             or (done == r.stop_step and (c.every_steps or c.every_minutes))
           ):
             # the saved step's row is written before its checkpoint: a resume never misses it
-            stop |= self.emit(pending, (done, state)) & control.STOP
+            stop |= self.settle(pending, (done, state)) & control.STOP
             pending = None
             self.save(done, state)
           if stop:
@@ -366,7 +388,7 @@ class Loop:
             )
             return self.last_row
         if pending is not None:
-          self.emit(pending)
+          self.settle(pending)
         self.out.ckpt.wait()
         self.out.ckpt.check()
         guard.ended()  # saved: a signal from here on has nothing to stop

@@ -1,0 +1,40 @@
+"""The two locks (tools/lock.sh): the runtime lock README command 1 installs holds what training
+needs and nothing only tests need, and each of its pins equals the test lock's."""
+
+import re
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_ONLY = {"pytest", "ruff", "torch", "transformers", "libtpu", "papermill", "ipykernel"}
+
+
+def pins(name: str) -> dict[str, str]:
+  lines = (REPO / name).read_text().splitlines()
+  found = [line.split("==") for line in lines if line and not line.startswith("#")]
+  return {normal(package): version for package, version in found}
+
+
+def normal(name: str) -> str:
+  return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_runtime_lock_is_the_test_locks_runtime_part():
+  runtime, test = pins("requirements.lock"), pins("requirements-test.lock")
+  assert {p: test.get(p) for p in runtime} == runtime  # one version of each package
+  assert not TEST_ONLY & set(runtime)
+  assert TEST_ONLY <= set(test)
+  project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+  needed = {normal(re.split(r"[\[<>=!~ ]", d)[0]) for d in project["dependencies"]}
+  assert needed <= set(runtime)
+  extra = {normal(re.split(r"[\[<>=!~ ]", d)[0]) for d in project["optional-dependencies"]["test"]}
+  assert extra <= set(test)
+
+
+def test_readme_and_ci_install_the_locks_they_should():
+  readme = (REPO / "README.md").read_text()
+  ci = (REPO / ".ci" / "run").read_text()
+  train = next(line for line in readme.splitlines() if "celerity_jax.main recipe=" in line)
+  tests = next(line for line in readme.splitlines() if "pytest" in line and "pip install" in line)
+  assert "-r requirements.lock" in train and "requirements-test.lock" not in train
+  assert "-r requirements-test.lock" in tests and tests.strip() in ci

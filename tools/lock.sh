@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Regenerates both locks from pyproject.toml, the one procedure for them:
+#   requirements-test.lock  ".[test]": README command 2 and CI (tests, lint, TPU compiles, HF checks)
+#   requirements.lock       ".": README command 1, pod workers (training and the installed commands)
+# The runtime lock is resolved under the test lock's pins, so every package in both has one version.
+# Usage (from a checkout, with the package registry reachable):
+#   bash tools/lock.sh            keep today's pins where pyproject still allows them
+#   bash tools/lock.sh --upgrade  re-resolve the test lock from scratch
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+keep=(-c requirements-test.lock)
+if [[ "${1:-}" == "--upgrade" ]]; then keep=(); fi
+
+freeze() {  # $1: venv, $2: what it holds
+  echo "# Exact versions of $2 (pip freeze of a clean Python 3.11 venv)."
+  echo "# Regenerate both locks with: bash tools/lock.sh"
+  "$1/bin/pip" freeze --exclude-editable | grep -v '^celerity[-_]jax'
+}
+
+python3 -m venv "$work/test"
+"$work/test/bin/pip" install -q ".[test]" "${keep[@]}"
+freeze "$work/test" '".[test]": README command 2 and CI' > "$work/test.lock"
+python3 -m venv "$work/run"
+"$work/run/bin/pip" install -q . -c "$work/test.lock"
+freeze "$work/run" '".": README command 1 and pod workers' > requirements.lock
+mv "$work/test.lock" requirements-test.lock
+echo "wrote requirements-test.lock ($(grep -vc '^#' requirements-test.lock) packages) and" \
+  "requirements.lock ($(grep -vc '^#' requirements.lock) packages)"
