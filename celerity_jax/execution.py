@@ -5,19 +5,19 @@ Every choice here changes speed or memory, never what is computed (up to the ord
 `resolve.resolve` makes them once for the run's platform and records them in `Resolved`
 (`--print-config` and config.json show them); the model and the step only read them.
 
-The measures that exist only for CPU speed all live here, each with the gain that justified it
-(docs/results.md, "Where the step's time goes"; `python -m tools.bench_step --plain` measures the
-step without them):
-- attention `auto` is blockwise on CPU at every length: a tile's elementwise work stays in cache
-  (1.2x at the default and ~20M shapes);
-- layers run unrolled up to SCAN_ABOVE groups: XLA copies a scan body's residuals and transposes
-  them for the weight gradients (1.1-1.5x on CPU);
+The measures that exist only for CPU speed all live here. Each one's gain at the default shape on
+2 cores, the step with the measure off against the step as planned, in one run (docs/results.md,
+"CPU speed measures"; `python -m tools.bench_cpu_measures`):
+- attention `auto` is blockwise on CPU at every length: a tile's elementwise work stays in
+  cache (1.20x);
+- layers run unrolled up to SCAN_ABOVE groups: in a scan XLA copies the body's residuals and
+  transposes them for the weight gradients (1.22x);
 - a dense model's rows per device are split into microbatches of at most
-  train.cpu_microbatch_tokens tokens, whose activations stay in cache (1.2-1.4x);
+  train.cpu_microbatch_tokens tokens, whose activations stay in cache (2.6x);
 - on a mesh that only splits the batch, each device sums its own microbatches' gradients and the
-  devices average once, instead of an all-reduce per microbatch (1.10x at 83 microbatches).
-The process-level measures (one CPU device per core, glibc's huge pages) are set before jax loads,
-by the entry points (platform.prepare_command).
+  devices average once, instead of an all-reduce per microbatch (1.24x).
+The process-level measures (one CPU device per core: 1.61x; glibc's huge pages: 1.00x at this
+shape, 1.07x at ~20M) are set before jax loads, by the entry points (platform.prepare_command).
 """
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ def quiet_libtpu_off_tpu(environ=None, tpu_vm: bool | None = None):
 # XLA's CPU runtime allocates its large buffers with malloc, which glibc serves with fresh mmap'd
 # pages and unmaps on free: every step pays a page fault per 4 KiB of every activation it writes
 # (measured: an 87 MB elementwise op took 48 ms, 5.5 ms in a reused buffer). With transparent huge
-# pages for malloc (glibc >= 2.35), faults are per 2 MiB and the default training step is about 1.5x
-# faster on CPU (docs/results.md, "Where the step's time goes"). glibc reads its tunables only at
-# process start, so a celerity_jax command re-executes itself once with them set.
+# pages for malloc (glibc >= 2.35), faults are per 2 MiB. Since microbatches fit the cache
+# (execution.cache_split) the default step's buffers are small and it gains nothing (1.00x); a ~20M
+# step gains 1.07x (docs/results.md, "CPU speed measures"). glibc reads its tunables only at process
+# start, so a command's entry point re-executes it once with them set (prepare_command).
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "CELERITY_JAX_NO_HUGEPAGES"
 
@@ -106,8 +107,9 @@ def reexec_with_hugepages(environ=None):  # (python -m celerity_jax.commands.pla
 
 # XLA's CPU backend is one device by default, and it splits each op over every core with a wait
 # at its end; at this project's CPU shapes most ops are small and those waits dominate. With one
-# CPU device per core the step runs data-parallel, each core on its own rows: the default step was
-# 1.16-1.5x faster (docs/results.md). B then rounds to a multiple of the cores, as on any mesh.
+# CPU device per core the step runs data-parallel, each core on its own rows: the default step is
+# 1.6x faster on 2 cores (docs/results.md). B then rounds to a multiple of the cores, as on any
+# mesh.
 CPU_DEVICES = "JAX_NUM_CPU_DEVICES"
 MULTI_PROCESS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
