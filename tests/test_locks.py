@@ -38,3 +38,17 @@ def test_readme_and_ci_install_the_locks_they_should():
   tests = next(line for line in readme.splitlines() if "pytest" in line and "pip install" in line)
   assert "-r requirements.lock" in train and "requirements-test.lock" not in train
   assert "-r requirements-test.lock" in tests and tests.strip() in ci
+
+
+def test_the_package_list_installs_every_subpackage_and_the_recipes():
+  """pyproject lists the packages (recipes/ is mapped into the package as celerity_jax.recipes), so
+  a new subpackage missing from the list would be left out of every non-editable install."""
+  setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+  found = {
+    ".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "celerity_jax").rglob("__init__.py")
+  }
+  assert set(setuptools["packages"]) == found | {"celerity_jax.recipes"}
+  assert setuptools["package-dir"]["celerity_jax.recipes"] == "recipes"
+  assert (REPO / "recipes" / "__init__.py").exists() and not (
+    REPO / "celerity_jax" / "recipes"
+  ).exists()
