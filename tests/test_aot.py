@@ -21,6 +21,7 @@ from celerity_jax.main import parse
 ALIGNED = [
   "recipe=celerity_tiny",
   "model.d_model=256",
+  "model.n_layers=2",  # (given: the family rule would derive 8 from d_model)
   "model.n_heads=2",
   "model.d_head=128",
   "model.d_ff=1024",
@@ -99,6 +100,7 @@ def test_a_model_too_large_for_the_chip_is_a_result_with_the_numbers(capsys):
   huge = [
     "recipe=celerity_tiny",
     "model.d_model=8192",
+    "model.n_layers=2",
     "model.n_heads=64",
     "model.d_head=128",
     "model.d_ff=32768",

@@ -66,3 +66,16 @@ def test_no_import_circles_and_nothing_imports_the_entry_point():
   for module in sorted(graph):
     if module not in state:
       visit(module, [module])
+
+
+def test_every_documented_command_names_a_module_that_exists():
+  import re
+
+  pages = [REPO / "README.md", *(REPO / "docs").glob("*.md"), REPO / "tpu" / "README.md"]
+  named = {m for page in pages for m in re.findall(r"python -m ([a-z_.]+)", page.read_text())}
+  missing = [
+    m
+    for m in sorted(named - {"pytest", "venv"})
+    if not any((REPO / (m.replace(".", "/") + end)).exists() for end in (".py", "/__init__.py"))
+  ]
+  assert not missing, missing
