@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from celerity_jax.models.attention import alibi_bias
 from celerity_jax.models.decoder import Decoder
 from celerity_jax.models.layers import Forward
-from celerity_jax.models.moe import MoeBlock
 
 
 class KVCache(NamedTuple):
@@ -67,10 +66,7 @@ def forward(
     attended = block.attn.attend(q, k_BxCxKxH, v_BxCxKxH, mask_1x1xSxC, bias)
     x_BxSxD = x_BxSxD + mult.residual_scale * attended
     h_BxSxD = block.ln2(x_BxSxD)
-    if isinstance(block, MoeBlock):
-      y_BxSxD, _ = block.mlp(h_BxSxD, Forward(tokens_BxL=tokens_BxS))
-    else:
-      y_BxSxD = block.mlp(h_BxSxD)
+    y_BxSxD, _ = block.mlp_branch(h_BxSxD, Forward(tokens_BxL=tokens_BxS))  # dense or routed
     x_BxSxD = x_BxSxD + mult.residual_scale * y_BxSxD
   return model.logits(x_BxSxD), KVCache(new_k, new_v)
 
