@@ -16,7 +16,8 @@ if [[ "${1:-}" == "--upgrade" ]]; then keep=(); fi
 freeze() {  # $1: venv, $2: what it holds
   echo "# Exact versions of $2 (pip freeze of a clean Python 3.11 venv)."
   echo "# Regenerate both locks with: bash tools/lock.sh"
-  "$1/bin/pip" freeze --exclude-editable | grep -v '^celerity[-_]jax'
+  # a local version label (torch's "+cpu") names a build, not a release the registry serves by name
+  "$1/bin/pip" freeze --exclude-editable | grep -v '^celerity[-_]jax' | sed -E 's/\+[a-z0-9.]+$//'
 }
 
 python3 -m venv "$work/test"
