@@ -183,8 +183,11 @@ class OptimConfig:
 class DataConfig:
   # built-in corpus, used when `paths` is empty
   corpus: Literal["stdlib", "synthetic"] = key("stdlib", free=False)
-  # comma-separated .txt / .jsonl (+ .gz) files, directories or globs
+  # comma-separated files (.txt, .py, .jsonl, their .gz/.zst forms, .parquet), directories or
+  # globs, local or gs:// (data/corpus.py)
   paths: str = key("", free=True)
+  # the JSONL field or parquet column that holds a document's text
+  text_field: str = key("text", Check("a field name", bool), free=False)
   # an existing sentencepiece .model; "" = train one on the corpus
   tokenizer: str = key("", free=True)
   tokenizer_type: Literal["bpe", "unigram"] = key("bpe", free=False)

@@ -71,6 +71,23 @@ def corrupt_gzip(tmp):
   (tmp / "bad.txt.gz").write_bytes(bytes(data))
 
 
+def parquet(name, columns: dict):
+  def setup(tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), tmp / name)
+
+  return setup
+
+
+def truncated_zst(tmp):
+  import zstandard
+
+  data = zstandard.ZstdCompressor().compress(b'{"text": "some text"}\n' * 2000)
+  (tmp / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])
+
+
 def drop_size_check(tmp):
   """Deletes a shard and its entry in meta.json: only the read-time fill check can catch it."""
   entry = next((tmp / "cache").glob("files-*")) / "train"

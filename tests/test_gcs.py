@@ -251,3 +251,30 @@ def test_writing_without_credentials_is_one_line(monkeypatch):
   with pytest.raises(storage.StorageError, match="run.dir=gs://b/r: no Google Cloud credentials"):
     storage.reachable("run.dir", "gs://b/r")
   storage.reachable("run.dir", "gs://b/r", write=False)  # reading a public bucket needs none
+
+
+def test_a_corpus_on_gcs_reads_and_trains_as_its_local_copy(gcs, tmp_path, capsys):
+  """Parquet and .zst sources under gs://: listed by a directory and by a glob, read the same
+  documents, give the same corpus fingerprint, and train the same run as their local copy."""
+  from test_sources import write_sources
+
+  from celerity_jax.data import corpus
+
+  write_sources(tmp_path / "corpus")
+  for path in sorted((tmp_path / "corpus").iterdir()):
+    gcs.pipe(f"{BUCKET}/corpus/{path.name}", path.read_bytes())
+  local = corpus.resolve_paths(str(tmp_path / "corpus"))
+  remote = corpus.resolve_paths(f"gs://{BUCKET}/corpus")
+  assert [p.name for p in remote] == [p.name for p in local]
+  assert corpus.resolve_paths(f"gs://{BUCKET}/corpus/*.parquet") == remote[:1]
+  assert list(corpus.documents(remote, "content")) == list(corpus.documents(local, "content"))
+  assert corpus.fingerprint(remote, "content") == corpus.fingerprint(local, "content")
+
+  def run(paths, name):
+    argv = ["recipe=celerity_tiny", *SMALL, "model.vocab_size=384", "data.text_field=content"]
+    argv += [f"data.paths={paths}", "data.eval_frac=0.2", "train.stop_step=3", "run.log_every=1"]
+    argv += [f"data.cache_dir={tmp_path / name / 'cache'}", f"run.dir={tmp_path / name / 'run'}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    return losses(tmp_path / name / "run")
+
+  assert run(f"gs://{BUCKET}/corpus", "remote") == run(tmp_path / "corpus", "local")

@@ -1,6 +1,10 @@
-"""Documents from text files: `.txt` (one file = one document), `.jsonl` (one `text` field per line
-= one document) and their `.gz` forms; and the built-in `stdlib` corpus, the Python standard library
-source of the running interpreter (~30 MB of code and docstrings, present on every machine).
+"""Documents from files: `.txt` and `.py` (one file = one document), `.jsonl` (one JSON object per
+line, its text field = one document) and their `.gz` and `.zst` forms, and `.parquet` (one row's
+text column = one document, read a row group at a time, so memory is bounded by a row group, not
+the file). The text field or column is `data.text_field` ("text"; e.g. "content" for StarCoder).
+Paths are local or any URL the project's storage reads (`gs://...`). And the built-in `stdlib`
+corpus, the Python standard library source of the running interpreter (~30 MB of code and
+docstrings, present on every machine).
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import io
 import json
 import os
 import sysconfig
@@ -15,9 +20,12 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from celerity_jax import storage
 from celerity_jax.data import DataError
 
-SUFFIXES = (".txt", ".jsonl", ".py")
+KINDS = {".txt": "text", ".py": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+COMPRESSED = (".gz", ".zst")  # around .txt, .py and .jsonl (parquet compresses inside)
+PARQUET_BATCH = 1024  # rows decoded at a time
 
 
 def stdlib_files() -> list[Path]:
@@ -32,76 +40,185 @@ def stdlib_files() -> list[Path]:
   return files
 
 
-def resolve_paths(spec: str) -> list[Path]:
-  """Comma-separated files, directories (searched recursively) or globs -> sorted readable files."""
-  files: list[Path] = []
+def resolve_paths(spec: str) -> list:
+  """Comma-separated files, directories (searched recursively) or globs, local or URLs -> sorted
+  readable files (pathlib paths, or storage paths for URLs)."""
+  files = []
   for item in (s.strip() for s in spec.split(",") if s.strip()):
-    path = Path(item).expanduser()
-    if path.is_dir():
-      found = [p for p in path.rglob("*") if p.is_file() and _kind(p)]
-    elif any(ch in item for ch in "*?["):
-      found = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
-    elif path.is_file():
-      found = [path]
-    else:
-      raise DataError(f"data.paths: {item}: no such file or directory")
+    found = _expand(item)
     for p in found:
       if not _kind(p):
-        raise DataError(f"data.paths: {p}: unsupported file type (use .txt, .jsonl, .py or .gz)")
+        raise DataError(
+          f"data.paths: {p}: unsupported file type (use .txt, .py, .jsonl or their .gz or .zst "
+          f"forms, or .parquet)"
+        )
     if not found:
-      raise DataError(f"data.paths: {item}: matched no .txt/.jsonl(.gz) files")
+      raise DataError(f"data.paths: {item}: matched no .txt/.py/.jsonl(.gz/.zst)/.parquet files")
     files += found
   if not files:
     raise DataError("data.paths is empty: name at least one file, directory or glob")
-  return sorted({p.resolve() for p in files})
+  unique = {str(p): p for p in files}
+  return [unique[name] for name in sorted(unique)]
 
 
-def _kind(path: Path) -> str | None:
-  name = path.name[:-3] if path.name.endswith(".gz") else path.name
-  for suffix in SUFFIXES:
+def _expand(item: str) -> list:
+  globbed = any(ch in item for ch in "*?[")
+  if "://" not in item:
+    path = Path(item).expanduser()
+    if path.is_dir():
+      return [p.resolve() for p in path.rglob("*") if p.is_file() and _kind(p)]
+    if globbed:
+      return [Path(p).resolve() for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
+    if path.is_file():
+      return [path.resolve()]
+    raise DataError(f"data.paths: {item}: no such file or directory")
+  scheme = item.split("://", 1)[0]
+  # (gcsfs's glob and walk answer without the scheme: put it back)
+  located = lambda p: p if "://" in str(p) else storage.location(f"{scheme}://{p}")  # noqa: E731
+  try:
+    if globbed:  # the part before the first wildcard's folder is the root the pattern is under
+      head = item[: min(item.index(ch) for ch in "*?[" if ch in item)]
+      root = head.rsplit("/", 1)[0]
+      found = map(located, storage.location(root).glob(item[len(root) + 1 :]))
+      return [p for p in found if p.is_file()]
+    path = storage.location(item)
+    if path.is_dir():  # (walk: Cloud Storage paths have no recursive glob)
+      found = (located(folder) / name for folder, _, names in path.walk() for name in names)
+      return [p for p in found if _kind(p)]
+    if path.exists():
+      return [path]
+  except OSError as e:
+    raise DataError(f"data.paths: {item}: cannot list: {e}") from None
+  raise DataError(f"data.paths: {item}: no such file or directory")
+
+
+def _kind(path) -> str | None:
+  name = path.name
+  for suffix in COMPRESSED:
     if name.endswith(suffix):
-      return "jsonl" if suffix == ".jsonl" else "text"
-  return None
+      name = name[: -len(suffix)]
+      break
+  else:
+    suffix = ""
+  kind = next((k for ending, k in KINDS.items() if name.endswith(ending)), None)
+  return None if kind == "parquet" and suffix else kind
 
 
-def _open_text(path: Path):
+def _open_text(raw, path):
+  """A text stream over the binary file `raw`, decompressed by `path`'s suffix."""
   if path.name.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-  return path.open("r", encoding="utf-8", errors="replace")
+    raw = gzip.GzipFile(fileobj=raw)
+  elif path.name.endswith(".zst"):
+    raw = io.BufferedReader(_Zstd(raw, path), 1 << 16)
+  return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
-def documents(files: list[Path]) -> Iterator[str]:
+class _Zstd(io.RawIOBase):
+  """A zstd stream of one or more frames, decompressed as it is read. zstandard's own stream
+  reader returns a truncated file's readable part as if it were whole; this one checks that the
+  last frame ended and raises DataError where it did not."""
+
+  def __init__(self, raw, path):
+    import zstandard
+
+    self.raw, self.path, self.new = raw, path, zstandard.ZstdDecompressor().decompressobj
+    self.frame, self.pending = self.new(), b""
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    while not self.pending:
+      chunk = self.raw.read(1 << 16)
+      if not chunk:
+        if not self.frame.eof:
+          raise DataError(f"{self.path}: cannot read: the zstd stream ends inside a frame")
+        return 0
+      while chunk:
+        if self.frame.eof:  # the previous frame ended: the rest is the next one
+          self.frame = self.new()
+        self.pending += self.frame.decompress(chunk)
+        chunk = self.frame.unused_data if self.frame.eof else b""
+    n = min(len(buffer), len(self.pending))
+    buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+    return n
+
+
+def documents(files: list, text_field: str = "text") -> Iterator[str]:
   """Yields every non-empty document of `files`, in order."""
+  import zstandard
+
   for path in files:
     try:
-      with _open_text(path) as f:
-        if _kind(path) == "jsonl":
-          for number, line in enumerate(f, 1):
-            if not line.strip():
-              continue
-            try:
-              text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-              raise DataError(f"{path}:{number}: not a JSON object with a 'text' field") from None
-            if not isinstance(text, str):
-              raise DataError(f"{path}:{number}: 'text' is a {type(text).__name__}, not a string")
-            if text.strip():
-              yield text
+      with path.open("rb") as raw:
+        kind = _kind(path)
+        if kind == "parquet":
+          yield from _parquet_documents(raw, path, text_field)
+        elif kind == "jsonl":
+          yield from _jsonl_documents(_open_text(raw, path), path, text_field)
         else:
-          text = f.read()
+          text = _open_text(raw, path).read()
           if "\0" in text:  # text has no NUL; binaries nearly always do
             raise DataError(f"{path}: not a text file (it holds NUL bytes)")
           if text.strip():  # whitespace alone is no document
             yield text
-    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:  # BadGzipFile: OSError
       raise DataError(f"{path}: cannot read: {e}") from None
 
 
-def fingerprint(files: list[Path]) -> str:
-  """Content hash of the corpus (names relative to their common root, and bytes)."""
+def _jsonl_documents(lines, path, field: str) -> Iterator[str]:
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      text = json.loads(line)[field]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise DataError(f"{path}:{number}: not a JSON object with a {field!r} field") from None
+    if not isinstance(text, str):
+      raise DataError(f"{path}:{number}: {field!r} is a {type(text).__name__}, not a string")
+    if text.strip():
+      yield text
+
+
+def _parquet_documents(raw, path, column: str) -> Iterator[str]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  try:
+    table = pq.ParquetFile(raw)
+    schema = table.schema_arrow
+    if column not in schema.names:
+      raise DataError(
+        f"{path}: no column {column!r} (data.text_field); it has {', '.join(schema.names)}"
+      )
+    kind = schema.field(column).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+      raise DataError(f"{path}: column {column!r} holds {kind}, not strings")
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH, columns=[column]):
+      for text in batch.column(0).to_pylist():
+        if text and text.strip():
+          yield text
+  except pa.ArrowException as e:
+    raise DataError(f"{path}: not a readable parquet file: {e}") from None
+
+
+def size(path) -> int:
+  """A file's bytes, local or on a storage path (whose stat calls it `length`)."""
+  stat = path.stat()
+  return getattr(stat, "st_size", None) or getattr(stat, "length", 0)
+
+
+def fingerprint(files: list, text_field: str = "text") -> str:
+  """Content hash of the corpus (names relative to their common root, bytes, and the text field
+  when it is not the default, since the same bytes then give other documents)."""
   digest = hashlib.sha256()
-  root = files[0].parent if len(files) == 1 else Path(os.path.commonpath(files))
-  for path in files:
-    digest.update(str(path.relative_to(root)).encode() + b"\0")
-    digest.update(path.read_bytes())
+  names = [str(p) for p in files]
+  root = str(files[0].parent) if len(files) == 1 else os.path.commonpath(names)
+  for path, name in zip(files, names, strict=True):
+    digest.update(os.path.relpath(name, root).encode() + b"\0")
+    with path.open("rb") as f:
+      for block in iter(lambda f=f: f.read(1 << 20), b""):
+        digest.update(block)
+  if text_field != "text":
+    digest.update(b"\0text_field=" + text_field.encode())
   return digest.hexdigest()[:16]

@@ -72,10 +72,11 @@ def prepare(
   run's checkpoint holds; a corpus or given tokenizer that differs from it is refused (ConfigError)
   before anything is built."""
   files = corpus.stdlib_files() if not data_cfg.paths else corpus.resolve_paths(data_cfg.paths)
-  if next(corpus.documents(files), None) is None:
+  field = data_cfg.text_field
+  if next(corpus.documents(files, field), None) is None:
     raise DataError(f"corpus {_names(files)}: no non-empty documents")
   given = tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
-  found = {"corpus": corpus.fingerprint(files)} | (
+  found = {"corpus": corpus.fingerprint(files, field)} | (
     {"tokenizer": given.fingerprint} if given else {}
   )
   changed = [k for k, v in found.items() if pinned and k in pinned and pinned[k] != v]
@@ -116,7 +117,7 @@ def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict
     )
   if given is None:
     tok = tokenizer.train(
-      lambda: corpus.documents(files),
+      lambda: corpus.documents(files, data_cfg.text_field),
       vocab_size,
       data_cfg.tokenizer_type,
       source=f"corpus {_names(files)}",
@@ -127,7 +128,7 @@ def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict
   held_out: list = []
   nbytes = 0
   bar = tqdm(
-    total=sum(f.stat().st_size for f in files),
+    total=sum(corpus.size(f) for f in files),
     unit="B",
     unit_scale=True,
     desc="tokenize",
@@ -138,7 +139,7 @@ def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict
 
   def train_docs():
     batch: list[str] = []
-    for doc in corpus.documents(files):
+    for doc in corpus.documents(files, data_cfg.text_field):
       batch.append(doc)
       if len(batch) == ENCODE_BATCH:
         yield from _encode(batch)
