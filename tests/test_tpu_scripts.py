@@ -109,7 +109,10 @@ def test_a_run_that_cannot_fit_the_slice_is_refused_before_any_gcloud_call(cloud
   """celerity_3_9b (made for a v5p-64) cannot fit a v5e-8's 16 GB chips: `up` compiles its step
   here for the slice (celerity_jax.commands.aot) and stops with XLA's numbers before it asks for the
   slice."""
-  result = cloud.pod("up", "recipe=celerity_3_9b", "run.dir=gs://bucket/run", check=False)
+  allow = {"CELERITY_TPU_REPEAT": "allow"}  # (no data.paths: the data check would refuse first)
+  result = cloud.pod(
+    "up", "recipe=celerity_3_9b", "run.dir=gs://bucket/run", check=False, settings=allow
+  )
   assert result.returncode == 2, result.stderr[-3000:]
   assert "DOES NOT FIT: needs" in result.stderr and "refusing to launch" in result.stderr
   assert "--topology v5litepod-8 --slices 1 --fit" in result.stderr
@@ -123,6 +126,32 @@ def test_a_run_that_cannot_fit_the_slice_is_refused_before_any_gcloud_call(cloud
   assert broken.returncode == 2 and "needs libtpu" in broken.stderr and cloud.calls() == []
 
 
+def test_a_run_many_passes_over_its_corpus_is_refused_before_any_gcloud_call(cloud, tmp_path):
+  """celerity_1b on the built-in corpus would read it about 1,000 times: `up` says so, with the
+  numbers, and calls nothing; a corpus that holds the tokens, or CELERITY_TPU_REPEAT=allow, goes
+  on (to the fit check, off here)."""
+  off = {"CELERITY_TPU_FIT_CHECK": "off"}
+  result = cloud.pod(
+    "up", "recipe=celerity_1b", "run.dir=gs://bucket/run", check=False, settings=off
+  )
+  assert result.returncode == 2 and cloud.calls() == []
+  assert '"passes": 9' in result.stderr and "CELERITY_TPU_REPEAT=allow" in result.stderr
+  assert '"corpus": "the built-in stdlib corpus"' in result.stderr
+  # celerity_tiny's 4.6M tokens read the same corpus well under once
+  small = cloud.pod(
+    "--dry-run", "up", "recipe=celerity_tiny", "run.dir=gs://bucket/run", settings=off
+  )
+  assert "data: the run reads its corpus about 0.2" in small.stderr
+  allowed = cloud.pod(
+    "--dry-run",
+    "up",
+    "recipe=celerity_1b",
+    "run.dir=gs://bucket/run",
+    settings={**off, "CELERITY_TPU_REPEAT": "allow"},
+  )
+  assert "allowed (CELERITY_TPU_REPEAT=allow)" in allowed.stderr and cloud.calls() == []
+
+
 def test_dry_run_prints_every_gcloud_command_and_calls_none(cloud):
   result = cloud.pod(
     "--dry-run",
@@ -133,6 +162,7 @@ def test_dry_run_prints_every_gcloud_command_and_calls_none(cloud):
       "CELERITY_TPU_CAPACITY": "spot",
       "CELERITY_TPU_SLICES": "2",
       "CELERITY_TPU_FIT_CHECK": "off",
+      "CELERITY_TPU_REPEAT": "allow",
     },
   )
   printed = [x[11:] for x in result.stderr.splitlines() if x.startswith("tpu/pod: + ")]
@@ -190,7 +220,11 @@ def test_a_failing_gcloud_never_reads_as_a_missing_slice(cloud, tmp_path):
     "--dry-run",
     "up",
     "recipe=celerity_1b",
-    settings={"TMPDIR": str(scratch), "CELERITY_TPU_FIT_CHECK": "off"},
+    settings={
+      "TMPDIR": str(scratch),
+      "CELERITY_TPU_FIT_CHECK": "off",
+      "CELERITY_TPU_REPEAT": "allow",
+    },
   )
   assert list(scratch.iterdir()) == []
 

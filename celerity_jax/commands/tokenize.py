@@ -2,9 +2,13 @@
 
   python -m celerity_jax.commands.tokenize recipe=celerity_tiny [data.paths=DIR,FILE,...] \
       [data.cache_dir=DIR]
+  python -m celerity_jax.commands.tokenize recipe=celerity_1b data.paths=gs://... --budget
 
-Prints the cache entry, the tokenizer file and the token counts as JSON. Exit 2 on a config error,
-3 on a data error (the message names the file).
+Prints the cache entry, the tokenizer file and the token counts as JSON. `--budget` reads and
+tokenizes nothing: it estimates the corpus's tokens from its files' sizes (data/budget.py) and
+prints how many passes over it the run's D tokens would make; exit 1 when that is more than
+budget.MAX_PASSES (tpu/pod refuses such a run before it creates a slice). Exit 2 on a config
+error, 3 on a data error (the message names the file).
 """
 
 from __future__ import annotations
@@ -16,6 +20,18 @@ import sys
 def main(argv: list[str]) -> int:
   from celerity_jax.cli import parse, run_cli
   from celerity_jax.data.prepare import prepare
+
+  def budget():
+    from celerity_jax.data import budget as budget_lib
+    from celerity_jax.resolve import resolve
+
+    cfg, _ = parse([a for a in argv if a != "--budget"])
+    if not cfg.data.paths and cfg.data.corpus == "synthetic":  # drawn fresh: never repeats
+      print(json.dumps({"corpus": "synthetic", "passes": 0, "fits": True}, indent=2))
+      return 0
+    fits, numbers = budget_lib.check(cfg, resolve(cfg, 1, platform="cpu").tokens)
+    print(json.dumps(numbers | {"max_passes": budget_lib.MAX_PASSES, "fits": fits}, indent=2))
+    return 0 if fits else 1
 
   def build():
     cfg, _ = parse(argv)
@@ -33,7 +49,7 @@ def main(argv: list[str]) -> int:
       )
     )
 
-  return run_cli(build)
+  return run_cli(budget if "--budget" in argv else build)
 
 
 if __name__ == "__main__":
