@@ -2,7 +2,10 @@
 
   python -m tools.bench_data recipe=celerity_tiny [--steps 40] [--train-steps 4]
 
-Tokenization is timed on a fresh build of the recipe's corpus (a temporary cache). The loader is the
+Tokenization is timed on a fresh build of the recipe's corpus (a temporary cache), then again with
+that build's tokenizer given (a second empty cache: the store build alone, which is what grows with
+the corpus), against the tokenizer library's own encode of the same documents held in memory, with
+the same `data.threads` (the physical limit of this machine: goal >= 0.8 of it). The loader is the
 run's pipeline (grain window batches, `data.threads` reader threads, tensorstore reads) timed over
 --steps batches; training throughput is the recipe's jitted step timed in the same process on the
 same batches, after compilation. Target: loader >= 20x training.
@@ -37,13 +40,25 @@ def main(argv: list[str]) -> dict:
 
   cfg, _ = parse(rest)
   files = corpus.stdlib_files() if not cfg.data.paths else corpus.resolve_paths(cfg.data.paths)
-  megabytes = sum(f.stat().st_size for f in files) / 1e6
-  with tempfile.TemporaryDirectory() as cache:
+  megabytes = sum(corpus.size(f) for f in files) / 1e6
+  with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as again:
     t0 = time.perf_counter()
     prepared = prepare(
       dataclasses.replace(cfg.data, cache_dir=cache), cfg.model.vocab_size, progress=False
     )
     build_s = time.perf_counter() - t0
+    given = dataclasses.replace(
+      cfg.data, cache_dir=again, tokenizer=str(prepared.entry / "tokenizer.model")
+    )
+    t0 = time.perf_counter()
+    prepare(given, cfg.model.vocab_size, progress=False)
+    stores_s = time.perf_counter() - t0
+    docs = list(corpus.documents(files, cfg.data.text_field))
+    text_mb = sum(len(d.encode("utf-8", "replace")) for d in docs) / 1e6
+    t0 = time.perf_counter()
+    for i in range(0, len(docs), 256):  # the build's batch (data/prepare.py ENCODE_BATCH)
+      prepared.tokenizer.encode(docs[i : i + 256], threads=cfg.data.threads)
+    encode_s = time.perf_counter() - t0
     resolved = resolve(cfg, len(jax.devices()))
     source = WindowBatches(
       prepared.train, cfg.model.seq_len, resolved.batch_seqs, 0, cfg.data.packing
@@ -69,6 +84,11 @@ def main(argv: list[str]) -> dict:
     "corpus_mb": round(megabytes, 1),
     "build_s": round(build_s, 1),
     "tokenize_mb_per_s": round(megabytes / build_s, 2),
+    "stores_s": round(stores_s, 1),
+    "encode_only_s": round(encode_s, 1),
+    "stores_mb_per_s": round(text_mb / stores_s, 2),
+    "encode_only_mb_per_s": round(text_mb / encode_s, 2),
+    "stores_over_encode": round(encode_s / stores_s, 2),
     "train_tokens": prepared.train.n_tokens,
     "threads": cfg.data.threads,
     "loader_tokens_per_s": round(loader_tps),
