@@ -13,59 +13,14 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
+
+from celerity_jax.key_rules import NONNEG, POSITIVE, Check, Rule, above, at_least, between, key
 
 
 class ConfigError(ValueError):
   """A bad key, value or combination; the CLI prints it and exits with status 2."""
-
-
-# ---------------------------------------------------------------- every key's rules
-
-
-class Check(NamedTuple):
-  """A key's range: `ok(value)`, and what it must be (`{key}={value}: must be {text}`)."""
-
-  text: str
-  ok: Callable[[object], bool]
-
-
-POSITIVE = Check("> 0", lambda v: v > 0)
-NONNEG = Check(">= 0", lambda v: v >= 0)
-
-
-def at_least(low) -> Check:
-  return Check(f">= {low}", lambda v: v >= low)
-
-
-def above(low) -> Check:
-  return Check(f"> {low}", lambda v: v > low)
-
-
-def between(low, high, ends: str) -> Check:
-  """In the interval from low to high, `ends` its brackets: "[)", "(]", "()" or "[]"."""
-  lo_ok = (lambda v: v >= low) if ends[0] == "[" else (lambda v: v > low)
-  hi_ok = (lambda v: v <= high) if ends[1] == "]" else (lambda v: v < high)
-  return Check(f"in {ends[0]}{low}, {high}{ends[1]}", lambda v: lo_ok(v) and hi_ok(v))
-
-
-@dataclass(frozen=True)
-class Rule:
-  """What a config key's field says besides its type and default: its range (`check`; None: any
-  value of its type), whether a resumed run may change it (`free`: it changes how the run
-  executes or is kept, not its trajectory; checkpoint.config_changes) and, for the collapse
-  monitor, the relative tolerance within which a reference run must share it (`matched`)."""
-
-  check: Check | None
-  free: bool
-  matched: float | None = None
-
-
-def key(default, check: Check | None = None, *, free: bool, matched: float | None = None):
-  """A config field with its rules (Rule); every field of every section is declared with one."""
-  return field(default=default, metadata={"rule": Rule(check, free, matched)})
 
 
 def rules() -> dict[str, Rule]:

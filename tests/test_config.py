@@ -174,17 +174,17 @@ def test_print_config_is_what_the_run_writes_to_config_json(tmp_path, capsys):
 
 
 def test_every_key_carries_its_own_rules():
-  """Each field is declared with config.key: its range, whether a resume may change it, and
+  """Each field is declared with key_rules.key: its range, whether a resume may change it, and
   whether a collapse reference must match it, read by validation, the resume check and the
   monitor. A field declared without them fails here."""
   import dataclasses
 
-  from celerity_jax import checkpoint, config
+  from celerity_jax import checkpoint, config, key_rules
   from celerity_jax.resolve import FREE_DERIVED, Resolved
 
   for section in dataclasses.fields(config.Config):
     for f in dataclasses.fields(section.default_factory):
-      assert isinstance(f.metadata.get("rule"), config.Rule), f"{section.name}.{f.name}"
+      assert isinstance(f.metadata.get("rule"), key_rules.Rule), f"{section.name}.{f.name}"
   keys = set(config.rules())
   assert set(config.free_keys()) <= keys and set(config.matched_keys()) <= keys
   assert set(FREE_DERIVED) <= {f.name for f in dataclasses.fields(Resolved)}
