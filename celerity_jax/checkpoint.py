@@ -84,6 +84,8 @@ def config_changes(saved: dict, current: dict) -> list[str]:
   keys = a.keys() | b.keys()
   if not (saved.get(DATA) and current.get(DATA)):
     keys = {k for k in keys if not k.startswith(DATA + ".")}
+  # the mixture's weights may change on resume: data/sources.py logs that as an event
+  keys.discard(f"{DATA}.mixture")
   return sorted(k for k in keys if a.get(k) != b.get(k))
 
 

@@ -141,6 +141,10 @@ class DataConfig:
   # comma-separated files (.txt, .py, .jsonl, their .gz/.zst forms, .parquet), directories or
   # globs, local or gs:// (data/corpus.py)
   paths: str = key("", free=True)
+  # a TOML file of named sources with paths and weights, instead of paths (data/mixture.py)
+  mixture: str = key("", free=True)
+  # NAME:WEIGHT,... overrides the mixture's weights; a change on resume is logged, not refused
+  weights: str = key("", free=True)
   # the JSONL field or parquet column that holds a document's text
   text_field: str = key("text", Check("a field name", bool), free=False)
   # an existing sentencepiece .model; "" = train one on the corpus
@@ -152,6 +156,8 @@ class DataConfig:
   eval_frac: float = key(0.02, between(0, 1, "()"), free=False)
   eval_batches: int = key(2, at_least(1), free=True)  # held-out batches per evaluation
   threads: int = key(2, NONNEG, free=True)  # grain reader threads
+  # processes that tokenize shards on each host; 0 = one per core
+  build_processes: int = key(0, NONNEG, free=True)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from celerity_jax import recipes
 from celerity_jax.config import DataConfig, apply_overrides
 from celerity_jax.data import DataError, corpus, store, tokenizer
-from celerity_jax.data.pipeline import WindowBatches, prefetch
+from celerity_jax.data.pipeline import one_source, prefetch
 from celerity_jax.data.prepare import prepare
 from celerity_jax.main import main
 
@@ -66,13 +66,14 @@ def test_store_read_back_is_exact(files, tmp_path):
   tok = prepared.tokenizer
   expected = {tuple(np.append(tok.encode([d])[0], tokenizer.EOS)) for d in docs}
   seen = set()
-  for split in (prepared.train, prepared.eval):
+  built = prepared.sources[0]
+  for split in (built.train, built.eval):
     offsets = split.doc_offsets()
     tokens = split.tokens.read().result()
     assert offsets[0] == 0 and offsets[-1] == split.n_tokens == len(tokens)
     seen |= {tuple(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)}
   assert seen == expected  # every document, exactly, in one split
-  assert prepared.eval.meta["n_docs"] >= 1 and prepared.train.meta["n_docs"] >= 50
+  assert built.eval.meta["n_docs"] >= 1 and built.train.meta["n_docs"] >= 50
 
 
 def test_cache_is_reused_and_a_changed_corpus_is_rebuilt(files, tmp_path):
@@ -81,22 +82,22 @@ def test_cache_is_reused_and_a_changed_corpus_is_rebuilt(files, tmp_path):
   shutil.copytree(root, corpus_dir)
   first = prepare(data_cfg(corpus_dir, tmp_path / "cache"), 300, progress=False)
   again = prepare(data_cfg(corpus_dir, tmp_path / "cache"), 300, progress=False)
-  assert again.entry == first.entry
+  assert again.sources[0].entry == first.sources[0].entry
   (corpus_dir / "a.txt").write_text("a different first document\n" * 20)
   changed = prepare(data_cfg(corpus_dir, tmp_path / "cache"), 300, progress=False)
-  assert changed.entry != first.entry
+  assert changed.sources[0].entry != first.sources[0].entry
 
 
 @pytest.fixture(scope="module")
 def prepared(files, tmp_path_factory):
   root, _ = files
-  return prepare(data_cfg(root, tmp_path_factory.mktemp("cache")), 300, progress=False)
+  return prepare(data_cfg(root, tmp_path_factory.mktemp("cache")), 300, progress=False).sources[0]
 
 
 def test_batches_are_a_pure_function_of_seed_and_step(prepared):
-  a = WindowBatches(prepared.train, 16, 8, seed=5)
-  b = WindowBatches(prepared.train, 16, 8, seed=5)
-  c = WindowBatches(prepared.train, 16, 8, seed=6)
+  a = one_source(prepared.train, 16, 8, seed=5)
+  b = one_source(prepared.train, 16, 8, seed=5)
+  c = one_source(prepared.train, 16, 8, seed=6)
   for step in (0, 3, 500):  # 500 is several epochs in
     np.testing.assert_array_equal(a.batch(step)["inputs"], b.batch(step)["inputs"])
   assert not np.array_equal(a.batch(0)["inputs"], c.batch(0)["inputs"])
@@ -105,35 +106,35 @@ def test_batches_are_a_pure_function_of_seed_and_step(prepared):
 
 
 def test_resume_at_step_k_is_bit_identical(prepared):
-  source = WindowBatches(prepared.train, 16, 8, seed=1)
+  source = one_source(prepared.train, 16, 8, seed=1)
   uninterrupted = list(prefetch(source.batch, 0, 12, threads=2))
-  resumed = list(prefetch(WindowBatches(prepared.train, 16, 8, seed=1).batch, 7, 12, threads=2))
+  resumed = list(prefetch(one_source(prepared.train, 16, 8, seed=1).batch, 7, 12, threads=2))
   for before, after in zip(uninterrupted[7:], resumed, strict=True):
     for key in before:
       np.testing.assert_array_equal(before[key], after[key])
 
 
 def test_a_process_reads_exactly_its_rows_of_the_global_batch(prepared):
-  whole = WindowBatches(prepared.train, 16, 8, seed=2).batch(4)["inputs"]
+  whole = one_source(prepared.train, 16, 8, seed=2).batch(4)["inputs"]
   halves = [
-    WindowBatches(prepared.train, 16, 8, seed=2, rows=rows).batch(4)["inputs"]
+    one_source(prepared.train, 16, 8, seed=2, rows=rows).batch(4)["inputs"]
     for rows in (range(0, 4), range(4, 8))
   ]
   assert all(h.shape == (4, 16) for h in halves)
   np.testing.assert_array_equal(np.concatenate(halves), whole)
-  strided = WindowBatches(prepared.train, 16, 8, seed=2, rows=[1, 5, 6]).batch(4)["inputs"]
+  strided = one_source(prepared.train, 16, 8, seed=2, rows=[1, 5, 6]).batch(4)["inputs"]
   np.testing.assert_array_equal(strided, whole[[1, 5, 6]])
 
 
 def test_every_window_appears_once_per_epoch(prepared):
-  source = WindowBatches(prepared.train, 16, 8, seed=3)
-  rows = source.n_windows // 8 * 8
-  windows = [source.order[g] for g in range(rows)]
+  source = one_source(prepared.train, 16, 8, seed=3)
+  rows = source.sources[0].n_windows // 8 * 8
+  windows = [source.sources[0].order[g] for g in range(rows)]
   assert len(set(windows)) == rows
 
 
 def test_segment_ids_start_a_new_document_after_each_eos(prepared):
-  batch = WindowBatches(prepared.train, 64, 8, seed=0, packing="segments").batch(0)
+  batch = one_source(prepared.train, 64, 8, seed=0, packing="segments").batch(0)
   inputs, segments = batch["inputs"], batch["segment_ids"]
   assert (segments[:, 0] == 0).all()
   after_eos = np.zeros_like(inputs, bool)
@@ -143,11 +144,11 @@ def test_segment_ids_start_a_new_document_after_each_eos(prepared):
 
 
 def test_store_errors(prepared, tmp_path):
-  path = prepared.train.path
+  path = prepared.train.parts[0].path
   with pytest.raises(DataError, match="not the configured one"):
     store.TokenStore(path, "0123456789abcdef")
   with pytest.raises(DataError, match=r"token id \d+ >= model.vocab_size=100"):
-    store.TokenStore(path, prepared.tokenizer.fingerprint, vocab_size=100)
+    store.TokenStore(path, prepared.train.parts[0].meta["tokenizer"], vocab_size=100)
   broken = tmp_path / "broken"
   shutil.copytree(path, broken)
   (broken / "meta.json").unlink()  # as if killed before the last write
@@ -160,14 +161,19 @@ def test_store_errors(prepared, tmp_path):
   with pytest.raises(DataError, match="do not match"):
     store.TokenStore(str(tmp_path / "truncated"))
   with pytest.raises(DataError, match="fewer than one batch"):
-    WindowBatches(prepared.eval, 64, 10_000, seed=0)
+    one_source(prepared.eval, 64, 10_000, seed=0)
 
 
 def test_failed_build_keeps_the_existing_store(tmp_path):
   path = str(tmp_path / "s")
   store.build(path, [np.arange(10)], tokenizer.EOS, {"tokenizer": "t"})
-  with pytest.raises(DataError, match="no non-empty documents"):
-    store.build(path, [], tokenizer.EOS, {"tokenizer": "t"})
+
+  def failing():
+    yield np.arange(5)
+    raise DataError("a corrupt file half-way")
+
+  with pytest.raises(DataError, match="half-way"):
+    store.build(path, failing(), tokenizer.EOS, {"tokenizer": "t"})
   assert store.TokenStore(path).n_tokens == 11
   assert not list(tmp_path.glob("s.partial*"))  # nor the failed build's own directory
 
@@ -213,8 +219,9 @@ def test_bad_input_exits_3_naming_the_file(capsys, files, tmp_path):
   assert "fewer than one batch" in err and "/train" in err
 
 
-def test_tokenizer_larger_than_the_model_vocab_exits_3(capsys, prepared, tmp_path):
-  prepared.tokenizer.save(tmp_path / "t.model")
+def test_tokenizer_larger_than_the_model_vocab_exits_3(capsys, files, tmp_path):
+  root, docs = files
+  tokenizer.train(lambda: iter(docs), vocab_size=300).save(tmp_path / "t.model")
   code, err = run_main(
     capsys,
     f"data.tokenizer={tmp_path}/t.model",
@@ -256,7 +263,7 @@ def test_pipeline_segment_ids_stop_attention_across_documents(prepared):
   from celerity_jax.models.decoder import Decoder
   from celerity_jax.parametrization import multipliers
 
-  batch = WindowBatches(prepared.train, 64, 8, seed=0, packing="segments").batch(0)
+  batch = one_source(prepared.train, 64, 8, seed=0, packing="segments").batch(0)
   row = int(np.argmax(batch["segment_ids"].max(axis=1) >= 1))  # a row with two documents
   tokens, segments = batch["inputs"][row : row + 1], batch["segment_ids"][row : row + 1]
   boundary = int(np.argmax(segments[0] == 1))

@@ -57,7 +57,7 @@ def test_a_changed_corpus_is_refused_before_it_is_tokenized(text_run, capsys):
   capsys.readouterr()
   assert go() == 2
   err = capsys.readouterr().err
-  assert "(step 5)" in err and "the corpus's content (data_fingerprint.corpus" in err
+  assert "(step 5)" in err and "the corpus's content (data_fingerprint.sources.data.corpus" in err
   assert "allow_config_change" in err
   assert snapshot(run_dir) == before  # tokenizer.model, config.json: untouched
   assert sorted(p.name for p in (run_dir.parent / "cache").iterdir()) == entries  # not tokenized
@@ -68,9 +68,10 @@ def test_a_changed_corpus_is_refused_before_it_is_tokenized(text_run, capsys):
     capsys.readouterr().err
   )
   restart = [r for r in rows(run_dir) if r.get("event") == "restart"][-1]
-  assert "data_fingerprint.corpus" in restart["config_changes"]
+  assert "data_fingerprint.sources.data.corpus" in restart["config_changes"]
   pinned = json.loads((run_dir / "config.json").read_text())["data_fingerprint"]
-  assert set(pinned) == {"corpus", "tokenizer", "train_tokens", "eval_tokens"}
+  assert set(pinned) == {"sources", "tokenizer", "mixture"}
+  assert set(pinned["sources"]["data"]) == {"corpus", "train_tokens", "eval_tokens"}
   assert go("train.stop_step=10") == 0  # the new data is now the run's: no refusal
 
 
@@ -159,14 +160,14 @@ def test_a_changed_batch_continues_the_schedule_and_the_data_in_tokens(tmp_path,
 def test_the_data_after_a_batch_change_is_the_continuation_of_the_rows(tmp_path):
   """With B changed on resume, the global rows read are those the run had not read yet, in order:
   the windows of the resumed run's first step are the uninterrupted run's next ones."""
-  from celerity_jax.data.pipeline import WindowBatches
+  from celerity_jax.data.pipeline import one_source
 
   rng = np.random.default_rng(1)
   meta = store.build(str(tmp_path / "s"), [rng.integers(4, 300, 500) for _ in range(40)], 3, {})
   tokens = store.TokenStore(str(tmp_path / "s"))
   assert tokens.content == meta["content"]
-  before = WindowBatches(tokens, 16, 8, seed=3)
-  after = WindowBatches(tokens, 16, 12, seed=3, row_offset=6 * 8 - 4 * 12)  # 6 steps of 8 done
+  before = one_source(tokens, 16, 8, seed=3)
+  after = one_source(tokens, 16, 12, seed=3, row_offset=6 * 8 - 4 * 12)  # 6 steps of 8 done
   continued = np.concatenate([before.batch(s)["inputs"] for s in (6, 7, 8)])
   resumed = np.concatenate([after.batch(s)["inputs"] for s in (4, 5)])
   np.testing.assert_array_equal(resumed, continued[: len(resumed)])

@@ -71,7 +71,7 @@ def test_a_run_trains_on_parquet_and_zst_sources(tmp_path):
   assert main(args) == 0
   saved = json.loads((tmp_path / "run" / "config.json").read_text())
   assert saved["config"]["data"]["text_field"] == "content"
-  assert saved["data_fingerprint"]["corpus"] == corpus.fingerprint(
+  assert saved["data_fingerprint"]["sources"]["data"]["corpus"] == corpus.fingerprint(
     corpus.resolve_paths(str(tmp_path / "corpus")), "content"
   )
   # another field is other data: a resume compares it like every trajectory key

@@ -4,9 +4,13 @@
       [data.cache_dir=DIR]
   python -m celerity_jax.commands.tokenize recipe=celerity_1b data.paths=gs://... --budget
 
-Prints the cache entry, the tokenizer file and the token counts as JSON. `--budget` reads and
-tokenizes nothing: it estimates the corpus's tokens from its files' sizes (data/budget.py) and
-prints how many passes over it the run's D tokens would make; exit 1 when that is more than
+Prints the tokenizer file and each source's cache entry and token counts as JSON. Started as N
+processes with the dist.* keys (dist.process_id=0..N-1, dist.num_processes=N,
+dist.coordinator=HOST:PORT) on machines that share data.cache_dir (gs:// or a shared disk), the
+processes split the build: each tokenizes its share of the shards with one process per core.
+`--budget` reads and tokenizes nothing: it estimates the corpus's tokens from its files' sizes
+(data/budget.py) and prints how many passes over it the run's D tokens would make; exit 1 when that
+is more than
 budget.MAX_PASSES (tpu/pod refuses such a run before it creates a slice). Exit 2 on a config
 error, 3 on a data error (the message names the file).
 """
@@ -19,7 +23,6 @@ import sys
 
 def main(argv: list[str]) -> int:
   from celerity_jax.cli import parse, run_cli
-  from celerity_jax.data.prepare import prepare
 
   def budget():
     from celerity_jax.data import budget as budget_lib
@@ -34,20 +37,29 @@ def main(argv: list[str]) -> int:
     return 0 if fits else 1
 
   def build():
+    from celerity_jax import distributed
+    from celerity_jax.data.prepare import cache_root, prepare
+    from celerity_jax.data.sources import builders
+
     cfg, _ = parse(argv)
-    prepared = prepare(cfg.data, cfg.model.vocab_size, cfg.run.progress)
-    print(
-      json.dumps(
-        {
-          "entry": str(prepared.entry),
-          "tokenizer": cfg.data.tokenizer or str(prepared.entry / "tokenizer.model"),
-          "vocab_size": prepared.tokenizer.vocab_size,
-          "train": {k: prepared.train.meta[k] for k in ("n_tokens", "n_docs")},
-          "eval": {k: prepared.eval.meta[k] for k in ("n_tokens", "n_docs")},
+    distributed.initialize(cfg.dist)  # N processes split the build (dist.* keys)
+    primary = distributed.is_primary()
+    process = builders(cache_root(cfg.data))
+    prepared = prepare(cfg.data, cfg.model.vocab_size, cfg.run.progress and primary, None, process)
+    if not primary:
+      return
+    out = {"tokenizer": prepared.tokenizer_path, "vocab_size": prepared.tokenizer.vocab_size}
+    out["sources"] = {
+      b.source.name: {
+        "entry": str(b.entry),
+        **{
+          split: {k: s.meta[k] for k in ("n_tokens", "n_docs")}
+          for split, s in (("train", b.train), ("eval", b.eval))
         },
-        indent=2,
-      )
-    )
+      }
+      for b in prepared.sources
+    }
+    print(json.dumps(out, indent=2))
 
   return run_cli(budget if "--budget" in argv else build)
 

@@ -26,6 +26,7 @@ from celerity_jax.data import DataError
 KINDS = {".txt": "text", ".py": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 COMPRESSED = (".gz", ".zst")  # around .txt, .py and .jsonl (parquet compresses inside)
 PARQUET_BATCH = 1024  # rows decoded at a time
+SAMPLE_BYTES = 1 << 16  # read at three places of each file for the corpus fingerprint
 
 
 def stdlib_files() -> list[Path]:
@@ -144,16 +145,23 @@ class _Zstd(io.RawIOBase):
     return n
 
 
+def open_path(name: str):
+  """A file named as plan.json records it (data/shards.py): a local path or a URL."""
+  return storage.location(name) if "://" in name else Path(name)
+
+
 def documents(files: list, text_field: str = "text") -> Iterator[str]:
-  """Yields every non-empty document of `files`, in order."""
+  """Yields every non-empty document of `files`, in order. An item may also be a pair (parquet
+  path, (first, end) row groups): that part of the file."""
   import zstandard
 
-  for path in files:
+  for item in files:
+    path, row_groups = item if isinstance(item, tuple) else (item, None)
     try:
       with path.open("rb") as raw:
         kind = _kind(path)
         if kind == "parquet":
-          yield from _parquet_documents(raw, path, text_field)
+          yield from _parquet_documents(raw, path, text_field, row_groups)
         elif kind == "jsonl":
           yield from _jsonl_documents(_open_text(raw, path), path, text_field)
         else:
@@ -164,6 +172,19 @@ def documents(files: list, text_field: str = "text") -> Iterator[str]:
             yield text
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:  # BadGzipFile: OSError
       raise DataError(f"{path}: cannot read: {e}") from None
+
+
+def row_groups(path) -> list[int]:
+  """Rows of each row group of a parquet file (its footer only is read)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  try:
+    with path.open("rb") as raw:
+      meta = pq.ParquetFile(raw).metadata
+      return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+  except (OSError, pa.ArrowException) as e:
+    raise DataError(f"{path}: not a readable parquet file: {e}") from None
 
 
 def _jsonl_documents(lines, path, field: str) -> Iterator[str]:
@@ -180,7 +201,7 @@ def _jsonl_documents(lines, path, field: str) -> Iterator[str]:
       yield text
 
 
-def _parquet_documents(raw, path, column: str) -> Iterator[str]:
+def _parquet_documents(raw, path, column: str, groups=None) -> Iterator[str]:
   import pyarrow as pa
   import pyarrow.parquet as pq
 
@@ -194,7 +215,8 @@ def _parquet_documents(raw, path, column: str) -> Iterator[str]:
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
       raise DataError(f"{path}: column {column!r} holds {kind}, not strings")
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH, columns=[column]):
+    groups = range(*groups) if groups else None
+    for batch in table.iter_batches(PARQUET_BATCH, row_groups=groups, columns=[column]):
       for text in batch.column(0).to_pylist():
         if text and text.strip():
           yield text
@@ -209,16 +231,21 @@ def size(path) -> int:
 
 
 def fingerprint(files: list, text_field: str = "text") -> str:
-  """Content hash of the corpus (names relative to their common root, bytes, and the text field
-  when it is not the default, since the same bytes then give other documents)."""
+  """A hash of the corpus read in O(files), not O(bytes): names relative to their common root,
+  sizes, and SAMPLE_BYTES at the start, middle and end of each file (and the text field when it is
+  not the default, since the same bytes then give other documents). A terabyte corpus is not
+  read at every start; an edit that keeps a file's size and misses those three places is not seen
+  (a new data.cache_dir rebuilds)."""
   digest = hashlib.sha256()
   names = [str(p) for p in files]
   root = str(files[0].parent) if len(files) == 1 else os.path.commonpath(names)
   for path, name in zip(files, names, strict=True):
-    digest.update(os.path.relpath(name, root).encode() + b"\0")
+    length = size(path)
+    digest.update(os.path.relpath(name, root).encode() + b"\0" + str(length).encode() + b"\0")
     with path.open("rb") as f:
-      for block in iter(lambda f=f: f.read(1 << 20), b""):
-        digest.update(block)
+      for at in sorted({0, max(0, length // 2 - SAMPLE_BYTES // 2), max(0, length - SAMPLE_BYTES)}):
+        f.seek(at)
+        digest.update(f.read(SAMPLE_BYTES))
   if text_field != "text":
     digest.update(b"\0text_field=" + text_field.encode())
   return digest.hexdigest()[:16]

@@ -1,12 +1,14 @@
-"""Corpus -> tokenizer + train/eval token stores, built on first use and cached.
+"""Sources -> tokenizer + each source's train/held-out token stores, built on first use and cached.
 
-The cache entry is keyed by the corpus content, the tokenizer settings (or the given tokenizer's
-own fingerprint) and the split, so a changed corpus is rebuilt, never silently reused. The held-out
-split is per document, by a hash of its text: stable under reordering of the files.
+A source's cache entry is keyed by its corpus (corpus.fingerprint), text field, held-out fraction
+and tokenizer, so a changed corpus is rebuilt, never silently reused. The held-out split is per
+document, by a hash of its text: stable under reordering of the files. A tokenizer trained here
+learns from a sample of at most SAMPLE_BYTES drawn across the sources by weight (evenly spaced
+shards of each), so its time and memory do not grow with the corpus.
 
-`Prepared.fingerprint` names the data a run trains on: the corpus's content, the tokenizer and both
-token stores' contents. A run pins it in its checkpoints, and a resume on other data is refused
-(train/loop.py); `pinned` lets that refusal come before a changed corpus is tokenized.
+`Prepared.fingerprint` names the data a run trains on: the tokenizer and, per source, the corpus
+and both token stores' contents. A run pins it in its checkpoints, and a resume on other data is
+refused (train/resume.py); `pinned` lets that refusal come before a changed corpus is tokenized.
 """
 
 from __future__ import annotations
@@ -14,38 +16,48 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 from etils import epath
-from tqdm import tqdm
 
 from celerity_jax import storage
-from celerity_jax.data import DataChanged, DataError, corpus, store, tokenizer
+from celerity_jax.data import DataChanged, DataError, corpus, mixture, shards, store, tokenizer
 
-ENCODE_BATCH = 256
+SAMPLE_BYTES = 128 << 20  # the tokenizer's training sample, across all sources
+SAMPLE_SHARDS = 32  # evenly spaced shards of a source that the sample reads from
+
+
+@dataclass(frozen=True)
+class Built:
+  """One source, tokenized."""
+
+  source: mixture.Source
+  corpus: str  # corpus.fingerprint
+  train: shards.SplitStore
+  eval: shards.SplitStore
+  entry: epath.Path
 
 
 @dataclass(frozen=True)
 class Prepared:
-  tokenizer: tokenizer.Tokenizer
-  train: store.TokenStore
-  eval: store.TokenStore
-  entry: epath.Path
+  tokenizer: tokenizer.Tokenizer | tokenizer.HFTokenizer
+  tokenizer_path: str
+  sources: list[Built]
 
   @property
   def fingerprint(self) -> dict:
     return {
-      "corpus": self.corpus,
       "tokenizer": self.tokenizer.fingerprint,
-      "train_tokens": self.train.content,
-      "eval_tokens": self.eval.content,
+      "sources": {
+        b.source.name: {
+          "corpus": b.corpus,
+          "train_tokens": b.train.content,
+          "eval_tokens": b.eval.content,
+        }
+        for b in self.sources
+      },
     }
-
-  @property
-  def corpus(self) -> str:
-    return self.train.meta["settings"]["corpus"]
 
 
 def cache_root(data_cfg) -> epath.Path:
@@ -54,123 +66,146 @@ def cache_root(data_cfg) -> epath.Path:
   return storage.location(root)
 
 
-def _names(files) -> str:
+def names(files) -> str:
   return ", ".join(str(f) for f in files[:3]) + (
     f", ... ({len(files)} files)" if len(files) > 3 else ""
   )
 
 
-def _held_out(text: str, eval_frac: float) -> bool:
-  bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:4], "big")
-  return bucket < eval_frac * 2**32
+def _files(source: mixture.Source) -> list:
+  try:
+    return corpus.stdlib_files() if not source.paths else corpus.resolve_paths(source.paths)
+  except DataError as e:
+    if source.name in ("data", "stdlib"):
+      raise
+    raise DataError(f"source {source.name}: {e}") from None
+
+
+def _key(settings: dict) -> str:
+  return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare(
-  data_cfg, vocab_size: int, progress: bool = True, pinned: dict | None = None
+  data_cfg,
+  vocab_size: int,
+  progress: bool = True,
+  pinned: dict | None = None,
+  process: tuple[int, int] = (0, 1),
+  run_tokenizer: str = "",
 ) -> Prepared:
-  """The corpus's tokenizer and stores, built unless cached. `pinned`: the fingerprint a resumed
-  run's checkpoint holds; a corpus or given tokenizer that differs from it is refused (ConfigError)
-  before anything is built."""
-  files = corpus.stdlib_files() if not data_cfg.paths else corpus.resolve_paths(data_cfg.paths)
-  field = data_cfg.text_field
-  if next(corpus.documents(files, field), None) is None:
-    raise DataError(f"corpus {_names(files)}: no non-empty documents")
-  given = tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
-  found = {"corpus": corpus.fingerprint(files, field)} | (
-    {"tokenizer": given.fingerprint} if given else {}
-  )
-  changed = [k for k, v in found.items() if pinned and k in pinned and pinned[k] != v]
+  """The sources' tokenizer and stores, built unless cached; process p of P builds its share of
+  every source's shards (data/shards.py). `pinned`: the fingerprint a resumed run's checkpoint
+  holds; a corpus or given tokenizer that differs is refused (DataChanged) before anything is
+  built. `run_tokenizer`: the resumed run's own tokenizer file, kept when no other is given."""
+  sources = mixture.sources(data_cfg)
+  files = {s.name: _files(s) for s in sources}
+  for s in sources:
+    if next(corpus.documents(files[s.name], s.text_field), None) is None:
+      raise DataError(f"source {s.name}: {names(files[s.name])}: no non-empty documents")
+  given_path = data_cfg.tokenizer or run_tokenizer
+  given = tokenizer.load(given_path) if given_path else None
+  fingerprints = {s.name: corpus.fingerprint(files[s.name], s.text_field) for s in sources}
+  _check_pinned(pinned, fingerprints, given if data_cfg.tokenizer else None)
+  plans = {s.name: shards.plan(files[s.name]) for s in sources}
+  root = cache_root(data_cfg)
+  if given is None:
+    given_path, given = _trained(root, sources, plans, fingerprints, data_cfg, vocab_size, process)
+  if given.vocab_size > vocab_size:
+    raise DataError(
+      f"tokenizer {given_path}: vocab {given.vocab_size} > model.vocab_size={vocab_size}"
+    )
+  built = []
+  for s in sources:
+    settings = {
+      "corpus": fingerprints[s.name],
+      "eval_frac": data_cfg.eval_frac,
+      "tokenizer": given.fingerprint,
+      "format": store.FORMAT,
+    }
+    entry = root / f"{s.name}-{_key(settings)}"
+    job = {"tokenizer": str(given_path), "text_field": s.text_field}
+    job["eval_frac"] = data_cfg.eval_frac
+    label = f"source {s.name}" if len(sources) > 1 else "data"
+    meta = shards.build(
+      str(entry), plans[s.name], job, process, data_cfg.build_processes, progress, label
+    )
+    if not meta["eval"]["n_tokens"]:
+      raise DataError(
+        f"source {s.name}: {names(files[s.name])}: no held-out document at data.eval_frac="
+        f"{data_cfg.eval_frac}; raise it or add documents"
+      )
+    split = {
+      name: shards.SplitStore(str(entry), name, meta, given.fingerprint, vocab_size)
+      for name in ("train", "eval")
+    }
+    built.append(Built(s, fingerprints[s.name], split["train"], split["eval"], entry))
+  return Prepared(given, str(given_path), built)
+
+
+def _check_pinned(pinned: dict | None, fingerprints: dict, given):
+  if not pinned or "sources" not in pinned:
+    return
+  found = {"sources": {n: {"corpus": fp} for n, fp in fingerprints.items()}}
+  changed = []
+  was = pinned.get("sources", {})
+  for name, fp in fingerprints.items():
+    if name in was and was[name].get("corpus") != fp:
+      changed.append(f"sources.{name}.corpus")
+  changed += [f"sources.{name}" for name in sorted(set(was) ^ set(fingerprints))]
+  if given is not None:
+    found["tokenizer"] = given.fingerprint
+    if pinned.get("tokenizer") not in (None, given.fingerprint):
+      changed.append("tokenizer")
   if changed:
     raise DataChanged(changed, found)
+
+
+def _trained(root, sources, plans, fingerprints, data_cfg, vocab_size, process):
+  """(path, tokenizer) trained on a sample across the sources by weight: process 0 trains it,
+  the others wait for its file."""
   settings = {
-    "corpus": found["corpus"],
-    "eval_frac": data_cfg.eval_frac,
-    "tokenizer": given.fingerprint
-    if given
-    else {"vocab_size": vocab_size, "type": data_cfg.tokenizer_type},
-    "format": store.FORMAT,
+    "sources": {s.name: [fingerprints[s.name], s.weight] for s in sources},
+    "vocab_size": vocab_size,
+    "type": data_cfg.tokenizer_type,
+    "sample_bytes": SAMPLE_BYTES,
   }
-  key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-  entry = cache_root(data_cfg) / f"{'stdlib' if not data_cfg.paths else 'files'}-{key}"
-  model_path = entry / "tokenizer.model"
-  if not (entry / "train" / "meta.json").exists() or not (entry / "eval" / "meta.json").exists():
-    _build(files, given, data_cfg, vocab_size, entry, settings, progress)
-  tok = given or tokenizer.load(model_path)
-  if tok.vocab_size > vocab_size:
-    raise DataError(
-      f"tokenizer {data_cfg.tokenizer or model_path}: vocab {tok.vocab_size} > "
-      f"model.vocab_size={vocab_size}"
-    )
-  return Prepared(
-    tok,
-    store.TokenStore(os.fspath(entry / "train"), tok.fingerprint, vocab_size),
-    store.TokenStore(os.fspath(entry / "eval"), tok.fingerprint, vocab_size),
-    entry,
-  )
+  path = root / f"tokenizer-{_key(settings)}" / "tokenizer.model"
+  if not path.exists():
+    if process[0] == 0:
+      storage.check_writable(path.parent, "data.cache_dir")
+      sample = sample_documents(sources, plans, SAMPLE_BYTES)
+      where = ", ".join(s.name for s in sources) if len(sources) > 1 else "the corpus"
+      trained = tokenizer.train(
+        lambda: sample, vocab_size, data_cfg.tokenizer_type, source=f"corpus {where}"
+      )
+      trained.save(path)
+    else:
+      while not path.exists():
+        time.sleep(shards.POLL_S)
+  return path, tokenizer.load(path)
 
 
-def _build(files, given, data_cfg, vocab_size, entry: epath.Path, settings: dict, progress: bool):
-  storage.check_writable(entry, "data.cache_dir")
-  if progress:  # run.progress=false keeps stderr to warnings and errors
-    print(
-      f"celerity_jax: building token stores in {entry} from {len(files)} files", file=sys.stderr
-    )
-  if given is None:
-    tok = tokenizer.train(
-      lambda: corpus.documents(files, data_cfg.text_field),
-      vocab_size,
-      data_cfg.tokenizer_type,
-      source=f"corpus {_names(files)}",
-    )
-    tok.save(entry / "tokenizer.model")
-  else:
-    tok = given
-  held_out: list = []
-  nbytes = 0
-  bar = tqdm(
-    total=sum(corpus.size(f) for f in files),
-    unit="B",
-    unit_scale=True,
-    desc="tokenize",
-    disable=not progress,
-    file=sys.stderr,
-  )
-  start = time.perf_counter()
-
-  def train_docs():
-    batch: list[str] = []
-    for doc in corpus.documents(files, data_cfg.text_field):
-      batch.append(doc)
-      if len(batch) == ENCODE_BATCH:
-        yield from _encode(batch)
-        batch = []
-    yield from _encode(batch)
-
-  def _encode(texts):
-    nonlocal nbytes
-    for text, ids in zip(texts, tok.encode(texts, threads=data_cfg.threads), strict=True):
-      size = len(text.encode("utf-8", "replace"))
-      nbytes += size
-      bar.update(size)
-      if _held_out(text, data_cfg.eval_frac):
-        held_out.append(ids)
-      else:
-        yield ids
-
-  meta = {"tokenizer": tok.fingerprint, "settings": settings}
-  train_meta = store.build(os.fspath(entry / "train"), train_docs(), tokenizer.EOS, meta)
-  seconds = time.perf_counter() - start
-  bar.close()
-  if not held_out:
-    raise DataError(
-      f"corpus {_names(files)}: no held-out document at data.eval_frac="
-      f"{data_cfg.eval_frac}; raise it or add documents"
-    )
-  store.build(os.fspath(entry / "eval"), held_out, tokenizer.EOS, meta)
-  megabytes = nbytes / 1e6
-  if progress:
-    print(
-      f"celerity_jax: tokenized {megabytes:.1f} MB into {train_meta['n_tokens']:,} train "
-      f"tokens in {seconds:.1f} s ({megabytes / seconds:.2f} MB/s)",
-      file=sys.stderr,
-    )
+def sample_documents(sources, plans, budget: int) -> list[str]:
+  """Documents from every source, budget x its weight bytes each: all of a source that small,
+  else the first documents of SAMPLE_SHARDS evenly spaced shards, an equal share from each."""
+  total_weight = sum(s.weight for s in sources)
+  out = []
+  for s in sources:
+    plan = plans[s.name]
+    share = budget * s.weight / total_weight
+    if sum(shard["bytes"] for shard in plan) <= share:
+      picks, each = range(len(plan)), float("inf")
+    else:
+      k = min(len(plan), SAMPLE_SHARDS)
+      picks = sorted({round(i * (len(plan) - 1) / max(k - 1, 1)) for i in range(k)})
+      each = share / k
+    for i in picks:
+      taken = 0
+      for doc in corpus.documents(shards.shard_inputs(plan[i]), s.text_field):
+        out.append(doc)
+        taken += len(doc.encode("utf-8", "replace"))
+        if taken >= each:
+          break
+  if not out:
+    raise DataError("the sources hold no documents to train a tokenizer on")
+  return out

@@ -90,13 +90,20 @@ def _shard_digests(pairs) -> list[str]:
   ]
 
 
+def combined_content(contents: list[str]) -> str:
+  """The content fingerprint of stores read one after another (a sharded source's split)."""
+  if len(contents) == 1:
+    return contents[0]
+  return hashlib.sha256(json.dumps(contents).encode()).hexdigest()[:16]
+
+
 def _content(n_tokens: int, n_docs: int, samples: dict) -> str:
   """The store's content fingerprint: its sizes and every shard's sample digest."""
   text = json.dumps({"n_tokens": n_tokens, "n_docs": n_docs, "samples": samples}, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _partial_dir(final: Path) -> Path:
+def partial_dir(final: Path) -> Path:
   """A build directory of this process's own (two processes building the same store never write
   into each other's), after removing those of dead processes of this host (killed builds)."""
   host = socket.gethostname()
@@ -107,69 +114,101 @@ def _partial_dir(final: Path) -> Path:
   return final.with_name(f"{final.name}.partial-{host}-{os.getpid()}")
 
 
+class Writer:
+  """Writes one store from per-document token arrays (EOS appended here), streamed: memory holds
+  at most WRITE_CHUNK tokens and the document offsets. A store may be empty (a shard whose
+  documents were all held out): it then has meta.json and no arrays."""
+
+  def __init__(self, path: str, eos_id: int, in_place: bool = False):
+    """`in_place`: write into `path` directly (a shard's stores, inside the shard's own partial
+    directory); else locally into a partial directory moved into place at the end."""
+    self.path, self.eos_id = path, eos_id
+    self.local = not storage.is_remote(path) and not in_place
+    self.final = Path(path) if self.local else None
+    self.target = str(partial_dir(self.final)) if self.local else path
+    if not storage.is_remote(path):
+      Path(self.target).mkdir(parents=True, exist_ok=in_place)
+    self.tokens = None
+    self.n_tokens, self.offsets, self.max_id = 0, [0], -1
+    self.buffer: list[np.ndarray] = []
+    self.pending = 0
+
+  def add(self, ids):
+    doc = np.append(np.asarray(ids, np.int32), np.int32(self.eos_id))
+    self.max_id = max(self.max_id, int(doc.max()))
+    self.buffer.append(doc)
+    self.pending += len(doc)
+    self.offsets.append(self.offsets[-1] + len(doc))
+    if self.pending >= WRITE_CHUNK:
+      self._flush()
+
+  def _flush(self):
+    if self.buffer:
+      block = np.concatenate(self.buffer)
+      if self.tokens is None:
+        self.tokens = _create(self.target, "tokens", "int32")
+      self.tokens = _append(self.tokens, block, self.n_tokens)
+      self.n_tokens += len(block)
+      self.buffer, self.pending = [], 0
+
+  def finish(self, meta: dict) -> dict:
+    """Writes the offsets and meta.json (last), moves a local build into place; returns meta."""
+    self._flush()
+    samples = {}
+    if self.n_tokens:
+      offsets = _append(
+        _create(self.target, "offsets", "int64"), np.asarray(self.offsets, np.int64), 0
+      )
+      samples = {
+        name: _shard_digests([(a.result(), b.result()) for a, b in _sample_reads(array, size)])
+        for name, array, size in (
+          ("tokens", self.tokens, self.n_tokens),
+          ("offsets", offsets, len(self.offsets)),
+        )
+      }
+    n_docs = len(self.offsets) - 1
+    meta = {
+      **meta,
+      "format": FORMAT,
+      "n_tokens": self.n_tokens,
+      "n_docs": n_docs,
+      "max_token_id": self.max_id,
+      "files": storage.file_sizes(storage.location(self.target)),
+      "samples": samples,
+      "content": _content(self.n_tokens, n_docs, samples),
+    }
+    write_text(self.target, "meta.json", json.dumps(meta, indent=2))
+    if self.local:
+      publish(Path(self.target), self.final)
+    return meta
+
+  def abandon(self):
+    if self.local:
+      shutil.rmtree(self.target, ignore_errors=True)
+
+
+def publish(built: Path, final: Path):
+  """Moves a finished local build into place, unless another process finished it first."""
+  if (final / "meta.json").exists() or (final / "done.json").exists():
+    shutil.rmtree(built, ignore_errors=True)
+  else:
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete build of the same name
+    os.replace(built, final)
+
+
 def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict) -> dict:
-  """Writes a store from per-document token arrays (EOS appended here); returns its meta."""
-  local = not storage.is_remote(path)
-  final = Path(path) if local else None
-  target = str(_partial_dir(final)) if local else path
-  if local:
-    Path(target).mkdir(parents=True)
-  tokens = _create(target, "tokens", "int32")
-  n_tokens, offsets, max_id = 0, [0], -1
-  buffer: list[np.ndarray] = []
-
-  def flush():
-    nonlocal tokens, n_tokens, buffer
-    if buffer:
-      block = np.concatenate(buffer)
-      tokens = _append(tokens, block, n_tokens)
-      n_tokens += len(block)
-      buffer = []
-
-  pending = 0
-  for ids in encoded_docs:
-    doc = np.append(np.asarray(ids, np.int32), np.int32(eos_id))
-    max_id = max(max_id, int(doc.max()))
-    buffer.append(doc)
-    pending += len(doc)
-    offsets.append(offsets[-1] + len(doc))
-    if pending >= WRITE_CHUNK:
-      flush()
-      pending = 0
-  flush()
-  if n_tokens == 0:
-    if local:
-      shutil.rmtree(target, ignore_errors=True)
-    raise DataError(f"token store {path}: the corpus has no non-empty documents")
-  offsets_array = _append(_create(target, "offsets", "int64"), np.asarray(offsets, np.int64), 0)
-  samples = {
-    name: _shard_digests([(a.result(), b.result()) for a, b in _sample_reads(array, size)])
-    for name, array, size in (
-      ("tokens", tokens, n_tokens),
-      ("offsets", offsets_array, len(offsets)),
-    )
-  }
-  meta = {
-    **meta,
-    "format": FORMAT,
-    "n_tokens": n_tokens,
-    "n_docs": len(offsets) - 1,
-    "max_token_id": max_id,
-    "files": storage.file_sizes(storage.location(target)),
-    "samples": samples,
-    "content": _content(n_tokens, len(offsets) - 1, samples),
-  }
-  _write_text(target, "meta.json", json.dumps(meta, indent=2))
-  if local:
-    if (final / "meta.json").exists():  # another process finished the same store first
-      shutil.rmtree(target, ignore_errors=True)
-    else:
-      shutil.rmtree(final, ignore_errors=True)  # an incomplete store of the same name
-      os.replace(target, final)
-  return meta
+  """Writes a store from per-document token arrays; returns its meta."""
+  writer = Writer(path, eos_id)
+  try:
+    for ids in encoded_docs:
+      writer.add(ids)
+  except BaseException:
+    writer.abandon()
+    raise
+  return writer.finish(meta)
 
 
-def _write_text(path: str, name: str, text: str):
+def write_text(path: str, name: str, text: str):
   kv = ts.KvStore.open(storage.kvstore_url(path)).result()
   kv.write(name, text.encode()).result()
 
@@ -251,9 +290,11 @@ class TokenStore:
           f"directory to rebuild it"
         )
 
-  def read(self, starts: np.ndarray, length: int) -> np.ndarray:
-    """Rows tokens[s:s+length] for each start, read concurrently; int32 [len(starts), length]."""
-    futures = [self.tokens[int(s) : int(s) + length].read() for s in starts]
+  def read(self, starts: np.ndarray, length: int, tokens=None) -> np.ndarray:
+    """Rows tokens[s:s+length] for each start, read concurrently; int32 [len(starts), length].
+    `tokens`: another array to read (several stores concatenated), checked the same way."""
+    tokens = self.tokens if tokens is None else tokens
+    futures = [tokens[int(s) : int(s) + length].read() for s in starts]
     rows = (
       np.stack([self._result(f) for f in futures]) if futures else np.zeros((0, length), np.int32)
     )

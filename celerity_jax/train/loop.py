@@ -32,8 +32,8 @@ from celerity_jax.resolve import describe, resolve
 from celerity_jax.run_lock import RunDirInUse, RunLock
 from celerity_jax.train import control, events, resume, signals
 from celerity_jax.train.console import Console
-from celerity_jax.train.state import abstract_state
-from celerity_jax.train.step import Training, make_eval_step, prepare_training
+from celerity_jax.train.evaluate import make_evaluator
+from celerity_jax.train.step import Training, prepare_training
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def run(cfg) -> dict:
       cfg, resolved, sharding.process_rows(mesh, resolved.batch_seqs), resumed
     )
     described = describe(cfg, resolved, sources.fingerprint)
-    evaluate = _evaluator(cfg, training, sources.held_out)
+    evaluate = make_evaluator(cfg, training, sources.held_out, sources.weights)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     writer = None
     try:
@@ -89,6 +89,10 @@ def run(cfg) -> dict:
           {"event": "restart", "step": step, "restarts": restarts, "config_changes": changes}
         )
         console.say(resume.announce(step, restarts, meta, changes, described, resolved))
+      if sources.event:
+        at = restored[0] if restored else 0
+        writer.row({"event": "mixture", "step": at, "weights": sources.weights})
+        console.say(f"celerity_jax: {sources.event}")
       out = Outputs(run_dir, writer, ckpt, lock, console)
       loop = Loop(cfg, training, described, out, restarts, evaluate)
       last = loop.train(state, sources.train)
@@ -123,23 +127,6 @@ def _own(run_dir) -> RunLock | None:
   if refused is not None:
     raise refused
   return lock
-
-
-def _evaluator(cfg, training: Training, held_out):
-  """params -> mean held-out cross-entropy over data.eval_batches fixed batches; None without
-  held-out data (train.eval_every=0)."""
-  if held_out is None or not cfg.data.eval_batches:
-    return None
-  n_rows = training.resolved.batch_seqs
-  eval_step = make_eval_step(training.setup, cfg, training.resolved, training.mesh)
-  batches = [
-    sharding.place_batch(held_out.batch(i), training.mesh, n_rows)
-    for i in range(cfg.data.eval_batches)
-  ]
-  # compiled now, not at the first evaluation: that would stall training mid-run for the compile
-  # (2-3% of the default run's loop) and surface an eval-only error only after steps were spent
-  compiled = eval_step.lower(abstract_state(training.setup).params, batches[0]).compile()
-  return lambda params: sum(float(compiled(params, b)) for b in batches) / len(batches)
 
 
 @dataclass(frozen=True)
@@ -358,7 +345,7 @@ class Loop:
           evaluate_now = self.evaluate is not None and (
             done % cfg.train.eval_every == 0 or done == r.stop_step
           )
-          extra = {"eval_loss": self.evaluate(state.params)} if evaluate_now else {}
+          extra = self.evaluate(state.params) if evaluate_now else {}
           log = done % cfg.run.log_every == 0 or done == r.stop_step or done == 1 or evaluate_now
           pending = Dispatched(done, metrics, decision, extra, log)
           self.bar.update(1)

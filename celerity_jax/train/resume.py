@@ -26,30 +26,52 @@ DATA_NAMES = {
 
 def open_data(cfg, resolved, rows, resumed: dict | None):
   """The run's data; a resume whose corpus differs from its checkpoint's is refused before the new
-  corpus is tokenized (unless checkpoint.allow_config_change)."""
-  pinned = None
-  if resumed is not None and not cfg.checkpoint.allow_config_change:
+  corpus is tokenized (unless checkpoint.allow_config_change). A resume keeps the run's own
+  tokenizer (run.dir/tokenizer.*) unless data.tokenizer names one, and its mixture's history."""
+  pinned, at_rows, run_tokenizer = None, 0, ""
+  if resumed is not None:
     pinned = resumed["described"].get(ckpt_lib.DATA)
+    at_rows = ckpt_lib.position(resumed).rows
+    if cfg.checkpoint.allow_config_change:
+      pinned = {"mixture": pinned.get("mixture")} if pinned else None
+    else:
+      run_tokenizer = _own_tokenizer(cfg.run.dir, (pinned or {}).get("tokenizer"))
   try:
-    return make_sources(cfg, resolved, rows, cfg.run.progress, pinned)
+    return make_sources(cfg, resolved, rows, cfg.run.progress, pinned, at_rows, run_tokenizer)
   except DataChanged as e:
     keys = [f"{ckpt_lib.DATA}.{k}" for k in e.keys]
     current = {"config": to_dict(cfg), ckpt_lib.DATA: e.found}
     raise refusal(cfg.run.dir, resumed["step"], keys, resumed["described"], current) from None
 
 
-def save_tokenizer(run_dir, tokenizer):
-  """run.dir/tokenizer.model is the run's current tokenizer; one that a resume on other data
-  replaces stays beside it as tokenizer-FINGERPRINT.model, for its checkpoints (trained.py)."""
+def _own_tokenizer(run_dir, fingerprint: str | None) -> str:
+  """The run's tokenizer file when it is the one its checkpoint pinned, else ""."""
+  from celerity_jax import storage
   from celerity_jax.data import tokenizer as tokenizer_lib
 
-  path = run_dir / "tokenizer.model"
-  if path.exists():
-    old = tokenizer_lib.load(path)
-    if old.fingerprint == tokenizer.fingerprint:
-      return
-    old.save(run_dir / f"tokenizer-{old.fingerprint}.model")
-  tokenizer.save(path)
+  for name in ("tokenizer.model", "tokenizer.json"):
+    path = storage.location(run_dir) / name
+    if fingerprint and path.exists() and tokenizer_lib.load(path).fingerprint == fingerprint:
+      return str(path)
+  return ""
+
+
+def save_tokenizer(run_dir, tokenizer):
+  """run.dir/tokenizer.model (or .json) is the run's current tokenizer; one that a resume on other
+  data replaces stays beside it as tokenizer-FINGERPRINT.model (.json), for its checkpoints
+  (trained.py)."""
+  from celerity_jax.data import tokenizer as tokenizer_lib
+
+  for name in ("tokenizer.model", "tokenizer.json"):
+    path = run_dir / name
+    if path.exists():
+      old = tokenizer_lib.load(path)
+      if old.fingerprint == tokenizer.fingerprint:
+        return
+      stem, suffix = name.split(".")
+      old.save(run_dir / f"{stem}-{old.fingerprint}.{suffix}")
+      path.unlink()
+  tokenizer.save(run_dir / tokenizer.file_name)
 
 
 def restore(cfg, described, ckpt, training: Training):
@@ -111,12 +133,18 @@ def explain_changes(changes: list[str], saved: dict, current: dict) -> str:
     name = key.removeprefix(ckpt_lib.DATA + ".")
     if name == key:
       words.append(key)
-    else:
-      was, now = (d.get(ckpt_lib.DATA, {}).get(name) for d in (saved, current))
-      data_cfg = current.get("config", saved["config"])["data"]
-      stdlib = name == "corpus" and not data_cfg["paths"] and data_cfg["corpus"] == "stdlib"
-      hint = "; the built-in corpus is this Python's standard library" if stdlib else ""
-      words.append(f"{DATA_NAMES.get(name, name)} ({key} {was} -> {now}{hint})")
+      continue
+    was, now = (ckpt_lib.flatten(d.get(ckpt_lib.DATA, {})).get(name) for d in (saved, current))
+    parts = name.split(".")  # tokenizer, or sources.NAME.corpus (train_tokens, eval_tokens)
+    what = DATA_NAMES.get(parts[-1], name)
+    if parts[0] == "sources" and len(parts) == 3 and parts[1] not in ("data", "stdlib"):
+      what += f" of source {parts[1]}"
+    elif parts[0] == "sources" and len(parts) == 2:
+      what = f"source {parts[1]} (added or removed)"
+    hint = (
+      "; the built-in corpus is this Python's standard library" if parts[1:2] == ["stdlib"] else ""
+    )
+    words.append(f"{what} ({key} {was} -> {now}{hint})")
   return ", ".join(words)
 
 
