@@ -26,14 +26,19 @@ QUIET_LIBTPU = {
 
 
 def process_alive(pid: int) -> bool:
-  """Whether process `pid` of this machine exists (another user's counts)."""
+  """Whether process `pid` of this machine exists (another user's counts) and is not a zombie (a
+  killed process nobody has reaped yet: containers whose init does not reap keep them)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
-  return True
+  try:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except (OSError, IndexError):
+    return True
+  return state != "Z"
 
 
 def on_cloud_tpu_vm(sysfs: Path = Path("/sys/bus/pci/devices")) -> bool:

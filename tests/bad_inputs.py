@@ -50,8 +50,8 @@ def write(name, data):
 
 def first_shard(tmp):
   """The first array file of the copied cache's train store."""
-  entry = next((tmp / "cache").glob("files-*"))
-  return sorted((entry / "train" / "tokens" / "c").iterdir())[0]
+  entry = next((tmp / "cache").glob("data-*"))
+  return sorted((entry / "shards" / "00000" / "train" / "tokens" / "c").iterdir())[0]
 
 
 def edit_first_shard(edit):
@@ -90,7 +90,7 @@ def truncated_zst(tmp):
 
 def drop_size_check(tmp):
   """Deletes a shard and its entry in meta.json: only the read-time fill check can catch it."""
-  entry = next((tmp / "cache").glob("files-*")) / "train"
+  entry = next((tmp / "cache").glob("data-*")) / "shards" / "00000" / "train"
   meta = json.loads((entry / "meta.json").read_text())
   del meta["files"]["tokens/c/0"]
   (entry / "meta.json").write_text(json.dumps(meta))

@@ -24,9 +24,11 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +135,9 @@ def build_shard(entry: str, index: int, shard: dict, job: dict) -> int:
     split: {k: m[k] for k in ("n_tokens", "n_docs", "content", "max_token_id")}
     for split, m in done.items()
   }
-  store.write_text(target, "done.json", json.dumps({**summary, "bytes": nbytes}))
+  # (which process of the run built it: a record for the curious, not part of any content)
+  built_by = {"process": job.get("process", 0), "host": socket.gethostname()}
+  store.write_text(target, "done.json", json.dumps({**summary, "bytes": nbytes, **built_by}))
   if not remote:
     store.publish(Path(target), Path(os.fspath(final)))
   return nbytes
@@ -179,6 +183,7 @@ def build(
   done = finished(entry)
   mine = [i for i in range(len(shards)) if i % count == index and i not in done]
   if mine:
+    job = {**job, "process": index}
     _run(entry, shards, job, mine, workers or os.cpu_count() or 1, progress, label, len(done))
   meta = _wait(entry, len(shards), index == 0, label)
   if meta is None:  # process 0: every shard is done
@@ -213,7 +218,14 @@ def _run(entry, shards, job, mine, workers, progress, label, already):
           finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
           for future in finished_now:
             i = running.pop(future)
-            nbytes += future.result()  # a worker's DataError is raised here, in this process
+            try:
+              nbytes += future.result()  # a worker's DataError is raised here, in this process
+            except BrokenProcessPool:
+              raise DataError(
+                f"{label}: a tokenizing process died while building shard {i} (killed, or out "
+                f"of memory: fewer data.build_processes use less); the same command resumes "
+                f"from the finished shards"
+              ) from None
             bar.update(shards[i]["bytes"])
   finally:
     bar.close()
