@@ -79,9 +79,10 @@ def load(run_dir, step: int | None = None, what: str = "run") -> Trained:
 
 
 def _tokenizer(run_dir, step: int, pinned: dict | None, what: str):
-  """The tokenizer the checkpoint trained with: run.dir/tokenizer.model, or the one a resume on
-  other data set beside it (tokenizer-FINGERPRINT.model); None for synthetic tokens. Checkpoints
-  of earlier versions pin nothing: tokenizer.model, if there is one."""
+  """The tokenizer the checkpoint trained with: run.dir/tokenizer.model (or tokenizer.json), or
+  the one a resume on other data set beside it (tokenizer-FINGERPRINT.model or .json); None for
+  synthetic tokens. Checkpoints of earlier versions pin nothing: tokenizer.model, if there is
+  one."""
   from celerity_jax.data import tokenizer as tokenizer_lib
 
   path = run_dir / "tokenizer.model"
@@ -90,7 +91,12 @@ def _tokenizer(run_dir, step: int, pinned: dict | None, what: str):
   wanted = pinned.get("tokenizer")
   if wanted is None:
     return None
-  for candidate in (path, run_dir / f"tokenizer-{wanted}.model"):
+  for candidate in (
+    path,
+    run_dir / "tokenizer.json",
+    run_dir / f"tokenizer-{wanted}.model",
+    run_dir / f"tokenizer-{wanted}.json",
+  ):
     if candidate.exists():
       found = tokenizer_lib.load(candidate)
       if found.fingerprint == wanted:

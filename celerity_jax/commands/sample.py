@@ -34,9 +34,7 @@ def _prompt_ids(args, tokenizer) -> list[int]:
       f"{args.run_dir} has no tokenizer.model (it trained on synthetic tokens): "
       "give --prompt-ids instead of --prompt"
     )
-  from celerity_jax.data.tokenizer import EOS
-
-  return [EOS] + tokenizer.encode([args.prompt])[0].tolist()
+  return [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0].tolist()
 
 
 class _Stream:
@@ -66,7 +64,6 @@ class _Stream:
 
 def sample(args) -> dict:
   from celerity_jax import trained as trained_lib
-  from celerity_jax.data.tokenizer import EOS
   from celerity_jax.sampling import Sampler, Settings
 
   settings = Settings(
@@ -77,7 +74,7 @@ def sample(args) -> dict:
   if max(prompt, default=0) >= run.cfg.model.vocab_size or min(prompt, default=0) < 0:
     raise ConfigError(f"--prompt-ids: ids must be in [0, {run.cfg.model.vocab_size})")
   sampler = Sampler(run.model(), settings, len(prompt), run.cfg.mesh)
-  stop = EOS if run.tokenizer is not None else None
+  stop = run.tokenizer.eos_id if run.tokenizer is not None else None
   stream = _Stream(run.tokenizer, prompt) if settings.batch == 1 and not args.json else None
   result = sampler.generate(prompt, stop, stream)
   if stream is not None:

@@ -150,9 +150,11 @@ def open_path(name: str):
   return storage.location(name) if "://" in name else Path(name)
 
 
-def documents(files: list, text_field: str = "text") -> Iterator[str]:
+def documents(files: list, text_field: str = "text", exclude: dict | None = None) -> Iterator[str]:
   """Yields every non-empty document of `files`, in order. An item may also be a pair (parquet
-  path, (first, end) row groups): that part of the file."""
+  path, (first, end) row groups): that part of the file. `exclude`: {field: [values]} skips the
+  JSONL records or parquet rows whose field (dotted into nested objects: meta.set_name) holds one
+  of the values (SlimPajama's web subsets)."""
   import zstandard
 
   for item in files:
@@ -161,9 +163,9 @@ def documents(files: list, text_field: str = "text") -> Iterator[str]:
       with path.open("rb") as raw:
         kind = _kind(path)
         if kind == "parquet":
-          yield from _parquet_documents(raw, path, text_field, row_groups)
+          yield from _parquet_documents(raw, path, text_field, row_groups, exclude or {})
         elif kind == "jsonl":
-          yield from _jsonl_documents(_open_text(raw, path), path, text_field)
+          yield from _jsonl_documents(_open_text(raw, path), path, text_field, exclude or {})
         else:
           text = _open_text(raw, path).read()
           if "\0" in text:  # text has no NUL; binaries nearly always do
@@ -187,21 +189,34 @@ def row_groups(path) -> list[int]:
     raise DataError(f"{path}: not a readable parquet file: {e}") from None
 
 
-def _jsonl_documents(lines, path, field: str) -> Iterator[str]:
+def _lookup(record, dotted: str):
+  for part in dotted.split("."):
+    record = record.get(part) if isinstance(record, dict) else None
+  return record
+
+
+def _excluded(record: dict, exclude: dict) -> bool:
+  return any(_lookup(record, field) in values for field, values in exclude.items())
+
+
+def _jsonl_documents(lines, path, field: str, exclude: dict) -> Iterator[str]:
   for number, line in enumerate(lines, 1):
     if not line.strip():
       continue
     try:
-      text = json.loads(line)[field]
+      record = json.loads(line)
+      text = record[field]
     except (json.JSONDecodeError, KeyError, TypeError):
       raise DataError(f"{path}:{number}: not a JSON object with a {field!r} field") from None
+    if exclude and _excluded(record, exclude):
+      continue
     if not isinstance(text, str):
       raise DataError(f"{path}:{number}: {field!r} is a {type(text).__name__}, not a string")
     if text.strip():
       yield text
 
 
-def _parquet_documents(raw, path, column: str, groups=None) -> Iterator[str]:
+def _parquet_documents(raw, path, column: str, groups, exclude: dict) -> Iterator[str]:
   import pyarrow as pa
   import pyarrow.parquet as pq
 
@@ -215,10 +230,17 @@ def _parquet_documents(raw, path, column: str, groups=None) -> Iterator[str]:
     kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
       raise DataError(f"{path}: column {column!r} holds {kind}, not strings")
+    tops = sorted({field.split(".")[0] for field in exclude} - {column})
+    missing = [top for top in tops if top not in schema.names]
+    if missing:
+      raise DataError(f"{path}: no column {missing[0]!r} (a source's exclude); it has "
+                      f"{', '.join(schema.names)}")  # fmt: skip
     groups = range(*groups) if groups else None
-    for batch in table.iter_batches(PARQUET_BATCH, row_groups=groups, columns=[column]):
-      for text in batch.column(0).to_pylist():
-        if text and text.strip():
+    for batch in table.iter_batches(PARQUET_BATCH, row_groups=groups, columns=[column, *tops]):
+      records = batch.to_pylist() if exclude else ({column: t} for t in batch.column(0).to_pylist())
+      for record in records:
+        text = record[column]
+        if text and text.strip() and not (exclude and _excluded(record, exclude)):
           yield text
   except pa.ArrowException as e:
     raise DataError(f"{path}: not a readable parquet file: {e}") from None
@@ -230,7 +252,7 @@ def size(path) -> int:
   return getattr(stat, "st_size", None) or getattr(stat, "length", 0)
 
 
-def fingerprint(files: list, text_field: str = "text") -> str:
+def fingerprint(files: list, text_field: str = "text", exclude: dict | None = None) -> str:
   """A hash of the corpus read in O(files), not O(bytes): names relative to their common root,
   sizes, and SAMPLE_BYTES at the start, middle and end of each file (and the text field when it is
   not the default, since the same bytes then give other documents). A terabyte corpus is not
@@ -248,4 +270,6 @@ def fingerprint(files: list, text_field: str = "text") -> str:
         digest.update(f.read(SAMPLE_BYTES))
   if text_field != "text":
     digest.update(b"\0text_field=" + text_field.encode())
+  if exclude:
+    digest.update(b"\0exclude=" + json.dumps(exclude, sort_keys=True).encode())
   return digest.hexdigest()[:16]

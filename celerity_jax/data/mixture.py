@@ -6,6 +6,7 @@ One source is `data.paths` (or the built-in corpus). Several are a mixture file,
   paths = "gs://bucket/web/*.parquet"   # as data.paths; relative to the file's folder
   weight = 64.75                # relative: weights need not sum to 1 or 100
   text_field = "text"           # optional; default data.text_field
+  exclude = {"meta.redpajama_set_name" = ["RedPajamaC4"]}   # optional: records to skip
 
 and `data.weights=web:60,code:15` overrides weights by name.
 
@@ -34,7 +35,7 @@ from celerity_jax.config import ConfigError
 
 QUANTUM = 1 << 20  # weights are integers out of this: exact integer arithmetic at any row count
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-SOURCE_KEYS = {"paths", "weight", "text_field"}
+SOURCE_KEYS = {"paths", "weight", "text_field", "exclude"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Source:
   paths: str  # "" = the built-in corpus (data.corpus)
   weight: float
   text_field: str
+  exclude: dict | None = None  # {field (dotted): [values]}: records skipped (corpus.documents)
 
 
 def sources(data_cfg) -> list[Source]:
@@ -61,7 +63,9 @@ def sources(data_cfg) -> list[Source]:
         f"data.weights: unknown source {', '.join(unknown)} (the sources are "
         f"{', '.join(sorted(names))})"
       )
-    found = [Source(s.name, s.paths, given.get(s.name, s.weight), s.text_field) for s in found]
+    found = [
+      Source(s.name, s.paths, given.get(s.name, s.weight), s.text_field, s.exclude) for s in found
+    ]
   return found
 
 
@@ -124,7 +128,13 @@ def _read(path: str, default_field: str) -> list[Source]:
     field = entry.get("text_field", default_field)
     if not isinstance(field, str) or not field:
       raise ConfigError(f"{where}: text_field must be a field name")
-    found.append(Source(name, paths, _check_weight(where, entry["weight"]), field))
+    exclude = entry.get("exclude")
+    if exclude is not None and not (
+      isinstance(exclude, dict)
+      and all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in exclude.values())
+    ):
+      raise ConfigError(f'{where}: exclude must be {{"field" = ["value", ...]}}')
+    found.append(Source(name, paths, _check_weight(where, entry["weight"]), field, exclude))
   return found
 
 

@@ -100,11 +100,13 @@ def prepare(
   sources = mixture.sources(data_cfg)
   files = {s.name: _files(s) for s in sources}
   for s in sources:
-    if next(corpus.documents(files[s.name], s.text_field), None) is None:
+    if next(corpus.documents(files[s.name], s.text_field, s.exclude), None) is None:
       raise DataError(f"source {s.name}: {names(files[s.name])}: no non-empty documents")
   given_path = data_cfg.tokenizer or run_tokenizer
   given = tokenizer.load(given_path) if given_path else None
-  fingerprints = {s.name: corpus.fingerprint(files[s.name], s.text_field) for s in sources}
+  fingerprints = {
+    s.name: corpus.fingerprint(files[s.name], s.text_field, s.exclude) for s in sources
+  }
   _check_pinned(pinned, fingerprints, given if data_cfg.tokenizer else None)
   plans = {s.name: shards.plan(files[s.name]) for s in sources}
   root = cache_root(data_cfg)
@@ -123,7 +125,7 @@ def prepare(
       "format": store.FORMAT,
     }
     entry = root / f"{s.name}-{_key(settings)}"
-    job = {"tokenizer": str(given_path), "text_field": s.text_field}
+    job = {"tokenizer": str(given_path), "text_field": s.text_field, "exclude": s.exclude}
     job["eval_frac"] = data_cfg.eval_frac
     label = f"source {s.name}" if len(sources) > 1 else "data"
     meta = shards.build(
@@ -201,7 +203,7 @@ def sample_documents(sources, plans, budget: int) -> list[str]:
       each = share / k
     for i in picks:
       taken = 0
-      for doc in corpus.documents(shards.shard_inputs(plan[i]), s.text_field):
+      for doc in corpus.documents(shards.shard_inputs(plan[i]), s.text_field, s.exclude):
         out.append(doc)
         taken += len(doc.encode("utf-8", "replace"))
         if taken >= each:

@@ -20,6 +20,7 @@ without meta.json is never read.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -103,7 +104,7 @@ def _shard_name(i: int) -> str:
 
 def build_shard(entry: str, index: int, shard: dict, job: dict) -> int:
   """Builds shard `index` of the source at `entry` (run in a worker process); returns its input
-  bytes. `job`: tokenizer (path), text_field, eval_frac."""
+  bytes. `job`: tokenizer (path), text_field, exclude, eval_frac."""
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
   tok = tokenizer_lib.load(job["tokenizer"])
   final = storage.location(entry) / _shard_name(index)
@@ -116,8 +117,8 @@ def build_shard(entry: str, index: int, shard: dict, job: dict) -> int:
   nbytes = 0
   try:
     batch: list[str] = []
-    docs = corpus.documents(shard_inputs(shard), job["text_field"])
-    for doc in [*docs, None]:
+    docs = corpus.documents(shard_inputs(shard), job["text_field"], job.get("exclude"))
+    for doc in itertools.chain(docs, [None]):  # streamed: a shard is never held in memory
       if doc is not None:
         batch.append(doc)
       if batch and (doc is None or len(batch) == ENCODE_BATCH):

@@ -30,7 +30,7 @@ import numpy as np
 from celerity_jax.config import ConfigError
 
 HERE = Path(__file__).resolve().parent
-BOS_EOS = 3  # data/tokenizer.EOS: the document boundary, before every prompt and after every text
+BOS_EOS = 3  # a trained tokenizer's eos: the document boundary, before every prompt and after text
 
 
 def architecture(model_cfg) -> str:
@@ -50,6 +50,7 @@ def architecture(model_cfg) -> str:
 
 def hf_config(trained, arch: str) -> dict:
   m = trained.cfg.model
+  boundary = trained.tokenizer.eos_id if trained.tokenizer is not None else BOS_EOS
   common = {
     "vocab_size": m.vocab_size,
     "hidden_size": m.d_model,
@@ -60,8 +61,8 @@ def hf_config(trained, arch: str) -> dict:
     "head_dim": m.d_head,
     "max_position_embeddings": m.seq_len,
     "tie_word_embeddings": False,
-    "bos_token_id": BOS_EOS,
-    "eos_token_id": BOS_EOS,
+    "bos_token_id": boundary,
+    "eos_token_id": boundary,
     "pad_token_id": 0,
     "dtype": "float32",
     "celerity_jax": {"run_dir": str(trained.run_dir), "step": trained.step},
@@ -158,6 +159,18 @@ def tokenizer_config(seq_len: int) -> dict:
   }
 
 
+def tokenizer_json_config(trained) -> dict:
+  """A given tokenizer.json's config: its end-of-text token starts each prompt and ends text."""
+  eos = trained.tokenizer.tk.id_to_token(trained.tokenizer.eos_id)
+  return {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": eos,
+    "eos_token": eos,
+    "model_max_length": trained.cfg.model.seq_len,
+    "clean_up_tokenization_spaces": False,
+  }
+
+
 def write(trained, target) -> dict:
   """Writes the directory `target` (local) and returns what it holds. The files go to a sibling
   directory first, which then takes the place of `target` (an earlier export there is replaced
@@ -176,7 +189,12 @@ def write(trained, target) -> dict:
     if arch == "celerity":
       shutil.copyfile(HERE / "modeling_celerity.py", out / "modeling_celerity.py")
     files = ["config.json", "model.safetensors"]
-    if trained.tokenizer is not None:
+    if trained.tokenizer is not None and trained.tokenizer.file_name == "tokenizer.json":
+      (out / "tokenizer.json").write_bytes(trained.tokenizer.proto)  # transformers reads it as is
+      config = tokenizer_json_config(trained)
+      (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+      files += ["tokenizer.json", "tokenizer_config.json"]
+    elif trained.tokenizer is not None:
       (out / "tokenizer.model").write_bytes(trained.tokenizer.proto)
       config = tokenizer_config(trained.cfg.model.seq_len)
       (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
