@@ -170,7 +170,7 @@ def check_corpus(recipe: str, base: list[str], needed_tokens: float) -> int:
   cfg = config(recipe, base)
   if cfg.data.corpus == "synthetic" and not cfg.data.paths:
     return 0
-  have = prepare(cfg.data, cfg.model.vocab_size).train.n_tokens
+  have = sum(b.train.n_tokens for b in prepare(cfg.data, cfg.model.vocab_size).sources)
   if have < needed_tokens:
     source = f"data.paths={cfg.data.paths}" if cfg.data.paths else "the built-in stdlib corpus"
     raise DataError(

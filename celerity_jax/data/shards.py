@@ -19,6 +19,7 @@ without meta.json is never read.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -92,10 +93,17 @@ def shard_inputs(shard: dict) -> list:
   ]
 
 
-def held_out(text: str, eval_frac: float) -> bool:
-  """Whether a document is held out: by a hash of its text, stable under any reordering."""
-  bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:4], "big")
+def held_out(raw: bytes, eval_frac: float) -> bool:
+  """Whether a document (its UTF-8 bytes) is held out: by a hash of its text, stable under any
+  reordering."""
+  bucket = int.from_bytes(hashlib.sha1(raw).digest()[:4], "big")
   return bucket < eval_frac * 2**32
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str):
+  """Loaded once per worker process, not once per shard."""
+  return tokenizer_lib.load(path)
 
 
 def _shard_name(i: int) -> str:
@@ -106,7 +114,7 @@ def build_shard(entry: str, index: int, shard: dict, job: dict) -> int:
   """Builds shard `index` of the source at `entry` (run in a worker process); returns its input
   bytes. `job`: tokenizer (path), text_field, exclude, eval_frac."""
   os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
-  tok = tokenizer_lib.load(job["tokenizer"])
+  tok = _tokenizer(job["tokenizer"])
   final = storage.location(entry) / _shard_name(index)
   remote = storage.is_remote(entry)
   target = str(final) if remote else str(store.partial_dir(Path(os.fspath(final))))
@@ -123,8 +131,9 @@ def build_shard(entry: str, index: int, shard: dict, job: dict) -> int:
         batch.append(doc)
       if batch and (doc is None or len(batch) == ENCODE_BATCH):
         for text, ids in zip(batch, tok.encode(batch, threads=1), strict=True):
-          nbytes += len(text.encode("utf-8", "replace"))
-          writers["eval" if held_out(text, job["eval_frac"]) else "train"].add(ids)
+          raw = text.encode("utf-8", "replace")
+          nbytes += len(raw)
+          writers["eval" if held_out(raw, job["eval_frac"]) else "train"].add(ids)
         batch = []
     meta = {"tokenizer": tok.fingerprint}
     done = {split: w.finish(meta) for split, w in writers.items()}

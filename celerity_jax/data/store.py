@@ -64,10 +64,13 @@ def _create(path: str, name: str, dtype: str) -> ts.TensorStore:
   ).result()
 
 
-def _append(array: ts.TensorStore, values: np.ndarray, at: int) -> ts.TensorStore:
+def _append(array: ts.TensorStore, values: np.ndarray, at: int, wait: bool = True):
+  """(the array grown by `values` at `at`, the write's future: already done when `wait`)."""
   array = array.resize(exclusive_max=[at + len(values)], expand_only=True).result()
-  array[at : at + len(values)].write(values).result()
-  return array
+  write = array[at : at + len(values)].write(values)
+  if wait:
+    write.result()
+  return array, write
 
 
 def _sample_reads(array: ts.TensorStore, length: int) -> list:
@@ -132,31 +135,37 @@ class Writer:
     self.n_tokens, self.offsets, self.max_id = 0, [0], -1
     self.buffer: list[np.ndarray] = []
     self.pending = 0
+    self._eos = np.asarray([eos_id], np.int32)
+    self.writing = None  # the last block's write
 
   def add(self, ids):
-    doc = np.append(np.asarray(ids, np.int32), np.int32(self.eos_id))
-    self.max_id = max(self.max_id, int(doc.max()))
-    self.buffer.append(doc)
-    self.pending += len(doc)
-    self.offsets.append(self.offsets[-1] + len(doc))
+    self.buffer += (ids, self._eos)  # (concatenated at the flush: one copy per WRITE_CHUNK)
+    self.pending += len(ids) + 1
+    self.offsets.append(self.offsets[-1] + len(ids) + 1)
     if self.pending >= WRITE_CHUNK:
       self._flush()
 
   def _flush(self):
     if self.buffer:
-      block = np.concatenate(self.buffer)
+      block = np.concatenate(self.buffer).astype(np.int32, copy=False)
+      self.max_id = max(self.max_id, int(block.max()))
       if self.tokens is None:
         self.tokens = _create(self.target, "tokens", "int32")
-      self.tokens = _append(self.tokens, block, self.n_tokens)
+      if self.writing is not None:
+        self.writing.result()
+      # the write runs on tensorstore's threads while the next block is encoded
+      self.tokens, self.writing = _append(self.tokens, block, self.n_tokens, wait=False)
       self.n_tokens += len(block)
       self.buffer, self.pending = [], 0
 
   def finish(self, meta: dict) -> dict:
     """Writes the offsets and meta.json (last), moves a local build into place; returns meta."""
     self._flush()
+    if self.writing is not None:
+      self.writing.result()
     samples = {}
     if self.n_tokens:
-      offsets = _append(
+      offsets, _ = _append(
         _create(self.target, "offsets", "int64"), np.asarray(self.offsets, np.int64), 0
       )
       samples = {
