@@ -109,8 +109,20 @@ def test_a_run_trains_with_a_tokenizer_json(tokenizer_json, tmp_path, capsys):
   pinned = json.loads((run_dir / "config.json").read_text())["data_fingerprint"]
   assert pinned["tokenizer"] == tokenizer.load(tokenizer_json).fingerprint
   from celerity_jax import trained
+  from celerity_jax.hf import convert
 
-  assert trained.load(run_dir).tokenizer.eos_id == 0  # what sampling and export decode with
+  run = trained.load(run_dir)
+  assert run.tokenizer.eos_id == 0  # what sampling starts prompts with and stops at
+  # the Hugging Face export carries the tokenizer.json, which transformers reads as is
+  import transformers
+
+  files = convert.write(run, tmp_path / "hf")["files"]
+  assert "tokenizer.json" in files and "tokenizer.model" not in files
+  hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+  for text in DOCS[:5]:
+    assert hf(text)["input_ids"] == run.tokenizer.encode([text])[0].tolist()
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert config["eos_token_id"] == config["bos_token_id"] == 0
 
 
 def write_mix(root: Path, web_weight="6", extra="") -> Path:
