@@ -81,3 +81,30 @@ def test_a_run_trains_on_parquet_and_zst_sources(tmp_path):
   other = json.loads(json.dumps(saved))
   other["config"]["data"]["text_field"] = "body"
   assert "data.text_field" in config_changes(saved, other)
+
+
+def test_any_fsspec_url_is_a_source(tmp_path):
+  """A corpus at another fsspec URL (memory:// here; s3://, hf://, https:// alike) reads and
+  tokenizes to the same stores as the same files on local disk."""
+  import fsspec
+
+  from celerity_jax.config import DataConfig
+  from celerity_jax.data.prepare import prepare
+
+  write_sources(tmp_path / "corpus")
+  fs = fsspec.filesystem("memory")
+  for path in sorted((tmp_path / "corpus").iterdir()):
+    fs.pipe(f"/fsspec-corpus/{path.name}", path.read_bytes())
+  found = corpus.resolve_paths("memory://fsspec-corpus")
+  assert [f.name for f in found] == sorted(p.name for p in (tmp_path / "corpus").iterdir())
+  assert [f.name for f in corpus.resolve_paths("memory://fsspec-corpus/*.parquet")] == ["a.parquet"]
+  built = {}
+  for name, paths in (("local", tmp_path / "corpus"), ("url", "memory://fsspec-corpus")):
+    # one build process: a memory:// file system is this process's own
+    cfg = DataConfig(paths=str(paths), text_field="content", cache_dir=str(tmp_path / name),
+                     eval_frac=0.1, build_processes=1)  # fmt: skip
+    built[name] = prepare(cfg, 512, progress=False).sources[0]
+  assert built["url"].train.content == built["local"].train.content
+  assert built["url"].corpus == built["local"].corpus
+  with pytest.raises(DataError, match="nosuch://x"):
+    corpus.resolve_paths("nosuch://x")

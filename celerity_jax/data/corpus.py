@@ -73,6 +73,14 @@ def _expand(item: str) -> list:
     if path.is_file():
       return [path.resolve()]
     raise DataError(f"data.paths: {item}: no such file or directory")
+  if not storage.is_remote(item):
+    try:
+      found = UrlPath(item).expand()
+    except OSError as e:
+      raise DataError(f"data.paths: {item}: cannot list: {e}") from None
+    if not found:
+      raise DataError(f"data.paths: {item}: no such file or directory")
+    return [p for p in found if _kind(p)] if not any(ch in item for ch in "*?[") else found
   scheme = item.split("://", 1)[0]
   # (gcsfs's glob and walk answer without the scheme: put it back)
   located = lambda p: p if "://" in str(p) else storage.location(f"{scheme}://{p}")  # noqa: E731
@@ -147,7 +155,47 @@ class _Zstd(io.RawIOBase):
 
 def open_path(name: str):
   """A file named as plan.json records it (data/shards.py): a local path or a URL."""
-  return storage.location(name) if "://" in name else Path(name)
+  if "://" not in name:
+    return Path(name)
+  return storage.location(name) if storage.is_remote(name) else UrlPath(name)
+
+
+class UrlPath:
+  """A file at any other URL fsspec reads (s3://, hf://, https://, memory://, ...), with the
+  few path methods the corpus uses. gs:// goes through the project's storage paths instead."""
+
+  def __init__(self, url: str):
+    import fsspec
+
+    self.url = url
+    try:
+      self.fs, self.path = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:  # an unknown scheme, or its library not installed
+      raise DataError(f"data.paths: {url}: cannot open: {e}") from None
+    self.name = url.rstrip("/").rsplit("/", 1)[-1]
+
+  def __str__(self) -> str:
+    return self.url
+
+  def open(self, mode: str = "rb"):
+    return self.fs.open(self.path, mode)
+
+  def stat(self):
+    return os.stat_result((0, 0, 0, 0, 0, 0, self.fs.size(self.path), 0, 0, 0))
+
+  def is_file(self) -> bool:
+    return self.fs.isfile(self.path)
+
+  def expand(self) -> list:
+    """The file, the files under the folder, or the glob's files."""
+    if any(ch in self.url for ch in "*?["):
+      found = self.fs.glob(self.path)
+    elif self.fs.isdir(self.path):
+      found = self.fs.find(self.path)
+    else:
+      found = [self.path] if self.fs.exists(self.path) else []
+    files = [UrlPath(self.fs.unstrip_protocol(p)) for p in found]
+    return [f for f in files if f.is_file()]
 
 
 def documents(files: list, text_field: str = "text", exclude: dict | None = None) -> Iterator[str]:
