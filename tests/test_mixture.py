@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from test_sources import DOCS, write_sources
 
 from celerity_jax.commands import tokenize
 from celerity_jax.config import DataConfig
-from celerity_jax.data import mixture, shards
+from celerity_jax.data import corpus, mixture, shards
 from celerity_jax.data.prepare import prepare
 from celerity_jax.main import main
 
@@ -129,7 +130,7 @@ def test_a_killed_build_resumes_from_its_finished_shards(tmp_path, stdlib_cache)
   """SIGKILL (process group: workers too) mid-build leaves no store a run could read; the same
   command then builds only the missing shards and ends byte-identical to an unbroken build."""
   reference = prepare(DataConfig(cache_dir=str(stdlib_cache)), 512, progress=False)
-  tokenizer_dir = next(stdlib_cache.glob("tokenizer-*"))
+  tokenizer_dir = Path(reference.tokenizer_path).parent
   cache = tmp_path / "cache"
   cache.mkdir()
   os.symlink(tokenizer_dir, cache / tokenizer_dir.name)  # the same tokenizer: no retraining
@@ -246,3 +247,19 @@ def test_weights_changed_on_resume_are_a_logged_event(mix, one_process_build, tm
   source, rank = segments.assign(np.arange(96))
   for i in range(3):
     assert (rank[source == i] == np.arange((source == i).sum())).all()
+
+
+def test_a_large_plain_jsonl_file_is_split_by_lines(tmp_path):
+  """The shards of one .jsonl file read its documents exactly once, in order, whatever the line a
+  byte boundary falls in (lines of every length, CRLF endings, blank lines, non-ASCII text)."""
+  rng = np.random.default_rng(3)
+  docs = [("é" * int(rng.integers(0, 50))) + DOCS[i % len(DOCS)][: int(rng.integers(1, 3000))]
+          for i in range(400)]  # fmt: skip
+  lines = [json.dumps({"text": d}) + ("\r\n" if i % 7 == 0 else "\n") for i, d in enumerate(docs)]
+  lines.insert(100, "\n")
+  path = tmp_path / "big.jsonl"
+  path.write_text("".join(lines))
+  plan = shards.plan([path])
+  assert len(plan) > 8 and all(s["pieces"][0][1] for s in plan)  # byte ranges of one file
+  read = [d for shard in plan for d in corpus.documents(shards.shard_inputs(shard))]
+  assert read == [d for d in docs if d.strip()] == list(corpus.documents([path]))

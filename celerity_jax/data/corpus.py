@@ -199,21 +199,25 @@ class UrlPath:
 
 
 def documents(files: list, text_field: str = "text", exclude: dict | None = None) -> Iterator[str]:
-  """Yields every non-empty document of `files`, in order. An item may also be a pair (parquet
-  path, (first, end) row groups): that part of the file. `exclude`: {field: [values]} skips the
+  """Yields every non-empty document of `files`, in order. An item may also be a pair (path,
+  (first, end)): that part of the file, row groups of a parquet file or bytes of a plain .jsonl
+  (the lines that start in [first, end)). `exclude`: {field: [values]} skips the
   JSONL records or parquet rows whose field (dotted into nested objects: meta.set_name) holds one
   of the values (SlimPajama's web subsets)."""
   import zstandard
 
   for item in files:
-    path, row_groups = item if isinstance(item, tuple) else (item, None)
+    path, part = item if isinstance(item, tuple) else (item, None)
     try:
       with path.open("rb") as raw:
         kind = _kind(path)
         if kind == "parquet":
-          yield from _parquet_documents(raw, path, text_field, row_groups, exclude or {})
+          yield from _parquet_documents(raw, path, text_field, part, exclude or {})
+        elif kind == "jsonl" and part:
+          yield from _jsonl_documents(_byte_range(raw, *part), path, text_field, exclude or {})
         elif kind == "jsonl":
-          yield from _jsonl_documents(_open_text(raw, path), path, text_field, exclude or {})
+          lines = enumerate(_open_text(raw, path), 1)
+          yield from _jsonl_documents(lines, path, text_field, exclude or {})
         else:
           text = _open_text(raw, path).read()
           if "\0" in text:  # text has no NUL; binaries nearly always do
@@ -247,19 +251,39 @@ def _excluded(record: dict, exclude: dict) -> bool:
   return any(_lookup(record, field) in values for field, values in exclude.items())
 
 
+def splittable(path) -> bool:
+  """A plain .jsonl file: its lines can be read from any byte offset (data/shards.py)."""
+  return _kind(path) == "jsonl" and not path.name.endswith(COMPRESSED)
+
+
+def _byte_range(raw, first: int, end: int):
+  """(where, line) of the lines of a binary file that start at a byte offset in [first, end):
+  the line a range begins inside belongs to the range before."""
+  raw.seek(first)
+  at = first
+  if first:
+    at += len(raw.readline())
+  while at < end:
+    line = raw.readline()
+    if not line:
+      return
+    yield f"byte {at}", line.decode("utf-8", "replace")
+    at += len(line)
+
+
 def _jsonl_documents(lines, path, field: str, exclude: dict) -> Iterator[str]:
-  for number, line in enumerate(lines, 1):
+  for where, line in lines:
     if not line.strip():
       continue
     try:
       record = json.loads(line)
       text = record[field]
     except (json.JSONDecodeError, KeyError, TypeError):
-      raise DataError(f"{path}:{number}: not a JSON object with a {field!r} field") from None
+      raise DataError(f"{path}:{where}: not a JSON object with a {field!r} field") from None
     if exclude and _excluded(record, exclude):
       continue
     if not isinstance(text, str):
-      raise DataError(f"{path}:{number}: {field!r} is a {type(text).__name__}, not a string")
+      raise DataError(f"{path}:{where}: {field!r} is a {type(text).__name__}, not a string")
     if text.strip():
       yield text
 

@@ -1,9 +1,9 @@
 """A source's token stores, built in shards by every process of a run and every core of each.
 
 A source's files are cut into shards of about `shard_bytes(total)` bytes (whole files packed in
-order; a large parquet file split by row groups), a pure function of the corpus: the same corpus
-gives the same shards whatever builds them. Shard i holds the train and held-out stores of its
-documents:
+order; a large parquet file split by row groups, a large plain .jsonl file by lines), a pure
+function of the corpus: the same corpus gives the same shards whatever builds them. Shard i holds
+the train and held-out stores of its documents:
 
   ENTRY/plan.json                the shards' inputs (informational: every process computes it)
   ENTRY/shards/00000/train/      a token store (data/store.py); ENTRY/shards/00000/eval/ likewise
@@ -29,7 +29,7 @@ import shutil
 import socket
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -45,6 +45,7 @@ ENCODE_BATCH = 256  # documents per encode call
 MIN_SHARD, MAX_SHARD = 1 << 16, 64 << 20  # bytes of input per shard
 TARGET_SHARDS = 64  # a small corpus still gives every core of a host a shard
 POLL_S = 2.0
+OPEN_THREADS = 32  # shards opened at once
 
 
 def shard_bytes(total: int) -> int:
@@ -52,9 +53,9 @@ def shard_bytes(total: int) -> int:
 
 
 def plan(files: list) -> list[dict]:
-  """[{"pieces": [[file name, row groups [first, end] or None], ...], "bytes": input bytes}, ...]
-  : whole files packed in order up to the shard size, a parquet file larger than it split by row
-  groups."""
+  """[{"pieces": [[file name, part or None], ...], "bytes": input bytes}, ...]: whole files packed
+  in order up to the shard size; a parquet file larger than it split by row groups (part: [first,
+  end) row groups), a plain .jsonl file by bytes (part: [first, end) bytes, whole lines)."""
   sizes = [corpus.size(f) for f in files]
   target = shard_bytes(sum(sizes))
   shards, current, filled = [], [], 0
@@ -76,6 +77,12 @@ def plan(files: list) -> list[dict]:
         if bytes_in >= target or i == len(rows) - 1:
           shards.append({"pieces": [[str(path), [first, i + 1]]], "bytes": round(bytes_in)})
           first, bytes_in = i + 1, 0.0
+      continue
+    if corpus.splittable(path) and size > target:
+      close()
+      for first in range(0, size, target):
+        end = min(first + target, size)
+        shards.append({"pieces": [[str(path), [first, end]]], "bytes": end - first})
       continue
     current.append([str(path), None])
     filled += size
@@ -299,11 +306,15 @@ class SplitStore:
       raise DataError(
         f"token store {entry}: token id {info['max_token_id']} >= model.vocab_size={vocab}"
       )
-    parts = [
-      store.TokenStore(f"{entry}/{_shard_name(i)}/{split}", tokenizer_fingerprint, vocab)
+    names = [
+      f"{entry}/{_shard_name(i)}/{split}"
       for i, counts in enumerate(meta["shards"])
       if counts[split]
     ]
+    # each shard's store is checked as it opens (a listing and a few reads): thousands of shards on
+    # Cloud Storage open in parallel, not one round trip after another
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:
+      parts = list(pool.map(lambda n: store.TokenStore(n, tokenizer_fingerprint, vocab), names))
     if not parts:
       raise DataError(f"token store {entry}: the {split} split has no tokens")
     self.parts = parts
