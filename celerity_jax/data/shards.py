@@ -45,7 +45,7 @@ ENCODE_BATCH = 256  # documents per encode call
 MIN_SHARD, MAX_SHARD = 1 << 16, 64 << 20  # bytes of input per shard
 TARGET_SHARDS = 64  # a small corpus still gives every core of a host a shard
 POLL_S = 2.0
-OPEN_THREADS = 32  # shards opened at once
+OPEN_THREADS = 16  # shards opened at once
 
 
 def shard_bytes(total: int) -> int:

@@ -18,6 +18,7 @@ build never leaves a store that looks complete and never touches an existing one
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,7 +37,8 @@ FORMAT = 3  # 3: shard samples and the content fingerprint in meta.json
 FILL = -1  # no token id is negative: a read that returns it found no data
 WRITE_CHUNK = 1 << 20  # tokens per file (zarr3 shard)
 READ_CHUNK = 1 << 14  # tokens per independently readable inner chunk: windows read ~64 KB
-CACHE_BYTES = 256 << 20  # decoded chunks kept in memory by each reader
+CACHE_BYTES = 256 << 20  # decoded chunks kept in memory by a process's readers
+READ_THREADS = 16  # tensorstore's read and decode threads per process
 SAMPLE = 64  # tokens read at each end of every shard to check it is the shard that was written
 
 
@@ -222,12 +224,30 @@ def write_text(path: str, name: str, text: str):
   kv.write(name, text.encode()).result()
 
 
+@functools.lru_cache(maxsize=1)
+def read_context() -> ts.Context:
+  """The tensorstore resources every store of a process reads with: one cache of CACHE_BYTES of
+  decoded chunks and one set of I/O threads, however many stores and shards are open."""
+  return ts.Context(
+    {
+      "cache_pool": {"total_bytes_limit": CACHE_BYTES},
+      "file_io_concurrency": {"limit": READ_THREADS},
+      "data_copy_concurrency": {"limit": READ_THREADS},
+    }
+  )
+
+
 class TokenStore:
   """Read access to a complete, validated store."""
 
   def __init__(
-    self, path: str, tokenizer_fingerprint: str | None = None, vocab_size: int | None = None
+    self,
+    path: str,
+    tokenizer_fingerprint: str | None = None,
+    vocab_size: int | None = None,
+    context: ts.Context | None = None,
   ):
+    """`context`: the tensorstore resources it reads with (default: read_context())."""
     self.path = path
     try:
       raw = ts.KvStore.open(storage.kvstore_url(path)).result().read("meta.json").result()
@@ -252,7 +272,7 @@ class TokenStore:
       )
     self._check_files()
     try:
-      context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
+      context = context or read_context()
       self.tokens = ts.open(_spec(path, "tokens"), open=True, read=True, context=context).result()
       self.offsets = ts.open(_spec(path, "offsets"), open=True, read=True, context=context).result()
     except (ValueError, RuntimeError) as e:
