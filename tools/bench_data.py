@@ -1,13 +1,15 @@
 """Data benchmark: tokenization per core and over processes, and the loader against training.
 
-  python -m tools.bench_data recipe=celerity_tiny [--copies 3] [--steps 40] [--train-steps 4] \
+  python -m tools.bench_data recipe=celerity_tiny [--copies 6] [--steps 40] [--train-steps 4] \
       [--pod-recipe celerity_1b]
 
 Tokenization: the recipe's corpus, `--copies` times over (a larger corpus amortizes starting the
 worker processes, as a real one does), with a tokenizer trained once on it. Timed in one run:
 the tokenizer library's own encode of the documents held in memory on one thread (the physical
-limit of one core); the token-store build with 1 process (data.build_processes=1: reading,
-encoding, splitting, writing; goal >= 0.8 of that limit); and with 2 processes (goal >= 1.8x one).
+limit of one core); the token-store build (data/shards.py: reading, encoding, the held-out split,
+writing checksummed shards) with 1 worker process (goal >= 0.8 of that limit) and with 2 (goal
+>= 1.8x one); and, for scale, a whole `prepare` with its default processes (listing and
+fingerprinting the files, the build, opening and checking the stores).
 
 Loader: the run's pipeline (grain window batches, data.threads reader threads, tensorstore reads
 from the built store) timed over --steps batches, against (a) the recipe's own jitted step on this
@@ -32,14 +34,14 @@ from celerity_jax.cli import ArgumentParser, run_cli
 
 def main(argv: list[str]) -> dict:
   parser = ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--copies", type=int, default=3)
+  parser.add_argument("--copies", type=int, default=6)
   parser.add_argument("--steps", type=int, default=40)
   parser.add_argument("--train-steps", type=int, default=4)
   parser.add_argument("--pod-recipe", default="celerity_1b")
   args, rest = parser.parse_known_args(argv)
 
   from celerity_jax.cli import parse
-  from celerity_jax.data import corpus
+  from celerity_jax.data import corpus, shards
   from celerity_jax.data.prepare import prepare
 
   cfg, _ = parse(rest)
@@ -65,12 +67,20 @@ def main(argv: list[str]) -> dict:
       prepared.tokenizer.encode(docs[i : i + 256], threads=1)
     encode_s = time.perf_counter() - t0
     del docs
+    # the build itself (data/shards.py), without listing the files, fingerprinting them and
+    # opening the finished stores, which prepare() adds once per start
+    plan = shards.plan(corpus.resolve_paths(given.paths))
+    job = {"tokenizer": prepared.tokenizer_path, "text_field": given.text_field}
+    job["eval_frac"] = given.eval_frac
     seconds = {}
     for n in (1, 2):
       t0 = time.perf_counter()
-      prepare(dataclasses.replace(given, cache_dir=str(tmp / f"c{n}"), build_processes=n),
-              cfg.model.vocab_size, progress=False)  # fmt: skip
+      shards.build(str(tmp / f"c{n}"), plan, job, workers=n, progress=False)
       seconds[n] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prepare(dataclasses.replace(given, cache_dir=str(tmp / "c3")), cfg.model.vocab_size,
+            progress=False)  # fmt: skip
+    out["prepare_s"] = round(time.perf_counter() - t0, 1)
     out |= {
       "corpus_mb": round(text_mb, 1),
       "encode_1_thread_mb_per_s": round(text_mb / encode_s, 2),
