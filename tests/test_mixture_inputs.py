@@ -170,6 +170,7 @@ def refused(capsys, tmp_path, *args):
     ({"extra": '[sources.x]\npaths = "web"\nweight = 1\nbatch = 3\n'}, [], 2, "unknown key batch"),
     ({"extra": "[sources.y]\nweight = 1\n"}, [], 2, "[sources.y]: no paths"),
     ({"extra": "[sources.z\n"}, [], 2, "is not valid TOML"),
+    ({}, ["data.paths=elsewhere"], 2, "data.paths and data.mixture are both set"),
   ],
   ids=[
     "zero",
@@ -182,6 +183,7 @@ def refused(capsys, tmp_path, *args):
     "unknown key",
     "no paths",
     "bad toml",
+    "paths too",
   ],  # fmt: skip
 )
 def test_a_bad_mixture_is_refused_in_one_line(setup, args, status, named, tmp_path, capsys):

@@ -49,6 +49,11 @@ class Source:
 
 def sources(data_cfg) -> list[Source]:
   """The run's sources (one without data.mixture), with data.weights applied."""
+  if data_cfg.mixture and data_cfg.paths:
+    raise ConfigError(
+      "data.paths and data.mixture are both set: name the files in the mixture's sources, or "
+      "give data.paths alone"
+    )
   if not data_cfg.mixture:
     name = "data" if data_cfg.paths else data_cfg.corpus
     found = [Source(name, data_cfg.paths, 1.0, data_cfg.text_field)]

@@ -103,7 +103,7 @@ def builders(root) -> tuple[int, int]:
     return 0, 1
   from celerity_jax import storage
 
-  token = int(multihost_utils.broadcast_one_to_all(np.int64(uuid.uuid4().int % 2**62)))
+  token = int(multihost_utils.broadcast_one_to_all(np.int32(uuid.uuid4().int % 2**31)))
   marker = root / f".shared-{token}"
   if jax.process_index() == 0:
     storage.check_writable(root, "data.cache_dir")
