@@ -164,14 +164,11 @@ def _kv(entry: str):
   return ts.KvStore.open(storage.kvstore_url(entry)).result()
 
 
-def finished(entry: str) -> set[int]:
-  """The shards whose done.json is there (one listing)."""
-  keys = _kv(entry).list().result()
-  return {
-    int(key.decode().split("/")[1])
-    for key in keys
-    if key.decode().startswith("shards/") and key.decode().endswith("/done.json")
-  }
+def finished(kv, shards) -> set[int]:
+  """Which of the shards have their done.json: read concurrently, one small read each (a listing
+  would return every array file of every shard, on Cloud Storage a thousand keys per request)."""
+  reads = {i: kv.read(f"{_shard_name(i)}/done.json") for i in shards}
+  return {i for i, read in reads.items() if read.result().state == "value"}
 
 
 def _read_json(kv, key: str):
@@ -197,12 +194,12 @@ def build(
   storage.check_writable(storage.location(entry), "data.cache_dir")
   index, count = process
   storage.write_atomic(storage.location(entry) / "plan.json", json.dumps(shards) + "\n")
-  done = finished(entry)
+  done = finished(kv, range(len(shards)))
   mine = [i for i in range(len(shards)) if i % count == index and i not in done]
   if mine:
     job = {**job, "process": index}
     _run(entry, shards, job, mine, workers or os.cpu_count() or 1, progress, label, len(done))
-  meta = _wait(entry, len(shards), index == 0, label)
+  meta = _wait(kv, set(range(len(shards))) - done - set(mine), index == 0, label)
   if meta is None:  # process 0: every shard is done
     meta = _summarize(kv, len(shards))
     store.write_text(entry, "meta.json", json.dumps(meta, indent=2))
@@ -255,21 +252,22 @@ def _run(entry, shards, job, mine, workers, progress, label, already):
     )
 
 
-def _wait(entry: str, n: int, primary: bool, label: str):
-  """Process 0: None once every shard is done; the others: the source's meta.json."""
-  kv, since, said = _kv(entry), time.monotonic(), 0.0
+def _wait(kv, others: set[int], primary: bool, label: str):
+  """Process 0: None once the other processes' shards `others` are done (those still missing are
+  read again each poll); the others: the source's meta.json."""
+  since, said = time.monotonic(), 0.0
   while True:
-    if primary and len(finished(entry)) == n:
-      return None
-    if not primary and (meta := _read_json(kv, "meta.json")) is not None:
+    if primary:
+      others -= finished(kv, others)
+      if not others:
+        return None
+    elif (meta := _read_json(kv, "meta.json")) is not None:
       return meta
     waited = time.monotonic() - since
     if waited - said >= 60:
-      print(
-        f"celerity_jax: {label}: waiting for the other processes' shards "
-        f"({len(finished(entry))} of {n} done, {waited:.0f} s)",
-        file=sys.stderr,
-      )
+      missing = f"{len(others)} shards missing" if primary else "no meta.json yet"
+      print(f"celerity_jax: {label}: waiting for the other processes ({missing}, {waited:.0f} s)",
+            file=sys.stderr)  # fmt: skip
       said = waited
     time.sleep(POLL_S)
 
