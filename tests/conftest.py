@@ -120,3 +120,13 @@ def bad_input_run(tmp_path_factory):
   from bad_inputs import build_finished_run
 
   return build_finished_run(tmp_path_factory.mktemp("finished") / "run")
+
+
+def write_store(path: str, docs, eos_id: int, meta: dict) -> dict:
+  """A token store of `docs` (token arrays) at `path`, as a shard's builder writes one."""
+  from celerity_jax.data import store
+
+  writer = store.Writer(path, eos_id)
+  for ids in docs:
+    writer.add(ids)
+  return writer.finish(meta)

@@ -9,7 +9,7 @@ import pytest
 
 from celerity_jax import recipes
 from celerity_jax.config import DataConfig, apply_overrides
-from celerity_jax.data import DataError, corpus, store, tokenizer
+from celerity_jax.data import DataError, corpus, shards, store, tokenizer
 from celerity_jax.data.pipeline import one_source, prefetch
 from celerity_jax.data.prepare import prepare
 from celerity_jax.main import main
@@ -164,18 +164,20 @@ def test_store_errors(prepared, tmp_path):
     one_source(prepared.eval, 64, 10_000, seed=0)
 
 
-def test_failed_build_keeps_the_existing_store(tmp_path):
-  path = str(tmp_path / "s")
-  store.build(path, [np.arange(10)], tokenizer.EOS, {"tokenizer": "t"})
-
-  def failing():
-    yield np.arange(5)
-    raise DataError("a corrupt file half-way")
-
-  with pytest.raises(DataError, match="half-way"):
-    store.build(path, failing(), tokenizer.EOS, {"tokenizer": "t"})
-  assert store.TokenStore(path).n_tokens == 11
-  assert not list(tmp_path.glob("s.partial*"))  # nor the failed build's own directory
+def test_a_failed_shard_build_leaves_nothing_and_keeps_a_built_shard(files, tmp_path):
+  root, docs = files
+  tokenizer.train(lambda: iter(docs), vocab_size=300).save(tmp_path / "t.model")
+  job = {"tokenizer": str(tmp_path / "t.model"), "text_field": "text", "eval_frac": 0.1}
+  entry = tmp_path / "entry"
+  shards.build_shard(str(entry), 0, shards.plan(corpus.resolve_paths(str(root)))[0], job)
+  built = (entry / "shards" / "00000" / "done.json").read_text()
+  (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+  bad = {"pieces": [[str(tmp_path / "bad.jsonl"), None]], "bytes": 30}
+  for index in (0, 1):  # over the built shard, and as a new one
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+      shards.build_shard(str(entry), index, bad, job)
+  assert (entry / "shards" / "00000" / "done.json").read_text() == built
+  assert sorted(p.name for p in (entry / "shards").iterdir()) == ["00000"]  # no partial left
 
 
 def run_main(capsys, *argv):

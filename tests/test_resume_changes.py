@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, write_store
 
 from celerity_jax import trained
 from celerity_jax.data import DataError, corpus, store
@@ -100,7 +100,7 @@ def test_swapped_or_overwritten_store_shards_are_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(store, "READ_CHUNK", 256)
   rng = np.random.default_rng(0)
   docs = [rng.integers(4, 300, rng.integers(20, 200)) for _ in range(60)]
-  meta = store.build(str(tmp_path / "s"), docs, 3, {"tokenizer": "t"})
+  meta = write_store(str(tmp_path / "s"), docs, 3, {"tokenizer": "t"})
   assert store.TokenStore(str(tmp_path / "s")).content == meta["content"]
   shards = tmp_path / "s" / "tokens" / "c"
   assert len(list(shards.iterdir())) >= 3
@@ -163,7 +163,7 @@ def test_the_data_after_a_batch_change_is_the_continuation_of_the_rows(tmp_path)
   from celerity_jax.data.pipeline import one_source
 
   rng = np.random.default_rng(1)
-  meta = store.build(str(tmp_path / "s"), [rng.integers(4, 300, 500) for _ in range(40)], 3, {})
+  meta = write_store(str(tmp_path / "s"), [rng.integers(4, 300, 500) for _ in range(40)], 3, {})
   tokens = store.TokenStore(str(tmp_path / "s"))
   assert tokens.content == meta["content"]
   before = one_source(tokens, 16, 8, seed=3)
@@ -176,6 +176,6 @@ def test_the_data_after_a_batch_change_is_the_continuation_of_the_rows(tmp_path)
 def test_shutil_copied_cache_is_still_valid(tmp_path):
   """The checks are on content, not on file times: a cache copied elsewhere opens as it was."""
   rng = np.random.default_rng(2)
-  meta = store.build(str(tmp_path / "s"), [rng.integers(4, 300, 100) for _ in range(20)], 3, {})
+  meta = write_store(str(tmp_path / "s"), [rng.integers(4, 300, 100) for _ in range(20)], 3, {})
   shutil.copytree(tmp_path / "s", tmp_path / "copy")
   assert store.TokenStore(str(tmp_path / "copy")).content == meta["content"]

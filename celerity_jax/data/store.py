@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -193,10 +192,6 @@ class Writer:
       publish(Path(self.target), self.final)
     return meta
 
-  def abandon(self):
-    if self.local:
-      shutil.rmtree(self.target, ignore_errors=True)
-
 
 def publish(built: Path, final: Path):
   """Moves a finished local build into place, unless another process finished it first."""
@@ -205,18 +200,6 @@ def publish(built: Path, final: Path):
   else:
     shutil.rmtree(final, ignore_errors=True)  # an incomplete build of the same name
     os.replace(built, final)
-
-
-def build(path: str, encoded_docs: Iterable[np.ndarray], eos_id: int, meta: dict) -> dict:
-  """Writes a store from per-document token arrays; returns its meta."""
-  writer = Writer(path, eos_id)
-  try:
-    for ids in encoded_docs:
-      writer.add(ids)
-  except BaseException:
-    writer.abandon()
-    raise
-  return writer.finish(meta)
 
 
 def write_text(path: str, name: str, text: str):
