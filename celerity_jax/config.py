@@ -57,6 +57,8 @@ class ModelConfig:
   norm_eps: float = key(1e-5, free=False)
   position: Literal["alibi", "rope"] = key("alibi", free=False)
   rope_theta: float = key(10000.0, free=False)
+  # the fraction of each head's dimensions that RoPE rotates (the first ones; Nemotron: 0.5)
+  rope_fraction: float = key(1.0, between(0, 1, "(]"), free=False)
   mlp: Literal["squared_relu", "swiglu"] = key("squared_relu", free=False)
   # compute dtype; params are always float32
   dtype: Literal["float32", "bfloat16"] = key("float32", free=False)
@@ -393,8 +395,11 @@ def validate(cfg: Config) -> Config:
   kv = m.n_kv_heads or m.n_heads
   if m.n_heads % kv:
     raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
-  if m.position == "rope" and m.d_head % 2:
-    raise ConfigError(f"model.d_head={m.d_head} must be even for rope positions")
+  if m.position == "rope" and rotary_dims(m) % 2:
+    raise ConfigError(
+      f"model.d_head={m.d_head} x model.rope_fraction={m.rope_fraction} must be even for rope "
+      f"positions (the dimensions RoPE rotates come in pairs)"
+    )
   if t.microbatch_rows and t.microbatches != 1:
     raise ConfigError(
       f"train.microbatch_rows={t.microbatch_rows} with train.microbatches="
@@ -414,6 +419,11 @@ def validate(cfg: Config) -> Config:
   if slices < 1:
     raise ConfigError(f"mesh.slices={slices}: must be >= 1")
   return cfg
+
+
+def rotary_dims(m: ModelConfig) -> int:
+  """How many of each head's dimensions RoPE rotates (transformers' int(d_head * fraction))."""
+  return int(m.d_head * m.rope_fraction)
 
 
 def _validate_moe(m: ModelConfig):

@@ -29,8 +29,12 @@ VARIANTS = {
     ["model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.n_kv_heads=1"],
     "LlamaForCausalLM",
   ),
-  "nemotron": (["model.position=rope"], "NemotronForCausalLM"),  # LayerNorm, squared ReLU
-  "rope_layernorm_swiglu": (["model.position=rope", "model.mlp=swiglu"], "CelerityForCausalLM"),
+  # LayerNorm, squared ReLU, RoPE on half of each head (as Nemotron-4 and Minitron)
+  "nemotron": (["model.position=rope", "model.rope_fraction=0.5"], "NemotronForCausalLM"),
+  "rope_layernorm_swiglu": (
+    ["model.position=rope", "model.mlp=swiglu", "model.rope_fraction=0.5"],
+    "CelerityForCausalLM",
+  ),
 }
 
 

@@ -9,12 +9,15 @@ Which class loads it depends on the architecture (docs/usage.md, "Use the model"
   the bias before the 1/sqrt(d_head) scale and rounds positions in bf16, and Bloom and MPT fix a
   GELU MLP of width 4d, so none of them computes this model's logits.
 
-CompleteP's multipliers (docs/method.md section 4) are folded into the weights, so every class
-sees a plain decoder: the embedding multiplier into the embedding table; the attention-logit scale
-into W_q, times sqrt(d_head) because transformers divides by it; the residual-branch scale 1/m_L
-into the attention output and MLP down projections; the logit multiplier into lm_head. Tested
-(tests/test_hf_export.py): transformers' logits equal the JAX forward to 1e-4, and its greedy
-generation equals tools.sample's.
+CompleteP's multipliers (docs/method.md section 4) are folded into the weights for the stock
+classes, which compute a plain decoder: the embedding multiplier into the embedding table; the
+attention-logit scale into W_q, times sqrt(d_head) because transformers divides by it; the
+residual-branch scale 1/m_L into the attention output and MLP down projections; the logit
+multiplier into lm_head. The shipped class applies them at run time instead (config.json
+`multipliers`), so its weights are the run's own, bit for bit, and an import (hf/importer.py)
+gets them back exactly; a fold is a float32 product, which an import can undo only to within an
+ulp. Tested (tests/test_hf_export.py): transformers' logits equal the JAX forward to 1e-4, and
+its greedy generation equals tools.sample's.
 """
 
 from __future__ import annotations
@@ -41,11 +44,22 @@ def architecture(model_cfg) -> str:
       "(--format npz exports them)"
     )
   kinds = (model_cfg.position, model_cfg.norm, model_cfg.mlp)
-  if kinds == ("rope", "rmsnorm", "swiglu"):
+  if kinds == ("rope", "rmsnorm", "swiglu") and model_cfg.rope_fraction == 1.0:
     return "llama"
   if kinds == ("rope", "layernorm", "squared_relu"):
     return "nemotron"
   return "celerity"
+
+
+FOLDED = ("input_scale", "attn_scale", "residual_scale", "logit_scale")
+
+
+def file_multipliers(arch: str, model_cfg, ours) -> dict[str, float]:
+  """The multipliers the class that loads `arch` applies itself: the shipped class applies the
+  run's own; a stock class applies 1/sqrt(d_head) to q.k and nothing else."""
+  if arch == "celerity":
+    return {name: getattr(ours, name) for name in FOLDED}
+  return {name: 1.0 for name in FOLDED} | {"attn_scale": 1.0 / math.sqrt(model_cfg.d_head)}
 
 
 def hf_config(trained, arch: str) -> dict:
@@ -87,7 +101,7 @@ def hf_config(trained, arch: str) -> dict:
       "norm_eps": m.norm_eps,
       "rope_parameters": {
         "rope_theta": m.rope_theta,
-        "partial_rotary_factor": 1.0,
+        "partial_rotary_factor": m.rope_fraction,
         "rope_type": "default",
       },
       "attention_bias": False,
@@ -105,16 +119,21 @@ def hf_config(trained, arch: str) -> dict:
     "norm_eps": m.norm_eps,
     "position": m.position,
     "rope_theta": m.rope_theta,
+    "rope_fraction": m.rope_fraction,
     "mlp": m.mlp,
+    "multipliers": file_multipliers(arch, m, trained.multipliers),
   }
 
 
 def state_dict(trained, arch: str) -> dict[str, np.ndarray]:
   """transformers' parameter names -> float32 arrays (out x in, as torch.nn.Linear keeps them),
-  with the multipliers folded in."""
-  p, m, mult = trained.params, trained.cfg.model, trained.multipliers
-  d, h = m.d_model, m.d_head
-  q_fold = mult.attn_scale * math.sqrt(h)  # transformers divides q.k by sqrt(d_head) itself
+  with what the loading class does not apply itself folded in (a ratio of exactly 1 where it
+  applies a multiplier itself: the weight is unchanged, bit for bit)."""
+  p, m, ours = trained.params, trained.cfg.model, trained.multipliers
+  d = m.d_model
+  applied = file_multipliers(arch, m, ours)
+  fold = {name: getattr(ours, name) / applied[name] for name in FOLDED}
+  q_fold, residual = fold["attn_scale"], fold["residual_scale"]
   gain_offset = 1.0 if arch == "nemotron" else 0.0  # Nemotron's LayerNorm1P: weight + 1
 
   def norm(prefix, params):
@@ -123,7 +142,7 @@ def state_dict(trained, arch: str) -> dict[str, np.ndarray]:
       out[f"{prefix}.bias"] = params["bias"]
     return out
 
-  out = {"model.embed_tokens.weight": p["embed"] * mult.input_scale}
+  out = {"model.embed_tokens.weight": p["embed"] * fold["input_scale"]}
   blocks = p["blocks"]
   for i in range(m.n_layers):
     layer = {k: {name: a[i] for name, a in v.items()} for k, v in blocks.items()}
@@ -131,15 +150,15 @@ def state_dict(trained, arch: str) -> dict[str, np.ndarray]:
     out[f"{pre}.self_attn.q_proj.weight"] = (attn["wq"] * q_fold).reshape(d, -1).T
     out[f"{pre}.self_attn.k_proj.weight"] = attn["wk"].reshape(d, -1).T
     out[f"{pre}.self_attn.v_proj.weight"] = attn["wv"].reshape(d, -1).T
-    out[f"{pre}.self_attn.o_proj.weight"] = (attn["wo"] * mult.residual_scale).reshape(-1, d).T
+    out[f"{pre}.self_attn.o_proj.weight"] = (attn["wo"] * residual).reshape(-1, d).T
     out[f"{pre}.mlp.up_proj.weight"] = mlp["wi"].T
     if "wg" in mlp:
       out[f"{pre}.mlp.gate_proj.weight"] = mlp["wg"].T
-    out[f"{pre}.mlp.down_proj.weight"] = (mlp["wo"] * mult.residual_scale).T
+    out[f"{pre}.mlp.down_proj.weight"] = (mlp["wo"] * residual).T
     out.update(norm(f"{pre}.input_layernorm", layer["ln1"]))
     out.update(norm(f"{pre}.post_attention_layernorm", layer["ln2"]))
   out.update(norm("model.norm", p["final_norm"]))
-  out["lm_head.weight"] = (p["unembed"] * mult.logit_scale).T
+  out["lm_head.weight"] = (p["unembed"] * fold["logit_scale"]).T
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 

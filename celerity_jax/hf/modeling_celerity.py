@@ -3,11 +3,13 @@ whose architecture no stock class reproduces (ALiBi, or a norm and MLP pairing n
 has). Load it with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`.
 
 The model is a pre-norm decoder with untied embeddings: ALiBi or RoPE (rotate-half) positions,
-LayerNorm or RMSNorm, squared-ReLU or SwiGLU MLP, grouped-query attention. The export has already
-folded the CompleteP multipliers into the weights (see celerity_jax/hf/convert.py), so this code
-is the plain architecture: attention logits are q.k / sqrt(head_dim) plus the ALiBi bias
--slope_h * (i - j), computed in float32 like the JAX model. This file imports only torch and
-transformers.
+LayerNorm or RMSNorm, squared-ReLU or SwiGLU MLP, grouped-query attention. The weights are the
+run's own and CompleteP's multipliers (config `multipliers`; celerity_jax/hf/convert.py) apply at
+run time, as in training: the embedding times input_scale, attention logits q.k * attn_scale plus
+the ALiBi bias -slope_h * (i - j) (in float32 like the JAX model), each residual branch times
+residual_scale, the logits times logit_scale. Without `multipliers` (or for any missing one) the
+model is the plain architecture: 1, and 1/sqrt(head_dim) for the attention logits. This file
+imports only torch and transformers.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class CelerityConfig(PretrainedConfig):
     norm_eps: float = 1e-5,
     position: str = "alibi",
     rope_theta: float = 10000.0,
+    rope_fraction: float = 1.0,
     mlp: str = "squared_relu",
+    multipliers: dict | None = None,
     max_position_embeddings: int = 256,
     use_cache: bool = True,
     **kwargs,
@@ -50,6 +54,7 @@ class CelerityConfig(PretrainedConfig):
     self.num_key_value_heads = num_key_value_heads or num_attention_heads
     self.head_dim, self.norm, self.norm_eps = head_dim, norm, norm_eps
     self.position, self.rope_theta, self.mlp = position, rope_theta, mlp
+    self.rope_fraction, self.multipliers = rope_fraction, dict(multipliers or {})
     self.max_position_embeddings, self.use_cache = max_position_embeddings, use_cache
     kwargs.setdefault("tie_word_embeddings", False)
     super().__init__(**kwargs)
@@ -87,14 +92,19 @@ class Norm(nn.Module):
     return h.to(x.dtype)
 
 
-def rope(x, positions, theta):
-  """x: B x heads x S x H at `positions` (S,), rotate-half convention."""
-  h = x.shape[-1]
+def multiplier(config: CelerityConfig, name: str) -> float:
+  plain = {"attn_scale": 1.0 / math.sqrt(config.head_dim)}.get(name, 1.0)
+  return float(config.multipliers.get(name, plain))
+
+
+def rope(x, positions, theta, dims):
+  """x: B x heads x S x H at `positions` (S,), rotate-half convention, on the first `dims` of H."""
+  h = dims
   freqs = theta ** (-torch.arange(0, h // 2, dtype=torch.float32, device=x.device) * 2.0 / h)
   angles = positions.float()[:, None] * freqs[None, :]
   cos, sin = angles.cos()[None, None], angles.sin()[None, None]
-  x1, x2 = x.float()[..., : h // 2], x.float()[..., h // 2 :]
-  return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+  x1, x2, passed = x.float()[..., : h // 2], x.float()[..., h // 2 : h], x.float()[..., h:]
+  return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, passed], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -108,6 +118,8 @@ class Attention(nn.Module):
     )
     self.layer_idx, self.n, self.kv, self.h = layer_idx, n, kv, h
     self.position, self.theta = config.position, config.rope_theta
+    self.rotary_dims = int(h * config.rope_fraction)
+    self.scale = multiplier(config, "attn_scale")
     self.q_proj = nn.Linear(d, n * h, bias=False)
     self.k_proj = nn.Linear(d, kv * h, bias=False)
     self.v_proj = nn.Linear(d, kv * h, bias=False)
@@ -119,13 +131,14 @@ class Attention(nn.Module):
     k = self.k_proj(x).view(b, s, self.kv, self.h).transpose(1, 2)
     v = self.v_proj(x).view(b, s, self.kv, self.h).transpose(1, 2)
     if self.position == "rope":
-      q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+      q = rope(q, positions, self.theta, self.rotary_dims)
+      k = rope(k, positions, self.theta, self.rotary_dims)
     if cache is not None:
       k, v = cache.update(k, v, self.layer_idx)
     if self.kv != self.n:
       k = k.repeat_interleave(self.n // self.kv, dim=1)
       v = v.repeat_interleave(self.n // self.kv, dim=1)
-    scores = torch.einsum("bnsh,bnch->bnsc", q.float(), k.float()) / math.sqrt(self.h) + bias
+    scores = torch.einsum("bnsh,bnch->bnsc", q.float(), k.float()) * self.scale + bias
     out = torch.einsum("bnsc,bnch->bnsh", scores.softmax(-1), v.float()).to(x.dtype)
     return self.o_proj(out.transpose(1, 2).reshape(b, s, self.n * self.h))
 
@@ -152,10 +165,11 @@ class Layer(nn.Module):
     self.self_attn = Attention(config, layer_idx)
     self.post_attention_layernorm = Norm(config)
     self.mlp = Mlp(config)
+    self.residual_scale = multiplier(config, "residual_scale")
 
   def forward(self, x, positions, bias, cache):
-    x = x + self.self_attn(self.input_layernorm(x), positions, bias, cache)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), positions, bias, cache)
+    return x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
 
 
 class CelerityPreTrainedModel(PreTrainedModel):
@@ -193,7 +207,7 @@ class CelerityModel(CelerityPreTrainedModel):
       slopes = alibi_slopes(self.config.num_attention_heads).to(input_ids.device)
       bias = bias - slopes[None, :, None, None] * distance[None, None]
     bias = bias.masked_fill(~visible, torch.finfo(torch.float32).min)
-    x = self.embed_tokens(input_ids)
+    x = self.embed_tokens(input_ids) * multiplier(self.config, "input_scale")
     for layer in self.layers:
       x = layer(x, positions, bias, past_key_values if use_cache else None)
     return self.norm(x), past_key_values
@@ -223,7 +237,7 @@ class CelerityForCausalLM(CelerityPreTrainedModel, GenerationMixin):
     hidden, cache = self.model(input_ids, attention_mask, past_key_values, use_cache)
     if logits_to_keep:
       hidden = hidden[:, -logits_to_keep:]
-    logits = self.lm_head(hidden).float()
+    logits = self.lm_head(hidden).float() * multiplier(self.config, "logit_scale")
     loss = None
     if labels is not None:
       loss = F.cross_entropy(

@@ -89,10 +89,13 @@ def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array
   return jnp.square(jax.nn.relu(h))
 
 
-def rope(x_BxLxNxH: jax.Array, theta: float, positions_L: jax.Array | None = None) -> jax.Array:
-  """Rotary position embedding on the last axis (rotate-half convention), at `positions_L`
-  (default 0..L-1; a cached decode step passes its absolute positions)."""
-  length, h = x_BxLxNxH.shape[1], x_BxLxNxH.shape[-1]
+def rope(
+  x_BxLxNxH: jax.Array, theta: float, positions_L: jax.Array | None = None, dims: int = 0
+) -> jax.Array:
+  """Rotary position embedding (rotate-half convention) on the first `dims` dimensions of the
+  last axis (0: all; Nemotron rotates half), at `positions_L` (default 0..L-1; a cached decode
+  step passes its absolute positions)."""
+  length, h = x_BxLxNxH.shape[1], dims or x_BxLxNxH.shape[-1]
   if positions_L is None:
     positions_L = jnp.arange(length)
   freqs = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
@@ -100,8 +103,8 @@ def rope(x_BxLxNxH: jax.Array, theta: float, positions_L: jax.Array | None = Non
   cos = jnp.cos(angles_LxH2)[None, :, None, :]
   sin = jnp.sin(angles_LxH2)[None, :, None, :]
   x = x_BxLxNxH.astype(jnp.float32)
-  x1, x2 = x[..., : h // 2], x[..., h // 2 :]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  x1, x2, passed = x[..., : h // 2], x[..., h // 2 : h], x[..., h:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, passed], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
 
 
@@ -114,6 +117,7 @@ class Attention(nnx.Module):
     self.wv = param(rngs, (d, kv, h), std, ("embed", "kv_heads", "head_dim"), "hidden")
     self.wo = param(rngs, (n, h, d), std, ("heads", "head_dim", "embed"), "hidden")
     self.scale, self.position, self.rope_theta = mult.attn_scale, cfg.position, cfg.rope_theta
+    self.rotary_dims = int(h * cfg.rope_fraction)
 
   def project(self, x_BxLxD, positions_L=None):
     """(q BxLxNxH, k BxLxKxH, v BxLxKxH), rotated at `positions_L` under RoPE."""
@@ -122,8 +126,8 @@ class Attention(nnx.Module):
     k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wk[...].astype(dt))
     v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wv[...].astype(dt))
     if self.position == "rope":
-      q_BxLxNxH = rope(q_BxLxNxH, self.rope_theta, positions_L)
-      k_BxLxKxH = rope(k_BxLxKxH, self.rope_theta, positions_L)
+      q_BxLxNxH = rope(q_BxLxNxH, self.rope_theta, positions_L, self.rotary_dims)
+      k_BxLxKxH = rope(k_BxLxKxH, self.rope_theta, positions_L, self.rotary_dims)
     return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
   def attend(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias):
