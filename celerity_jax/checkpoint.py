@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from celerity_jax import storage
-from celerity_jax.config import ConfigError, free_keys
+from celerity_jax.config import Config, ConfigError, free_keys, to_dict
 from celerity_jax.resolve import FREE_DERIVED
 from celerity_jax.storage import NO_SPACE
 
@@ -38,6 +38,7 @@ from celerity_jax.storage import NO_SPACE
 # values that follow from free keys or from the checkpoint's position (resolve.FREE_DERIVED).
 FREE_KEYS = (*free_keys(), *(f"derived.{name}" for name in FREE_DERIVED))
 DAMAGED_SUFFIX = ".damaged"
+DEFAULTS = to_dict(Config())
 T = TypeVar("T")
 
 
@@ -69,7 +70,9 @@ def trajectory(described: dict) -> dict:
   """The flattened config, derived quantities and data fingerprint that determine the run's
   trajectory."""
   data = {DATA: described[DATA]} if described.get(DATA) else {}
-  flat = flatten({**described["config"], "derived": described["derived"], **data})
+  # a key added since the checkpoint was made holds its default there (it had no other value)
+  config = {name: {**keys, **described["config"].get(name, {})} for name, keys in DEFAULTS.items()}
+  flat = flatten({**config, "derived": described["derived"], **data})
   return {k: v for k, v in flat.items() if k not in FREE_KEYS}
 
 

@@ -11,22 +11,33 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from celerity_jax.key_rules import NONNEG, POSITIVE, Check, Rule, above, at_least, between, key
+from celerity_jax.key_rules import (
+  NONNEG,
+  POSITIVE,
+  Check,
+  ConfigError,
+  Rule,
+  above,
+  at_least,
+  between,
+  key,
+  parse_value,
+)
 
 
-class ConfigError(ValueError):
-  """A bad key, value or combination; the CLI prints it and exits with status 2."""
+def key_name(field_name: str) -> str:
+  """A field's key: its name, less the underscore a Python keyword needs (init.from)."""
+  return field_name.removesuffix("_")
 
 
 def rules() -> dict[str, Rule]:
   """Every key's Rule, by "section.name"."""
   return {
-    f"{s.name}.{f.name}": f.metadata["rule"]
+    f"{s.name}.{key_name(f.name)}": f.metadata["rule"]
     for s in dataclasses.fields(Config)
     for f in dataclasses.fields(s.default_factory)
   }
@@ -88,6 +99,16 @@ class ModelConfig:
   aux_loss: float = key(0.01, NONNEG, free=False)
   # router z-loss coefficient (ST-MoE), topk router only
   router_z_loss: float = key(0.001, NONNEG, free=False)
+
+
+@dataclass(frozen=True)
+class InitConfig:
+  """Start from existing weights (celerity_jax/init_weights.py): the key `init.from` (a Python
+  keyword, so the field is `from_`) names a Hugging Face directory, an .npz export or a run.dir;
+  its model shape and tokenizer replace the recipe's, the optimizer and schedule start fresh."""
+
+  from_: str = key("", free=True)  # "" = random initialization (the recipe's seed)
+  step: int = key(-1, at_least(-1), free=True)  # a run.dir's checkpoint step; -1 = its newest
 
 
 @dataclass(frozen=True)
@@ -262,6 +283,7 @@ class RunConfig:
 @dataclass(frozen=True)
 class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
+  init: InitConfig = field(default_factory=InitConfig)
   param: ParamConfig = field(default_factory=ParamConfig)
   scaling: ScalingConfig = field(default_factory=ScalingConfig)
   optim: OptimConfig = field(default_factory=OptimConfig)
@@ -279,48 +301,10 @@ class Config:
 
 def all_keys(cfg: Config) -> list[str]:
   return [
-    f"{s.name}.{f.name}"
+    f"{s.name}.{key_name(f.name)}"
     for s in dataclasses.fields(cfg)
     for f in dataclasses.fields(getattr(cfg, s.name))
   ]
-
-
-def _parse_value(key: str, text: str, tp) -> object:
-  origin = typing.get_origin(tp)
-  if origin in (typing.Union, types.UnionType):  # X | None
-    if text.lower() in ("none", "null"):
-      return None
-    inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-    return _parse_value(key, text, inner)
-  if origin is Literal:
-    choices = typing.get_args(tp)
-    if text not in choices:
-      raise ConfigError(f"{key}={text!r}: expected one of {', '.join(map(str, choices))}")
-    return text
-  if tp is bool:
-    low = text.lower()
-    if low in ("true", "1", "yes"):
-      return True
-    if low in ("false", "0", "no"):
-      return False
-    raise ConfigError(f"{key}={text!r}: expected a bool (true/false)")
-  if tp is int:
-    try:
-      number = float(text.replace("_", ""))
-    except ValueError:
-      number = None
-    if number is None or not number.is_integer():
-      raise ConfigError(f"{key}={text!r}: expected an int")
-    return int(number)
-  if tp is float:
-    try:
-      number = float(text.replace("_", ""))
-    except ValueError:
-      number = None
-    if number is None or not math.isfinite(number):  # nan/inf would only surface as a NaN loss
-      raise ConfigError(f"{key}={text!r}: expected a finite float")
-    return number
-  return text
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -337,13 +321,18 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     section_name, name = key.split(".")
     section = getattr(cfg, section_name)
     hints = typing.get_type_hints(type(section))
-    value = _parse_value(key, text, hints[name])
+    name = name if name in hints else name + "_"
+    value = parse_value(key, text, hints[name])
     cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{name: value})})
   return cfg
 
 
 def to_dict(cfg: Config) -> dict:
-  return dataclasses.asdict(cfg)
+  """{section: {key: value}}, by key name (init.from), as config.json holds it."""
+  return {
+    section: {key_name(name): value for name, value in values.items()}
+    for section, values in dataclasses.asdict(cfg).items()
+  }
 
 
 def from_dict(saved: dict, where: str = "config") -> Config:
@@ -351,9 +340,9 @@ def from_dict(saved: dict, where: str = "config") -> Config:
   version does not know are refused by name; keys it added since take their defaults."""
   sections = {}
   for section in dataclasses.fields(Config):
-    values = dict(saved.get(section.name, {}))
-    known = {f.name for f in dataclasses.fields(section.default_factory)}
-    unknown = sorted(set(values) - known)
+    known = {key_name(f.name): f.name for f in dataclasses.fields(section.default_factory)}
+    values = {known.get(k, k): v for k, v in saved.get(section.name, {}).items()}
+    unknown = sorted(set(values) - set(known.values()))
     if unknown:
       raise ConfigError(
         f"{where}: unknown keys {', '.join(f'{section.name}.{k}' for k in unknown)}"
@@ -375,7 +364,7 @@ def _check_numbers(cfg: Config):
   for section in dataclasses.fields(cfg):
     for f in dataclasses.fields(getattr(cfg, section.name)):
       value = getattr(getattr(cfg, section.name), f.name)
-      key = f"{section.name}.{f.name}"
+      key = f"{section.name}.{key_name(f.name)}"
       if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}={value}: must be a finite number")
       if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_MAX:
@@ -388,7 +377,8 @@ def validate(cfg: Config) -> Config:
   _check_numbers(cfg)
   for name, rule in rules().items():
     section, field_name = name.split(".")
-    value = getattr(getattr(cfg, section), field_name)
+    values = getattr(cfg, section)
+    value = getattr(values, field_name if hasattr(values, field_name) else field_name + "_")
     if rule.check is not None and value is not None and not rule.check.ok(value):
       raise ConfigError(f"{name}={value}: must be {rule.check.text}")
   m, t = cfg.model, cfg.train

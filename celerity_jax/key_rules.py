@@ -4,9 +4,16 @@ change it, and whether a collapse reference run must share it (config.py declare
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
+
+
+class ConfigError(ValueError):
+  """A bad key, value or combination; the CLI prints it and exits with status 2."""
 
 
 class Check(NamedTuple):
@@ -50,3 +57,42 @@ class Rule:
 def key(default, check: Check | None = None, *, free: bool, matched: float | None = None):
   """A config field with its rules (Rule); every field of every section is declared with one."""
   return field(default=default, metadata={"rule": Rule(check, free, matched)})
+
+
+def parse_value(key: str, text: str, tp) -> object:
+  """`text` as a value of type `tp` (a key's annotation); ConfigError naming the key if not."""
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):  # X | None
+    if text.lower() in ("none", "null"):
+      return None
+    inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return parse_value(key, text, inner)
+  if origin is Literal:
+    choices = typing.get_args(tp)
+    if text not in choices:
+      raise ConfigError(f"{key}={text!r}: expected one of {', '.join(map(str, choices))}")
+    return text
+  if tp is bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{key}={text!r}: expected a bool (true/false)")
+  if tp is int:
+    try:
+      number = float(text.replace("_", ""))
+    except ValueError:
+      number = None
+    if number is None or not number.is_integer():
+      raise ConfigError(f"{key}={text!r}: expected an int")
+    return int(number)
+  if tp is float:
+    try:
+      number = float(text.replace("_", ""))
+    except ValueError:
+      number = None
+    if number is None or not math.isfinite(number):  # nan/inf would only surface as a NaN loss
+      raise ConfigError(f"{key}={text!r}: expected a finite float")
+    return number
+  return text
