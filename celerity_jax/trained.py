@@ -78,16 +78,46 @@ def load(run_dir, step: int | None = None, what: str = "run") -> Trained:
   return Trained(run_dir, int(step), cfg, described, params, tokenizer)
 
 
+def settings(run_dir, step: int | None, what: str) -> tuple[int, Config, dict]:
+  """(step, config, resolved config) of `step` (default: the newest complete checkpoint) of
+  `run_dir`, from its metadata alone; ConfigError naming what is missing."""
+  from celerity_jax.checkpoint import Checkpointer
+
+  run_dir = storage.location(run_dir)
+  if not (run_dir / "checkpoints").exists():
+    raise ConfigError(f"{what}: {run_dir} has no checkpoints directory (is it a run.dir?)")
+  ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+  try:
+    steps = ckpt.steps()
+    if not steps or (step is not None and step not in steps):
+      raise ConfigError(
+        f"{what}: no complete checkpoint{'' if step is None else f' at step {step}'} in "
+        f"{run_dir}/checkpoints; complete steps: {', '.join(map(str, sorted(steps))) or 'none'}"
+      )
+    step = steps[0] if step is None else step
+    described = ckpt.meta(step)["described"]
+  finally:
+    ckpt.close()
+  return step, validate(from_dict(described["config"], f"{run_dir}/checkpoints/{step}")), described
+
+
 def _tokenizer(run_dir, step: int, pinned: dict | None, what: str):
-  """The tokenizer the checkpoint trained with: run.dir/tokenizer.model (or tokenizer.json), or
-  the one a resume on other data set beside it (tokenizer-FINGERPRINT.model or .json); None for
-  synthetic tokens. Checkpoints of earlier versions pin nothing: tokenizer.model, if there is
-  one."""
+  from celerity_jax.data import tokenizer as tokenizer_lib
+
+  path = tokenizer_file(run_dir, step, pinned, what)
+  return None if path is None else tokenizer_lib.load(path)
+
+
+def tokenizer_file(run_dir, step: int, pinned: dict | None, what: str):
+  """The file of the tokenizer the checkpoint trained with: run.dir/tokenizer.model (or
+  tokenizer.json), or the one a resume on other data set beside it (tokenizer-FINGERPRINT.model
+  or .json); None for synthetic tokens. Checkpoints of earlier versions pin nothing:
+  tokenizer.model, if there is one."""
   from celerity_jax.data import tokenizer as tokenizer_lib
 
   path = run_dir / "tokenizer.model"
   if pinned is None:
-    return tokenizer_lib.load(path) if path.exists() else None
+    return path if path.exists() else None
   wanted = pinned.get("tokenizer")
   if wanted is None:
     return None
@@ -98,9 +128,8 @@ def _tokenizer(run_dir, step: int, pinned: dict | None, what: str):
     run_dir / f"tokenizer-{wanted}.json",
   ):
     if candidate.exists():
-      found = tokenizer_lib.load(candidate)
-      if found.fingerprint == wanted:
-        return found
+      if tokenizer_lib.load(candidate).fingerprint == wanted:
+        return candidate
   raise ConfigError(
     f"{what}: checkpoint step {step} of {run_dir} trained with tokenizer {wanted}, and neither "
     f"tokenizer.model nor tokenizer-{wanted}.model there is it"

@@ -191,8 +191,12 @@ def load(name: str) -> Config:
 
 def configure(name: str, overrides: list[str]) -> Config:
   """Recipe `name` with `section.key=value` overrides applied (shape keys through its family
-  rule) and validated: the Config every entry point runs."""
-  return validate(apply_overrides(get(name).build(overrides), overrides))
+  rule) and validated, with the model and tokenizer of init.from where one is given
+  (init_weights.py): the Config every entry point runs."""
+  from celerity_jax import init_weights
+
+  cfg = validate(apply_overrides(get(name).build(overrides), overrides))
+  return init_weights.configure(cfg, overrides)
 
 
 def target_slice(name: str) -> str | None:

@@ -81,7 +81,7 @@ def run(cfg) -> dict:
       if distributed.is_primary():
         keep_rows_until(writer.path, restored[0] if restored else 0)
       if restored is None:
-        state, restarts = training.setup.init(), 0
+        state, restarts = _fresh_state(cfg, training, console), 0
       else:
         step, state, meta, changes = restored
         restarts = meta["restarts"] + 1
@@ -108,6 +108,20 @@ def run(cfg) -> dict:
       lock.release()
     if not accepted and distributed.is_primary():
       storage.remove_if_empty(created)
+
+
+def _fresh_state(cfg, training: Training, console: Console):
+  """Step 0: random params from the seed, or the weights init.from names (init_weights.py)."""
+  setup = training.setup
+  if not cfg.init.from_:
+    return setup.init()
+  from celerity_jax import init_weights
+
+  abstract = jax.eval_shape(setup.init).params
+  host = init_weights.params(cfg, training.resolved.multipliers, abstract)
+  start = init_weights.read(cfg.init)
+  console.say(f"celerity_jax: weights from {start.where} ({start.about})")
+  return setup.from_params(host)
 
 
 def _own(run_dir) -> RunLock | None:

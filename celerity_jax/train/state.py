@@ -36,6 +36,18 @@ class Setup:
   optimizer: ScheduledAdamW
   state_shardings: TrainState
   init: Callable[[], TrainState]  # jitted; returns the state already sharded on the mesh
+  start: Callable[[dict], TrainState]  # jitted; the state holding given (sharded) params
+
+  def from_params(self, host_params: dict) -> TrainState:
+    """A fresh state (step 0, a new optimizer) holding `host_params` (the full arrays on every
+    process, as init.from reads them), each placed in its shards."""
+    shardings = self.state_shardings.params
+    placed = jax.tree.map(
+      lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index]),
+      host_params,
+      shardings,
+    )
+    return self.start(placed)
 
 
 def build(cfg, resolved, mesh: Mesh) -> Setup:
@@ -46,10 +58,12 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
   groups = map_variables(abstract, lambda v: v.get_metadata()["group"])
   optimizer = make_optimizer(cfg.optim, resolved, groups)
 
-  def init_fn() -> TrainState:
-    params = nnx.to_pure_dict(nnx.state(new_model()))
+  def start_fn(params) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
     return TrainState(zero, params, optimizer.init(params), zero, zero, monitor.init_state())
+
+  def init_fn() -> TrainState:
+    return start_fn(nnx.to_pure_dict(nnx.state(new_model())))
 
   abstract_state = jax.eval_shape(init_fn)
   param_specs = sharding.param_specs(abstract, mesh)
@@ -62,7 +76,9 @@ def build(cfg, resolved, mesh: Mesh) -> Setup:
     jax.tree.map(lambda _: P(), abstract_state.collapse),
   )
   shardings = sharding.named(mesh, specs)
-  return Setup(graphdef, optimizer, shardings, jax.jit(init_fn, out_shardings=shardings))
+  init = jax.jit(init_fn, out_shardings=shardings)
+  start = jax.jit(start_fn, in_shardings=(shardings.params,), out_shardings=shardings)
+  return Setup(graphdef, optimizer, shardings, init, start)
 
 
 def abstract_state(setup: Setup) -> TrainState:
