@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from conftest import CACHE, SMALL
 
 from celerity_jax.commands import tokenize
@@ -110,6 +111,63 @@ def held_by_this_process(tmp):
 
 
 LONG = "x" * 300
+# SMALL less the model's shape, which init.from's weights fix
+INIT = [
+  "recipe=celerity_tiny",
+  *[a for a in SMALL if not a.startswith("model.") or a.startswith("model.seq_len")],
+  "run.dir={tmp}/fresh",
+  "init.from={tmp}/hf",
+]
+
+
+def hf_llama(damage=None):
+  """A setup writing a tiny Llama checkpoint in two safetensors shards with their index, then
+  `damage(directory)`."""
+
+  def setup(tmp):
+    from safetensors.numpy import save_file
+
+    out = tmp / "hf"
+    out.mkdir()
+    config = {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      **{"vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "head_dim": 16},
+      **{"num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2},
+      **{"hidden_act": "silu", "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+      "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    shapes = {"model.embed_tokens.weight": (256, 32), "model.norm.weight": (32,)}
+    shapes["lm_head.weight"] = (256, 32)
+    for i in range(2):
+      for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        shapes[f"model.layers.{i}.self_attn.{name}.weight"] = (32, 32)
+      for name, shape in (("up_proj", (64, 32)), ("gate_proj", (64, 32)), ("down_proj", (32, 64))):
+        shapes[f"model.layers.{i}.mlp.{name}.weight"] = shape
+      for name in ("input_layernorm", "post_attention_layernorm"):
+        shapes[f"model.layers.{i}.{name}.weight"] = (32,)
+    names = sorted(shapes)
+    files = {}
+    for part, chunk in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
+      file = f"model-0000{part}-of-00002.safetensors"
+      save_file({n: np.full(shapes[n], 0.01, np.float32) for n in chunk}, str(out / file))
+      files |= {n: file for n in chunk}
+    index = {"metadata": {}, "weight_map": files}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    if damage is not None:
+      damage(out)
+
+  return setup
+
+
+def edit_json(name, edit):
+  def damage(directory):
+    data = json.loads((directory / name).read_text())
+    edit(data)
+    (directory / name).write_text(json.dumps(data))
+
+  return damage
 
 
 def build_corpus(root: Path):

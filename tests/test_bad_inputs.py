@@ -5,6 +5,7 @@ import pytest
 from bad_inputs import (
   CORPUS_FILES,
   FILES,
+  INIT,
   LONG,
   RUN,
   a_file,
@@ -12,8 +13,10 @@ from bad_inputs import (
   corrupt_gzip,
   drop_size_check,
   edit_first_shard,
+  edit_json,
   first_shard,
   held_by_this_process,
+  hf_llama,
   parquet,
   truncated_zst,
   write,
@@ -21,6 +24,51 @@ from bad_inputs import (
 from conftest import SMALL
 
 CASES = [
+  # init.from: exit 2, the checkpoint's problem named, run.dir never made
+  ("init from nothing", "celerity_jax.main", INIT, 2, "no such directory", None),
+  ("init from a plain dir", "celerity_jax.main", INIT, 2, "no config.json", a_file("hf/x")),
+  (
+    "init unsupported architecture",
+    "celerity_jax.main",
+    INIT,
+    2,
+    "GPT2LMHeadModel",
+    hf_llama(edit_json("config.json", lambda c: c.update(architectures=["GPT2LMHeadModel"]))),
+  ),
+  (
+    "init partial download",
+    "celerity_jax.main",
+    INIT,
+    2,
+    "model-00002-of-00002.safetensors",
+    hf_llama(lambda d: (d / "model-00002-of-00002.safetensors").unlink()),
+  ),
+  (
+    "init tensor missing",
+    "celerity_jax.main",
+    INIT,
+    2,
+    "tensor lm_head.weight is missing",
+    hf_llama(
+      edit_json("model.safetensors.index.json", lambda i: i["weight_map"].pop("lm_head.weight"))
+    ),
+  ),
+  (
+    "init shape disagrees",
+    "celerity_jax.main",
+    [*INIT, "model.d_model=64"],
+    2,
+    "model.d_model=64 disagrees",
+    hf_llama(),
+  ),
+  (
+    "init scaled rope",
+    "celerity_jax.main",
+    INIT,
+    2,
+    "'llama3'",
+    hf_llama(edit_json("config.json", lambda c: c["rope_parameters"].update(rope_type="llama3"))),
+  ),
   # configuration: exit 2, the key named
   ("unknown key", "celerity_jax.main", [*RUN, "model.d_modle=64"], 2, "model.d_modle", None),
   (

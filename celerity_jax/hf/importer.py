@@ -217,25 +217,28 @@ def expected(ckpt: Checkpoint, model_cfg) -> dict[str, tuple]:
 
 
 def check(ckpt: Checkpoint, model_cfg):
-  """Refuses, naming the tensor, a checkpoint that lacks a tensor or holds one of another shape
-  (only the files' headers are read)."""
-  shapes = {}
-  for name in sorted(set(ckpt.files.values())):
-    shapes |= _header(ckpt.directory / name, ckpt.where)
+  """Refuses, naming the tensor, a checkpoint that lacks a tensor (in its index or in the file
+  the index names), holds one this model does not use, or one of another shape (only the files'
+  headers are read)."""
+  headers = {name: _header(ckpt.directory / name, ckpt.where) for name in set(ckpt.files.values())}
   wanted = expected(ckpt, model_cfg)
-  unused = sorted(n for n in shapes if n not in wanted and not n.endswith("rotary_emb.inv_freq"))
+  unused = sorted(
+    n for n in ckpt.files if n not in wanted and not n.endswith("rotary_emb.inv_freq")
+  )
   if unused:
     raise ConfigError(
       f"{ckpt.where}: holds tensors a {ckpt.architecture} of this config does not use "
       f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})"
     )
   for name, shape in wanted.items():
-    if name not in shapes:
-      where = INDEX if (ckpt.directory / INDEX).exists() else "model.safetensors"
+    file = ckpt.files.get(name)
+    if file is None or name not in headers[file]:
+      where = file or (INDEX if (ckpt.directory / INDEX).exists() else "model.safetensors")
       raise ConfigError(f"{ckpt.where}: tensor {name} is missing ({where} does not hold it)")
-    if tuple(shapes[name]) != shape:
+    if tuple(headers[file][name]) != shape:
       raise ConfigError(
-        f"{ckpt.where}: tensor {name} has shape {tuple(shapes[name])}, config.json implies {shape}"
+        f"{ckpt.where}: tensor {name} has shape {tuple(headers[file][name])}, config.json "
+        f"implies {shape}"
       )
 
 
@@ -245,10 +248,10 @@ def params(ckpt: Checkpoint, model_cfg, ours) -> dict:
   from safetensors import safe_open
 
   tensors = {}
-  for name in sorted(set(ckpt.files.values())):
-    with safe_open(str(ckpt.directory / name), framework="numpy") as f:
-      for key in f.keys():
-        tensors[key] = np.asarray(f.get_tensor(key), np.float32)
+  for file in sorted(set(ckpt.files.values())):
+    with safe_open(str(ckpt.directory / file), framework="numpy") as f:
+      for name in (n for n, where in ckpt.files.items() if where == file):
+        tensors[name] = np.asarray(f.get_tensor(name), np.float32)
   m = model_cfg
   d, gain_offset = m.d_model, 1.0 if ckpt.arch == "nemotron" else 0.0
   # the export multiplied by ours / applied (convert.state_dict); dividing by the same float32
@@ -296,7 +299,9 @@ def params(ckpt: Checkpoint, model_cfg, ours) -> dict:
 
 def _stack(trees: list[dict]) -> dict:
   return {
-    k: _stack([t[k] for t in trees]) if isinstance(trees[0][k], dict) else np.stack([t[k] for t in trees])
+    k: _stack([t[k] for t in trees])
+    if isinstance(trees[0][k], dict)
+    else np.stack([t[k] for t in trees])
     for k in trees[0]
   }
 
