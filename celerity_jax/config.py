@@ -278,6 +278,9 @@ class RunConfig:
   log_every: int = key(10, POSITIVE, free=True)  # steps between metrics.jsonl rows
   progress: bool = key(True, free=True)  # tqdm progress bar on stderr
   tensorboard: bool = key(True, free=True)
+  # a wandb project ("PROJECT" or "ENTITY/PROJECT") that mirrors metrics.jsonl; "" = off. WANDB_MODE
+  # (offline, ...) and WANDB_API_KEY are wandb's own; a resumed run continues the same wandb run
+  wandb: str = key("", free=True)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl rows and events, TensorBoard scalars, a tokens/s progress bar.
+"""Run outputs: metrics.jsonl rows and events, TensorBoard scalars, a wandb mirror
+(wandb_mirror.py), a tokens/s progress bar.
 
 Both files are appended through `storage.append`, on disk or on Cloud Storage, in the calling
 thread: a write that fails (a full disk) raises where the run can report it, and no writer thread
@@ -59,10 +60,11 @@ def _clean(value):
 
 class MetricsWriter:
   """Appends rows to run_dir/metrics.jsonl (one JSON object per line) and mirrors scalars to
-  TensorBoard. Rows with an `event` key are run events (start, restart, ...), not step metrics.
-  Disabled (every call a no-op) on all but process 0."""
+  TensorBoard and, given `wandb` = (project, the run's resolved config), every row to wandb. Rows
+  with an `event` key are run events (start, restart, ...), not step metrics. Disabled (every
+  call a no-op) on all but process 0."""
 
-  def __init__(self, run_dir, tensorboard: bool, enabled: bool = True):
+  def __init__(self, run_dir, tensorboard: bool, enabled: bool = True, wandb=None):
     self.path = run_dir / "metrics.jsonl"
     self.enabled = enabled
     self.unsent: list[str] = []
@@ -74,6 +76,11 @@ class MetricsWriter:
         storage.remove_append_tails(directory)
     if tensorboard and enabled:
       self.tb = TensorBoardFile(run_dir / "tb")
+    self.wandb = None
+    if wandb is not None and wandb[0] and enabled:
+      from celerity_jax.wandb_mirror import WandbMirror
+
+      self.wandb = WandbMirror(wandb[0], run_dir, wandb[1])
 
   def row(self, row: dict):
     if not self.enabled:  # not process 0 of a multi-process run
@@ -81,6 +88,8 @@ class MetricsWriter:
     self.unsent.append(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
     if self.tb is not None and "step" in row and "event" not in row:
       self.tb.scalars(row["step"], row)
+    if self.wandb is not None:
+      self.wandb.row(row)
     if time.monotonic() - self.last_sent >= self.send_every:
       self._send()
 
@@ -97,6 +106,8 @@ class MetricsWriter:
 
   def close(self):
     self.flush()
+    if self.wandb is not None:
+      self.wandb.close()
 
 
 def keep_rows_until(path, step: int):

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from celerity_jax import checkpoint as ckpt_lib
-from celerity_jax import distributed, sharding, storage
+from celerity_jax import distributed, sharding, storage, wandb_mirror
 from celerity_jax.collapse import monitor
 from celerity_jax.data.pipeline import prefetch
 from celerity_jax.metrics import (
@@ -53,6 +53,7 @@ def run(cfg) -> dict:
   refused before it starts (settings, data, a directory in use) leaves run.dir as it found it,
   and does not leave one behind that it created."""
   run_dir = storage.location(cfg.run.dir, "run.dir")
+  wandb_mirror.check_installed(cfg.run.wandb)
   created = storage.check_writable(run_dir, "run.dir")  # before any compile: a typo fails at once
   lock, accepted = None, False
   try:
@@ -76,7 +77,9 @@ def run(cfg) -> dict:
         storage.write_atomic(run_dir / "config.json", json.dumps(described, indent=2) + "\n")
         if sources.tokenizer is not None:  # what sampling and export decode text with
           resume.save_tokenizer(run_dir, sources.tokenizer)
-      writer = MetricsWriter(run_dir, cfg.run.tensorboard, enabled=distributed.is_primary())
+      writer = MetricsWriter(
+        run_dir, cfg.run.tensorboard, distributed.is_primary(), (cfg.run.wandb, described)
+      )
       console = Console(cfg.run.dir, distributed.is_primary(), cfg.run.progress)
       if distributed.is_primary():
         keep_rows_until(writer.path, restored[0] if restored else 0)
