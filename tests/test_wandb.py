@@ -64,7 +64,8 @@ def test_the_wandb_run_holds_the_metrics_rows_and_a_resume_continues_it(tmp_path
   assert main([*args, "train.stop_step=8", "checkpoint.every_steps=2"]) == 0  # resumes at 4
   ids, steps = history(run)
   assert ids == {json.loads((run / "wandb.json").read_text())["id"]}
-  assert len(list(run.glob("wandb/*run-*/run-*.wandb"))) == 2  # one per process start, one wandb run
+  # one file per process start, one wandb run
+  assert len(list(run.glob("wandb/*run-*/run-*.wandb"))) == 2
   rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
   metric_rows = [r for r in rows if "event" not in r]
   assert [r["step"] for r in metric_rows] == list(range(1, 9))
