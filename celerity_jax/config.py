@@ -190,9 +190,8 @@ class TrainConfig:
   # or: sequences per device per microbatch (microbatches follow from B); 0 = off. Memory per
   # device is then the same on any slice
   microbatch_rows: int = key(0, NONNEG, free=False)
-  # on CPU, dense models also split each device's rows into the fewest microbatches of at most
-  # this many tokens (B unchanged): activations that stay in the CPU's cache make the default step
-  # 2.6x faster; 0 = off (execution.cache_split)
+  # on CPU, dense models also split each device's rows into microbatches of at most this many
+  # tokens (B unchanged; activations stay in cache: 2.6x faster); 0 = off (execution.cache_split)
   cpu_microbatch_tokens: int = key(2048, NONNEG, free=True)
   seed: int = key(0, NONNEG, free=False)  # changes initialization and data order, nothing else
   # end early at this fraction of T without changing T
@@ -205,6 +204,17 @@ class TrainConfig:
   on_nonfinite: Literal["skip", "halt"] = key("skip", free=False)
   # consecutive skipped steps before halting anyway
   max_bad_steps: int = key(8, at_least(1), free=False)
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+  """lm-evaluation-harness tasks scored during training (celerity_jax/downstream/tasks.py)."""
+
+  tasks: str = key("", free=True)  # TASK[:SHOTS],... or "paper"; "" = off
+  every: int = key(0, NONNEG, free=True)  # steps between evaluations (and at the end); 0 = off
+  include_path: str = key("", free=True)  # a directory of task YAMLs of your own
+  limit: int = key(0, NONNEG, free=True)  # examples per task; 0 = all
+  batch_size: int = key(16, POSITIVE, free=True)  # sequences per scoring batch
 
 
 @dataclass(frozen=True)
@@ -292,6 +302,7 @@ class Config:
   optim: OptimConfig = field(default_factory=OptimConfig)
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
+  downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
   dist: DistConfig = field(default_factory=DistConfig)
   checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

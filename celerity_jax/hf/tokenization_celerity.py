@@ -62,7 +62,17 @@ class CelerityTokenizer(PreTrainedTokenizer):
     return self.sp_model.id_to_piece(index)
 
   def convert_tokens_to_string(self, tokens):
-    return self.sp_model.decode_pieces(tokens)
+    """Text pieces through sentencepiece; special tokens as their own text ("</s>"), as every
+    Hugging Face tokenizer decodes them unless told to skip them (sentencepiece would drop them,
+    and lm-eval would then take every text for one that already starts with the boundary)."""
+    special, out, run = set(self.all_special_tokens), [], []
+    for token in tokens:
+      if token in special:
+        out += [self.sp_model.decode_pieces(run), token]
+        run = []
+      else:
+        run.append(token)
+    return "".join(out) + self.sp_model.decode_pieces(run)
 
   def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
     bos = [self.bos_token_id] if self.add_bos_token else []

@@ -32,6 +32,7 @@ from celerity_jax.resolve import describe, resolve
 from celerity_jax.run_lock import RunDirInUse, RunLock
 from celerity_jax.train import control, events, resume, signals
 from celerity_jax.train.console import Console
+from celerity_jax.train.downstream import make_downstream
 from celerity_jax.train.evaluate import make_evaluator
 from celerity_jax.train.step import Training, prepare_training
 
@@ -67,6 +68,7 @@ def run(cfg) -> dict:
     )
     described = describe(cfg, resolved, sources.fingerprint)
     evaluate = make_evaluator(cfg, training, sources.held_out, sources.weights)
+    downstream = make_downstream(cfg, training, sources.tokenizer)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     writer = None
     try:
@@ -97,7 +99,7 @@ def run(cfg) -> dict:
         writer.row({"event": "mixture", "step": at, "weights": sources.weights})
         console.say(f"celerity_jax: {sources.event}")
       out = Outputs(run_dir, writer, ckpt, lock, console)
-      loop = Loop(cfg, training, described, out, restarts, evaluate)
+      loop = Loop(cfg, training, described, out, restarts, (evaluate, downstream))
       last = loop.train(state, sources.train)
       if last.get("step") == resolved.stop_step:
         console.say(loop.summary(sources.tokenizer is not None))
@@ -162,10 +164,12 @@ class Loop:
   votes with the other processes, logs each step one step late, saves, and halts."""
 
   def __init__(
-    self, cfg, training: Training, described: dict, out: Outputs, restarts: int, evaluate
+    self, cfg, training: Training, described: dict, out: Outputs, restarts: int, evaluators
   ):
+    """`evaluators`: (held-out loss, downstream tasks), each params -> row fields, or None."""
     self.cfg, self.resolved, self.out = cfg, training.resolved, out
-    self.train_step, self.mesh, self.evaluate = training.train_step, training.mesh, evaluate
+    self.train_step, self.mesh = training.train_step, training.mesh
+    self.evaluate, self.downstream = evaluators
     self.reference = training.monitor.source
     self.restarts = restarts
     self.meta = {
@@ -363,7 +367,10 @@ class Loop:
             done % cfg.train.eval_every == 0 or done == r.stop_step
           )
           extra = self.evaluate(state.params) if evaluate_now else {}
-          log = done % cfg.run.log_every == 0 or done == r.stop_step or done == 1 or evaluate_now
+          every = cfg.downstream.every
+          if self.downstream is not None and (done % every == 0 or done == r.stop_step):
+            extra |= self.downstream(state.params)
+          log = done % cfg.run.log_every == 0 or done == r.stop_step or done == 1 or bool(extra)
           pending = Dispatched(done, metrics, decision, extra, log)
           self.bar.update(1)
           stop = agreed & control.STOP  # every process stops at the same step
