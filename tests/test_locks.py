@@ -1,5 +1,6 @@
-"""The two locks (tools/lock.sh): the runtime lock README command 1 installs holds what training
-needs and nothing only tests need, and each of its pins equals the test lock's."""
+"""The locks (tools/lock.sh): the runtime lock README command 1 installs holds what training needs
+and nothing only tests need; the extras lock adds evaluation and wandb to it; each of their pins
+equals the test lock's."""
 
 import re
 import tomllib
@@ -29,6 +30,15 @@ def test_the_runtime_lock_is_the_test_locks_runtime_part():
   assert needed <= set(runtime)
   extra = {normal(re.split(r"[\[<>=!~ ]", d)[0]) for d in project["optional-dependencies"]["test"]}
   assert extra <= set(test)
+
+
+def test_the_extras_lock_is_the_runtime_lock_plus_evaluation_and_wandb():
+  runtime, extras, test = (
+    pins(f) for f in ("requirements.lock", "requirements-extras.lock", "requirements-test.lock")
+  )
+  assert {p: test.get(p) for p in extras} == extras
+  assert {p: extras.get(p) for p in runtime} == runtime
+  assert {"lm-eval", "wandb"} <= set(extras) and not TEST_ONLY & set(extras)
 
 
 def test_readme_and_ci_install_the_locks_they_should():

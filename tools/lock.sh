@@ -2,7 +2,8 @@
 # Regenerates both locks from pyproject.toml, the one procedure for them:
 #   requirements-test.lock  ".[test]": README command 2 and CI (tests, lint, TPU compiles, HF checks)
 #   requirements.lock       ".": README command 1, pod workers (training and the installed commands)
-# The runtime lock is resolved under the test lock's pins, so every package in both has one version.
+#   requirements-extras.lock ".[eval,wandb]": the runtime plus downstream evaluation and wandb
+# The other locks are resolved under the test lock's pins, so every package has one version.
 # Usage (from a checkout, with the package registry reachable):
 #   bash tools/lock.sh            keep today's pins where pyproject still allows them
 #   bash tools/lock.sh --upgrade  re-resolve the test lock from scratch
@@ -26,6 +27,11 @@ freeze "$work/test" '".[test]": README command 2 and CI' > "$work/test.lock"
 python3 -m venv "$work/run"
 "$work/run/bin/pip" install -q . -c "$work/test.lock"
 freeze "$work/run" '".": README command 1 and pod workers' > requirements.lock
+python3 -m venv "$work/extras"
+"$work/extras/bin/pip" install -q ".[eval,wandb]" -c "$work/test.lock"
+freeze "$work/extras" '".[eval,wandb]": training, downstream evaluation and wandb' \
+  > requirements-extras.lock
 mv "$work/test.lock" requirements-test.lock
-echo "wrote requirements-test.lock ($(grep -vc '^#' requirements-test.lock) packages) and" \
-  "requirements.lock ($(grep -vc '^#' requirements.lock) packages)"
+for lock in requirements-test.lock requirements.lock requirements-extras.lock; do
+  echo "wrote $lock ($(grep -vc '^#' "$lock") packages)"
+done
