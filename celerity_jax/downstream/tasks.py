@@ -11,6 +11,7 @@ HF_DATASETS_OFFLINE=1 (docs/evaluation.md). Tasks of your own are YAML files in 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 
 from celerity_jax.config import ConfigError
@@ -46,7 +47,9 @@ def parse(spec: str, where: str) -> dict[str, int | None]:
   return out
 
 
+@functools.cache
 def manager(include_path: str = ""):
+  """lm-eval's task index (built once per process: it reads every task YAML it ships)."""
   import datasets
   from lm_eval.tasks import TaskManager
 
