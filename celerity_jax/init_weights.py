@@ -4,7 +4,9 @@ weights").
 PATH is a Hugging Face directory (Llama, Nemotron, or this project's export; hf/importer.py) or
 another run's run.dir (its newest complete checkpoint, or `init.step`). The weights fix the model:
 their shape and architecture replace the recipe's `model.*` keys (one given on the command line
-that disagrees is refused), and their tokenizer becomes `data.tokenizer`. Only the params are
+that disagrees is refused), their tokenizer becomes `data.tokenizer`, and the collapse monitor
+checks spikes only (`collapse.reference=none`) unless a reference run is given: the surrogate's
+curve is that of a run from random weights. Only the params are
 taken: the optimizer, the schedule, the step count and the data order start fresh, and the new
 run's recipe derives D, B, eta, lambda and tau for the model it now holds.
 
@@ -130,7 +132,13 @@ def configure(cfg: Config, overrides: list[str]) -> Config:
       f"{start.where}: has no tokenizer (tokenizer.model or tokenizer.json); give data.tokenizer="
       f"FILE, the one its embeddings were trained with (or train on data.corpus=synthetic)"
     )
-  cfg = validate(dataclasses.replace(cfg, model=model, data=data))
+  collapse = cfg.collapse
+  if collapse.reference == "surrogate" and "collapse.reference" not in given:
+    # the surrogate describes runs from random weights; a continued run starts low and has no
+    # initial drop, so its residual would alert for nothing: spike checks only, unless a
+    # reference run (another continued run) is named. config.json records it.
+    collapse = dataclasses.replace(collapse, reference="none")
+  cfg = validate(dataclasses.replace(cfg, model=model, data=data, collapse=collapse))
   if start.hf is not None:
     from celerity_jax.hf import importer
 

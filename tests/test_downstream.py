@@ -38,6 +38,34 @@ def local_task(root, name="celerity_mc"):
   return root
 
 
+TEXTS = [
+  "import os\nimport sys\n\n\ndef main(argv):\n    return len(argv)\n" * 3,
+  "class Parser(object):\n    def parse(self, text):\n        return text.split()\n",
+  "for key, value in sorted(table.items()):\n    print(key, value)\n" * 2,
+]
+
+
+def more_tasks(root):
+  """A rolling log-likelihood task (texts longer than the context) and a generation task."""
+  texts = root / "texts.jsonl"
+  texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+  data = (
+    f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {texts}\ntest_split: test\n"
+  )
+  (root / "celerity_ppl.yaml").write_text(
+    f"task: celerity_ppl\n{data}output_type: loglikelihood_rolling\n"
+    'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+    "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+  )
+  (root / "celerity_gen.yaml").write_text(
+    f"task: celerity_gen\n{data}output_type: generate_until\n"
+    'doc_to_text: "{{text[:40]}}"\ndoc_to_target: "{{text[40:50]}}"\n'
+    'generation_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 8\n  do_sample: false\n'
+    "metric_list:\n  - metric: exact_match\n"
+  )
+  return root
+
+
 def per_request(results, task):
   return [
     [float(r[0][0]) for r in sample["resps"]]
@@ -50,17 +78,19 @@ def test_celerity_backend_scores_as_the_hf_backend_on_the_export(trained_text_ru
   from celerity_jax.downstream import tasks as tasks_lib
   from celerity_jax.downstream.lm import CelerityLM
 
-  include = local_task(tmp_path)
+  include = str(more_tasks(local_task(tmp_path)))
   export(trained_text_run, None, tmp_path / "hf", "hf")
+  names = "celerity_mc,celerity_ppl,celerity_gen"
+  # 8 rows a batch: split over the 8 devices' data axis
   ours = tasks_lib.evaluate(
-    CelerityLM.from_run(trained_text_run, batch_size=4),
-    tasks_lib.load("celerity_mc", str(include)),
+    CelerityLM.from_run(trained_text_run, batch_size=8),
+    tasks_lib.load(names, include),
     log_samples=True,
   )
   theirs = lm_eval.simple_evaluate(
     model="hf",
     model_args=f"pretrained={tmp_path / 'hf'},trust_remote_code=True,dtype=float32",
-    tasks=tasks_lib.load("celerity_mc", str(include)),
+    tasks=tasks_lib.load(names, include),
     log_samples=True,
     batch_size=4,
     device="cpu",
@@ -71,6 +101,24 @@ def test_celerity_backend_scores_as_the_hf_backend_on_the_export(trained_text_ru
     assert x == pytest.approx(y, abs=1e-4)
   for metric in ("acc,none", "acc_norm,none"):
     assert ours["results"]["celerity_mc"][metric] == theirs["results"]["celerity_mc"][metric]
+  # rolling log-likelihoods over several context windows per text
+  a, b = (
+    [
+      float(s["resps"][0][0])
+      for s in sorted(r["samples"]["celerity_ppl"], key=lambda s: s["doc_id"])
+    ]
+    for r in (ours, theirs)
+  )
+  assert len(a) == len(TEXTS) and a == pytest.approx(b, abs=1e-4)
+  assert ours["results"]["celerity_ppl"]["bits_per_byte,none"] == pytest.approx(
+    theirs["results"]["celerity_ppl"]["bits_per_byte,none"], rel=1e-5
+  )
+  # greedy generation: the same text, cut at the same stop
+  a, b = (
+    [s["resps"][0][0] for s in sorted(r["samples"]["celerity_gen"], key=lambda s: s["doc_id"])]
+    for r in (ours, theirs)
+  )
+  assert a == b and any(a)
 
 
 def test_training_logs_task_accuracy_and_the_command_agrees(tmp_path, stdlib_cache):

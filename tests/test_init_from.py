@@ -86,6 +86,7 @@ def test_a_transformers_checkpoint_computes_its_logits_here_and_trains(kind, tmp
   assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_head, m.d_ff) == (32, 2, 4, 2, 8, 96)
   assert m.rope_fraction == (1.0 if kind == "llama" else 0.5)
   assert cfg.data.tokenizer == str(hf / "tokenizer.json")
+  assert cfg.collapse.reference == "none"  # the surrogate's curve is a run's from random weights
   tokens = np.random.default_rng(0).integers(0, 256, (2, 32))
   with torch.no_grad():
     theirs = model(torch.from_numpy(tokens).long()).logits.numpy()

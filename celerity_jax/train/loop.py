@@ -125,7 +125,8 @@ def _fresh_state(cfg, training: Training, console: Console):
   abstract = jax.eval_shape(setup.init).params
   host = init_weights.params(cfg, training.resolved.multipliers, abstract)
   start = init_weights.read(cfg.init)
-  console.say(f"celerity_jax: weights from {start.where} ({start.about})")
+  reference = "" if cfg.collapse.reference != "none" else "; collapse.reference=none: spike checks"
+  console.say(f"celerity_jax: weights from {start.where} ({start.about}){reference}")
   return setup.from_params(host)
 
 
