@@ -241,6 +241,20 @@ class Checkpointer:
     )
     return restored["state"]
 
+  def restore_params(self, step: int, abstract_params):
+    """The params alone of `step`, placed with the shardings of `abstract_params`
+    (ShapeDtypeStructs; any mesh, any process count): the optimizer state stays on disk."""
+    restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params
+    )
+    args = ocp.args.PyTreeRestore(
+      item={"params": abstract_params},
+      restore_args={"params": restore_args},
+      partial_restore=True,
+    )
+    with ocp.PyTreeCheckpointer() as reader:
+      return reader.restore(self.directory / str(step) / "state", args=args)["params"]
+
   def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
     meta = {**meta, "saved_at": datetime.datetime.now(datetime.UTC).isoformat()}
     return self.manager.save(

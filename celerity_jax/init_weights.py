@@ -159,9 +159,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def params(cfg: Config, multipliers, abstract: dict) -> dict:
-  """The weights of init.from as the run's param tree (float32 host arrays), with CompleteP's
-  multipliers unfolded for this run's; every array checked against `abstract` (the model's
-  ShapeDtypeStructs)."""
+  """The weights of init.from as the run's param tree, with CompleteP's multipliers unfolded for
+  this run's; `abstract`: the model's params as ShapeDtypeStructs with their shardings, which a
+  run's checkpoint is restored into (any mesh, any process count; a Hugging Face checkpoint is
+  read whole by every process, as float32 host arrays). Shapes are checked against `abstract`."""
   import jax
 
   start = read(cfg.init)
@@ -170,15 +171,43 @@ def params(cfg: Config, multipliers, abstract: dict) -> dict:
 
     tree = importer.params(start.hf, cfg.model, multipliers)
   else:
-    from celerity_jax import trained
+    from celerity_jax.checkpoint import Checkpointer
 
-    source = trained.load(start.path, start.step, start.where)
-    tree = _rescaled(source.params, source.multipliers, multipliers)
+    reader = Checkpointer(start.path / "checkpoints", read_only=True)
+    try:
+      tree = reader.restore_params(start.step, jax.tree.map(_placed, abstract))
+    except Exception as e:  # Orbax's own errors: a damaged or foreign checkpoint
+      raise ConfigError(
+        f"{start.where}: cannot read the params of step {start.step} ({type(e).__name__}: "
+        f"{' '.join(str(e).split())[:200]})"
+      ) from None
+    finally:
+      reader.close()
+    _, source_cfg, _ = read_settings(start)
+    from celerity_jax.parametrization import multipliers as multipliers_of
+
+    tree = _rescaled(tree, multipliers_of(source_cfg.param, source_cfg.model), multipliers)
   want = jax.tree.map(lambda a: tuple(a.shape), abstract)
   got = jax.tree.map(lambda a: tuple(a.shape), tree)
   if want != got:
     raise ConfigError(f"{start.where}: its parameters do not fit the model ({got} vs {want})")
   return tree
+
+
+def read_settings(start: Start):
+  from celerity_jax import trained
+
+  return trained.settings(start.path, start.step, start.where)
+
+
+def _placed(leaf):
+  """A ShapeDtypeStruct with a sharding (one device where `leaf` has none)."""
+  import jax
+
+  sharding = getattr(leaf, "sharding", None)
+  if not isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
 def _rescaled(tree: dict, theirs, ours) -> dict:
@@ -190,9 +219,7 @@ def _rescaled(tree: dict, theirs, ours) -> dict:
     if isinstance(node, dict):
       return {k: walk(v, k) for k, v in node.items()}
     multiplier = SCALED_BY.get(name)
-    if multiplier is None:
-      return np.asarray(node, np.float32)
-    ratio = getattr(theirs, multiplier) / getattr(ours, multiplier)
-    return np.asarray(node, np.float32) * np.float32(ratio)
+    ratio = 1.0 if multiplier is None else getattr(theirs, multiplier) / getattr(ours, multiplier)
+    return node if ratio == 1.0 else node * np.float32(ratio)
 
   return walk(tree)

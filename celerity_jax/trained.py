@@ -80,25 +80,34 @@ def load(run_dir, step: int | None = None, what: str = "run") -> Trained:
 
 def settings(run_dir, step: int | None, what: str) -> tuple[int, Config, dict]:
   """(step, config, resolved config) of `step` (default: the newest complete checkpoint) of
-  `run_dir`, from its metadata alone; ConfigError naming what is missing."""
-  from celerity_jax.checkpoint import Checkpointer
+  `run_dir`, from the checkpoint's metadata file alone: no jax, since it runs while the config is
+  built, before jax.distributed starts (init_weights.py). ConfigError naming what is missing."""
+  import json
 
-  run_dir = storage.location(run_dir)
-  if not (run_dir / "checkpoints").exists():
+  directory = storage.location(run_dir) / "checkpoints"
+  if not directory.exists():
     raise ConfigError(f"{what}: {run_dir} has no checkpoints directory (is it a run.dir?)")
-  ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
-  try:
-    steps = ckpt.steps()
-    if not steps or (step is not None and step not in steps):
-      raise ConfigError(
-        f"{what}: no complete checkpoint{'' if step is None else f' at step {step}'} in "
-        f"{run_dir}/checkpoints; complete steps: {', '.join(map(str, sorted(steps))) or 'none'}"
-      )
-    step = steps[0] if step is None else step
-    described = ckpt.meta(step)["described"]
-  finally:
-    ckpt.close()
-  return step, validate(from_dict(described["config"], f"{run_dir}/checkpoints/{step}")), described
+  remote = storage.is_remote(run_dir)  # (a local save is renamed into place once complete)
+  steps = sorted(
+    (
+      int(p.name)
+      for p in directory.iterdir()
+      if p.name.isdigit() and (not remote or (p / "commit_success.txt").exists())
+    ),
+    reverse=True,
+  )
+  for candidate in [step] if step is not None else steps:
+    try:
+      described = json.loads((directory / str(candidate) / "meta" / "metadata").read_text())
+      described = described["described"]
+    except (OSError, ValueError, KeyError):
+      continue  # not there, or unreadable: the next older one
+    cfg = validate(from_dict(described["config"], f"{directory}/{candidate}"))
+    return candidate, cfg, described
+  raise ConfigError(
+    f"{what}: no complete checkpoint{'' if step is None else f' at step {step}'} in "
+    f"{directory}; complete steps: {', '.join(map(str, sorted(steps))) or 'none'}"
+  )
 
 
 def _tokenizer(run_dir, step: int, pinned: dict | None, what: str):

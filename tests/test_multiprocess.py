@@ -200,3 +200,14 @@ def test_a_killed_worker_ends_the_other_within_the_heartbeat_timeout(tmp_path, v
   code = survivor.wait(timeout=HEARTBEAT_S + 60)
   assert code != 0 and time.time() - killed_at < HEARTBEAT_S + 60
   assert "another task died" in workers.log(1 - victim)
+
+
+def test_two_processes_start_from_another_runs_weights_as_one_does(full_runs, tmp_path):
+  """init.from on a pod: every process reads the weights and places its shards; the run equals
+  one process's, and starts where the source run ended, far below a run from random weights."""
+  one, _ = full_runs
+  start = [f"init.from={one}", "train.stop_step=4"]
+  run_workers(tmp_path / "two", *start)
+  assert main(cli(tmp_path / "one", *MESH, *start)) == 0
+  assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))
+  assert losses(tmp_path / "one")[0][1] < losses(one)[0][1] - 1.0

@@ -34,6 +34,7 @@ from celerity_jax.train import control, events, resume, signals
 from celerity_jax.train.console import Console
 from celerity_jax.train.downstream import make_downstream
 from celerity_jax.train.evaluate import make_evaluator
+from celerity_jax.train.state import abstract_state
 from celerity_jax.train.step import Training, prepare_training
 
 
@@ -122,12 +123,12 @@ def _fresh_state(cfg, training: Training, console: Console):
     return setup.init()
   from celerity_jax import init_weights
 
-  abstract = jax.eval_shape(setup.init).params
-  host = init_weights.params(cfg, training.resolved.multipliers, abstract)
+  abstract = abstract_state(setup).params
+  params = init_weights.params(cfg, training.resolved.multipliers, abstract)
   start = init_weights.read(cfg.init)
   reference = "" if cfg.collapse.reference != "none" else "; collapse.reference=none: spike checks"
   console.say(f"celerity_jax: weights from {start.where} ({start.about}){reference}")
-  return setup.from_params(host)
+  return setup.from_params(params)
 
 
 def _own(run_dir) -> RunLock | None:

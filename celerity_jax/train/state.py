@@ -38,16 +38,16 @@ class Setup:
   init: Callable[[], TrainState]  # jitted; returns the state already sharded on the mesh
   start: Callable[[dict], TrainState]  # jitted; the state holding given (sharded) params
 
-  def from_params(self, host_params: dict) -> TrainState:
-    """A fresh state (step 0, a new optimizer) holding `host_params` (the full arrays on every
-    process, as init.from reads them), each placed in its shards."""
-    shardings = self.state_shardings.params
-    placed = jax.tree.map(
-      lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index]),
-      host_params,
-      shardings,
-    )
-    return self.start(placed)
+  def from_params(self, params: dict) -> TrainState:
+    """A fresh state (step 0, a new optimizer) holding `params`: jax arrays (restored in their
+    shards), or host arrays whole on every process, each placed in its shards here."""
+
+    def place(a, sharding):
+      if isinstance(a, jax.Array):
+        return a
+      return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return self.start(jax.tree.map(place, params, self.state_shardings.params))
 
 
 def build(cfg, resolved, mesh: Mesh) -> Setup:
