@@ -205,9 +205,55 @@ def test_a_killed_worker_ends_the_other_within_the_heartbeat_timeout(tmp_path, v
 def test_two_processes_start_from_another_runs_weights_as_one_does(full_runs, tmp_path):
   """init.from on a pod: every process reads the weights and places its shards; the run equals
   one process's, and starts where the source run ended, far below a run from random weights."""
+  from celerity_jax.commands.export import export
+
   one, _ = full_runs
   start = [f"init.from={one}", "train.stop_step=4"]
   run_workers(tmp_path / "two", *start)
   assert main(cli(tmp_path / "one", *MESH, *start)) == 0
   assert_close(losses(tmp_path / "two"), losses(tmp_path / "one"))
   assert losses(tmp_path / "one")[0][1] < losses(one)[0][1] - 1.0
+  # from its Hugging Face export (read whole by each process): the same run, bit for bit
+  export(one, None, tmp_path / "hf", "hf")
+  run_workers(tmp_path / "two_hf", f"init.from={tmp_path / 'hf'}", "train.stop_step=4")
+  assert losses(tmp_path / "two_hf") == losses(tmp_path / "two")
+
+
+EVALUATE = """
+import json, sys
+from celerity_jax import distributed
+from celerity_jax.config import DistConfig
+distributed.initialize(DistConfig())
+from celerity_jax.downstream import tasks
+from celerity_jax.downstream.lm import CelerityLM
+lm = CelerityLM.from_run(sys.argv[1], batch_size=8)
+results = tasks.evaluate(lm, tasks.load("celerity_mc", sys.argv[2]), log_samples=True)
+scores = [[float(r[0][0]) for r in s["resps"]] for s in results["samples"]["celerity_mc"]]
+print("SCORES " + json.dumps(scores))
+"""
+
+
+def test_two_processes_score_downstream_tasks_as_one_does(trained_text_run, tmp_path):
+  """The evaluation backend on a pod: the checkpoint restored into shards over both processes'
+  devices, every request scored in step, the same scores on each process as on one."""
+  pytest.importorskip("lm_eval")
+  from test_downstream import local_task
+
+  from celerity_jax.downstream import tasks
+  from celerity_jax.downstream.lm import CelerityLM
+
+  include = str(local_task(tmp_path))
+  workers = Workers(tmp_path / "eval", argv=["-c", EVALUATE, str(trained_text_run), include])
+  assert workers.wait() == [0, 0], [workers.log(i)[-3000:] for i in range(2)]
+  printed = [
+    json.loads(next(x for x in workers.log(i).splitlines() if x.startswith("SCORES "))[7:])
+    for i in range(2)
+  ]
+  results = tasks.evaluate(
+    CelerityLM.from_run(trained_text_run, batch_size=8),
+    tasks.load("celerity_mc", include),
+    log_samples=True,
+  )
+  alone = [[float(r[0][0]) for r in s["resps"]] for s in results["samples"]["celerity_mc"]]
+  assert printed[0] == printed[1]
+  np.testing.assert_allclose(printed[0], alone, rtol=1e-5)

@@ -20,7 +20,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 from tqdm import tqdm
 
-from celerity_jax.downstream.scorer import Scorer, place
+from celerity_jax.downstream.scorer import Scorer, restore
 
 
 class CelerityLM(TemplateLM):
@@ -52,20 +52,22 @@ class CelerityLM(TemplateLM):
 
   @classmethod
   def from_run(cls, run_dir, step: int | None = None, mesh_cfg=None, **kwargs) -> CelerityLM:
-    """A finished (or running) run's newest usable checkpoint, on every local device."""
-    from celerity_jax import trained
+    """A run's checkpoint `step` (default: its newest complete one) on every device of every
+    process: the run's mesh where it fits them, else data-parallel."""
+    from celerity_jax import storage, trained
     from celerity_jax.config import ConfigError
+    from celerity_jax.data import tokenizer as tokenizer_lib
     from celerity_jax.sampling import sampling_mesh
 
-    run = trained.load(run_dir, step, "evaluate")
-    if run.tokenizer is None:
-      raise ConfigError(
-        f"evaluate: {run_dir} trained on synthetic tokens: there is no text to score"
-      )
-    mesh = sampling_mesh(mesh_cfg or run.cfg.mesh, jax.devices())
-    graphdef, params = place(run.model(), mesh)
-    lm = cls(graphdef, params, mesh, run.cfg.model, run.tokenizer, **kwargs)
-    lm.step = run.step
+    run_dir = storage.location(run_dir)
+    step, cfg, described = trained.settings(run_dir, step, "evaluate")
+    found = trained.tokenizer_file(run_dir, step, described.get("data_fingerprint"), "evaluate")
+    if found is None:
+      raise ConfigError(f"evaluate: {run_dir} trained on synthetic tokens (no text to score)")
+    mesh = sampling_mesh(mesh_cfg or cfg.mesh, jax.devices())
+    graphdef, params = restore(run_dir, step, cfg, mesh)
+    lm = cls(graphdef, params, mesh, cfg.model, tokenizer_lib.load(found), **kwargs)
+    lm.step = step
     return lm
 
   # ------------------------------------------------------------------ tokens

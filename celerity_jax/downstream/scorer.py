@@ -3,8 +3,9 @@
 Rows are right-padded to a bucket length (a power of two, at most the model's context) and
 batches to a fixed row count, so a whole evaluation compiles one function per bucket. Padding
 never changes a real position's logits: attention is causal, and padded positions have weight 0.
-The params stay where they are (a run's mesh in training, or placed by `place` for a finished
-run); rows are split over the mesh's data axes where they divide.
+The params stay where they are (a run's mesh in training, or restored into their shards by
+`restore` for a finished run); rows are split over the mesh's data axes where they divide, and
+the few numbers each batch returns are gathered on every process.
 """
 
 from __future__ import annotations
@@ -19,11 +20,24 @@ from celerity_jax import sharding
 from celerity_jax.models.layers import Forward
 
 
-def place(model, mesh):
-  """(graphdef, params sharded on `mesh`) of a Decoder."""
-  graphdef, state = nnx.split(model)
+def restore(run_dir, step: int, cfg, mesh):
+  """(graphdef, params) of a run's checkpoint `step`, restored straight into their shards on
+  `mesh` (any process count; the optimizer state stays on disk)."""
+  from celerity_jax.checkpoint import Checkpointer
+  from celerity_jax.models.decoder import Decoder
+  from celerity_jax.parametrization import multipliers
+
+  mult = multipliers(cfg.param, cfg.model)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg.model, mult, nnx.Rngs(params=0))))
   specs = sharding.named(mesh, sharding.param_specs(state, mesh))
-  return graphdef, jax.device_put(nnx.to_pure_dict(state), specs)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(state), specs
+  )
+  reader = Checkpointer(run_dir / "checkpoints", read_only=True)
+  try:
+    return graphdef, reader.restore_params(step, abstract)
+  finally:
+    reader.close()
 
 
 def bucket(length: int, limit: int) -> int:
@@ -43,6 +57,7 @@ class Scorer:
     self.grid = NamedSharding(
       mesh, sharding.logical_spec(("batch" if split else None, "length"), "sampling")
     )
+    everywhere = NamedSharding(mesh, jax.sharding.PartitionSpec())  # results: on every process
     forward = Forward.planned(cfg, mesh.devices.flat[0].platform)
 
     def logits(params, tokens_BxL):
@@ -62,8 +77,8 @@ class Scorer:
       sampled = jax.random.categorical(key, logits_BxV / jnp.maximum(temperature, 1e-6), axis=-1)
       return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
-    self._score = jax.jit(score, out_shardings=(self.rows, self.rows))
-    self._next = jax.jit(next_token, out_shardings=self.rows)
+    self._score = jax.jit(score, out_shardings=(everywhere, everywhere))
+    self._next = jax.jit(next_token, out_shardings=everywhere)
 
   def _put(self, array, where):
     return jax.make_array_from_callback(array.shape, where, lambda index: array[index])
