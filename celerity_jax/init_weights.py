@@ -70,6 +70,7 @@ class Start:
   about: str  # what it is, in words
   hf: object = None  # hf.importer.Checkpoint
   step: int | None = None  # a run's checkpoint step
+  source: Config | None = None  # that run's config
 
 
 def read(init_cfg) -> Start:
@@ -101,7 +102,8 @@ def _run(path, step: int, where: str) -> Start:
   model = {k: getattr(cfg.model, k) for k in ARCHITECTURE_KEYS}
   found = trained.tokenizer_file(path, step, described.get("data_fingerprint"), where)
   tokenizer = "" if found is None else str(found)
-  return Start(where, path, model, tokenizer, f"a run's checkpoint, step {step}", step=step)
+  about = f"a run's checkpoint, step {step}"
+  return Start(where, path, model, tokenizer, about, step=step, source=cfg)
 
 
 def configure(cfg: Config, overrides: list[str]) -> Config:
@@ -183,21 +185,15 @@ def params(cfg: Config, multipliers, abstract: dict) -> dict:
       ) from None
     finally:
       reader.close()
-    _, source_cfg, _ = read_settings(start)
     from celerity_jax.parametrization import multipliers as multipliers_of
 
-    tree = _rescaled(tree, multipliers_of(source_cfg.param, source_cfg.model), multipliers)
+    theirs = multipliers_of(start.source.param, start.source.model)
+    tree = _rescaled(tree, theirs, multipliers)
   want = jax.tree.map(lambda a: tuple(a.shape), abstract)
   got = jax.tree.map(lambda a: tuple(a.shape), tree)
   if want != got:
     raise ConfigError(f"{start.where}: its parameters do not fit the model ({got} vs {want})")
   return tree
-
-
-def read_settings(start: Start):
-  from celerity_jax import trained
-
-  return trained.settings(start.path, start.step, start.where)
 
 
 def _placed(leaf):

@@ -135,6 +135,14 @@ def test_export_then_import_is_bit_exact_and_a_run_starts_from_another_runs_para
     ):
       assert np.array_equal(a, b), (origin.name, path)
 
+  # another parameterization's multipliers: the weights are rescaled to compute the same logits
+  other = configured(
+    f"init.from={first}", "param.alpha_in=4.0", "param.alpha_out=2", "param.l_base=1"
+  )
+  tokens = np.random.default_rng(0).integers(0, other.model.vocab_size, (2, 16))
+  before = np.asarray(source.model()(jnp.asarray(tokens))[0])
+  np.testing.assert_allclose(our_logits(other, tokens), before, rtol=1e-5, atol=1e-5)
+
   # runs from the checkpoint and from the export start from the same params: the same losses,
   # bit for bit, well below where the first run started
   losses = {}

@@ -58,7 +58,7 @@ class Scorer:
       mesh, sharding.logical_spec(("batch" if split else None, "length"), "sampling")
     )
     everywhere = NamedSharding(mesh, jax.sharding.PartitionSpec())  # results: on every process
-    forward = Forward.planned(cfg, mesh.devices.flat[0].platform)
+    forward = Forward.planned(cfg, mesh.devices.flat[0].platform, mesh=mesh)
 
     def logits(params, tokens_BxL):
       return nnx.merge(graphdef, params)(tokens_BxL, forward=forward)[0]

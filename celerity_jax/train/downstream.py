@@ -32,10 +32,8 @@ def make_downstream(cfg, training, tokenizer):
   from celerity_jax.downstream.lm import CelerityLM
 
   tasks = tasks_lib.load(d.tasks, d.include_path, "downstream.tasks")
-  abstract = training.setup.state_shardings.params
-  lm = CelerityLM(
-    training.setup.graphdef, abstract, training.mesh, cfg.model, tokenizer, d.batch_size
-  )
+  # the params are the live state's, given at each evaluation
+  lm = CelerityLM(training.setup.graphdef, None, training.mesh, cfg.model, tokenizer, d.batch_size)
 
   def evaluate(params) -> dict:
     lm.scorer.params = params  # the jitted scorer takes them as an argument: no recompile
