@@ -49,6 +49,7 @@ class CelerityLM(TemplateLM):
     )
     self.key = jax.random.key(seed)
     self.requests_done = 0  # requests answered (log-likelihood windows count once each)
+    self.step = None  # the checkpoint's step, for a model read from a run (from_run)
 
   @classmethod
   def from_run(cls, run_dir, step: int | None = None, mesh_cfg=None, **kwargs) -> CelerityLM:
@@ -78,8 +79,8 @@ class CelerityLM(TemplateLM):
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
     ids = self.tokenizer_.encode([string])[0].tolist()
-    boundary = self.add_boundary if add_special_tokens is None else add_special_tokens
-    return [self.eot_token_id, *ids] if boundary and self.add_boundary else ids
+    boundary = self.add_boundary and add_special_tokens is not False
+    return [self.eot_token_id, *ids] if boundary else ids
 
   def tok_decode(self, tokens) -> str:
     return self.tokenizer_.decode(tokens)
