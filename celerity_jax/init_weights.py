@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from celerity_jax import storage
-from celerity_jax.config import Config, ConfigError, validate
+from celerity_jax.config import Config, ConfigError
+from celerity_jax.config_checks import validate
 
 # the model.* keys that fix what the weights compute (the rest say how it runs: dtype, remat,
 # attention path, seq_len, the losses' coefficients)

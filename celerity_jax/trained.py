@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from celerity_jax import storage
-from celerity_jax.config import Config, ConfigError, from_dict, validate
+from celerity_jax.config import Config, ConfigError, from_dict
+from celerity_jax.config_checks import validate
 from celerity_jax.parametrization import Multipliers, multipliers
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from celerity_jax.recipes.family import celerity, gpu, moe, nano
 
-from celerity_jax.config import Config, ConfigError, apply_overrides, validate
+from celerity_jax.config import Config, ConfigError, apply_overrides
+from celerity_jax.config_checks import validate
 
 DEFAULT = "celerity_tiny"
 

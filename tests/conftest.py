@@ -35,7 +35,8 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from celerity_jax import recipes  # noqa: E402
-from celerity_jax.config import apply_overrides, validate  # noqa: E402
+from celerity_jax.config import apply_overrides  # noqa: E402
+from celerity_jax.config_checks import validate  # noqa: E402
 
 # A model small enough to compile and step in about a second, shardable on a 2x2x2 mesh.
 SMALL = [

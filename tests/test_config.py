@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from celerity_jax import recipes
-from celerity_jax.config import ConfigError, apply_overrides, validate
+from celerity_jax.config import ConfigError, apply_overrides
+from celerity_jax.config_checks import validate
 from celerity_jax.main import main
 
 

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from celerity_jax import recipes, scaling
-from celerity_jax.config import ConfigError, apply_overrides, validate
+from celerity_jax.config import ConfigError, apply_overrides
+from celerity_jax.config_checks import validate
 from celerity_jax.models import moe
 from celerity_jax.models.layers import Forward, Mlp, mlp_activation
 from celerity_jax.parametrization import multipliers

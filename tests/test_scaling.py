@@ -158,7 +158,7 @@ def test_microbatch_rows_fix_each_devices_load_and_let_the_count_follow_b():
     ConfigError, match="multiple of data-parallel size 48 x train.microbatch_rows 4"
   ):
     resolve(fixed, n_devices=48)
-  from celerity_jax.config import validate
+  from celerity_jax.config_checks import validate
 
   with pytest.raises(ConfigError, match="set one of them"):
     validate(apply_overrides(base, ["train.microbatch_rows=2", "train.microbatches=4"]))

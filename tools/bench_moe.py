@@ -23,7 +23,8 @@ from celerity_jax.config import ConfigError
 
 
 def variants(cfg) -> dict:
-  from celerity_jax.config import apply_overrides, validate
+  from celerity_jax.config import apply_overrides
+  from celerity_jax.config_checks import validate
 
   model = cfg.model
   if not model.experts:

@@ -27,7 +27,8 @@ def measure(kind: str, width: int, depth: int, steps: int, lr_base: float = 1.62
   from flax import nnx
 
   from celerity_jax import recipes
-  from celerity_jax.config import apply_overrides, validate
+  from celerity_jax.config import apply_overrides
+  from celerity_jax.config_checks import validate
   from celerity_jax.data.synthetic import SyntheticTokens
   from celerity_jax.resolve import resolve
   from celerity_jax.train.step import prepare_training
