@@ -69,6 +69,11 @@ class ModelConfig:
   rope_theta: float = key(10000.0, free=False)
   # the fraction of each head's dimensions that RoPE rotates (the first ones; Nemotron: 0.5)
   rope_fraction: float = key(1.0, between(0, 1, "(]"), free=False)
+  # Llama 3's RoPE frequency scaling (rope_type "llama3": its factor, 8 for Llama 3.1); 0 = off
+  rope_factor: float = key(0.0, NONNEG, free=False)
+  rope_low_freq_factor: float = key(1.0, POSITIVE, free=False)
+  rope_high_freq_factor: float = key(4.0, POSITIVE, free=False)
+  rope_original_context: int = key(8192, POSITIVE, free=False)
   mlp: Literal["squared_relu", "swiglu"] = key("squared_relu", free=False)
   # compute dtype; params are always float32
   dtype: Literal["float32", "bfloat16"] = key("float32", free=False)

@@ -38,6 +38,11 @@ def validate(cfg: Config) -> Config:
   kv = m.n_kv_heads or m.n_heads
   if m.n_heads % kv:
     raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={kv}")
+  if m.rope_factor and not m.rope_low_freq_factor < m.rope_high_freq_factor:
+    raise ConfigError(
+      f"model.rope_low_freq_factor={m.rope_low_freq_factor} must be below "
+      f"model.rope_high_freq_factor={m.rope_high_freq_factor} (Llama 3 RoPE scaling)"
+    )
   if m.position == "rope" and rotary_dims(m) % 2:
     raise ConfigError(
       f"model.d_head={m.d_head} x model.rope_fraction={m.rope_fraction} must be even for rope "

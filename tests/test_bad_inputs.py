@@ -66,8 +66,8 @@ CASES = [
     "celerity_jax.main",
     INIT,
     2,
-    "'llama3'",
-    hf_llama(edit_json("config.json", lambda c: c["rope_parameters"].update(rope_type="llama3"))),
+    "'yarn'",
+    hf_llama(edit_json("config.json", lambda c: c["rope_parameters"].update(rope_type="yarn"))),
   ),
   # configuration: exit 2, the key named
   ("unknown key", "celerity_jax.main", [*RUN, "model.d_modle=64"], 2, "model.d_modle", None),

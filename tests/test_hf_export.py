@@ -29,10 +29,17 @@ VARIANTS = {
     ["model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.n_kv_heads=1"],
     "LlamaForCausalLM",
   ),
+  # Llama 3.1's scaled RoPE, its original context short enough that every regime occurs
+  "llama3": (
+    ["model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.rope_factor=8"]
+    + ["model.rope_original_context=64"],
+    "LlamaForCausalLM",
+  ),
   # LayerNorm, squared ReLU, RoPE on half of each head (as Nemotron-4 and Minitron)
   "nemotron": (["model.position=rope", "model.rope_fraction=0.5"], "NemotronForCausalLM"),
   "rope_layernorm_swiglu": (
-    ["model.position=rope", "model.mlp=swiglu", "model.rope_fraction=0.5"],
+    ["model.position=rope", "model.mlp=swiglu", "model.rope_fraction=0.5"]
+    + ["model.rope_factor=8", "model.rope_original_context=64"],
     "CelerityForCausalLM",
   ),
 }

@@ -51,6 +51,11 @@ def hf_checkpoint(kind: str, out, tokenizer: bool = True):
   if kind == "llama":
     config = transformers.LlamaConfig(**shape, rope_theta=5000.0, rms_norm_eps=1e-5)
     model = transformers.LlamaForCausalLM(config)
+  elif kind == "llama3":  # Llama 3.1's scaled RoPE; every regime occurs at this original context
+    rope = {"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0}
+    rope |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 512}
+    config = transformers.LlamaConfig(**shape, rope_parameters=rope, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
   else:  # transformers' Nemotron rotates half of each head by default
     config = transformers.NemotronConfig(**shape, norm_eps=1e-5)
     model = transformers.NemotronForCausalLM(config)
@@ -76,7 +81,7 @@ def our_logits(cfg, tokens):
   return np.asarray(logits)
 
 
-@pytest.mark.parametrize("kind", ["llama", "nemotron"])
+@pytest.mark.parametrize("kind", ["llama", "llama3", "nemotron"])
 def test_a_transformers_checkpoint_computes_its_logits_here_and_trains(kind, tmp_path):
   hf = tmp_path / "hf"
   model = hf_checkpoint(kind, hf)
@@ -84,7 +89,8 @@ def test_a_transformers_checkpoint_computes_its_logits_here_and_trains(kind, tmp
   cfg = configured(f"init.from={hf}")
   m = cfg.model
   assert (m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_head, m.d_ff) == (32, 2, 4, 2, 8, 96)
-  assert m.rope_fraction == (1.0 if kind == "llama" else 0.5)
+  assert m.rope_fraction == (0.5 if kind == "nemotron" else 1.0)
+  assert m.rope_factor == (8.0 if kind == "llama3" else 0.0)
   assert cfg.data.tokenizer == str(hf / "tokenizer.json")
   assert cfg.collapse.reference == "none"  # the surrogate's curve is a run's from random weights
   tokens = np.random.default_rng(0).integers(0, 256, (2, 32))

@@ -46,12 +46,31 @@ def architecture(model_cfg) -> str:
   kinds = (model_cfg.position, model_cfg.norm, model_cfg.mlp)
   if kinds == ("rope", "rmsnorm", "swiglu") and model_cfg.rope_fraction == 1.0:
     return "llama"
-  if kinds == ("rope", "layernorm", "squared_relu"):
+  if kinds == ("rope", "layernorm", "squared_relu") and not model_cfg.rope_factor:
     return "nemotron"
   return "celerity"
 
 
 FOLDED = ("input_scale", "attn_scale", "residual_scale", "logit_scale")
+LLAMA3_KEYS = (
+  "rope_factor",
+  "rope_low_freq_factor",
+  "rope_high_freq_factor",
+  "rope_original_context",
+)
+
+
+def llama3_rope(m) -> dict:
+  """transformers' rope_parameters for Llama 3's scaled RoPE ({} without it)."""
+  if not m.rope_factor:
+    return {}
+  return {
+    "rope_type": "llama3",
+    "factor": m.rope_factor,
+    "low_freq_factor": m.rope_low_freq_factor,
+    "high_freq_factor": m.rope_high_freq_factor,
+    "original_max_position_embeddings": m.rope_original_context,
+  }
 
 
 def file_multipliers(arch: str, model_cfg, ours) -> dict[str, float]:
@@ -88,7 +107,7 @@ def hf_config(trained, arch: str) -> dict:
       "model_type": "llama",
       "hidden_act": "silu",
       "rms_norm_eps": m.norm_eps,
-      "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
+      "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"} | llama3_rope(m),
       "attention_bias": False,
       "mlp_bias": False,
     }
@@ -120,6 +139,7 @@ def hf_config(trained, arch: str) -> dict:
     "position": m.position,
     "rope_theta": m.rope_theta,
     "rope_fraction": m.rope_fraction,
+    **{k: getattr(m, k) for k in LLAMA3_KEYS if m.rope_factor},
     "mlp": m.mlp,
     "multipliers": file_multipliers(arch, m, trained.multipliers),
   }

@@ -88,19 +88,31 @@ def _config(directory, where: str) -> dict:
     raise ConfigError(f"{where}: config.json is not JSON ({e})") from None
 
 
-def _rope(config: dict, where: str) -> tuple[float, float | None]:
-  """(theta, partial rotary factor or None) from rope_parameters (transformers 5) or the older
-  top-level keys; scaled RoPE variants are refused by name."""
+def _rope(config: dict, where: str) -> tuple[float, float | None, dict]:
+  """(theta, partial rotary factor or None, Llama 3 scaling keys or {}) from rope_parameters
+  (transformers 5) or the older top-level keys; other scaled RoPE variants are refused by name."""
   rope = config.get("rope_parameters") or {}
   scaling = config.get("rope_scaling") or {}
   kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-  if kind != "default":
+  if kind not in ("default", "llama3"):
     raise ConfigError(
-      f"{where}: RoPE type {kind!r} (rope scaling) is not supported; supported: default"
+      f"{where}: RoPE type {kind!r} (rope scaling) is not supported; supported: default, llama3"
     )
   theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
   fraction = rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
-  return float(theta), fraction
+  llama3 = {}
+  if kind == "llama3":
+    given = {**scaling, **rope}
+    try:
+      llama3 = {
+        "rope_factor": float(given["factor"]),
+        "rope_low_freq_factor": float(given["low_freq_factor"]),
+        "rope_high_freq_factor": float(given["high_freq_factor"]),
+        "rope_original_context": int(given["original_max_position_embeddings"]),
+      }
+    except KeyError as e:
+      raise ConfigError(f"{where}: llama3 RoPE scaling without its {e.args[0]!r}") from None
+  return float(theta), fraction, llama3
 
 
 def _model_keys(config: dict, arch: str, where: str) -> dict:
@@ -114,7 +126,7 @@ def _model_keys(config: dict, arch: str, where: str) -> dict:
       raise ConfigError(f"{where}: {flag}=true is not supported (this model has no biases)")
   heads, d = int(need("num_attention_heads")), int(need("hidden_size"))
   kv = int(config.get("num_key_value_heads") or heads)
-  theta, fraction = _rope(config, where)
+  theta, fraction, llama3 = _rope(config, where)
   model = {
     "vocab_size": int(need("vocab_size")),
     "d_model": d,
@@ -134,7 +146,9 @@ def _model_keys(config: dict, arch: str, where: str) -> dict:
     if fraction not in (None, 1.0):
       raise ConfigError(f"{where}: partial_rotary_factor={fraction} is not supported for Llama")
     norm_eps = float(config.get("rms_norm_eps", 1e-6))
-    return model | {"norm": "rmsnorm", "norm_eps": norm_eps, "mlp": "swiglu"}
+    return model | llama3 | {"norm": "rmsnorm", "norm_eps": norm_eps, "mlp": "swiglu"}
+  if llama3:
+    raise ConfigError(f"{where}: llama3 RoPE scaling is supported for Llama checkpoints only")
   if arch == "nemotron":
     if act != "relu2":
       raise ConfigError(f"{where}: hidden_act={act!r} is not supported for Nemotron (relu2)")
@@ -145,14 +159,20 @@ def _model_keys(config: dict, arch: str, where: str) -> dict:
       # transformers' NemotronConfig rotates half of each head unless told otherwise
       "rope_fraction": float(0.5 if fraction is None else fraction),
     }
-  return model | {
-    "position": config.get("position", "alibi"),
-    "rope_theta": float(config.get("rope_theta", 10000.0)),
-    "rope_fraction": float(config.get("rope_fraction", 1.0)),
-    "norm": config.get("norm", "layernorm"),
-    "norm_eps": float(config.get("norm_eps", 1e-5)),
-    "mlp": config.get("mlp", "squared_relu"),
-  }
+  from celerity_jax.hf.convert import LLAMA3_KEYS
+
+  return (
+    model
+    | {k: config[k] for k in LLAMA3_KEYS if k in config}
+    | {
+      "position": config.get("position", "alibi"),
+      "rope_theta": float(config.get("rope_theta", 10000.0)),
+      "rope_fraction": float(config.get("rope_fraction", 1.0)),
+      "norm": config.get("norm", "layernorm"),
+      "norm_eps": float(config.get("norm_eps", 1e-5)),
+      "mlp": config.get("mlp", "squared_relu"),
+    }
+  )
 
 
 def _weight_files(directory, where: str) -> dict:

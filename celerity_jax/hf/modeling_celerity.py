@@ -42,6 +42,10 @@ class CelerityConfig(PretrainedConfig):
     position: str = "alibi",
     rope_theta: float = 10000.0,
     rope_fraction: float = 1.0,
+    rope_factor: float = 0.0,
+    rope_low_freq_factor: float = 1.0,
+    rope_high_freq_factor: float = 4.0,
+    rope_original_context: int = 8192,
     mlp: str = "squared_relu",
     multipliers: dict | None = None,
     max_position_embeddings: int = 256,
@@ -55,6 +59,11 @@ class CelerityConfig(PretrainedConfig):
     self.head_dim, self.norm, self.norm_eps = head_dim, norm, norm_eps
     self.position, self.rope_theta, self.mlp = position, rope_theta, mlp
     self.rope_fraction, self.multipliers = rope_fraction, dict(multipliers or {})
+    self.rope_factor, self.rope_original_context = rope_factor, rope_original_context
+    self.rope_low_freq_factor, self.rope_high_freq_factor = (
+      rope_low_freq_factor,
+      rope_high_freq_factor,
+    )
     self.max_position_embeddings, self.use_cache = max_position_embeddings, use_cache
     kwargs.setdefault("tie_word_embeddings", False)
     super().__init__(**kwargs)
@@ -97,10 +106,26 @@ def multiplier(config: CelerityConfig, name: str) -> float:
   return float(config.multipliers.get(name, plain))
 
 
-def rope(x, positions, theta, dims):
-  """x: B x heads x S x H at `positions` (S,), rotate-half convention, on the first `dims` of H."""
-  h = dims
-  freqs = theta ** (-torch.arange(0, h // 2, dtype=torch.float32, device=x.device) * 2.0 / h)
+def rope_frequencies(h, theta, config, device):
+  """theta^(-2i/h), with Llama 3's scaling when config.rope_factor (its factor) is set."""
+  freqs = theta ** (-torch.arange(0, h // 2, dtype=torch.float32, device=device) * 2.0 / h)
+  factor = config.rope_factor
+  if not factor:
+    return freqs
+  low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+  context = config.rope_original_context
+  wavelength = 2 * math.pi / freqs
+  slowed = torch.where(wavelength > context / low, freqs / factor, freqs)
+  smooth = (context / wavelength - low) / (high - low)
+  between = (1 - smooth) * slowed / factor + smooth * slowed
+  middle = (wavelength >= context / high) & (wavelength <= context / low)
+  return torch.where(middle, between, slowed)
+
+
+def rope(x, positions, freqs):
+  """x: B x heads x S x H at `positions` (S,), rotate-half convention, on the first 2 * len(freqs)
+  dimensions of H."""
+  h = 2 * freqs.shape[0]
   angles = positions.float()[:, None] * freqs[None, :]
   cos, sin = angles.cos()[None, None], angles.sin()[None, None]
   x1, x2, passed = x.float()[..., : h // 2], x.float()[..., h // 2 : h], x.float()[..., h:]
@@ -118,7 +143,7 @@ class Attention(nn.Module):
     )
     self.layer_idx, self.n, self.kv, self.h = layer_idx, n, kv, h
     self.position, self.theta = config.position, config.rope_theta
-    self.rotary_dims = int(h * config.rope_fraction)
+    self.rotary_dims, self.config = int(h * config.rope_fraction), config
     self.scale = multiplier(config, "attn_scale")
     self.q_proj = nn.Linear(d, n * h, bias=False)
     self.k_proj = nn.Linear(d, kv * h, bias=False)
@@ -131,8 +156,8 @@ class Attention(nn.Module):
     k = self.k_proj(x).view(b, s, self.kv, self.h).transpose(1, 2)
     v = self.v_proj(x).view(b, s, self.kv, self.h).transpose(1, 2)
     if self.position == "rope":
-      q = rope(q, positions, self.theta, self.rotary_dims)
-      k = rope(k, positions, self.theta, self.rotary_dims)
+      freqs = rope_frequencies(self.rotary_dims, self.theta, self.config, x.device)
+      q, k = rope(q, positions, freqs), rope(k, positions, freqs)
     if cache is not None:
       k, v = cache.update(k, v, self.layer_idx)
     if self.kv != self.n:

@@ -89,16 +89,36 @@ def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array
   return jnp.square(jax.nn.relu(h))
 
 
+def rope_frequencies(h: int, theta: float, scaling: tuple | None = None) -> jax.Array:
+  """The h/2 rotation frequencies theta^(-2i/h); with `scaling` = (factor, low_freq_factor,
+  high_freq_factor, original context), Llama 3's: wavelengths beyond the original context / low
+  are slowed by the factor, those below context / high kept, those between interpolated."""
+  freqs = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
+  if not scaling:
+    return freqs
+  factor, low, high, context = scaling
+  wavelength = 2 * jnp.pi / freqs
+  slowed = jnp.where(wavelength > context / low, freqs / factor, freqs)
+  smooth = (context / wavelength - low) / (high - low)
+  between = (1 - smooth) * slowed / factor + smooth * slowed
+  middle = (wavelength >= context / high) & (wavelength <= context / low)
+  return jnp.where(middle, between, slowed)
+
+
 def rope(
-  x_BxLxNxH: jax.Array, theta: float, positions_L: jax.Array | None = None, dims: int = 0
+  x_BxLxNxH: jax.Array,
+  theta: float,
+  positions_L: jax.Array | None = None,
+  dims: int = 0,
+  scaling: tuple | None = None,
 ) -> jax.Array:
   """Rotary position embedding (rotate-half convention) on the first `dims` dimensions of the
   last axis (0: all; Nemotron rotates half), at `positions_L` (default 0..L-1; a cached decode
-  step passes its absolute positions)."""
+  step passes its absolute positions), with Llama 3's frequency `scaling` if given."""
   length, h = x_BxLxNxH.shape[1], dims or x_BxLxNxH.shape[-1]
   if positions_L is None:
     positions_L = jnp.arange(length)
-  freqs = theta ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2.0 / h)
+  freqs = rope_frequencies(h, theta, scaling)
   angles_LxH2 = positions_L.astype(jnp.float32)[:, None] * freqs[None, :]
   cos = jnp.cos(angles_LxH2)[None, :, None, :]
   sin = jnp.sin(angles_LxH2)[None, :, None, :]
@@ -106,6 +126,18 @@ def rope(
   x1, x2, passed = x[..., : h // 2], x[..., h // 2 : h], x[..., h:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, passed], axis=-1)
   return out.astype(x_BxLxNxH.dtype)
+
+
+def rope_scaling_of(cfg) -> tuple | None:
+  """A ModelConfig's Llama 3 RoPE scaling as rope() takes it, or None."""
+  if not cfg.rope_factor:
+    return None
+  return (
+    cfg.rope_factor,
+    cfg.rope_low_freq_factor,
+    cfg.rope_high_freq_factor,
+    cfg.rope_original_context,
+  )
 
 
 class Attention(nnx.Module):
@@ -118,6 +150,7 @@ class Attention(nnx.Module):
     self.wo = param(rngs, (n, h, d), std, ("heads", "head_dim", "embed"), "hidden")
     self.scale, self.position, self.rope_theta = mult.attn_scale, cfg.position, cfg.rope_theta
     self.rotary_dims = int(h * cfg.rope_fraction)
+    self.rope_scaling = rope_scaling_of(cfg)
 
   def project(self, x_BxLxD, positions_L=None):
     """(q BxLxNxH, k BxLxKxH, v BxLxKxH), rotated at `positions_L` under RoPE."""
@@ -126,8 +159,9 @@ class Attention(nnx.Module):
     k_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wk[...].astype(dt))
     v_BxLxKxH = jnp.einsum("BLD,DKH->BLKH", x_BxLxD, self.wv[...].astype(dt))
     if self.position == "rope":
-      q_BxLxNxH = rope(q_BxLxNxH, self.rope_theta, positions_L, self.rotary_dims)
-      k_BxLxKxH = rope(k_BxLxKxH, self.rope_theta, positions_L, self.rotary_dims)
+      where = (positions_L, self.rotary_dims, self.rope_scaling)
+      q_BxLxNxH = rope(q_BxLxNxH, self.rope_theta, *where)
+      k_BxLxKxH = rope(k_BxLxKxH, self.rope_theta, *where)
     return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
   def attend(self, q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, mask, bias):
