@@ -36,7 +36,7 @@ def flat(row: dict, prefix: str = "") -> dict:
   for key, value in row.items():
     if isinstance(value, dict):
       out |= flat(value, f"{prefix}{key}/")
-    elif isinstance(value, (int, float, str, bool)) and value is not None:
+    elif isinstance(value, (int, float, str, bool)):
       out[f"{prefix}{key}"] = value
   return out
 
