@@ -159,6 +159,9 @@ class OptimConfig:
   weight_decay: float | None = key(None, NONNEG, free=False)
   schedule: Literal["linear", "cosine", "constant"] = key("linear", free=False, matched=0.0)
   clip_norm: float = key(0.0, NONNEG, free=False)  # global-norm clipping threshold, 0 = off
+  # the precision params are kept at after each update: bfloat16 rounds them (bf16 master weights,
+  # as a framework with no float32 copy does; they are stored as float32)
+  master_weights: Literal["float32", "bfloat16"] = key("float32", free=False)
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,8 @@ class CheckpointConfig:
   async_save: bool = key(True, free=True)
   # resume even if trajectory settings differ (logged)
   allow_config_change: bool = key(False, free=True)
+  # false: a resume restores params, step and data position but starts Adam's moments afresh
+  restore_optimizer: bool = key(True, free=True)
 
 
 @dataclass(frozen=True)

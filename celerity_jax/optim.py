@@ -56,7 +56,7 @@ class ScheduledAdamW:
   skipped (non-finite) step leaves the optimizer state untouched while data and schedule move on
   together."""
 
-  tx: optax.GradientTransformation  # clip -> adam -> decay -> group peak LRs (no schedule)
+  tx: optax.GradientTransformation  # clipped adam -> decay -> group peak LRs (no schedule)
   factor: Callable  # step -> schedule factor in [0, 1]
   eta_hidden: float
 
@@ -73,15 +73,26 @@ class ScheduledAdamW:
     return self.eta_hidden * self.factor(step)
 
 
+def clipped_adam(optim_cfg) -> optax.GradientTransformation:
+  """Adam on the gradient clipped to optim.clip_norm (0 = off). One transform whose state is
+  Adam's alone, so turning the clip on or off on resume restores the same optimizer state."""
+  adam = optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps)
+  clip = optax.clip_by_global_norm(optim_cfg.clip_norm) if optim_cfg.clip_norm > 0 else None
+
+  def update(grads, state, params=None):
+    if clip is not None:
+      grads, _ = clip.update(grads, clip.init(grads))
+    return adam.update(grads, state, params)
+
+  return optax.GradientTransformation(adam.init, update)
+
+
 def make_optimizer(optim_cfg, resolved, groups) -> ScheduledAdamW:
   """`groups` is a pure-dict tree of group names matching the params."""
   peak_tree = jax.tree.map(lambda g: resolved.lr_peak[g], groups)
   decay_mask = jax.tree.map(lambda g: g in DECAYED_GROUPS, groups)
-  parts = []
-  if optim_cfg.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
-  parts += [
-    optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
+  parts = [
+    clipped_adam(optim_cfg),
     optax.add_decayed_weights(resolved.weight_decay, mask=decay_mask),
     scale_by_tree(peak_tree),
   ]

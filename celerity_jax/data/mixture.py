@@ -198,11 +198,20 @@ def counts(n_rows: int, weights: list[int]) -> list[int]:
       return
     mid = (lo + hi) // 2
     a, b = sum(weights[lo:mid]), sum(weights[mid:hi])
-    descend(lo, mid, n * a // (a + b))
-    descend(mid, hi, n - n * a // (a + b))
+    left = n * a // (a + b) if a + b else 0  # 0 + 0: none of these sources in the segment
+    descend(lo, mid, left)
+    descend(mid, hi, n - left if a + b else 0)
 
   descend(0, len(weights), int(n_rows))
   return out
+
+
+def _present(names: list[str], weights: dict) -> list[int]:
+  """A segment's quantized weights over `names`; 0 for a source it did not have (a resume on
+  other data: the run's earlier rows came from sources it no longer reads)."""
+  here = [name for name in names if name in weights]
+  q = dict(zip(here, quantize([float(weights[n]) for n in here]), strict=True)) if here else {}
+  return [q.get(name, 0) for name in names]
 
 
 class Segments:
@@ -211,7 +220,7 @@ class Segments:
   def __init__(self, names: list[str], segments: list):
     self.names = names
     self.starts = [int(start) for start, _ in segments]
-    self.weights = [quantize([float(w[name]) for name in names]) for _, w in segments]
+    self.weights = [_present(names, w) for _, w in segments]
     self.bases = [[0] * len(names)]  # rows of each source before each segment
     for k in range(1, len(segments)):
       done = counts(self.starts[k] - self.starts[k - 1], self.weights[k - 1])

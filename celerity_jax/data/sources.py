@@ -126,7 +126,8 @@ def _segments(pinned: dict | None, weights: dict, at_rows: int) -> tuple[list, s
     return history, ""
   if history[-1][0] == at_rows:  # changed again before any row was read with the last weights
     history = history[:-1]
-  shown = ", ".join(f"{k} {last.get(k, 0):.4f} -> {weights[k]:.4f}" for k in weights)
+  names = [*weights, *(k for k in last if k not in weights)]  # a source the resume dropped: -> 0
+  shown = ", ".join(f"{k} {last.get(k, 0):.4f} -> {weights.get(k, 0):.4f}" for k in names)
   return [*history, [at_rows, weights]], f"mixture weights change at row {at_rows:,}: {shown}"
 
 

@@ -91,10 +91,14 @@ def run(cfg) -> dict:
       else:
         step, state, meta, changes = restored
         restarts = meta["restarts"] + 1
+        reset = not cfg.checkpoint.restore_optimizer
+        if reset:
+          state = resume.fresh_optimizer(state, training.setup)
         writer.row(
           {"event": "restart", "step": step, "restarts": restarts, "config_changes": changes}
+          | ({"optimizer_reset": True} if reset else {})
         )
-        console.say(resume.announce(step, restarts, meta, changes, described, resolved))
+        console.say(resume.announce(step, restarts, meta, changes, described, resolved, reset))
       if sources.event:
         at = restored[0] if restored else 0
         writer.row({"event": "mixture", "step": at, "weights": sources.weights})

@@ -116,10 +116,21 @@ def moved(step: int, meta: dict, resolved) -> str:
   )
 
 
-def announce(step: int, restarts: int, meta: dict, changes: list[str], described: dict, resolved):
+def fresh_optimizer(state, setup):
+  """The restored state with Adam's moments (and its count) started afresh, as
+  checkpoint.restore_optimizer=false asks: params, step, data position and monitor are kept."""
+  return state._replace(opt_state=setup.start(state.params).opt_state)
+
+
+def announce(
+  step: int, restarts: int, meta: dict, changes: list[str], described: dict, resolved,
+  optimizer_reset: bool = False,
+):  # fmt: skip
   """The line a resume prints: from where, and every setting or data that an allowed change
   changed, with what it does to the run's position."""
   line = f"celerity_jax: resumed from step {step} (restart {restarts})"
+  if optimizer_reset:
+    line += "; optimizer state not restored (checkpoint.restore_optimizer=false): Adam restarts"
   if changes:
     changed = explain_changes(changes, meta["described"], described)
     line += f"; changed settings: {changed}{moved(step, meta, resolved)}"

@@ -137,6 +137,8 @@ def make_train_step(
     at = state.step + step_offset if step_offset else state.step  # the schedule's step
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params, at)
     params = optax.apply_updates(state.params, updates)
+    if cfg.optim.master_weights == "bfloat16":  # round as bf16 storage would (f32 arrays kept)
+      params = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), params)
     grad_norm = optax.tree.norm(grads)
     # a non-finite loss or gradient leaves params and optimizer state as they were (no host sync);
     # the loop reads the counters one step late and halts per train.on_nonfinite
