@@ -282,8 +282,9 @@ class CollapseConfig:
   align_end: float = key(0.5, free=False)
   # loss EMA time constant as a fraction of T
   smooth_frac: float = key(0.02, between(0, 0.5, "[)"), free=False, matched=1e-6)
-  # |residual| that counts as off the reference (docs/results.md)
-  threshold: float = key(0.05, POSITIVE, free=True)
+  # |residual| that counts as off the reference: the fault campaign's operating point (1 false
+  # alarm in 40 clean runs; docs/faults.md)
+  threshold: float = key(0.04, POSITIVE, free=True)
   # consecutive steps over the threshold before an alert
   patience: int = key(5, at_least(1), free=True)
   policy: Literal["warn", "halt"] = key("warn", free=True)  # halt: checkpoint, then exit 5

@@ -93,7 +93,7 @@ def test_one_runs_figure_shows_the_residual_where_it_matters(finished):
   levels = sorted(
     line.get_ydata()[0] for line in residual.get_lines() if "threshold" in line.get_label()
   )
-  assert levels == [0.05]  # (the -0.05 line is the same threshold, unlabelled)
+  assert levels == [0.04]  # (the -0.04 line is the same threshold, unlabelled)
   monitor = [x for x in residual.get_lines() if "monitor" in x.get_label()]
   assert monitor and np.nanmin(monitor[0].get_xdata()) >= 0.2
   seed = dataclasses.replace(

@@ -255,3 +255,47 @@ def test_a_partial_campaign_resumes_without_training_finished_runs(
   report = fault_analysis.analyse(out, clean, faults)
   assert report["replay_vs_logged"] < 1e-5
   assert set(report["cells"]) == {"lr_up/mild", "lr_up/strong"}
+
+
+def test_the_monitor_keeps_the_planned_reference_after_a_change(tmp_path, stdlib_cache, capfd):
+  """A restart at 2B with lambda pinned (tau x2, the paper's incident) is judged in-step against
+  the curve of the run that was planned, exactly as the campaign's offline replay judges it."""
+  from celerity_jax.collapse import surrogate
+
+  common = [f"data.cache_dir={stdlib_cache}", *fault_campaign.COMMON, "checkpoint.every_steps=5"]
+  run_dir = tmp_path / "run"
+  runs.train(RECIPE, [*common, "train.stop_step=60"], run_dir)
+  before = json.loads((run_dir / "config.json").read_text())
+  plan = before["collapse_plan"]
+  assert plan["tau"] == before["derived"]["tau"] and plan["steps"] == before["derived"]["steps"]
+  changed = [
+    "train.batch_size=64",
+    f"optim.weight_decay={before['derived']['weight_decay']:.8g}",
+    "checkpoint.allow_config_change=true",
+    "train.stop_step=75",
+  ]
+  loop.run(runs.config(RECIPE, [*common, *changed], run_dir))
+  assert "keeps the planned run's reference curve" in capfd.readouterr().err
+  after = json.loads((run_dir / "config.json").read_text())
+  assert after["collapse_plan"] == plan and after["derived"]["tau"] > 1.9 * plan["tau"]
+  r = rows(run_dir)
+  steps = sorted(r)
+  t = np.array([r[s]["frac"] for s in steps])
+  loss = np.array([r[s]["loss"] for s in steps])
+  logged = np.array([r[s].get("collapse_residual", np.nan) for s in steps], float)
+  ref_t, ref_l = surrogate.normalized_curve(
+    plan["steps"], plan["warmup_steps"], plan["schedule"], plan["tau"], plan["tpp"],
+    surrogate.load_constants(""), 0.02,
+  )  # fmt: skip
+  replayed = fault_analysis.residuals(t, loss, ref_t, ref_l, 0.02)
+  both = ~np.isnan(logged) & ~np.isnan(replayed)
+  assert both[np.array(steps) > 60].sum() >= 5  # points after the change, past the window
+  # (float32 in-step against float64 here: a point on the window's edge may fall either side)
+  np.testing.assert_allclose(logged[both], replayed[both], atol=1e-3)
+  d = after["derived"]
+  new_t, new_l = surrogate.normalized_curve(
+    d["steps"], d["warmup_steps"], plan["schedule"], d["tau"], plan["tpp"],
+    surrogate.load_constants(""), 0.02,
+  )  # fmt: skip
+  against_new = fault_analysis.residuals(t, loss, new_t, new_l, 0.02)
+  assert np.abs(logged[both] - against_new[both]).max() > 5e-3

@@ -46,6 +46,7 @@ def read_run(run_dir: Path) -> dict:
     "t": np.array([rows[s]["frac"] for s in steps], np.float64),
     "loss": np.array([_num(rows[s]["loss"]) for s in steps], np.float64),
     "logged_residual": np.array([_num(rows[s].get("collapse_residual")) for s in steps]),
+    "logged_alert": np.array([bool(rows[s].get("collapse_alert")) for s in steps]),
     "spec": json.loads((run_dir / "done.json").read_text()),
     "described": described,
   }
@@ -207,6 +208,12 @@ def analyse(out: Path, clean_specs, fault_specs) -> dict:
   for k, v in cells:
     idx = [i for i, r in enumerate(faults) if (r["spec"]["kind"], r["spec"]["severity"]) == (k, v)]
     report["cells"][f"{k}/{v}"]["spike_detected"] = sum(spikes(faults[i]) for i in idx)
+    # what the in-step monitor itself raised (threshold 0.05, smoothing 0.02): after a resume
+    # that changed tau or B it compares with the curve of the new settings, not the planned one
+    report["cells"][f"{k}/{v}"]["in_step_detected"] = sum(
+      bool((r["logged_alert"] & (r["step"] > r["spec"]["inject_step"])).any())
+      for r in (faults[i] for i in idx)
+    )
     report["cells"][f"{k}/{v}"]["describe"] = DESCRIBE[k]
   report["clean_max_abs_residual"] = {
     str(sf): float(max(x["max_abs_after"] for x in scored[sf][0])) for sf in SMOOTHINGS
@@ -290,7 +297,7 @@ def tables(r: dict) -> str:
     f"{old['detection_mean']:.0%})",
     "",
     "| fault | severity | detected (95% CI) | injected after t = 0.6: detected | median delay "
-    "t (steps) | median max abs r | before: detected | spike check |",
+    "t (steps) | median max abs r | at 0.05 / 0.02: replayed, in-step | spike check |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for name, c in r["cells"].items():
@@ -304,7 +311,7 @@ def tables(r: dict) -> str:
     lines.append(
       f"| {kind} ({c['describe']}) | {severity} | {a['detected']}/{a['runs']} ({lo:.2f}-{hi:.2f})"
       f" | {a['detected_injected_after_window']}/{a['injected_after_window']} | {delay} | "
-      f"{a['median_max_abs_residual']:.3f} | {b['detected']}/{b['runs']} | "
+      f"{a['median_max_abs_residual']:.3f} | {b['detected']}, {c['in_step_detected']} | "
       f"{c['spike_detected']}/{a['runs']} |"
     )
   sizes = ", ".join(
@@ -364,7 +371,7 @@ def figure(out: Path, r: dict, path: str):
     f"injection), threshold {th}, smoothing {ch['smooth_frac']}"
   )
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=80)
   plt.close(fig)
 
 

@@ -34,6 +34,7 @@ class MonitorSpec(NamedTuple):
   ref_t: np.ndarray | None  # None: no reference (spike checks only)
   ref_l: np.ndarray | None
   source: str  # "none", "surrogate" or the reference run's directory
+  plan: tuple = ()  # the controls the surrogate's curve is for: the run's planned ones (plan_of)
 
 
 def init_state() -> dict:
@@ -118,22 +119,63 @@ def _show(value) -> str:
   return value if isinstance(value, str) else f"{value:.4g}"
 
 
-def build_spec(cfg, resolved) -> MonitorSpec:
-  """The monitor for a run: reference curve per collapse.reference; warns on mismatched controls."""
+def plan_of(cfg, resolved) -> dict:
+  """The controls that shape a run's curve, as it is now (docs/method.md section 5)."""
+  return {
+    "steps": resolved.steps,
+    "warmup_steps": resolved.warmup_steps,
+    "schedule": cfg.optim.schedule,
+    "tau": resolved.tau,
+    "tpp": resolved.tpp_effective,
+  }
+
+
+def planned_by(described: dict) -> dict:
+  """The planned controls a checkpoint's described config carries; one made before they were
+  recorded (collapse_plan) planned what it was trained with."""
+  if "collapse_plan" in described:
+    return described["collapse_plan"]
+  d = described["derived"]
+  return {
+    "steps": d["steps"],
+    "warmup_steps": d["warmup_steps"],
+    "schedule": described["config"]["optim"]["schedule"],
+    "tau": d["tau"],
+    "tpp": d.get("tpp_effective", d["tpp"]),
+  }
+
+
+def build_spec(cfg, resolved, planned: dict | None = None) -> MonitorSpec:
+  """The monitor for a run: reference curve per collapse.reference; warns on mismatched controls.
+  `planned`: the controls the run started with (a resumed run's config.json, collapse_plan). The
+  surrogate's curve stays theirs when a resume changed tau or B: the run is judged against the
+  run that was planned (a restart at another B with lambda kept, the paper's incident, would
+  otherwise move the reference with the fault)."""
   col = cfg.collapse
   steps = resolved.steps
+  plan = planned or plan_of(cfg, resolved)
   t, ell, source = None, None, col.reference
   if col.reference == "surrogate":
     constants = surrogate.load_constants(col.surrogate)
     t, ell = surrogate.normalized_curve(
-      steps,
-      resolved.warmup_steps,
-      cfg.optim.schedule,
-      resolved.tau,
-      resolved.tpp_effective,
+      plan["steps"],
+      plan["warmup_steps"],
+      plan["schedule"],
+      plan["tau"],
+      plan["tpp"],
       constants,
       col.smooth_frac,
     )
+    now = plan_of(cfg, resolved)
+    if now != plan:
+      print(
+        "celerity_jax: the collapse monitor keeps the planned run's reference curve ("
+        + ", ".join(f"{k} {_show(plan[k])}" for k in plan if plan[k] != now[k])
+        + "), not that of these settings ("
+        + ", ".join(f"{k} {_show(now[k])}" for k in plan if plan[k] != now[k])
+        + ")",
+        file=sys.stderr,
+      )
   elif col.reference != "none":
     ref = curves.load_run(col.reference, require_finished=True)
     t, ell = ref.t_hat, ref.normalized()
@@ -180,4 +222,5 @@ def build_spec(cfg, resolved) -> MonitorSpec:
     None if t is None else np.asarray(t, np.float64),
     None if ell is None else np.asarray(ell, np.float64),
     source,
+    tuple(plan.items()),
   )

@@ -62,12 +62,14 @@ def run(cfg) -> dict:
     lock = _own(run_dir)
     resumed = ckpt_lib.newest_meta(run_dir / "checkpoints")
     position = None if resumed is None else ckpt_lib.position(resumed)
-    training = prepare_training(cfg, resolve(cfg, jax.device_count(), position))
+    planned = None if resumed is None else monitor.planned_by(resumed["described"])
+    training = prepare_training(cfg, resolve(cfg, jax.device_count(), position), planned=planned)
     resolved, mesh = training.resolved, training.mesh
     sources = resume.open_data(
       cfg, resolved, sharding.process_rows(mesh, resolved.batch_seqs), resumed
     )
     described = describe(cfg, resolved, sources.fingerprint)
+    described["collapse_plan"] = dict(training.monitor.plan)  # kept by every resume
     evaluate = make_evaluator(cfg, training, sources.held_out, sources.weights)
     downstream = make_downstream(cfg, training, sources.tokenizer)
     ckpt = ckpt_lib.Checkpointer(run_dir / "checkpoints", cfg.checkpoint)

@@ -202,7 +202,9 @@ class Training(NamedTuple):
   monitor: monitor.MonitorSpec
 
 
-def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool = True) -> Training:
+def prepare_training(
+  cfg, resolved: Resolved, devices=None, with_monitor: bool = True, planned: dict | None = None
+) -> Training:
   """Mesh over `devices` (default all; `resolved` was resolved for as many, of their platform),
   sharded setup, the collapse monitor and the jitted step (`with_monitor=False` compiles it
   without the monitor). Changes neither the config nor the plan."""
@@ -212,6 +214,6 @@ def prepare_training(cfg, resolved: Resolved, devices=None, with_monitor: bool =
     raise ValueError(f"resolved for {resolved.platform}, run on {platform}: resolve(platform=...)")
   mesh = sharding.make_mesh(cfg.mesh, devices)
   setup = state_lib.build(cfg, resolved, mesh)
-  spec = monitor.build_spec(cfg, resolved)
+  spec = monitor.build_spec(cfg, resolved, planned)
   step = make_train_step(setup, cfg, resolved, mesh, spec if with_monitor else None)
   return Training(mesh, resolved, setup, step, spec)
