@@ -145,6 +145,22 @@ def planned_by(described: dict) -> dict:
   }
 
 
+def plan_note(spec: MonitorSpec, cfg, resolved) -> str:
+  """The line a resume prints when the surrogate's curve is the planned run's, not that of the
+  changed settings ("" when they agree or there is no surrogate reference)."""
+  plan, now = dict(spec.plan), plan_of(cfg, resolved)
+  if spec.source != "surrogate" or plan == now:
+    return ""
+  off = [k for k in plan if plan[k] != now[k]]
+  return (
+    "celerity_jax: the collapse monitor keeps the planned run's reference curve ("
+    + ", ".join(f"{k} {_show(plan[k])}" for k in off)
+    + "), not that of these settings ("
+    + ", ".join(f"{k} {_show(now[k])}" for k in off)
+    + ")"
+  )
+
+
 def build_spec(cfg, resolved, planned: dict | None = None) -> MonitorSpec:
   """The monitor for a run: reference curve per collapse.reference; warns on mismatched controls.
   `planned`: the controls the run started with (a resumed run's config.json, collapse_plan). The
@@ -166,16 +182,6 @@ def build_spec(cfg, resolved, planned: dict | None = None) -> MonitorSpec:
       constants,
       col.smooth_frac,
     )
-    now = plan_of(cfg, resolved)
-    if now != plan:
-      print(
-        "celerity_jax: the collapse monitor keeps the planned run's reference curve ("
-        + ", ".join(f"{k} {_show(plan[k])}" for k in plan if plan[k] != now[k])
-        + "), not that of these settings ("
-        + ", ".join(f"{k} {_show(now[k])}" for k in plan if plan[k] != now[k])
-        + ")",
-        file=sys.stderr,
-      )
   elif col.reference != "none":
     ref = curves.load_run(col.reference, require_finished=True)
     t, ell = ref.t_hat, ref.normalized()

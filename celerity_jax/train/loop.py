@@ -101,6 +101,8 @@ def run(cfg) -> dict:
           | ({"optimizer_reset": True} if reset else {})
         )
         console.say(resume.announce(step, restarts, meta, changes, described, resolved, reset))
+        if note := monitor.plan_note(training.monitor, cfg, resolved):
+          console.say(note)
       if sources.event:
         at = restored[0] if restored else 0
         writer.row({"event": "mixture", "step": at, "weights": sources.weights})
