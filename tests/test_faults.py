@@ -283,19 +283,14 @@ def test_the_monitor_keeps_the_planned_reference_after_a_change(tmp_path, stdlib
   t = np.array([r[s]["frac"] for s in steps])
   loss = np.array([r[s]["loss"] for s in steps])
   logged = np.array([r[s].get("collapse_residual", np.nan) for s in steps], float)
-  ref_t, ref_l = surrogate.normalized_curve(
-    plan["steps"], plan["warmup_steps"], plan["schedule"], plan["tau"], plan["tpp"],
-    surrogate.load_constants(""), 0.02,
-  )  # fmt: skip
+  constants = surrogate.load_constants("")
+  ref_t, ref_l = fault_analysis.planned_reference(after, 0.02, constants)
   replayed = fault_analysis.residuals(t, loss, ref_t, ref_l, 0.02)
   both = ~np.isnan(logged) & ~np.isnan(replayed)
   assert both[np.array(steps) > 60].sum() >= 5  # points after the change, past the window
   # (float32 in-step against float64 here: a point on the window's edge may fall either side)
   np.testing.assert_allclose(logged[both], replayed[both], atol=1e-3)
-  d = after["derived"]
-  new_t, new_l = surrogate.normalized_curve(
-    d["steps"], d["warmup_steps"], plan["schedule"], d["tau"], plan["tpp"],
-    surrogate.load_constants(""), 0.02,
-  )  # fmt: skip
+  as_changed = {k: v for k, v in after.items() if k != "collapse_plan"}  # the new settings' curve
+  new_t, new_l = fault_analysis.planned_reference(as_changed, 0.02, constants)
   against_new = fault_analysis.residuals(t, loss, new_t, new_l, 0.02)
   assert np.abs(logged[both] - against_new[both]).max() > 5e-3

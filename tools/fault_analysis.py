@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from celerity_jax.collapse import surrogate
+from celerity_jax.collapse import monitor, surrogate
 from celerity_jax.collapse.curves import ema_step
 from tools.fault_kinds import DESCRIBE, KINDS, SEVERITIES
 
@@ -57,17 +57,11 @@ def _num(v) -> float:
 
 
 def planned_reference(described: dict, smooth_frac: float, constants) -> tuple:
-  """The surrogate's normalized curve for the run's launch settings (branched runs keep their
-  clean run's config.json until their first resume rewrites it: read_run is given the base's)."""
-  d, c = described["derived"], described["config"]
+  """The surrogate's normalized curve for the controls the run was planned with (the monitor's
+  own rule, monitor.planned_by; branched runs are given their clean base's config.json)."""
+  p = monitor.planned_by(described)
   return surrogate.normalized_curve(
-    d["steps"],
-    d["warmup_steps"],
-    c["optim"]["schedule"],
-    d["tau"],
-    d.get("tpp_effective", d["tpp"]),
-    constants,
-    smooth_frac,
+    p["steps"], p["warmup_steps"], p["schedule"], p["tau"], p["tpp"], constants, smooth_frac
   )
 
 

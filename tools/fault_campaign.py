@@ -17,6 +17,7 @@ offline from each run's logged raw losses against its planned reference curve.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -217,8 +218,8 @@ def main(argv=None):
   parser.add_argument("--kinds", default=",".join(KINDS))
   parser.add_argument("--figure", default="docs/faults.png")
   parser.add_argument("--analyse-only", action="store_true")
-  parser.add_argument("--phase", choices=("clean", "faults"), help=argparse_hidden())
-  parser.add_argument("--worker", type=int, default=0, help=argparse_hidden())
+  parser.add_argument("--phase", choices=("clean", "faults"), help=argparse.SUPPRESS)
+  parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   out, kinds = Path(args.out), [k for k in args.kinds.split(",") if k]
   unknown = sorted(set(kinds) - set(KINDS))
@@ -244,12 +245,6 @@ def main(argv=None):
   fault_analysis.figure(out, report, args.figure)
   print(fault_analysis.tables(report))
   print(f"report: {out / 'report.json'}; figure: {args.figure}")
-
-
-def argparse_hidden():
-  import argparse
-
-  return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
