@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from celerity_jax.recipes.family import celerity, gpu, moe, nano
+from celerity_jax.recipes.family import celerity, gpu, long, moe, nano
 
 from celerity_jax.config import Config, ConfigError, apply_overrides
 from celerity_jax.config_checks import validate
@@ -107,6 +107,10 @@ _ROWS = [
   _nano("celerity_nano_3", 48, "CPU-sized Celerity member 3 of 4"),
   _nano("celerity_nano_4", 64, "CPU-sized Celerity member 4 of 4"),
   *(_moe_nano(f"celerity_moe_nano_{i}", d) for i, d in enumerate((16, 32, 48, 64), start=1)),
+  *(
+    Recipe(f"celerity_long_{i}", long, {"d_model": d}, f"long-run member {i} of 4 (family.long)")
+    for i, d in enumerate((32, 48, 64, 80), start=1)
+  ),
   *(
     Recipe(f"celerity_gpu_{size}", gpu, {"d_model": d}, about)
     for size, d, about in (

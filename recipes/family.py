@@ -149,6 +149,43 @@ def nano(
   )
 
 
+# Sequences of 64 tokens per step in the long family: 256 tokens, 16x below the critical batch
+# measured at nano scale (4k tokens); tools.collapse_experiment rechecks it at B / 2, 2B and 4B
+LONG_BATCH = 4
+
+
+def long(name: str, d_model: int) -> Config:
+  """The long-run family: nano rules at a fixed depth of 2 layers, run for 5,800-26,500 steps so
+  that collapse can be judged at the resolution the published definitions need (docs/collapse.md,
+  "The long family").
+
+  d_head 16, d_ff 8 d_model, vocab 512 (the stdlib BPE), float32, 20 TPP, tau_opt; context 64 and
+  B = 4 sequences (256 tokens), so the smallest member (d 32, 74k parameters) takes 5,785 steps and
+  the largest (d 80, 339k) 26,462; the largest reads 6.8M of the stdlib corpus's 16.9M training
+  tokens, so no run repeats data. Held-out loss over a fixed 128 rows (8,192 tokens, the same rows
+  at every B that divides 128); the experiment sets train.eval_every = T // 128. Base HPs are the
+  published proxy values at l_base 2 (= the depth, so CompleteP's depth factors are 1).
+  """
+  cfg = celerity(
+    name,
+    d_model=d_model,
+    n_layers=2,
+    d_head=16,
+    tpp=20.0,
+    vocab_size=512,
+    seq_len=64,
+    dtype="float32",
+    l_base=2,
+  )
+  return dataclasses.replace(
+    cfg,
+    train=dataclasses.replace(cfg.train, eval_every=200, batch_size=LONG_BATCH),
+    data=dataclasses.replace(cfg.data, eval_batches=128 // LONG_BATCH),
+    checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1000),
+    run=dataclasses.replace(cfg.run, log_every=1),
+  )
+
+
 # The GPU family's vocabulary: a BPE tokenizer trained on the user's corpus (data.paths)
 GPU_VOCAB = 32_768
 

@@ -1,52 +1,63 @@
 """The collapse experiment's families and the runs each one needs (tools.collapse_experiment).
 
-A family is its sizes (the members collapse, the surrogate and the predictions are judged on), an
-optional smaller extra member, the seeds that measure the noise floor and the runs at other TPPs
-that let the surrogate fit its TPP dependence. Every run's name says what it is:
-  matched_X      X at tau_opt(20), seed 0           seedS_X       X with train.seed=S
-  mismatched_X   the first size at 3 tau_opt and the third at tau_opt / 3 (the second matched)
-  taulow_X       the first size at tau_opt / 3 (with the two above: an early-stopped tau sweep)
-  halfbatch_X    the first size at B / 2, seeds 0-2 (same tokens and tau; kept out of every fit)
-  tppP_X         X at P TPP and tau_opt(P)        fault_X       resumed at t = 0.6 with LR x 3
+Two stages, so that the family trains at the LR its smallest member prefers (muTransfer's recipe):
+  sweep   the first size, seed 0, at every (tau_opt x m, eta_published x k) of the grid
+  family  every size at tau_opt and eta* (the grid's best final loss at tau_opt), seed 0 (the
+          first size's is the sweep's run); seeds 1.. of the first two sizes (sigma); the first
+          size at B x (1/2, 2, 4) with tau held (is B at or below the critical batch?)
+The mismatched-tau families reuse the sweep: the first size at tau_opt x m (eta*), the other sizes
+matched. Every run evaluates a fixed held-out set (the first `eval_rows` rows of one order) at
+`eval_points` evenly spaced steps. Run names say what a run is:
+  sweep_tau{m}_lr{k}   size{i}_seed{s}   batch{B}_size1
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-FAULT_AT, FAULT_LR = 0.6, 3.0
-TPP = 20.0
+PUBLISHED_LR = 1.62e-2  # the family rule's optim.lr_base (the published width-256 proxy value)
 
 
 @dataclass(frozen=True)
 class Family:
   name: str
-  sizes: tuple[str, ...]  # recipes, smallest first
-  extra: str | None  # a smaller member trained alongside, reported as a family with one more size
-  seeds: tuple[int, ...]  # further seeds of sizes[0]; sizes[1] gets seed 1
-  fit_tpps: tuple[tuple[str, tuple[int, ...]], ...]  # (recipe, TPPs) for the surrogate fit
-  out: str  # default output directory
-  figure: str  # default figure path
+  sizes: tuple[str, ...]  # recipes at one depth, smallest first
+  seeds: tuple[int, int]  # seeds of the first and of the second size (seed 0 included)
+  tau_mults: tuple[float, ...]  # the sweep's grid, x tau_opt
+  lr_mults: tuple[float, ...]  # ... and x PUBLISHED_LR
+  batch_mults: tuple[float, ...]  # the first size at these multiples of B (tau held)
+  eval_rows: int  # the held-out set: this many rows of the fixed held-out order
+  eval_points: int  # held-out evaluations per run (train.eval_every = T // eval_points)
+  out: str
+  figure: str
   title: str
 
 
 FAMILIES = {
-  "nano": Family(
-    "nano",
-    ("celerity_nano_2", "celerity_nano_3", "celerity_nano_4"),
-    "celerity_nano_1",
-    (1, 2, 3, 4),
-    (("celerity_nano_1", (10, 40, 80)), ("celerity_nano_2", (10, 40))),
-    "runs/collapse",
-    "docs/collapse.png",
-    "nano family, 20 TPP, B = 32",
+  "long": Family(
+    "long",
+    tuple(f"celerity_long_{i}" for i in range(1, 5)),
+    (5, 3),
+    (0.25, 0.5, 1.0, 2.0),
+    (0.25, 0.5, 1.0, 2.0),
+    (0.5, 2.0, 4.0),
+    128,
+    128,
+    "runs/collapse_long",
+    "docs/collapse_long.png",
+    "long family: d 32-80 at depth 2, 20 TPP, B = 4 x 64 tokens",
   ),
   "gpu": Family(
     "gpu",
     tuple(f"celerity_gpu_{s}" for s in ("10m", "25m", "50m", "85m", "150m")),
-    None,
-    (1, 2, 3, 4),
-    (("celerity_gpu_10m", (10, 40, 80)), ("celerity_gpu_25m", (10, 40))),
+    (5, 3),
+    (0.25, 0.5, 1.0, 2.0),
+    (0.25, 0.5, 1.0, 2.0),
+    (0.5, 2.0),
+    512,
+    128,
     "runs/collapse_gpu",
     "docs/collapse_gpu.png",
     "GPU family, 20 TPP, the batch law's B",
@@ -54,11 +65,19 @@ FAMILIES = {
 }
 
 
-def short(recipe: str) -> str:
-  return recipe.removeprefix("celerity_")
+@dataclass(frozen=True)
+class Run:
+  name: str
+  recipe: str
+  overrides: tuple[str, ...]  # what makes it this run; the experiment adds eval and base keys
+  stage: str  # "sweep" | "family"
 
 
-def tau_opt(tpp: float = TPP) -> float:
+def size_label(f: Family, recipe: str) -> str:
+  return f"size{f.sizes.index(recipe) + 1}"
+
+
+def tau_opt(tpp: float = 20.0) -> float:
   from celerity_jax import scaling
   from celerity_jax.config import ScalingConfig
 
@@ -69,7 +88,7 @@ def tau_opt(tpp: float = TPP) -> float:
 def config(recipe: str, overrides: list[str]):
   from celerity_jax import recipes
 
-  return recipes.configure(recipe, overrides)
+  return recipes.configure(recipe, list(overrides))
 
 
 def resolved(recipe: str, overrides: list[str]):
@@ -80,76 +99,98 @@ def resolved(recipe: str, overrides: list[str]):
   return resolve(config(recipe, overrides), len(jax.devices()))
 
 
-def half_batch(recipe: str, base: list[str]) -> list[str]:
-  """B / 2, with half the rows per microbatch where the recipe sets them (so B / 2 is still a
-  multiple of rows x devices)."""
-  rows = config(recipe, base).train.microbatch_rows
-  half = [f"train.batch_size={resolved(recipe, base).batch_seqs // 2}"]
-  return half + ([f"train.microbatch_rows={max(1, rows // 2)}"] if rows else [])
+def sweep_name(tau_mult: float, lr_mult: float) -> str:
+  return f"sweep_tau{tau_mult:g}_lr{lr_mult:g}"
 
 
-def plan(f: Family, base: list[str]) -> dict[str, tuple[str, list[str]]]:
-  """name -> (recipe, overrides) for every run without a fault that the fits may use."""
-  first, second, third = f.sizes[:3]
-  p = {f"matched_{short(r)}": (r, []) for r in ((f.extra,) if f.extra else ()) + f.sizes}
-  p |= {f"seed{s}_{short(first)}": (first, [f"train.seed={s}"]) for s in f.seeds}
-  p[f"seed1_{short(second)}"] = (second, ["train.seed=1"])
-  p |= {
-    f"mismatched_{short(first)}": (first, [f"optim.tau={3 * tau_opt():.6g}"]),
-    f"mismatched_{short(third)}": (third, [f"optim.tau={tau_opt() / 3:.6g}"]),
-    f"taulow_{short(first)}": (first, [f"optim.tau={tau_opt() / 3:.6g}"]),
-    f"halfbatch_{short(first)}": (first, half_batch(first, base)),
-  }
-  for recipe, tpps in f.fit_tpps:
-    p |= {f"tpp{t}_{short(recipe)}": (recipe, [f"scaling.tpp={t}"]) for t in tpps}
-  return p
+def sweep(f: Family) -> list[Run]:
+  """The first size at every (tau, eta) of the grid, seed 0."""
+  return [
+    Run(
+      sweep_name(m, k),
+      f.sizes[0],
+      (f"optim.tau={m * tau_opt():.6g}", f"optim.lr_base={k * PUBLISHED_LR:.6g}"),
+      "sweep",
+    )
+    for m in f.tau_mults
+    for k in f.lr_mults
+  ]
 
 
-def mismatched(f: Family) -> list[str]:
-  """The run names of the mismatched-tau family: first size at 3 tau_opt, second at tau_opt,
-  third at tau_opt / 3."""
-  first, second, third = (short(r) for r in f.sizes[:3])
-  return [f"mismatched_{first}", f"matched_{second}", f"mismatched_{third}"]
-
-
-def half_batch_seeds(f: Family, base: list[str]) -> dict[str, tuple[str, list[str]]]:
-  """Seeds 1-2 of the first size at B / 2: only for the half-batch comparison (kept out of every
-  fit, so the surrogate constants come from plan()'s runs alone)."""
+def family(f: Family, lr_mult: float, base: list[str]) -> list[Run]:
+  """The runs at tau_opt and eta* = lr_mult x PUBLISHED_LR (the first size's seed 0 is the
+  sweep's run)."""
+  lr = f"optim.lr_base={lr_mult * PUBLISHED_LR:.6g}"
+  runs = []
+  for i, recipe in enumerate(f.sizes):
+    seeds = f.seeds[i] if i < len(f.seeds) else 1
+    for s in range(1 if i == 0 else 0, seeds):
+      runs.append(Run(f"size{i + 1}_seed{s}", recipe, (lr, f"train.seed={s}"), "family"))
   first = f.sizes[0]
-  half = half_batch(first, base)
-  return {f"halfbatch_seed{s}_{short(first)}": (first, [*half, f"train.seed={s}"]) for s in (1, 2)}
+  b = resolved(first, base).batch_seqs
+  for mult in f.batch_mults:
+    runs.append(
+      Run(f"batch{round(b * mult)}_size1", first, (lr, *batch(first, base, mult)), "family")
+    )
+  return runs
 
 
-def fault_overrides(recipe: str, overrides: list[str]) -> list[str]:
-  """The fault: every group's LR x FAULT_LR from the resume on (tau held, so lambda / FAULT_LR)."""
-  lr = config(recipe, overrides).optim.lr_base
-  return [f"optim.lr_base={FAULT_LR * lr:.6g}"]
+def batch(recipe: str, base: list[str], mult: float) -> list[str]:
+  """B x mult with tau held (lambda follows B), microbatch rows scaled where the recipe sets
+  them."""
+  b = resolved(recipe, base).batch_seqs
+  rows = config(recipe, base).train.microbatch_rows
+  out = [f"train.batch_size={round(b * mult)}"]
+  return out + ([f"train.microbatch_rows={max(1, round(rows * min(mult, 1)))}"] if rows else [])
 
 
-def fault_runs(f: Family) -> dict[str, str]:
-  """name -> recipe: the smallest and the largest size, each resumed at FAULT_AT with the fault."""
-  return {f"fault_{short(r)}": r for r in (f.sizes[0], f.sizes[-1])}
+def eval_overrides(f: Family, recipe: str, overrides: list[str]) -> list[str]:
+  """The same held-out rows at every B (eval_rows // B batches) at eval_points evenly spaced
+  steps."""
+  x = resolved(recipe, overrides)
+  return [
+    f"data.eval_batches={max(1, f.eval_rows // x.batch_seqs)}",
+    f"train.eval_every={max(1, x.steps // f.eval_points)}",
+  ]
 
 
-def budget(f: Family, base: list[str]) -> tuple[list[dict], dict]:
-  """Every run with its N, D, B, T and training FLOPs (a fault run counts its resumed part), and
-  the totals: what --dry-run prints and what the corpus must hold."""
-  runs = [(name, r, o, 1.0) for name, (r, o) in plan(f, base).items()]
-  runs += [(name, r, o, 1.0) for name, (r, o) in half_batch_seeds(f, base).items()]
-  runs += [(name, r, [], 1.0 - FAULT_AT) for name, r in fault_runs(f).items()]
+def lr_star(f: Family, out: Path) -> float:
+  """eta* / PUBLISHED_LR: the sweep's lowest final loss among its tau_opt runs; the sweep must be
+  finished."""
+  from celerity_jax.collapse.curves import load_run
+
+  finals = {
+    k: load_run(out / sweep_name(1.0, k), require_finished=True).final_loss for k in f.lr_mults
+  }
+  return min(finals, key=finals.get)
+
+
+def alias(f: Family, lr_mult: float) -> dict[str, str]:
+  """Logical names that are another run's directory: the first size's matched seed 0."""
+  return {"size1_seed0": sweep_name(1.0, lr_mult)}
+
+
+def stage_record(out: Path, lr_mult: float):
+  (out / "eta_star.json").write_text(
+    json.dumps({"lr_mult": lr_mult, "lr_base": lr_mult * PUBLISHED_LR}) + "\n"
+  )
+
+
+def budget(f: Family, base: list[str], lr_mult: float = 1.0) -> tuple[list[dict], dict]:
+  """Every run with its N, D, B, T and training FLOPs, and the totals: what --dry-run prints and
+  what the corpus must hold (the family stage at eta = lr_mult x PUBLISHED_LR)."""
   rows = []
-  for name, recipe, overrides, frac in runs:
-    x = resolved(recipe, [*base, *overrides])
+  for r in [*sweep(f), *family(f, lr_mult, base)]:
+    x = resolved(r.recipe, [*base, *r.overrides])
     rows.append(
       {
-        "name": name,
-        "recipe": recipe,
-        "overrides": overrides,
+        "name": r.name,
+        "stage": r.stage,
         "n_params": x.n_params,
         "tokens": x.tokens,
         "batch_seqs": x.batch_seqs,
         "steps": x.steps,
-        "flops": frac * x.tokens * x.flops_per_token,
+        "flops": x.tokens * x.flops_per_token,
       }
     )
   totals = {
