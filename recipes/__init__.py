@@ -108,8 +108,8 @@ _ROWS = [
   _nano("celerity_nano_4", 64, "CPU-sized Celerity member 4 of 4"),
   *(_moe_nano(f"celerity_moe_nano_{i}", d) for i, d in enumerate((16, 32, 48, 64), start=1)),
   *(
-    Recipe(f"celerity_long_{i}", long, {"d_model": d}, f"long-run member {i} of 4 (family.long)")
-    for i, d in enumerate((32, 48, 64, 80), start=1)
+    Recipe(f"celerity_long_{i}", long, {"d_model": d}, f"long-run member {i} of 5 (family.long)")
+    for i, d in enumerate((32, 48, 64, 80, 96), start=1)
   ),
   *(
     Recipe(f"celerity_gpu_{size}", gpu, {"d_model": d}, about)

@@ -164,7 +164,8 @@ def long(name: str, d_model: int) -> Config:
   the largest (d 80, 339k) 26,462; the largest reads 6.8M of the stdlib corpus's 16.9M training
   tokens, so no run repeats data. Held-out loss over a fixed 128 rows (8,192 tokens, the same rows
   at every B that divides 128); the experiment sets train.eval_every = T // 128. Base HPs are the
-  published proxy values at l_base 2 (= the depth, so CompleteP's depth factors are 1).
+  published proxy values at l_base 2 (= the depth, so CompleteP's depth factors are 1). Four
+  sequences split over at most 4 data-parallel devices: on a larger CPU set JAX_NUM_CPU_DEVICES.
   """
   cfg = celerity(
     name,

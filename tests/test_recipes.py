@@ -33,7 +33,14 @@ def test_family_matches_the_paper(name):
 
 
 def test_every_recipe_resolves_and_prints_its_config(capsys):
+  import jax
+
   for name in recipes.available():
+    b = recipes.load(name).train.batch_size
+    if 0 < b < len(jax.devices()):  # the long family's 4 sequences: at most 4 data-parallel
+      assert main([f"recipe={name}", "--print-config"]) == 2
+      assert "JAX_NUM_CPU_DEVICES=N sets N" in capsys.readouterr().err
+      continue
     assert main([f"recipe={name}", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["derived"]["n_params"] > 0
 
@@ -159,30 +166,34 @@ def test_the_recipe_table_in_the_docs_is_what_the_planner_prints():
 
 def test_gpu_family_spans_16x_at_20_tpp_and_its_experiment_plan_is_complete(capsys):
   """The GPU family (tools.collapse_experiment --family gpu): five sizes from 9M to 150M at the
-  batch law's B and tau_opt; the experiment's runs have the taus, batches and TPPs their names
-  say, a fault run costs the 40% after its resume, and the corpus must hold the largest D."""
+  batch law's B and tau_opt; the experiment's sweep has the taus and LRs its names say, the batch
+  checks their B with tau held, and the corpus must hold the largest D."""
   from tools import collapse_experiment
-  from tools.collapse_plan import FAMILIES, budget, resolved, tau_opt
+  from tools.collapse_plan import FAMILIES, PUBLISHED_LR, budget, resolved, sweep
 
   f, one_gpu = FAMILIES["gpu"], ["train.microbatch_rows=2"]  # 8 devices x 2 rows = 1 GPU x 16
   rows, totals = budget(f, one_gpu)
   by_name = {r["name"]: r for r in rows}
-  sizes = [by_name[f"matched_{r.removeprefix('celerity_')}"]["n_params"] for r in f.sizes]
+  names = ["sweep_tau1_lr1", *(f"size{i}_seed0" for i in range(2, 6))]
+  sizes = [by_name[n]["n_params"] for n in names]
   assert sizes == sorted(sizes) and 9e6 < sizes[0] and sizes[-1] < 1.5e8
   assert sizes[-1] / sizes[0] > 15
   for recipe in f.sizes:
     x = resolved(recipe, one_gpu)
     assert recipes.load(recipe).train.batch_size == 0  # the law's B, rounded
-    assert x.tokens == 20 * x.n_params and x.tau == pytest.approx(tau_opt(), rel=1e-6)
+    assert x.tokens == 20 * x.n_params and x.tau == pytest.approx(x.tau_opt, rel=1e-6)
     assert abs(x.batch_seqs / x.batch_seqs_law - 1) < 0.09 and x.steps > 500
-  assert resolved("celerity_gpu_10m", ["optim.tau=0.52"]).tau == pytest.approx(0.52)
-  first = by_name["matched_gpu_10m"]
-  assert by_name["halfbatch_gpu_10m"]["batch_seqs"] == first["batch_seqs"] // 2
-  assert by_name["tpp80_gpu_10m"]["tokens"] == 4 * first["tokens"]
-  assert by_name["fault_gpu_150m"]["flops"] == pytest.approx(
-    0.4 * by_name["matched_gpu_150m"]["flops"]
-  )
-  assert totals["max_tokens"] == by_name["matched_gpu_150m"]["tokens"]
+  first = resolved(f.sizes[0], one_gpu)
+  grid = sweep(f, one_gpu)
+  assert len(grid) == 16 and {r.recipe for r in grid} == {f.sizes[0]}
+  for r in grid:
+    m, k = (float(v) for v in r.name.removeprefix("sweep_tau").split("_lr"))
+    x = resolved(r.recipe, [*one_gpu, *r.overrides])
+    assert x.tau == pytest.approx(m * first.tau_opt, rel=1e-5)
+    assert x.eta_hidden / first.eta_hidden == pytest.approx(k * 0.0162 / PUBLISHED_LR, rel=1e-5)
+  half = by_name[f"batch{first.batch_seqs // 2}_size1"]
+  assert half["tokens"] == by_name["sweep_tau1_lr1"]["tokens"] and half["steps"] > first.steps
+  assert totals["max_tokens"] == by_name["size5_seed0"]["tokens"]
   collapse_experiment.main(["--family", "gpu", "--dry-run", *one_gpu])
   out = capsys.readouterr().out
   assert f"{len(rows)} runs" in out and "the corpus must hold 2,969,472,000 training tokens" in out

@@ -1,179 +1,216 @@
-"""The collapse experiment's figures, computed offline from its finished runs
-(tools.collapse_experiment; docs/results.md, "Collapse experiment").
+"""The collapse experiment's report, computed offline from its finished runs
+(tools.collapse_experiment; docs/collapse_long.md holds the pre-registered claims and marks).
 
-Every figure compares normalized curves l(t) = L(t) / L(T) on a common grid of t in [0.2, 1]:
-Delta(t) is the std across sizes (Qiu et al.'s spread), sigma(t) the seed std pooled over the
-sizes with several seeds. The thresholds the report is judged by were fixed before the runs
-(THRESHOLDS).
+Collapse is judged under each definition of celerity_jax/collapse/definitions.py on the held-out
+and on the smoothed training curves; predictions use the training curves, as the monitor and
+the sweep command do.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 
-from celerity_jax.collapse import predict, surrogate
-from celerity_jax.collapse.curves import Curve, ema, ema_decay, on_grid, seed_noise, spread
+from celerity_jax.collapse import definitions, predict, surrogate
+from celerity_jax.collapse.curves import Curve, load_run
+from tools.collapse_plan import Family, alias, family, sweep, sweep_name
 
-GRID = np.linspace(0.2, 1.0, 81)
-LATE = GRID[GRID >= 0.4]  # past the start-up transient of the nano runs
-PREDICT_STOPS = (0.3, 0.5, 0.7)
-# Pre-registered pass marks (docs/results.md states them before the figures)
-THRESHOLDS = {
-  "supercollapse_frac": 0.9,  # fraction of t in [0.2, 1] with Delta(t) < sigma(t): at least
-  "mismatch_over_sigma": 3.0,  # max Delta of the mismatched family / max sigma: above
-  "surrogate_mae": 0.01,  # held-out member's mean |l_hat - l|: at most
-  "predict_30pct": 0.01,  # |error| of the final loss predicted from the first 30%: at most
-  "fault_alert_by": 0.7,  # t at which the LR x3 fault (from t = 0.6) must have alerted
+STOPS = (0.1, 0.2, 0.3)
+# Pre-registered marks (docs/collapse_long.md, committed before the first run)
+MARKS = {
+  "mismatch_over_matched": 2.0,  # max Delta over [0.5, 1], mismatched / matched: at least
+  "surrogate_mae": 0.01,  # the largest member, surrogate fit without it: at most
+  "predict": {"0.1": 0.03, "0.2": 0.02, "0.3": 0.01},  # |final-loss error| from each stop
+  "sweep_stop": 0.3,  # the sweep's regret at this stop must be within one seed std
+  "batch_half": 0.01,  # B / 2 against B's seed mean: within
 }
 
 
-def offline_alert(
-  curve: Curve, ref: np.ndarray, window: tuple[float, float], threshold: float, patience: int
-) -> float | None:
-  """The t at which the in-step monitor would alert against the reference values `ref` (at the
-  curve's logged points), replayed on the logged smoothed loss; None if it never would."""
-  lo, hi = window
-  inside = (curve.t_hat >= lo) & (curve.t_hat <= hi)
-  estimate = predict.aligned_final_loss(curve.loss_smooth[inside], ref[inside])
-  over = 0
-  for t, loss, r in zip(curve.t_hat, curve.loss_smooth, ref, strict=True):
-    if t <= hi:
-      continue
-    over = over + 1 if abs(loss / estimate - r) > threshold else 0
-    if over >= patience:
-      return float(t)
-  return None
+def mismatched(f: Family) -> list[float]:
+  """The first size at tau_opt x these (the sweep's runs at eta*), the other sizes matched."""
+  return [m for m in f.tau_mults if m != 1.0]
 
 
-def resmoothed(c: Curve, smooth_frac: float) -> Curve:
-  """The curve re-smoothed offline from its raw losses with another EMA time constant."""
-  return dataclasses.replace(
-    c, smooth_frac=smooth_frac, loss_smooth=ema(c.loss, ema_decay(smooth_frac, 1.0 / c.steps))
-  )
+def load(f: Family, out: Path, base: list[str]) -> tuple[dict[str, Curve], float]:
+  """Every run's curve by its name (finished runs only) and eta* / PUBLISHED_LR."""
+  lr_mult = json.loads((out / "eta_star.json").read_text())["lr_mult"]
+  names = [r.name for r in [*sweep(f, base), *family(f, lr_mult, base)]]
+  dirs = {n: n for n in names} | alias(f, lr_mult)
+  return {n: load_run(out / d, require_finished=True) for n, d in dirs.items()}, lr_mult
 
 
-def family_figures(matched: list[Curve], mismatched: list[Curve], seeds: list[list[Curve]]) -> dict:
-  """Delta for both families against sigma from the seed groups."""
-  sigma = seed_noise(seeds, GRID)
-  d_matched, d_mismatched = spread(matched, GRID), spread(mismatched, GRID)
-  late = GRID >= 0.4
-  return {
-    "max_delta_matched": float(d_matched.max()),
-    "mean_delta_matched": float(d_matched.mean()),
-    "max_delta_mismatched": float(d_mismatched.max()),
-    "max_delta_matched_late": float(d_matched[late].max()),
-    "max_delta_mismatched_late": float(d_mismatched[late].max()),
-    "max_sigma_seeds": float(sigma.max()),
-    "mean_sigma_seeds": float(sigma.mean()),
-    "max_sigma_seeds_late": float(sigma[late].max()),
-    "supercollapse_frac": float((d_matched < sigma).mean()),
-    "supercollapse_frac_late": float((d_matched < sigma)[late].mean()),
-    "mismatch_over_sigma": float(d_mismatched.max() / sigma.max()),
-    "smoothing_sensitivity": {
-      str(sf): {
-        "max_delta_matched": float(spread([resmoothed(x, sf) for x in matched], GRID).max()),
-        "max_delta_mismatched": float(spread([resmoothed(x, sf) for x in mismatched], GRID).max()),
-      }
-      for sf in (0.05, 0.1)
-    },
+def matched(f: Family, c: dict[str, Curve]) -> dict[str, list[Curve]]:
+  sizes = {}
+  for i in range(len(f.sizes)):
+    seeds = f.seeds[i] if i < len(f.seeds) else 1
+    sizes[f"size{i + 1}"] = [c[f"size{i + 1}_seed{s}"] for s in range(seeds)]
+  return sizes
+
+
+def collapse(f: Family, c: dict[str, Curve], lr_mult: float) -> dict:
+  """Every definition on both curves, for the matched family and each mismatched one."""
+  fam = matched(f, c)
+  out = {"irreducible": {}, "matched": {}, "mismatched": {}}
+  for curve in ("eval", "train"):
+    fit = definitions.irreducible(fam, curve)
+    out["irreducible"][curve] = fit
+    for name, d in definitions.DEFINITIONS.items():
+      key = f"{name}/{curve}"
+      out["matched"][key] = definitions.judge(fam, d, curve, fit["L0"])
+      for m in mismatched(f):
+        mis = fam | {"size1": [c[sweep_name(m, lr_mult)]]}
+        j = definitions.judge(mis, d, curve, fit["L0"], noise=fam)
+        out["mismatched"].setdefault(f"{m:g}", {})[key] = j
+  return out
+
+
+def family_b(f: Family, c: dict[str, Curve]) -> list[Curve]:
+  """The runs at the family's B (every run but the batch checks)."""
+  return [x for name, x in c.items() if not name.startswith("batch") and name != "size1_seed0"]
+
+
+def members(f: Family, c: dict[str, Curve]) -> dict:
+  """Each size's seed 0: the surrogate fit on every run at the family's B of the other sizes,
+  its MAE on the member and the final loss predicted from each stop."""
+  fam, pool = matched(f, c), family_b(f, c)
+  rows = {}
+  for size, runs in fam.items():
+    member = runs[0]
+    constants, objective = surrogate.fit([x for x in pool if x.n_params != member.n_params])
+    finals = np.array([x.final_loss for x in runs])
+    rows[size] = {
+      "n_params": member.n_params,
+      "steps": member.steps,
+      "final_loss": member.final_loss,
+      "final_loss_seed_std_rel": float(finals.std(ddof=1) / finals.mean())
+      if len(runs) > 1
+      else None,
+      "surrogate_fit_mae_others": objective,
+      "surrogate_mae": surrogate.mae(member, constants),
+      "constants": constants._asdict(),
+      "predict_err": {
+        f"{s:g}": predict.predict_final_loss(predict.truncate(member, s), constants=constants)
+        / member.final_loss
+        - 1
+        for s in STOPS
+      },
+    }
+  return rows
+
+
+def sweep_report(f: Family, c: dict[str, Curve], seed_std: float) -> dict:
+  """The tau x eta grid ranked from each stop by the shipped surrogate (as the sweep command
+  ranks); regret against the grid's true best, in nats and in seed stds of the final loss."""
+  shipped = surrogate.load_constants()
+  grid = {(m, k): c[sweep_name(m, k)] for m in f.tau_mults for k in f.lr_mults}
+  true = {key: x.final_loss for key, x in grid.items()}
+  best = min(true, key=true.get)
+  out = {
+    "final_loss": {f"tau{m:g}_lr{k:g}": v for (m, k), v in true.items()},
+    "best": f"tau{best[0]:g}_lr{best[1]:g}",
+    "seed_std": seed_std,
+    "stops": {},
   }
+  n = len(grid)
+  for stop in STOPS:
+    pred = {
+      key: predict.predict_final_loss(predict.truncate(x, stop), constants=shipped)
+      for key, x in grid.items()
+    }
+    pick = min(pred, key=pred.get)
+    regret = true[pick] - true[best]
+    ranks = np.argsort(np.argsort([true[k] for k in grid]))
+    pranks = np.argsort(np.argsort([pred[k] for k in grid]))
+    out["stops"][f"{stop:g}"] = {
+      "picked": f"tau{pick[0]:g}_lr{pick[1]:g}",
+      "regret": regret,
+      "regret_over_seed_std": regret / seed_std,
+      "rank_corr": float(np.corrcoef(ranks, pranks)[0, 1]),
+      "max_abs_level_err": max(abs(pred[k] / true[k] - 1) for k in grid),
+      "compute_saved": 1 - (n * stop + 1 - stop) / n,
+    }
+  return out
 
 
-def pair_gap(a: Curve, b: Curve, grid: np.ndarray = GRID) -> float:
-  """max |l_a(t) - l_b(t)| over the grid."""
-  return float(np.abs(np.diff(on_grid([a, b], grid), axis=0)).max())
-
-
-def held_out_member(
-  member: Curve, everything: list[Curve], smaller: Curve | None, seeds_of_member: list[Curve]
-) -> tuple[dict, surrogate.Constants]:
-  """The surrogate fit on every run of the other sizes, judged on `member`: its MAE, and the
-  final loss predicted from each stop, by the surrogate and by the next smaller member's curve.
-  The seed-to-seed final-loss spread of the member is the floor such a prediction can reach."""
-  others = [x for x in everything if x.n_params != member.n_params]
-  constants, objective = surrogate.fit(others)
-  row = {
-    "n_params": member.n_params,
-    "steps": member.steps,
-    "final_loss": member.final_loss,
-    "surrogate_fit_mae_others": objective,
-    "surrogate_mae": surrogate.mae(member, constants),
-    "predict_err_surrogate": {},
-    "predict_err_smaller_curve": {},
+def batch_report(f: Family, c: dict[str, Curve]) -> dict:
+  base = np.array([x.final_loss for x in matched(f, c)["size1"]])
+  rows = {
+    name: {
+      "batch_seqs": int(name.removeprefix("batch").split("_")[0]),
+      "steps": x.steps,
+      "final_loss": x.final_loss,
+      "vs_seed_mean": x.final_loss / base.mean() - 1,
+    }
+    for name, x in c.items()
+    if name.startswith("batch")
   }
-  for stop in PREDICT_STOPS:
-    partial = predict.truncate(member, stop)
-    row["predict_err_surrogate"][str(stop)] = (
-      predict.predict_final_loss(partial, constants=constants) / member.final_loss - 1
-    )
-    if smaller is not None:
-      row["predict_err_smaller_curve"][str(stop)] = (
-        predict.predict_final_loss(partial, reference=smaller) / member.final_loss - 1
-      )
-  if len(seeds_of_member) > 1:
-    finals = np.array([x.final_loss for x in seeds_of_member])
-    row["final_loss_seed_std_rel"] = float(finals.std(ddof=1) / finals.mean())
-  return row, constants
+  return {"seed_mean": float(base.mean()), "seed_std": float(base.std(ddof=1)), "runs": rows}
 
 
-def fault_detection(
-  fault: Curve,
-  controls: list[Curve],
-  constants: surrogate.Constants,
-  window: tuple[float, float],
-  threshold: float,
-  patience: int,
-) -> dict:
-  """When the monitor (replayed offline against the surrogate) alerts on the fault run, and
-  whether it alerts on any run without a fault (a false alarm)."""
-
-  def alert(c: Curve) -> float | None:
-    return offline_alert(c, surrogate.predict(c, constants), window, threshold, patience)
-
-  ref = surrogate.predict(fault, constants)
-  inside = (fault.t_hat >= window[0]) & (fault.t_hat <= window[1])
-  estimate = predict.aligned_final_loss(fault.loss_smooth[inside], ref[inside])
-  after = fault.t_hat > window[1]
-  return {
-    "alert_t": alert(fault),
-    "max_abs_residual_after_window": float(
-      np.abs(fault.loss_smooth[after] / estimate - ref[after]).max()
-    ),
-    "false_alarms": {c.name: alert(c) for c in controls if alert(c) is not None},
-    "controls": len(controls),
-  }
-
-
-def verdicts(report: dict) -> dict:
-  """Each pre-registered claim: {"value", "mark", "holds"}."""
-  th = THRESHOLDS
-  largest = max(report["members"].values(), key=lambda m: m["n_params"])
-  err30 = largest["predict_err_surrogate"]["0.3"]
-  alerts = [f["alert_t"] for f in report["faults"].values()]
-  latest = max(np.inf if a is None else a for a in alerts)
-  false_alarms = any(f["false_alarms"] for f in report["faults"].values())
-
+def verdicts(r: dict, f: Family) -> dict:
   def claim(value, mark, holds):
     return {"value": value, "mark": mark, "holds": bool(holds)}
 
-  return {
-    "supercollapse": claim(
-      report["supercollapse_frac"],
-      th["supercollapse_frac"],
-      report["supercollapse_frac"] >= th["supercollapse_frac"],
+  m, mis = r["collapse"]["matched"], r["collapse"]["mismatched"]
+  largest = r["members"][f"size{len(f.sizes)}"]
+  ratios = {
+    k: v["qiu/eval"]["max_delta_tail"] / m["qiu/eval"]["max_delta_tail"] for k, v in mis.items()
+  }
+  half = min(r["batch"]["runs"].values(), key=lambda x: x["batch_seqs"])
+  s = r["sweep"]["stops"][f"{MARKS['sweep_stop']:g}"]
+  out = {
+    "collapse_qiu_eval": claim(
+      m["qiu/eval"]["delta_star"], "holds at delta 0.5", m["qiu/eval"]["holds"]
     ),
-    "mismatch_breaks_collapse": claim(
-      report["mismatch_over_sigma"],
-      th["mismatch_over_sigma"],
-      report["mismatch_over_sigma"] > th["mismatch_over_sigma"],
+    "mismatch_breaks": claim(
+      ratios,
+      MARKS["mismatch_over_matched"],
+      all(not v["qiu/eval"]["holds"] for v in mis.values())
+      and min(ratios.values()) >= MARKS["mismatch_over_matched"],
     ),
-    "surrogate_mae_largest": claim(
-      largest["surrogate_mae"], th["surrogate_mae"], largest["surrogate_mae"] <= th["surrogate_mae"]
-    ),
-    "predict_30pct_largest": claim(err30, th["predict_30pct"], abs(err30) <= th["predict_30pct"]),
-    "fault_alerts": claim(
-      latest, th["fault_alert_by"], latest <= th["fault_alert_by"] and not false_alarms
+    "surrogate_largest": claim(
+      largest["surrogate_mae"],
+      MARKS["surrogate_mae"],
+      largest["surrogate_mae"] <= MARKS["surrogate_mae"],
     ),
   }
+  for stop, mark in MARKS["predict"].items():
+    err = largest["predict_err"][stop]
+    out[f"predict_{stop}"] = claim(err, mark, abs(err) <= mark)
+  out["sweep"] = claim(s["regret_over_seed_std"], 1.0, s["regret_over_seed_std"] <= 1.0)
+  out["batch"] = claim(
+    half["vs_seed_mean"], MARKS["batch_half"], abs(half["vs_seed_mean"]) <= MARKS["batch_half"]
+  )
+  return out
+
+
+def analyse(f: Family, out: Path, base: list[str]) -> tuple[dict, dict[str, Curve]]:
+  """The report, and the curves the figure draws (matched runs by name, mismatch_M)."""
+  c, lr_mult = load(f, out, base)
+  report = {
+    "family": f.name,
+    "lr_mult": lr_mult,
+    "runs": {
+      name: {
+        "n_params": x.n_params,
+        "steps": x.steps,
+        "tau": x.tau,
+        "seed": x.seed,
+        "final_loss": x.final_loss,
+        "final_eval_loss": float(x.eval_loss[-1]),
+        "eval_points": int(len(x.eval_loss)),
+      }
+      for name, x in c.items()
+    },
+    "collapse": collapse(f, c, lr_mult),
+    "members": members(f, c),
+  }
+  report["batch"] = batch_report(f, c)
+  report["sweep"] = sweep_report(f, c, report["batch"]["seed_std"])
+  report["marks"] = MARKS
+  report["verdicts"] = verdicts(report, f)
+  drawn = {k: x for k, x in c.items() if k.startswith("size")}
+  drawn |= {f"mismatch_{m:g}": c[sweep_name(m, lr_mult)] for m in mismatched(f)}
+  return report, drawn

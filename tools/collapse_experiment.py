@@ -47,7 +47,7 @@ from tools.collapse_plan import (
 
 
 def stage_runs(f: Family, stage: str, out: Path, base: list[str]) -> list[Run]:
-  return sweep(f) if stage == "sweep" else family(f, lr_star(f, out), base)
+  return sweep(f, base) if stage == "sweep" else family(f, lr_star(f, out), base)
 
 
 def shares(f: Family, todo: list[Run], base: list[str], workers: int) -> list[list[Run]]:
@@ -80,7 +80,11 @@ def work(f: Family, stage: str, out: Path, base: list[str], worker: int, workers
 
 
 def run_stage(f: Family, stage: str, out: Path, overrides: list[str], workers: int):
-  """The stage's runs over `workers` processes, one CPU device each."""
+  """The stage's runs over `workers` processes, one CPU device each; with one worker, in this
+  process (on its devices: a GPU, or the CPU devices it was started with)."""
+  if workers == 1:
+    work(f, stage, out, ["collapse.reference=none", *overrides], 0, 1)
+    return
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
   command = [sys.executable, "-m", "tools.collapse_experiment", "--family", f.name]
   command += ["--out", str(out), "--stage", stage, "--workers", str(workers)]
@@ -141,13 +145,13 @@ def main(argv=None):
     run_stage(f, "sweep", out, args.overrides, args.workers)
     stage_record(out, lr_star(f, out))
     run_stage(f, "family", out, args.overrides, args.workers)
-  from tools import collapse_analysis
+  from tools import collapse_analysis, collapse_report
 
-  report = collapse_analysis.analyse(f, out, base)
+  report, drawn = collapse_analysis.analyse(f, out, base)
   report["wall_s"] = round(time.monotonic() - started, 1)
   (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  collapse_analysis.figure(f, out, report, figure)
-  print(collapse_analysis.tables(report))
+  collapse_report.figure(report, drawn, figure)
+  print(collapse_report.tables(report))
   print(f"report: {out / 'report.json'}; figure: {figure}")
 
 

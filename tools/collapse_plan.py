@@ -24,6 +24,9 @@ PUBLISHED_LR = 1.62e-2  # the family rule's optim.lr_base (the published width-2
 class Family:
   name: str
   sizes: tuple[str, ...]  # recipes at one depth, smallest first
+  # (recipe, seeds) added after the first results (a follow-up), at eta*: more seeds of a size,
+  # or a new size (numbered after `sizes`)
+  more: tuple[tuple[str, int], ...]
   seeds: tuple[int, int]  # seeds of the first and of the second size (seed 0 included)
   tau_mults: tuple[float, ...]  # the sweep's grid, x tau_opt
   lr_mults: tuple[float, ...]  # ... and x PUBLISHED_LR
@@ -39,6 +42,7 @@ FAMILIES = {
   "long": Family(
     "long",
     tuple(f"celerity_long_{i}" for i in range(1, 5)),
+    (("celerity_long_3", 3), ("celerity_long_5", 1)),
     (5, 3),
     (0.25, 0.5, 1.0, 2.0),
     (0.25, 0.5, 1.0, 2.0),
@@ -52,6 +56,7 @@ FAMILIES = {
   "gpu": Family(
     "gpu",
     tuple(f"celerity_gpu_{s}" for s in ("10m", "25m", "50m", "85m", "150m")),
+    (),
     (5, 3),
     (0.25, 0.5, 1.0, 2.0),
     (0.25, 0.5, 1.0, 2.0),
@@ -73,16 +78,12 @@ class Run:
   stage: str  # "sweep" | "family"
 
 
-def size_label(f: Family, recipe: str) -> str:
-  return f"size{f.sizes.index(recipe) + 1}"
-
-
-def tau_opt(tpp: float = 20.0) -> float:
-  from celerity_jax import scaling
-  from celerity_jax.config import ScalingConfig
-
-  s = ScalingConfig()
-  return scaling.tau_opt(tpp, s.tau_c, s.tau_m)
+def size_index(f: Family, recipe: str) -> int:
+  """0 for the smallest; members added in `more` count on after `sizes`."""
+  if recipe in f.sizes:
+    return f.sizes.index(recipe)
+  new = [r for r, _ in f.more if r not in f.sizes]
+  return len(f.sizes) + new.index(recipe)
 
 
 def config(recipe: str, overrides: list[str]):
@@ -103,13 +104,14 @@ def sweep_name(tau_mult: float, lr_mult: float) -> str:
   return f"sweep_tau{tau_mult:g}_lr{lr_mult:g}"
 
 
-def sweep(f: Family) -> list[Run]:
+def sweep(f: Family, base: list[str]) -> list[Run]:
   """The first size at every (tau, eta) of the grid, seed 0."""
+  opt = resolved(f.sizes[0], base).tau_opt
   return [
     Run(
       sweep_name(m, k),
       f.sizes[0],
-      (f"optim.tau={m * tau_opt():.6g}", f"optim.lr_base={k * PUBLISHED_LR:.6g}"),
+      (f"optim.tau={m * opt:.6g}", f"optim.lr_base={k * PUBLISHED_LR:.6g}"),
       "sweep",
     )
     for m in f.tau_mults
@@ -125,6 +127,11 @@ def family(f: Family, lr_mult: float, base: list[str]) -> list[Run]:
   for i, recipe in enumerate(f.sizes):
     seeds = f.seeds[i] if i < len(f.seeds) else 1
     for s in range(1 if i == 0 else 0, seeds):
+      runs.append(Run(f"size{i + 1}_seed{s}", recipe, (lr, f"train.seed={s}"), "family"))
+  for recipe, n in f.more:
+    i = size_index(f, recipe)
+    had = (f.seeds[i] if i < len(f.seeds) else 1) if recipe in f.sizes else 0
+    for s in range(had, n):
       runs.append(Run(f"size{i + 1}_seed{s}", recipe, (lr, f"train.seed={s}"), "family"))
   first = f.sizes[0]
   b = resolved(first, base).batch_seqs
@@ -180,7 +187,7 @@ def budget(f: Family, base: list[str], lr_mult: float = 1.0) -> tuple[list[dict]
   """Every run with its N, D, B, T and training FLOPs, and the totals: what --dry-run prints and
   what the corpus must hold (the family stage at eta = lr_mult x PUBLISHED_LR)."""
   rows = []
-  for r in [*sweep(f), *family(f, lr_mult, base)]:
+  for r in [*sweep(f, base), *family(f, lr_mult, base)]:
     x = resolved(r.recipe, [*base, *r.overrides])
     rows.append(
       {

@@ -9,6 +9,7 @@ exactly what a later run compares against.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -61,6 +62,9 @@ class Curve:
   loss_smooth: np.ndarray  # the monitor's EMA at those steps
   residual: np.ndarray | None = None  # the monitor's collapse_residual (NaN before alignment)
   threshold: float = 0.05  # collapse.threshold: the |residual| that counts as off the reference
+  # the held-out loss (train.eval_every) and the t of its evaluations; empty without one
+  eval_t_hat: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
+  eval_loss: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0))
 
   @property
   def finished(self) -> bool:
@@ -126,6 +130,7 @@ def load_run(run_dir, require_finished: bool = False) -> Curve:
   if not rows:
     raise ConfigError(f"{metrics_path}: no rows with loss_smooth (written by the collapse monitor)")
   steps = sorted(rows)
+  held = [s for s in steps if np.isfinite(_number(rows[s].get("eval_loss")))]
   curve = Curve(
     name=run_dir.name,
     **fields,
@@ -133,6 +138,8 @@ def load_run(run_dir, require_finished: bool = False) -> Curve:
     loss=np.array([rows[s]["loss"] for s in steps], np.float64),
     loss_smooth=np.array([rows[s]["loss_smooth"] for s in steps], np.float64),
     residual=np.array([_number(rows[s].get("collapse_residual")) for s in steps], np.float64),
+    eval_t_hat=np.array([rows[s].get("frac", s / T) for s in held], np.float64),
+    eval_loss=np.array([rows[s]["eval_loss"] for s in held], np.float64),
   )
   if require_finished and not curve.finished:
     raise ConfigError(

@@ -72,11 +72,13 @@ def predict_final_loss(
 
 def truncate(curve: Curve, stop: float) -> Curve:
   """The curve as it was at t = stop: for testing predictions on finished runs."""
-  keep = curve.t_hat <= stop + 1e-9
+  keep, held = curve.t_hat <= stop + 1e-9, curve.eval_t_hat <= stop + 1e-9
   return dataclasses.replace(
     curve,
     t_hat=curve.t_hat[keep],
     loss=curve.loss[keep],
     loss_smooth=curve.loss_smooth[keep],
     residual=None if curve.residual is None else curve.residual[keep],
+    eval_t_hat=curve.eval_t_hat[held],
+    eval_loss=curve.eval_loss[held],
   )
