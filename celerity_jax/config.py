@@ -157,6 +157,10 @@ class OptimConfig:
   tau: float = key(0.0, NONNEG, free=False, matched=0.02)  # 0 = tau_opt(TPP); else this timescale
   # None = derived from tau; a value overrides tau
   weight_decay: float | None = key(None, NONNEG, free=False)
+  # whose timescale tau is: "hidden" = the paper's (lambda from the hidden LR; the embedding and
+  # unembedding, whose LRs CompleteP does not scale with width, get tau x eta_hidden / eta_group),
+  # "every" = each decayed group's own lambda, so every group's timescale is tau
+  tau_groups: Literal["hidden", "every"] = key("hidden", free=False)
   schedule: Literal["linear", "cosine", "constant"] = key("linear", free=False, matched=0.0)
   clip_norm: float = key(0.0, NONNEG, free=False)  # global-norm clipping threshold, 0 = off
   # the precision params are kept at after each update: bfloat16 rounds them (bf16 master weights,

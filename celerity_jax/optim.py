@@ -87,15 +87,27 @@ def clipped_adam(optim_cfg) -> optax.GradientTransformation:
   return optax.GradientTransformation(adam.init, update)
 
 
+def decay_by_tree(lam_tree) -> optax.GradientTransformation:
+  """updates + lambda_leaf * params with a lambda per leaf (0 = not decayed); its state is
+  optax.add_decayed_weights' (empty), so a checkpoint fits either."""
+
+  def update(updates, state, params=None):
+    out = jax.tree.map(lambda u, p, lam: u + lam * p if lam else u, updates, params, lam_tree)
+    return out, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim_cfg, resolved, groups) -> ScheduledAdamW:
   """`groups` is a pure-dict tree of group names matching the params."""
   peak_tree = jax.tree.map(lambda g: resolved.lr_peak[g], groups)
   decay_mask = jax.tree.map(lambda g: g in DECAYED_GROUPS, groups)
-  parts = [
-    clipped_adam(optim_cfg),
-    optax.add_decayed_weights(resolved.weight_decay, mask=decay_mask),
-    scale_by_tree(peak_tree),
-  ]
+  lam = resolved.weight_decay_groups
+  if len({lam[g] for g in DECAYED_GROUPS if g in lam}) <= 1:  # one lambda (optim.tau_groups=hidden)
+    decay = optax.add_decayed_weights(resolved.weight_decay, mask=decay_mask)
+  else:
+    decay = decay_by_tree(jax.tree.map(lambda g: lam.get(g, 0.0), groups))
+  parts = [clipped_adam(optim_cfg), decay, scale_by_tree(peak_tree)]
   return ScheduledAdamW(
     optax.chain(*parts),
     schedule(optim_cfg.schedule, resolved.warmup_steps, resolved.steps),

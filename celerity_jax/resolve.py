@@ -75,7 +75,8 @@ class Resolved:
   row_offset: int  # global rows read before step 0 at this B (rows = step * B + row_offset)
   lr_peak: dict  # group -> peak LR (eta_base x group multiplier)
   eta_hidden: float  # the LR that defines tau
-  weight_decay: float  # lambda (coupled, as optax.adamw)
+  weight_decay: float  # lambda (coupled, as optax.adamw) of the hidden matrices
+  weight_decay_groups: dict  # group -> lambda; 0 = not decayed (optim.tau_groups)
   tau: float  # B / (eta_hidden * lambda * D)
   tau_opt: float  # c * TPP_effective**m
   tau_groups: dict  # group -> 1 / (eta_group * lambda * T); None = not decayed
@@ -186,9 +187,13 @@ def resolve(
   else:
     tau = opt.tau or tau_opt
     lam = scaling.weight_decay(eta_hidden, tau, steps)
-  tau_groups = {
-    g: (1.0 / (lr_peak[g] * lam * steps) if lam > 0 and g in DECAYED_GROUPS else None)
+  same_tau = opt.tau_groups == "every"  # lambda_g = lambda eta_hidden / eta_g: tau_g = tau
+  lam_groups = {
+    g: (lam * eta_hidden / lr_peak[g] if same_tau else lam) if g in DECAYED_GROUPS else 0.0
     for g in lr_peak
+  }
+  tau_groups = {
+    g: (1.0 / (lr_peak[g] * lam_groups[g] * steps) if lam_groups[g] > 0 else None) for g in lr_peak
   }
   return Resolved(
     n_params=counts["total"],
@@ -211,6 +216,7 @@ def resolve(
     lr_peak=lr_peak,
     eta_hidden=eta_hidden,
     weight_decay=lam,
+    weight_decay_groups=lam_groups,
     tau=tau,
     tau_opt=tau_opt,
     tau_groups=tau_groups,

@@ -66,9 +66,54 @@ def collapse(f: Family, c: dict[str, Curve], lr_mult: float) -> dict:
   return out
 
 
+def followup(f: Family, c: dict[str, Curve]) -> dict | None:
+  """The family without its smallest member, with the runs added after the first results
+  (docs/collapse_long.md, "Follow-up"): collapse under every definition, and the largest
+  member's final loss predicted by the next smaller member's curve and by the surrogate fitted on
+  the smaller members' runs."""
+  if not f.more:
+    return None
+  sizes: dict[int, list[Curve]] = {}
+  for name, x in c.items():
+    if name.startswith("size") and "_seed" in name and name != "size1_seed0":
+      i, s = (int(v) for v in name.removeprefix("size").split("_seed"))
+      if i > 1:
+        sizes.setdefault(i, []).append((s, x))
+  fam = {f"size{i}": [x for _, x in sorted(v)] for i, v in sorted(sizes.items())}
+  out = {"sizes": list(fam), "seeds": {k: len(v) for k, v in fam.items()}, "collapse": {}}
+  for curve in ("eval", "train"):
+    l0 = definitions.irreducible(fam, curve)["L0"]
+    for name, d in definitions.DEFINITIONS.items():
+      out["collapse"][f"{name}/{curve}"] = definitions.judge(fam, d, curve, l0)
+  *smaller, largest = fam
+  member, reference = fam[largest][0], fam[smaller[-1]][0]
+  constants, objective = surrogate.fit([x for k in smaller for x in fam[k]])
+  out["largest"] = {
+    "size": largest,
+    "n_params": member.n_params,
+    "steps": member.steps,
+    "final_loss": member.final_loss,
+    "surrogate_fit_mae": objective,
+    "surrogate_mae": surrogate.mae(member, constants),
+    "predict_err_reference": {},
+    "predict_err_surrogate": {},
+  }
+  for s in STOPS:
+    part = predict.truncate(member, s)
+    out["largest"]["predict_err_reference"][f"{s:g}"] = (
+      predict.predict_final_loss(part, reference=reference) / member.final_loss - 1
+    )
+    out["largest"]["predict_err_surrogate"][f"{s:g}"] = (
+      predict.predict_final_loss(part, constants=constants) / member.final_loss - 1
+    )
+  return out
+
+
 def family_b(f: Family, c: dict[str, Curve]) -> list[Curve]:
-  """The runs at the family's B (every run but the batch checks)."""
-  return [x for name, x in c.items() if not name.startswith("batch") and name != "size1_seed0"]
+  """The pre-registered runs at the family's B: the sweep and the matched family (without the
+  batch checks and the follow-up's runs)."""
+  pool = [x for name, x in c.items() if name.startswith("sweep_")]
+  return pool + [x for g in matched(f, c).values() for x in g if all(x is not y for y in pool)]
 
 
 def members(f: Family, c: dict[str, Curve]) -> dict:
@@ -207,6 +252,7 @@ def analyse(f: Family, out: Path, base: list[str]) -> tuple[dict, dict[str, Curv
     "collapse": collapse(f, c, lr_mult),
     "members": members(f, c),
   }
+  report["followup"] = followup(f, c)
   report["batch"] = batch_report(f, c)
   report["sweep"] = sweep_report(f, c, report["batch"]["seed_std"])
   report["marks"] = MARKS

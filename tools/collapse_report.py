@@ -144,10 +144,42 @@ def sweep_table(r: dict) -> list[str]:
   return lines
 
 
+def followup_table(r: dict) -> list[str]:
+  fu = r.get("followup")
+  if not fu:
+    return []
+  seeds = ", ".join(f"{k} x{n}" for k, n in fu["seeds"].items())
+  lines = [
+    f"Follow-up family {fu['sizes'][0]}..{fu['sizes'][-1]} (runs: {seeds}):",
+    "",
+    "| definition | curve | verdict | δ* | Δ < σ on [0.2, 1] / [0.5, 1] "
+    "| max Δ / max σ on [0.5, 1] |",
+    "|---|---|---|---|---|---|",
+  ]
+  for key, j in fu["collapse"].items():
+    name, curve = key.split("/")
+    lines.append(
+      f"| {NAMES[name]} | {'held-out' if curve == 'eval' else 'training'} | {_yes(j['holds'])} | "
+      f"{j['delta_star']:.2f} | {j['share_below']:.0%} / {j['share_below_tail']:.0%} | "
+      f"{j['max_delta_tail']:.4f} / {j['max_sigma_tail']:.4f} |"
+    )
+  x = fu["largest"]
+  ref, sur = x["predict_err_reference"], x["predict_err_surrogate"]
+  lines += [
+    "",
+    f"- {x['size']} ({x['n_params']:,} parameters, {x['steps']:,} steps, final loss "
+    f"{x['final_loss']:.4f}): final loss from 10% / 20% / 30% by the next smaller member's curve "
+    + " / ".join(f"{ref[k]:+.2%}" for k in ("0.1", "0.2", "0.3"))
+    + "; by the surrogate fitted on the smaller members "
+    + " / ".join(f"{sur[k]:+.2%}" for k in ("0.1", "0.2", "0.3"))
+    + f"; that surrogate's MAE on it {x['surrogate_mae']:.2%} (fit {x['surrogate_fit_mae']:.2%})",
+  ]
+  return lines
+
+
 def tables(r: dict) -> str:
-  return "\n".join(
-    [*claims_table(r), "", *collapse_table(r), "", *members_table(r), "", *sweep_table(r)]
-  )
+  parts = [claims_table(r), collapse_table(r), members_table(r), sweep_table(r), followup_table(r)]
+  return "\n\n".join("\n".join(p) for p in parts if p)
 
 
 def figure(r: dict, curves: dict, path: str) -> None:

@@ -5,9 +5,8 @@
 
 The fit is the alternating grid search of docs/method.md section 7
 (celerity_jax.collapse.surrogate.fit);
---holdout runs are not fitted but their MAE is reported. The package's shipped constants come from
-`python -m tools.collapse_experiment --write-constants`, which fits every run of that
-experiment.
+--holdout runs are not fitted but their MAE is reported. The package's shipped constants were fit
+to the nano family's collapse-experiment runs (docs/collapse.md); fit a family of your own here.
 """
 
 from __future__ import annotations
