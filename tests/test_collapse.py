@@ -164,19 +164,6 @@ def test_prediction_recovers_the_final_loss_from_30_percent():
     predict.predict_final_loss(logged_late, stop=0.15, constants=TRUE)
 
 
-def test_spread_and_seed_noise_on_hand_made_curves():
-  grid = np.array([0.2, 0.6, 1.0])
-  t = np.array([0.2, 0.6, 1.0])
-  a, b, c = (
-    curve_from(t, np.array(v) * 2.0, 0.1, 20, 10)
-    for v in ([1.3, 1.1, 1.0], [1.5, 1.1, 1.0], [1.4, 1.2, 1.0])
-  )
-  np.testing.assert_allclose(curves.spread([a, b], grid), [0.1, 0.0, 0.0])
-  np.testing.assert_allclose(
-    curves.seed_noise([[a, b], [a, c]], grid), np.sqrt([(0.02 + 0.005) / 2, 0.005 / 2, 0.0])
-  )
-
-
 def rows_of(run_dir):
   lines = (run_dir / "metrics.jsonl").read_text().splitlines()
   return [r for r in map(json.loads, lines) if "event" not in r]

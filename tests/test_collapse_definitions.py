@@ -4,6 +4,8 @@ Qiu et al.'s normalization and not under L / L(T) when its sizes reach different
 their loss; a shape that changes with size breaks every definition; L0 is recovered from exact
 power-law final losses."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,32 @@ def test_the_noise_floor_needs_seeds_and_the_held_out_curve_needs_evaluations():
   fam["size1"][0] = curve("no_eval", 100_000, 1.0, eval_points=0)
   with pytest.raises(ValueError, match="no_eval has no held-out curve"):
     definitions.judge(fam, definitions.QIU, "eval", 1.5)
+
+
+def test_ours_on_hand_made_curves_and_the_plot_under_each_definition(tmp_path):
+  """`ours`: Delta = std over sizes of L / L(T), sigma = RMS over sizes of the seed std (ddof 1);
+  plot_collapse draws the definition it is given, and qiu on two sizes is refused by name."""
+  from celerity_jax.commands.plot_collapse import plot
+  from celerity_jax.config import ConfigError
+
+  grid = np.array([0.2, 0.6, 1.0])
+  a, b, c = (curve(name, n, 1.0) for name, n in (("a", 1000), ("b", 2000), ("c", 1000)))
+  a, b, c = (
+    dataclasses.replace(x, t_hat=grid, loss_smooth=np.array(v) * 2.0, loss=np.array(v) * 2.0)
+    for x, v in ((a, [1.3, 1.1, 1.0]), (b, [1.5, 1.1, 1.0]), (c, [1.4, 1.2, 1.0]))
+  )
+  ours = definitions.OURS
+  np.testing.assert_allclose(
+    definitions.delta({"1": [a], "2": [b]}, ours, "train", grid=grid), [0.1, 0.0, 0.0]
+  )
+  np.testing.assert_allclose(
+    definitions.sigma({"1": [a, b], "2": [a, c]}, ours, "train", grid=grid),
+    np.sqrt([(0.02 + 0.005) / 2, 0.005 / 2, 0.0]),
+  )
+  runs = [x for g in family().values() for x in g]
+  for d in definitions.DEFINITIONS.values():
+    out = plot({"family": runs}, tmp_path / f"{d.name}.png", definition=d, curve="eval")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  two_sizes = [x for x in runs if x.n_params < 300_000]
+  with pytest.raises(ConfigError, match="--definition qiu: fitting L0 needs at least 3 sizes"):
+    plot({"family": two_sizes}, tmp_path / "no.png", definition=definitions.QIU)

@@ -30,6 +30,33 @@ def test_cosine_and_constant():
 class FakeResolved:
   warmup_steps, steps, weight_decay, eta_hidden = 0, 100, 0.5, 0.01
   lr_peak = {"hidden": 0.01, "embed": 0.04, "unembed": 0.04, "norm": 0.04}
+  weight_decay_groups = {"hidden": 0.5, "embed": 0.5, "unembed": 0.5, "norm": 0.0}
+
+
+def test_every_group_at_tau_gives_each_group_the_same_decay_per_step():
+  """optim.tau_groups=every: lambda_g = lambda eta_hidden / eta_g, so with zero gradients every
+  decayed group shrinks by the same eta_g lambda_g = eta_hidden lambda per step (the timescale
+  1 / (eta_g lambda_g T) is tau for each), and a run's per-group tau says so."""
+  from celerity_jax import recipes
+  from celerity_jax.resolve import resolve
+
+  cfg = recipes.configure("celerity_long_1", ["optim.tau_groups=every"])
+  r = resolve(cfg, 1)
+  assert r.tau_groups["norm"] is None  # norms are not decayed
+  for g in ("embed", "hidden", "unembed"):
+    assert r.tau_groups[g] == pytest.approx(r.tau)
+  assert r.weight_decay_groups["embed"] == pytest.approx(r.weight_decay * 256 / 32)
+  paper = resolve(recipes.configure("celerity_long_1", []), 1)
+  assert paper.tau_groups["embed"] == pytest.approx(r.tau * 256 / 32)  # the paper's convention
+  params = {"w": jnp.full((3,), 2.0), "e": jnp.full((3,), 2.0), "g": jnp.full((3,), 2.0)}
+  groups = {"w": "hidden", "e": "embed", "g": "norm"}
+  opt = make_optimizer(OptimConfig(schedule="constant"), r, groups)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = opt.update(zeros, opt.init(params), params, r.warmup_steps + 1)
+  shrink = r.eta_hidden * r.weight_decay * 2.0
+  np.testing.assert_allclose(updates["w"], -shrink, rtol=1e-5)
+  np.testing.assert_allclose(updates["e"], -shrink, rtol=1e-5)
+  np.testing.assert_array_equal(updates["g"], 0.0)
 
 
 def test_decay_mask_and_group_learning_rates():

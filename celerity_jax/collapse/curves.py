@@ -184,16 +184,3 @@ def _step_row(line: str):
 def on_grid(curves: list[Curve], grid: np.ndarray) -> np.ndarray:
   """Normalized curves interpolated onto a common t grid: [len(curves), len(grid)]."""
   return np.stack([np.interp(grid, c.t_hat, c.normalized()) for c in curves])
-
-
-def spread(curves: list[Curve], grid: np.ndarray) -> np.ndarray:
-  """Delta(t): population std across the curves (sizes) of the normalized loss (Qiu et al.)."""
-  return on_grid(curves, grid).std(axis=0)
-
-
-def seed_noise(groups: list[list[Curve]], grid: np.ndarray) -> np.ndarray:
-  """sigma(t): root mean over groups (one size, several seeds) of the seed variance (ddof 1)."""
-  variances = [on_grid(g, grid).var(axis=0, ddof=1) for g in groups if len(g) > 1]
-  if not variances:
-    raise ValueError("seed noise needs at least one size with two or more seeds")
-  return np.sqrt(np.mean(variances, axis=0))

@@ -98,6 +98,38 @@ def _spread(values: np.ndarray, relative: bool, ddof: int) -> np.ndarray:
   return std / values.mean(axis=0) if relative else std
 
 
+def _level(d: Definition, curve: str, family: dict[str, list[Curve]], l0: float | None) -> float:
+  if not d.irreducible:
+    return 0.0
+  return irreducible(family, curve)["L0"] if l0 is None else float(l0)
+
+
+def delta(
+  family: dict[str, list[Curve]], d: Definition, curve: str, l0: float = 0.0, grid=GRID
+) -> np.ndarray:
+  """Delta(x): the spread of the normalized curves over the runs the definition takes (every run,
+  or each size's first), with L0 = `l0` subtracted when the definition does."""
+  l0 = l0 if d.irreducible else 0.0
+  runs = [c for g in family.values() for c in (g[:1] if d.delta_over == "sizes" else g)]
+  raw = np.stack([on_grid(c, curve, grid) for c in runs]) - l0
+  return _spread(raw / raw[:, -1:], d.relative, 0)  # the grid ends at x = 1
+
+
+def sigma(
+  family: dict[str, list[Curve]], d: Definition, curve: str, l0: float = 0.0, grid=GRID
+) -> np.ndarray | None:
+  """sigma(x): the seed spread (RMS over the sizes with two or more seeds); None without one."""
+  l0 = l0 if d.irreducible else 0.0
+  variances = []
+  for g in family.values():
+    if len(g) < 2:
+      continue
+    r = np.stack([on_grid(c, curve, grid) for c in g]) - l0
+    scaled = r / r[:, -1].mean() if d.sigma_of == "raw" else r / r[:, -1:]
+    variances.append(_spread(scaled, d.relative, 1) ** 2)
+  return np.sqrt(np.mean(variances, axis=0)) if variances else None
+
+
 def judge(
   family: dict[str, list[Curve]],
   definition: Definition,
@@ -110,30 +142,18 @@ def judge(
   family when the definition subtracts one, else 0); `noise`: the family whose seeds give sigma
   (default this one: a mismatched family is judged against the matched family's noise floor)."""
   d = definition
-  if d.irreducible and l0 is None:
-    l0 = irreducible(family, curve)["L0"]
-  l0 = float(l0) if d.irreducible else 0.0
-  noise = family if noise is None else noise
-  runs = [g[:1] if d.delta_over == "sizes" else g for g in family.values()]
-  raw = np.stack([on_grid(c, curve, grid) for g in runs for c in g]) - l0
-  ell = raw / raw[:, -1:]  # the grid ends at x = 1
-  delta = _spread(ell, d.relative, 0)
-  variances = []
-  for g in noise.values():
-    if len(g) < 2:
-      continue
-    r = np.stack([on_grid(c, curve, grid) for c in g]) - l0
-    scaled = r / r[:, -1].mean() if d.sigma_of == "raw" else r / r[:, -1:]
-    variances.append(_spread(scaled, d.relative, 1) ** 2)
-  if not variances:
+  l0 = _level(d, curve, family, l0)
+  spread = delta(family, d, curve, l0, grid)
+  floor = sigma(family if noise is None else noise, d, curve, l0, grid)
+  if floor is None:
     raise ValueError("sigma needs at least one size with two or more seeds")
-  sigma = np.sqrt(np.mean(variances, axis=0))
-  below = (delta < sigma) | ((delta == 0) & (sigma == 0))  # at x = 1 both are 0 for some
+  below = (spread < floor) | ((spread == 0) & (floor == 0))  # at x = 1 both are 0 for some
   tail = grid >= 1 - d.delta - 1e-9
   late = grid >= TAIL - 1e-9
   failed = np.flatnonzero(~below)
   delta_star = 1.0 - grid[0] if failed.size == 0 else 1.0 - grid[min(failed[-1] + 1, len(grid) - 1)]
   holds = bool(below[tail].all()) if d.rule == "tail" else bool(below.mean() >= d.share)
+  ratio = late & (floor > 0)
   return {
     "definition": d.name,
     "curve": curve,
@@ -142,10 +162,10 @@ def judge(
     "delta_star": float(delta_star),
     "share_below": float(below.mean()),
     "share_below_tail": float(below[late].mean()),
-    "max_delta_tail": float(delta[late].max()),
-    "max_sigma_tail": float(sigma[late].max()),
-    "max_ratio_tail": float((delta[late & (sigma > 0)] / sigma[late & (sigma > 0)]).max()),
+    "max_delta_tail": float(spread[late].max()),
+    "max_sigma_tail": float(floor[late].max()),
+    "max_ratio_tail": float((spread[ratio] / floor[ratio]).max()),
     "grid": grid.tolist(),
-    "delta": delta.tolist(),
-    "sigma": sigma.tolist(),
+    "delta": spread.tolist(),
+    "sigma": floor.tolist(),
   }

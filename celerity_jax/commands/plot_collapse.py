@@ -3,9 +3,14 @@ the spread Delta(t) across sizes and the seed noise sigma(t).
 
   python -m celerity_jax.commands.plot_collapse RUN_DIR [RUN_DIR ...]
       [--reference surrogate|none|RUN_DIR] [--out collapse.png]
+      [--definition ours|celerity|qiu] [--curve train|eval]
 
-Runs with the same parameter count are seeds of one size: Delta(t) uses the lowest seed of each
-size, sigma(t) every size with two or more seeds (one run has no spread panel). The reference
+Runs with the same parameter count are seeds of one size. The spread panel draws Delta(t) and
+sigma(t) under a collapse definition (celerity_jax/collapse/definitions.py: `ours` takes Delta
+over each size's lowest seed; `celerity` and `qiu`, Qiu et al.'s rule, over every run, `qiu` on
+the reducible loss with L0 fitted on 3+ sizes) on the smoothed training (`train`) or held-out
+(`eval`) curve, and the verdict is printed when there are two sizes and a size with two seeds
+(one run has no spread panel). The reference
 curve is drawn on the normalized panel; the residual panel shows, from t = 0.2 on, the monitor's
 logged residual (what alerts) and L/L(T) minus the reference, with the run's alert threshold.
 Unfinished runs are skipped (they have no L(T)).
@@ -25,12 +30,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from celerity_jax.cli import ArgumentParser, run_cli
 from celerity_jax.collapse import curves as curves_lib  # noqa: E402
-from celerity_jax.collapse import predict
+from celerity_jax.collapse import definitions, predict
 from celerity_jax.collapse.curves import Curve  # noqa: E402
 from celerity_jax.config import ConfigError
 from celerity_jax.scaling import fmt_count  # noqa: E402
-
-GRID = np.linspace(0.2, 1.0, 81)
 
 
 def by_size(curves: list[Curve]) -> dict[int, list[Curve]]:
@@ -63,7 +66,30 @@ def panels(families: dict[str, list[Curve]], reference) -> list[str]:
   return names
 
 
-def figure(families: dict[str, list[Curve]], reference=None, title: str = ""):
+def spread_of(curves: list[Curve], d: definitions.Definition, curve: str):
+  """(Delta or None, sigma or None, L0) of the runs grouped by size under definition `d`."""
+  family = {str(n): members for n, members in by_size(curves).items()}
+  l0 = 0.0
+  if d.irreducible:
+    try:
+      l0 = definitions.irreducible(family, curve)["L0"]
+    except ValueError as e:
+      raise ConfigError(f"--definition {d.name}: {e} (these runs have {len(family)})") from None
+  try:
+    spread = definitions.delta(family, d, curve, l0) if len(family) > 1 else None
+    floor = definitions.sigma(family, d, curve, l0)
+  except ValueError as e:
+    raise ConfigError(f"--curve {curve}: {e}") from None
+  return spread, floor, l0
+
+
+def figure(
+  families: dict[str, list[Curve]],
+  reference=None,
+  title: str = "",
+  definition: definitions.Definition = definitions.OURS,
+  curve: str = "train",
+):
   """One row of panels per family (name -> finished curves); returns the matplotlib figure."""
   names = panels(families, reference)
   fig, axes = plt.subplots(
@@ -132,17 +158,11 @@ def figure(families: dict[str, list[Curve]], reference=None, title: str = ""):
       ax["residual"].set_title(f"{name}: residual vs reference ({ref_name})")
       ax["residual"].legend(fontsize=7)
     if "spread" in ax:
-      firsts = [m[0] for m in groups.values()]
-      if len(firsts) > 1:
-        ax["spread"].plot(
-          GRID, curves_lib.spread(firsts, GRID), label="Delta(t) across sizes", color="C0"
-        )
-      seeded = [m for m in groups.values() if len(m) > 1]
-      if seeded:
-        ax["spread"].plot(
-          GRID, curves_lib.seed_noise(seeded, GRID), label="sigma(t) across seeds", color="C3"
-        )
-      ax["spread"].set(xlabel="t", ylabel="std of L(t)/L(T)", yscale="log")
+      spread, floor, _ = spread_of(curves, definition, curve)
+      for values, label, color in ((spread, "Delta(t)", "C0"), (floor, "sigma(t), seeds", "C3")):
+        if values is not None:
+          ax["spread"].plot(definitions.GRID, values, label=label, color=color)
+      ax["spread"].set(xlabel="t", ylabel=f"spread ({definition.name}, {curve})", yscale="log")
       ax["spread"].set_title(f"{name}: spread")
       ax["spread"].legend(fontsize=8)
   if title:
@@ -151,9 +171,16 @@ def figure(families: dict[str, list[Curve]], reference=None, title: str = ""):
   return fig
 
 
-def plot(families: dict[str, list[Curve]], out, reference=None, title: str = "") -> Path:
+def plot(
+  families: dict[str, list[Curve]],
+  out,
+  reference=None,
+  title: str = "",
+  definition: definitions.Definition = definitions.OURS,
+  curve: str = "train",
+) -> Path:
   """figure(...) written to `out` (a PNG)."""
-  fig = figure(families, reference, title)
+  fig = figure(families, reference, title, definition, curve)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(out, dpi=110)
@@ -166,6 +193,8 @@ def main(argv=None):
   parser.add_argument("runs", nargs="+")
   parser.add_argument("--reference", default="surrogate")
   parser.add_argument("--out", default="collapse.png")
+  parser.add_argument("--definition", choices=sorted(definitions.DEFINITIONS), default="ours")
+  parser.add_argument("--curve", choices=("train", "eval"), default="train")
   args = parser.parse_args(argv)
   finished = [c for c in (curves_lib.load_run(r) for r in args.runs) if c.finished]
   if not finished:
@@ -174,7 +203,17 @@ def main(argv=None):
   if reference not in ("surrogate", "none"):
     reference = curves_lib.load_run(reference, require_finished=True)
   name = finished[0].name if len(finished) == 1 else "runs"
-  print(plot({name: finished}, args.out, reference))
+  d = definitions.DEFINITIONS[args.definition]
+  print(plot({name: finished}, args.out, reference, definition=d, curve=args.curve))
+  spread, floor, l0 = spread_of(finished, d, args.curve)
+  if spread is not None and floor is not None:
+    family = {str(n): m for n, m in by_size(finished).items()}
+    j = definitions.judge(family, d, args.curve, l0)
+    print(
+      f"collapse ({d.name}, {args.curve} curve): {'holds' if j['holds'] else 'fails'}; Delta < "
+      f"sigma on {j['share_below']:.0%} of t in [0.2, 1] and {j['share_below_tail']:.0%} of "
+      f"[0.5, 1]; delta* {j['delta_star']:.2f}"
+    )
 
 
 if __name__ == "__main__":
