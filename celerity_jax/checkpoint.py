@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from celerity_jax import storage
 from celerity_jax.config import Config, ConfigError, free_keys, to_dict
-from celerity_jax.resolve import FREE_DERIVED
+from celerity_jax.resolve import FREE_DERIVED, RESTATED_DERIVED
 from celerity_jax.storage import NO_SPACE
 
 # What may differ on resume: the config keys whose Rule says free (config.py), and the derived
@@ -72,7 +72,8 @@ def trajectory(described: dict) -> dict:
   data = {DATA: described[DATA]} if described.get(DATA) else {}
   # a key added since the checkpoint was made holds its default there (it had no other value)
   config = {name: {**keys, **described["config"].get(name, {})} for name, keys in DEFAULTS.items()}
-  flat = flatten({**config, "derived": described["derived"], **data})
+  derived = {k: v for k, v in described["derived"].items() if k not in RESTATED_DERIVED}
+  flat = flatten({**config, "derived": derived, **data})
   return {k: v for k, v in flat.items() if k not in FREE_KEYS}
 
 

@@ -53,6 +53,11 @@ FREE_DERIVED = (
 )
 
 
+# Derived values that restate others the trajectory compares (optim.tau_groups, lambda, the LRs):
+# left out of it, so checkpoints made before they existed still resume
+RESTATED_DERIVED = ("weight_decay_groups",)
+
+
 @dataclass(frozen=True)
 class Resolved:
   n_params: int  # every parameter

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from celerity_jax.config import (
+  CollapseConfig,
   Config,
   MeshConfig,
   ModelConfig,
@@ -167,23 +168,14 @@ def long(name: str, d_model: int) -> Config:
   published proxy values at l_base 2 (= the depth, so CompleteP's depth factors are 1). Four
   sequences split over at most 4 data-parallel devices: on a larger CPU set JAX_NUM_CPU_DEVICES.
   """
-  cfg = celerity(
-    name,
-    d_model=d_model,
-    n_layers=2,
-    d_head=16,
-    tpp=20.0,
-    vocab_size=512,
-    seq_len=64,
-    dtype="float32",
-    l_base=2,
-  )
+  cfg = nano(name, d_model, n_layers=2, batch_size=LONG_BATCH)
   return dataclasses.replace(
     cfg,
-    train=dataclasses.replace(cfg.train, eval_every=200, batch_size=LONG_BATCH),
+    model=dataclasses.replace(cfg.model, seq_len=64),
+    train=dataclasses.replace(cfg.train, eval_every=200),
     data=dataclasses.replace(cfg.data, eval_batches=128 // LONG_BATCH),
     checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=1000),
-    run=dataclasses.replace(cfg.run, log_every=1),
+    collapse=CollapseConfig(),  # the paper's alignment window: the start-up is short here
   )
 
 
