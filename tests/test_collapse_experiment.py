@@ -21,7 +21,6 @@ TINY = Family(
   20,
   "unused",
   "unused",
-  "tiny family",
 )
 SMALL = [
   "data.corpus=synthetic",

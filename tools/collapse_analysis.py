@@ -15,7 +15,7 @@ import numpy as np
 
 from celerity_jax.collapse import definitions, predict, surrogate
 from celerity_jax.collapse.curves import Curve, load_run
-from tools.collapse_plan import Family, alias, family, sweep, sweep_name
+from tools.collapse_plan import Family, alias, family, seeds_of, sweep, sweep_name
 
 STOPS = (0.1, 0.2, 0.3)
 # Pre-registered marks (docs/collapse_long.md, committed before the first run)
@@ -42,11 +42,11 @@ def load(f: Family, out: Path, base: list[str]) -> tuple[dict[str, Curve], float
 
 
 def matched(f: Family, c: dict[str, Curve]) -> dict[str, list[Curve]]:
-  sizes = {}
-  for i in range(len(f.sizes)):
-    seeds = f.seeds[i] if i < len(f.seeds) else 1
-    sizes[f"size{i + 1}"] = [c[f"size{i + 1}_seed{s}"] for s in range(seeds)]
-  return sizes
+  """The registered family: {sizeI: its runs, seed 0 first}."""
+  return {
+    f"size{i + 1}": [c[f"size{i + 1}_seed{s}"] for s in range(seeds_of(f, i))]
+    for i in range(len(f.sizes))
+  }
 
 
 def collapse(f: Family, c: dict[str, Curve], lr_mult: float) -> dict:

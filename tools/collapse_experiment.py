@@ -7,14 +7,15 @@ final loss, and does an early-stopped tau x eta sweep pick the best setting?
       [--workers N] [--analyse-only] [--dry-run] [section.key=value ...]
 
 Families and runs: tools/collapse_plan.py. `long` (the default): celerity_long_1..4 (74k-339k
-parameters at depth 2, 5,785-26,462 steps) on the stdlib corpus, 43 runs, about 40 minutes on 2
-CPU cores with --workers 2; `gpu`: celerity_gpu_10m..150m on a corpus of at least 3e9 training
-tokens (data.paths=...; --workers 1). Stage 1 sweeps the first size over tau x eta; stage 2 trains
-the family at tau_opt and the sweep's best eta. Finished runs are reused and an unfinished one
-resumes from its last checkpoint, so the same command resumes the experiment. Runs are split over
---workers processes, one CPU device each, so a run's numbers do not depend on --workers.
+parameters at depth 2, 5,785-26,462 steps) on the stdlib corpus, 31 runs with the follow-up's
+long_5, about 45 minutes on 2 CPU cores with --workers 2; `gpu`: celerity_gpu_10m..150m on a
+corpus of at least 3e9 training tokens (data.paths=...; --workers 1). Stage 1 sweeps the first
+size over tau x eta; stage 2 trains the family at tau_opt and the sweep's best eta. Finished runs
+are reused and an unfinished one resumes from its last checkpoint, so the same command resumes
+the experiment. Runs are split over --workers processes, one CPU device each, so a run's numbers
+do not depend on --workers (one worker trains in this process, on its own devices).
 Definitions and marks: celerity_jax/collapse/definitions.py and tools/collapse_analysis.py
-(pre-registered in docs/collapse.md, "The long family"). --dry-run prints every run's N, D, B, T
+(pre-registered in docs/collapse_long.md). --dry-run prints every run's N, D, B, T
 and FLOPs and trains nothing. Overrides apply to every run.
 """
 

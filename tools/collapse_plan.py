@@ -5,7 +5,8 @@ Two stages, so that the family trains at the LR its smallest member prefers (muT
   family  every size at tau_opt and eta* (the grid's best final loss at tau_opt), seed 0 (the
           first size's is the sweep's run); seeds 1.. of the first two sizes (sigma); the first
           size at B x (1/2, 2, 4) with tau held (is B at or below the critical batch?)
-The mismatched-tau families reuse the sweep: the first size at tau_opt x m (eta*), the other sizes
+Runs in `more` (a follow-up registered after the first results) join the family stage. The
+mismatched-tau families reuse the sweep: the first size at tau_opt x m (eta*), the other sizes
 matched. Every run evaluates a fixed held-out set (the first `eval_rows` rows of one order) at
 `eval_points` evenly spaced steps. Run names say what a run is:
   sweep_tau{m}_lr{k}   size{i}_seed{s}   batch{B}_size1
@@ -35,7 +36,6 @@ class Family:
   eval_points: int  # held-out evaluations per run (train.eval_every = T // eval_points)
   out: str
   figure: str
-  title: str
 
 
 FAMILIES = {
@@ -51,7 +51,6 @@ FAMILIES = {
     128,
     "runs/collapse_long",
     "docs/collapse_long.png",
-    "long family: d 32-80 at depth 2, 20 TPP, B = 4 x 64 tokens",
   ),
   "gpu": Family(
     "gpu",
@@ -65,7 +64,6 @@ FAMILIES = {
     128,
     "runs/collapse_gpu",
     "docs/collapse_gpu.png",
-    "GPU family, 20 TPP, the batch law's B",
   ),
 }
 
@@ -76,6 +74,11 @@ class Run:
   recipe: str
   overrides: tuple[str, ...]  # what makes it this run; the experiment adds eval and base keys
   stage: str  # "sweep" | "family"
+
+
+def seeds_of(f: Family, i: int) -> int:
+  """Seeds of size i (0 = the smallest) in the registered design."""
+  return f.seeds[i] if i < len(f.seeds) else 1
 
 
 def size_index(f: Family, recipe: str) -> int:
@@ -125,12 +128,11 @@ def family(f: Family, lr_mult: float, base: list[str]) -> list[Run]:
   lr = f"optim.lr_base={lr_mult * PUBLISHED_LR:.6g}"
   runs = []
   for i, recipe in enumerate(f.sizes):
-    seeds = f.seeds[i] if i < len(f.seeds) else 1
-    for s in range(1 if i == 0 else 0, seeds):
+    for s in range(1 if i == 0 else 0, seeds_of(f, i)):
       runs.append(Run(f"size{i + 1}_seed{s}", recipe, (lr, f"train.seed={s}"), "family"))
   for recipe, n in f.more:
     i = size_index(f, recipe)
-    had = (f.seeds[i] if i < len(f.seeds) else 1) if recipe in f.sizes else 0
+    had = seeds_of(f, i) if recipe in f.sizes else 0
     for s in range(had, n):
       runs.append(Run(f"size{i + 1}_seed{s}", recipe, (lr, f"train.seed={s}"), "family"))
   first = f.sizes[0]
