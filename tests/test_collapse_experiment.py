@@ -74,6 +74,11 @@ def test_the_experiment_trains_both_stages_and_reports_every_definition(experime
   assert s["regret"] >= 0 and s["compute_saved"] == pytest.approx(1 - (2 * 0.3 + 0.7) / 2)
   assert set(report["verdicts"]) >= {"collapse_qiu_eval", "mismatch_breaks", "sweep", "batch"}
   assert set(report["members"]) == {"size1", "size2", "size3"}
+  # the follow-up (size2 seed 1 added): size2..3, two sizes, so no L0 fit and no Qiu et al. rule
+  assert report["followup"]["seeds"] == {"size2": 2, "size3": 1}
+  assert set(report["followup"]["collapse"]) == {
+    f"{d}/{c}" for d in ("celerity", "ours") for c in ("eval", "train")
+  }
   assert (out / "fig.png").stat().st_size > 10_000
   printed = collapse_report.tables(report)
   assert "| 1. the family at τ_opt collapses (Qiu et al., held-out)" in printed

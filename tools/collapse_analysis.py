@@ -82,8 +82,10 @@ def followup(f: Family, c: dict[str, Curve]) -> dict | None:
   fam = {f"size{i}": [x for _, x in sorted(v)] for i, v in sorted(sizes.items())}
   out = {"sizes": list(fam), "seeds": {k: len(v) for k, v in fam.items()}, "collapse": {}}
   for curve in ("eval", "train"):
-    l0 = definitions.irreducible(fam, curve)["L0"]
+    l0 = definitions.irreducible(fam, curve)["L0"] if len(fam) >= 3 else None
     for name, d in definitions.DEFINITIONS.items():
+      if d.irreducible and l0 is None:  # L0 needs three sizes' final losses
+        continue
       out["collapse"][f"{name}/{curve}"] = definitions.judge(fam, d, curve, l0)
   *smaller, largest = fam
   member, reference = fam[largest][0], fam[smaller[-1]][0]
