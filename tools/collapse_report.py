@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from celerity_jax.collapse.definitions import PUBLISHED_CURVE as PUBLISHED
+
 NAMES = {"qiu": "Qiu et al.", "celerity": "Celerity", "ours": "ours"}
-PUBLISHED = {"qiu": "eval", "celerity": "train", "ours": "train"}
 
 
 def _yes(holds: bool) -> str:
