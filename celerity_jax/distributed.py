@@ -1,10 +1,15 @@
 """Starting a run that spans several processes (jax.distributed), before jax touches a device.
 
-Where the settings come from, first match wins:
+Where the settings come from, first match wins, key by key:
 1. `dist.coordinator`, `dist.num_processes`, `dist.process_id` (config keys), each falling back to
    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID;
-2. on a Cloud TPU VM with none of those set, jax reads the workers from the TPU metadata;
-3. otherwise the run is one process and nothing is initialized.
+2. a launcher that started this process as one of several: a SLURM step (`srun`, SLURM_NTASKS > 1)
+   or Open MPI's `mpirun` (OMPI_COMM_WORLD_SIZE > 1). jax's own cluster detection reads it: the
+   process count and rank from the launcher's variables, the coordinator from the first node of
+   the step (port: JAX_COORDINATOR_PORT, else one derived from the job id), and with several
+   processes per node each sees one GPU, its local rank's; with one process per node, every GPU;
+3. on a Cloud TPU VM with none of those set, jax reads the workers from the TPU metadata;
+4. otherwise the run is one process and nothing is initialized.
 
 A process that dies is noticed by the coordination service's heartbeat: every other process is
 terminated by jax within `dist.heartbeat_timeout_s` (exit by SIGABRT, with jax's line "the JAX
@@ -22,6 +27,32 @@ import jax
 from celerity_jax.config import ConfigError
 from celerity_jax.platform import on_cloud_tpu_vm
 
+# what each launcher sets in every process it starts: (variables jax's detection needs, the process
+# count, the rank, and how to tell one process per node)
+LAUNCHERS = {
+  "slurm": (
+    ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+  ),
+  "ompi": (("OMPI_MCA_orte_hnp_uri",), "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+}
+
+
+def launcher(environ) -> str | None:
+  """'slurm' or 'ompi' when that launcher started this process as one of several, else None."""
+  for name, (needed, count, _) in LAUNCHERS.items():
+    if all(v in environ for v in needed) and environ.get(count, "1").strip().isdigit():
+      if int(environ[count]) > 1:
+        return name
+  return None
+
+
+def one_process_per_node(name: str, environ) -> bool:
+  if name == "slurm":
+    return environ.get("SLURM_STEP_NUM_NODES") == environ["SLURM_NTASKS"]
+  return environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == "1"
+
 
 def settings(dist_cfg, environ=None, tpu_vm: bool | None = None) -> dict | None:
   """The keyword arguments for jax.distributed.initialize, {} for the TPU metadata, or None for a
@@ -37,30 +68,45 @@ def settings(dist_cfg, environ=None, tpu_vm: bool | None = None) -> dict | None:
   address, address_from = pick("coordinator", dist_cfg.coordinator, "", "JAX_COORDINATOR_ADDRESS")
   count, count_from = pick("num_processes", dist_cfg.num_processes, 0, "JAX_NUM_PROCESSES")
   rank, rank_from = pick("process_id", dist_cfg.process_id, -1, "JAX_PROCESS_ID")
-  if address is None and count is None and rank is None:
+  found = launcher(environ) if None in (address, count, rank) else None
+  if found:  # the launcher fills what is unset; jax's detection finds the coordinator
+    _, count_var, rank_var = LAUNCHERS[found]
+    if count is None:
+      count, count_from = environ[count_var], count_var
+    if rank is None:
+      rank, rank_from = environ.get(rank_var), rank_var
+  elif address is None and count is None and rank is None:
     on_tpu = on_cloud_tpu_vm() if tpu_vm is None else tpu_vm
     return {} if on_tpu else None
   missing = [
     name
-    for name, value in (
-      ("dist.coordinator or JAX_COORDINATOR_ADDRESS", address),
-      ("dist.num_processes or JAX_NUM_PROCESSES", count),
-      ("dist.process_id or JAX_PROCESS_ID", rank),
+    for name, value, needed in (
+      ("dist.coordinator or JAX_COORDINATOR_ADDRESS", address, not found),
+      ("dist.num_processes or JAX_NUM_PROCESSES", count, True),
+      ("dist.process_id or JAX_PROCESS_ID", rank, True),
     )
-    if value is None
+    if value is None and needed
   ]
   if missing:
     raise ConfigError(f"a multi-process run needs {', '.join(missing)} as well")
-  host, _, port = str(address).rpartition(":")
-  if not host or not port.isdigit():
-    raise ConfigError(f"{address_from}={address!r}: expected host:port of process 0")
+  if address is not None:
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit():
+      raise ConfigError(f"{address_from}={address!r}: expected host:port of process 0")
   try:
     count, rank = int(count), int(rank)
   except ValueError:
     raise ConfigError(f"{count_from}={count!r} and {rank_from}={rank!r} must be integers") from None
   if count < 1 or not 0 <= rank < count:
     raise ConfigError(f"{rank_from}={rank} must be in [0, {count_from}={count})")
-  return {"coordinator_address": str(address), "num_processes": count, "process_id": rank}
+  kwargs = {"num_processes": count, "process_id": rank}
+  if address is not None:
+    kwargs["coordinator_address"] = str(address)
+  if found:
+    kwargs["cluster_detection_method"] = found
+    if one_process_per_node(found, environ) and "JAX_LOCAL_DEVICE_IDS" not in environ:
+      kwargs["local_device_ids"] = []  # jax would show each process only its local rank's GPU
+  return kwargs
 
 
 def initialize(dist_cfg) -> None:
@@ -78,8 +124,13 @@ def initialize(dist_cfg) -> None:
     heartbeat_timeout_seconds=dist_cfg.heartbeat_timeout_s,
   )
   if jax.process_index() == 0:
+    via = (
+      f" (started by {kwargs['cluster_detection_method']})"
+      if "cluster_detection_method" in kwargs
+      else ""
+    )
     print(
-      f"celerity_jax: {jax.process_count()} processes, {jax.device_count()} devices "
+      f"celerity_jax: {jax.process_count()} processes{via}, {jax.device_count()} devices "
       f"({jax.local_device_count()} per process)",
       file=sys.stderr,
     )

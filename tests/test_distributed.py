@@ -1,6 +1,13 @@
 """Where a multi-process run's settings come from, and the errors for partial or wrong ones."""
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
+from conftest import CACHE
+from test_checkpoint import cli, losses
 
 from celerity_jax import distributed
 from celerity_jax.config import ConfigError, DistConfig
@@ -78,3 +85,127 @@ def test_cli_exits_2_with_one_line_before_contacting_anyone(capsys):
   assert code == 2 and err.count("\n") == 1
   assert "dist.process_id=2 must be in [0, dist.num_processes=2)" in err
   assert main(["recipe=celerity_tiny", "dist.heartbeat_timeout_s=0"]) == 2
+
+
+SLURM = {  # what `srun --ntasks=4 --ntasks-per-node=2` sets in its third task (the rest differ)
+  "SLURM_JOB_ID": "812",
+  "SLURM_STEP_NODELIST": "gpu[07-08]",
+  "SLURM_STEP_NUM_NODES": "2",
+  "SLURM_NTASKS": "4",
+  "SLURM_PROCID": "2",
+  "SLURM_LOCALID": "0",
+}
+OMPI = {
+  "OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911",
+  "OMPI_COMM_WORLD_SIZE": "8",
+  "OMPI_COMM_WORLD_RANK": "5",
+  "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+}
+
+
+def test_a_launcher_fills_what_is_unset_through_jax_cluster_detection():
+  by_slurm = {"num_processes": 4, "process_id": 2, "cluster_detection_method": "slurm"}
+  assert distributed.settings(DistConfig(), SLURM, tpu_vm=False) == by_slurm
+  assert distributed.settings(DistConfig(), OMPI, tpu_vm=False) == {
+    "num_processes": 8,
+    "process_id": 5,
+    "cluster_detection_method": "ompi",
+  }
+  # one process per node sees every GPU of its node, not only its local rank's
+  per_node = {**SLURM, "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}
+  assert distributed.settings(DistConfig(), per_node)["local_device_ids"] == []
+  one_each = {**OMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}
+  assert distributed.settings(DistConfig(), one_each)["local_device_ids"] == []
+  # a one-task step, or an allocation's shell outside srun, is one process
+  assert distributed.settings(DistConfig(), {**SLURM, "SLURM_NTASKS": "1"}, tpu_vm=False) is None
+  no_step = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}
+  assert distributed.settings(DistConfig(), no_step, tpu_vm=False) is None
+
+
+def test_config_keys_then_jax_variables_take_precedence_over_the_launcher():
+  cfg = DistConfig(coordinator="10.1.0.9:7000", process_id=3)
+  assert distributed.settings(cfg, SLURM) == {
+    "coordinator_address": "10.1.0.9:7000",
+    "num_processes": 4,
+    "process_id": 3,
+    "cluster_detection_method": "slurm",
+  }
+  # every setting given: the launcher is not consulted at all
+  assert distributed.settings(DistConfig(), {**SLURM, **ENV}) == {
+    "coordinator_address": "10.0.0.2:8476",
+    "num_processes": 4,
+    "process_id": 3,
+  }
+  with pytest.raises(ConfigError, match=r"dist.process_id=4 must be in \[0, SLURM_NTASKS=4\)"):
+    distributed.settings(DistConfig(process_id=4), SLURM)
+  with pytest.raises(ConfigError, match="SLURM_PROCID='x'"):
+    distributed.settings(DistConfig(), {**SLURM, "SLURM_PROCID": "x"})
+
+
+def slurm_free_port() -> int:
+  """A free port that jax's SLURM detection derives from a job id: 61440 + job id mod 4096."""
+  for port in range(61440 + os.getpid() % 4000, 65536):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError("no free port in 61440-65535")
+
+
+def srun(tmp_path, name, extra=(), job_port=None):
+  """Two processes started as `srun --ntasks=2` on one node would start them: SLURM's variables
+  and nothing else (no JAX_* variable, no dist.* key unless `extra` gives one). The job id is
+  chosen so that jax's detection derives `job_port`, by default a free one."""
+  port = job_port or slurm_free_port()
+  run_dir, procs = tmp_path / name, []
+  for rank in range(2):
+    slurm = {
+      "SLURM_JOB_ID": str(port - 61440 + 4096 * 7),
+      "SLURM_STEP_NODELIST": "localhost",
+      "SLURM_STEP_NUM_NODES": "1",
+      "SLURM_NTASKS": "2",
+      "SLURM_PROCID": str(rank),
+      "SLURM_LOCALID": str(rank),
+    }
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORD", "JAX_NUM_P"))}
+    full_env = {
+      **clean,
+      **slurm,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+      "JAX_COMPILATION_CACHE_DIR": str(CACHE),
+      "PYTHONUNBUFFERED": "1",
+    }
+    argv = cli(run_dir, "train.stop_step=3", "dist.init_timeout_s=60", *extra)
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, "-m", "celerity_jax.main", *argv],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outs]
+  return run_dir, outs
+
+
+def test_two_processes_under_slurm_variables_join_by_jax_detection_and_dist_keys_win(tmp_path):
+  run_dir, outs = srun(tmp_path, "detected")
+  assert "celerity_jax: 2 processes (started by slurm), 2 devices (1 per process)" in outs[0]
+  assert [r[0] for r in losses(run_dir)][-1] == 3
+  # the job id's port is taken by another program; dist.coordinator names a free one, and wins
+  with socket.socket() as taken, socket.socket() as free:
+    taken.bind(("127.0.0.1", slurm_free_port()))
+    taken.listen()
+    free.bind(("127.0.0.1", 0))
+    coordinator = f"127.0.0.1:{free.getsockname()[1]}"
+    free.close()
+    run_dir, outs = srun(
+      tmp_path, "keys", [f"dist.coordinator={coordinator}"], job_port=taken.getsockname()[1]
+    )
+  assert "celerity_jax: 2 processes (started by slurm), 2 devices" in outs[0]
+  assert [r[0] for r in losses(run_dir)][-1] == 3
