@@ -48,6 +48,12 @@ def validate(cfg: Config) -> Config:
       f"model.d_head={m.d_head} x model.rope_fraction={m.rope_fraction} must be even for rope "
       f"positions (the dimensions RoPE rotates come in pairs)"
     )
+  if m.attention == "cudnn" and cfg.data.packing == "segments":
+    raise ConfigError(
+      "model.attention=cudnn with data.packing=segments: cuDNN's causal attention takes no "
+      "document mask here (it would be a B x N x L x L bias); use data.packing=concat or "
+      "model.attention=blockwise"
+    )
   if t.microbatch_rows and t.microbatches != 1:
     raise ConfigError(
       f"train.microbatch_rows={t.microbatch_rows} with train.microbatches="

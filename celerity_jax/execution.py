@@ -28,11 +28,14 @@ SCAN_ABOVE = 8  # layer groups above which layers run under lax.scan (compile ti
 PER_DEVICE_ABOVE = 2  # microbatches above which per-device accumulation pays (0.95-0.97x at 2)
 
 
-def attention_path(kind: str, length: int, block: int, platform: str) -> str:
+def attention_path(
+  kind: str, length: int, block: int, platform: str, dtype: str = "bfloat16"
+) -> str:
   """model.attention's path for `platform`. `auto`: on CPU blockwise at any length; elsewhere
   XLA's materialized attention up to one block, and above it the Pallas kernels on TPU (where the
-  sequence tiles into multiples of 128) or blockwise. A path the platform cannot run, or a
-  sequence the kernels cannot tile, is a config error."""
+  sequence tiles into multiples of 128) or blockwise. `auto` never picks `cudnn` (cuDNN's fused
+  attention) until a GPU has measured it against blockwise (tools/gpu_check.py). A path the
+  platform or dtype cannot run, or a sequence the kernels cannot tile, is a config error."""
   path = kind
   if kind == "auto":
     if platform == "cpu":
@@ -45,9 +48,16 @@ def attention_path(kind: str, length: int, block: int, platform: str) -> str:
     if platform == "gpu":  # the kernels are Mosaic (TPU) kernels: on a GPU only the interpreter
       raise ConfigError(
         "model.attention=pallas runs TPU kernels (on CPU interpreted, for tests); on GPU use "
-        "model.attention=blockwise or auto"
+        "model.attention=blockwise, cudnn or auto"
       )
     pallas_tile_or_error(length, block)
+  if path == "cudnn":
+    if platform != "gpu":
+      raise ConfigError(f"model.attention=cudnn runs on an NVIDIA GPU only, not on {platform}")
+    if dtype not in ("bfloat16", "float16"):
+      raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 or float16, not {dtype}")
+    if length % 2:
+      raise ConfigError(f"model.attention=cudnn needs an even model.seq_len, not {length}")
   return path
 
 

@@ -230,7 +230,7 @@ def resolve(
     multipliers=mult,
     platform=platform,
     attention=execution.attention_path(
-      model.attention, model.seq_len, model.attention_block, platform
+      model.attention, model.seq_len, model.attention_block, platform, model.dtype
     ),
     scan_layers=execution.scan_layers(model),
     accumulate_per_device=execution.accumulates_per_device(microbatches, mesh_sizes),

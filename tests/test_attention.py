@@ -172,3 +172,18 @@ def test_pallas_needs_a_sequence_it_can_tile():
 )
 def test_auto_attention_per_platform(kind, length, platform, path):
   assert execution.attention_path(kind, length, 512, platform) == path
+
+
+@pytest.mark.parametrize(
+  "platform,dtype,length,message",
+  [
+    ("cpu", "bfloat16", 2048, "model.attention=cudnn runs on an NVIDIA GPU only, not on cpu"),
+    ("tpu", "bfloat16", 2048, "not on tpu"),
+    ("gpu", "float32", 2048, "model.attention=cudnn needs model.dtype=bfloat16 or float16"),
+    ("gpu", "bfloat16", 2047, "needs an even model.seq_len, not 2047"),
+  ],
+)
+def test_cudnn_attention_is_refused_where_cudnn_cannot_run_it(platform, dtype, length, message):
+  assert execution.attention_path("cudnn", 8192, 512, "gpu", "bfloat16") == "cudnn"
+  with pytest.raises(ConfigError, match=message):
+    execution.attention_path("cudnn", length, 512, platform, dtype)

@@ -8,6 +8,9 @@ materialized, and calls `jax.nn.dot_product_attention`: what decoding uses too.
 
 `pallas` runs the same algorithm as `blockwise` in Pallas TPU kernels (models/pallas_attention.py).
 
+`cudnn` calls cuDNN's fused attention on an NVIDIA GPU (bf16 or fp16; one packed stream, no
+document mask).
+
 `blockwise` never holds more than a Q x C tile of scores per head: the forward pass walks the key
 blocks of each query block with an online softmax (running max and sum, Milakov & Gimelshein 2018;
 FlashAttention, Dao et al. 2022) and keeps only the output and the log-sum-exp; a custom VJP walks
@@ -70,6 +73,19 @@ def reference(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bo
   bias = alibi_bias(n_heads, length).astype(q_BxLxNxH.dtype) if alibi else None
   return jax.nn.dot_product_attention(
     q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias, mask=mask, scale=scale
+  )
+
+
+def cudnn(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool):
+  """cuDNN's fused flash attention through jax.nn.dot_product_attention: causal by cuDNN's own
+  mask, ALiBi as a 1 x N x L x L bias (cuDNN's built-in ALiBi is not reachable from jax), the one
+  L x L tensor this path holds. No document mask: config_checks refuses data.packing=segments."""
+  if segment_ids_BxL is not None:
+    raise ValueError("the cudnn attention path takes no segment ids")
+  n_heads, length = q_BxLxNxH.shape[2], q_BxLxNxH.shape[1]
+  bias = alibi_bias(n_heads, length).astype(q_BxLxNxH.dtype) if alibi else None
+  return jax.nn.dot_product_attention(
+    q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, bias=bias, scale=scale, is_causal=True, implementation="cudnn"
   )
 
 

@@ -33,7 +33,7 @@ class Forward:
   attention path, scanned layers), where (the mesh, whose sharding `constrain` applies to
   activations; None: one device) and the input tokens (a hash router routes by them)."""
 
-  attention: str = "reference"  # reference | blockwise | pallas
+  attention: str = "reference"  # reference | blockwise | pallas | cudnn
   attention_block: int = 512
   scan_layers: bool = False
   constrain: Constrain = no_constraint
@@ -43,7 +43,9 @@ class Forward:
   @classmethod
   def planned(cls, model, platform: str, **where) -> Forward:
     """The plan's choices for a ModelConfig on `platform` (what resolve records for a run)."""
-    path = execution.attention_path(model.attention, model.seq_len, model.attention_block, platform)
+    path = execution.attention_path(
+      model.attention, model.seq_len, model.attention_block, platform, model.dtype
+    )
     return cls(path, model.attention_block, execution.scan_layers(model), **where)
 
 
@@ -186,6 +188,8 @@ class Attention(nnx.Module):
       out = pallas_attention.causal(*args, forward.attention_block, forward.mesh)
     elif forward.attention == "blockwise":
       out = attention.blockwise(*args, forward.attention_block)
+    elif forward.attention == "cudnn":
+      out = attention.cudnn(*args)
     else:
       out = attention.reference(*args)
     return self.output(out)
