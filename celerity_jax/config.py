@@ -245,8 +245,9 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DistConfig:
   """Multi-process runs (jax.distributed). Unset values come from JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID; on a Cloud TPU VM with none of them set, from the TPU
-  metadata; otherwise the run is one process."""
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID, then from a SLURM step or Open MPI launch of several
+  processes (jax's cluster detection); on a Cloud TPU VM with none of them set, from the TPU
+  metadata; otherwise the run is one process (distributed.py)."""
 
   coordinator: str = key("", free=True)  # host:port of process 0
   num_processes: int = key(0, NONNEG, free=True)  # 0 = from the environment

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from celerity_jax.cli import parse
+from celerity_jax.config import ConfigError
 from celerity_jax.resolve import resolve
-from tools import gpu_check, gpu_report
+from tools import gpu_check, gpu_report, gpu_wheels
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +67,7 @@ def test_every_cell_of_the_gpu_plan_resolves_for_one_gpu():
     if cell.name.startswith("1b_"):
       assert (r.batch_tokens, r.microbatches, cfg.model.d_model, cfg.model.n_layers) == (
         16384,
-        1,
+        2,
         1152,
         26,
       ), cell.name
@@ -92,3 +93,19 @@ def test_verdicts_fail_on_a_diverging_twin_and_a_run_cut_short(tiny, tmp_path):
   skipped = json.loads((out / "gpu_check.json").read_text())
   assert code == 1 and {c["status"] for c in skipped["cells"].values()} == {"skipped"}
   assert "not run or failed: twin_gpu, twin_cpu, bf16, tf32" in (out / "gpu_check.txt").read_text()
+
+
+def test_wheels_for_an_offline_image_are_what_the_runtime_lock_pins_and_the_image_lacks(tmp_path):
+  pip_list = "Package    Version\n---------- -------\njax        0.11.2\nFlax 0.12.1\nnumpy 2.5.2\n"
+  freeze = "jax==0.11.2\nflax==0.12.1\nnumpy @ file:///numpy.whl\n"
+  names = "jax, jaxlib, flax, numpy, zipp."
+  for listing in (pip_list, freeze, names):
+    assert {"jax", "flax", "numpy"} <= gpu_wheels.image_packages(listing)
+  wanted = gpu_wheels.missing(REPO / "requirements.lock", gpu_wheels.image_packages(names))
+  pinned = {w.split("==")[0] for w in wanted}
+  assert {"grain", "optax", "orbax-checkpoint"} <= pinned
+  assert not {"jax", "jaxlib", "flax", "numpy", "zipp"} & pinned  # the image's own stay
+  (tmp_path / "have.txt").write_text("torch==2.11\n")
+  have = ["--have", str(tmp_path / "have.txt"), "--out", str(tmp_path)]
+  with pytest.raises(ConfigError, match="lists no jax"):
+    gpu_wheels.main(have)

@@ -1,6 +1,6 @@
 """The locks (tools/lock.sh): the runtime lock README command 1 installs holds what training needs
-and nothing only tests need; the extras lock adds evaluation and wandb to it; each of their pins
-equals the test lock's."""
+and nothing only tests need; the extras lock adds evaluation and wandb to it, the GPU lock jax's
+CUDA plugin; each of their pins equals the test lock's."""
 
 import re
 import tomllib
@@ -39,6 +39,17 @@ def test_the_extras_lock_is_the_runtime_lock_plus_evaluation_and_wandb():
   assert {p: test.get(p) for p in extras} == extras
   assert {p: extras.get(p) for p in runtime} == runtime
   assert {"lm-eval", "wandb"} <= set(extras) and not TEST_ONLY & set(extras)
+
+
+def test_the_gpu_lock_is_the_runtime_lock_plus_the_cuda_plugin_of_its_jax():
+  runtime, gpu = pins("requirements.lock"), pins("requirements-gpu.lock")
+  assert {p: gpu.get(p) for p in runtime} == runtime
+  added = set(gpu) - set(runtime)
+  assert {"jax-cuda13-plugin", "jax-cuda13-pjrt", "nvidia-cudnn-cu13"} <= added
+  assert all(p.startswith(("jax-cuda13-", "nvidia-")) for p in added), added
+  assert gpu["jax-cuda13-plugin"] == gpu["jax-cuda13-pjrt"] == runtime["jax"] == runtime["jaxlib"]
+  readme = (REPO / "README.md").read_text()
+  assert "pip install -q --no-deps -r requirements-gpu.lock" in readme
 
 
 def test_readme_and_ci_install_the_locks_they_should():
