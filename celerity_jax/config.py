@@ -83,9 +83,11 @@ class ModelConfig:
   scan_layers: bool | None = key(None, free=True)
   # training attention: materialized scores ("reference"), XLA tiles that never hold the L x L
   # scores ("blockwise"), the same as Pallas TPU kernels ("pallas"; interpreted off TPU, slowly),
-  # cuDNN's fused kernel ("cudnn"; GPU, bf16/fp16), or "auto": blockwise on CPU; above
-  # attention_block pallas on TPU, else blockwise (execution.py)
-  attention: Literal["auto", "reference", "blockwise", "pallas", "cudnn"] = key("auto", free=True)
+  # cuDNN's fused kernel ("cudnn"; GPU, bf16/fp16), Pallas GPU kernels ("triton"; the same), or
+  # "auto": blockwise on CPU; above attention_block pallas on TPU, else blockwise (execution.py)
+  attention: Literal["auto", "reference", "blockwise", "pallas", "cudnn", "triton"] = key(
+    "auto", free=True
+  )
   # query and key tile of the blockwise and Pallas attention
   attention_block: int = key(512, POSITIVE, free=True)
   # mixture of experts (models/moe.py, docs/collapse.md); experts = 0 is a dense model

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from celerity_jax import execution
 from celerity_jax.config import Config, ConfigError, ModelConfig, key_name, rules
 
 INT_MAX = 2**31 - 1  # every int setting is a count, size or seed that int32 code must hold
@@ -48,6 +49,8 @@ def validate(cfg: Config) -> Config:
       f"model.d_head={m.d_head} x model.rope_fraction={m.rope_fraction} must be even for rope "
       f"positions (the dimensions RoPE rotates come in pairs)"
     )
+  if m.attention == "triton":
+    execution.triton_shape_or_error(m.seq_len, m.d_head)
   if m.attention == "cudnn" and cfg.data.packing == "segments":
     raise ConfigError(
       "model.attention=cudnn with data.packing=segments: cuDNN's causal attention takes no "

@@ -34,8 +34,9 @@ def attention_path(
   """model.attention's path for `platform`. `auto`: on CPU blockwise at any length; elsewhere
   XLA's materialized attention up to one block, and above it the Pallas kernels on TPU (where the
   sequence tiles into multiples of 128) or blockwise. `auto` never picks `cudnn` (cuDNN's fused
-  attention) until a GPU has measured it against blockwise (tools/gpu_check.py). A path the
-  platform or dtype cannot run, or a sequence the kernels cannot tile, is a config error."""
+  attention) or `triton` (Pallas GPU kernels) until a GPU has measured them against blockwise
+  (tools/gpu_check.py). A path the platform or dtype cannot run, or a sequence the kernels cannot
+  tile, is a config error."""
   path = kind
   if kind == "auto":
     if platform == "cpu":
@@ -51,14 +52,31 @@ def attention_path(
         "model.attention=blockwise, cudnn or auto"
       )
     pallas_tile_or_error(length, block)
-  if path == "cudnn":
+  if path in ("cudnn", "triton"):
     if platform != "gpu":
-      raise ConfigError(f"model.attention=cudnn runs on an NVIDIA GPU only, not on {platform}")
+      raise ConfigError(f"model.attention={path} runs on an NVIDIA GPU only, not on {platform}")
     if dtype not in ("bfloat16", "float16"):
-      raise ConfigError(f"model.attention=cudnn needs model.dtype=bfloat16 or float16, not {dtype}")
-    if length % 2:
-      raise ConfigError(f"model.attention=cudnn needs an even model.seq_len, not {length}")
+      raise ConfigError(
+        f"model.attention={path} needs model.dtype=bfloat16 or float16, not {dtype}"
+      )
+  if path == "cudnn" and length % 2:
+    raise ConfigError(f"model.attention=cudnn needs an even model.seq_len, not {length}")
   return path
+
+
+TRITON_TILE = 64  # the Triton kernels' forward tile: the sequence must be a multiple
+
+
+def triton_shape_or_error(length: int, head_dim: int) -> None:
+  """The shapes the Triton kernels take (models/triton_attention.py), as a config error."""
+  if head_dim < 16 or head_dim & (head_dim - 1):
+    raise ConfigError(
+      f"model.attention=triton needs model.d_head a power of two of at least 16, not {head_dim}"
+    )
+  if length % TRITON_TILE:
+    raise ConfigError(
+      f"model.attention=triton needs model.seq_len a multiple of {TRITON_TILE}, not {length}"
+    )
 
 
 def pallas_tile(length: int, block: int) -> int:

@@ -1,6 +1,6 @@
-"""Blockwise attention and the Pallas kernels (interpreted on CPU) equal the materialized reference
-in value and in every gradient; the blockwise compiled step holds no L x L array; model.attention
-picks its path per platform."""
+"""Blockwise attention and the Pallas TPU and GPU kernels (interpreted on CPU) equal the
+materialized reference in value and in every gradient; the GPU kernels lower to Triton for a GPU;
+the blockwise compiled step holds no L x L array; model.attention picks its path per platform."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 
 from celerity_jax import execution
 from celerity_jax.config import ConfigError
-from celerity_jax.models import attention, pallas_attention
+from celerity_jax.models import attention, pallas_attention, triton_attention
 
 CASES = [
   # (length, heads, kv heads, block, alibi, packed documents)
@@ -20,9 +20,9 @@ CASES = [
 ]
 
 
-def _inputs(length, heads, kv, packed, seed=0):
+def _inputs(length, heads, kv, packed, seed=0, h=8):
   ks = jax.random.split(jax.random.key(seed), 4)
-  b, h = 2, 8
+  b = 2
   q = jax.random.normal(ks[0], (b, length, heads, h))
   k = jax.random.normal(ks[1], (b, length, kv, h))
   v = jax.random.normal(ks[2], (b, length, kv, h))
@@ -121,6 +121,39 @@ def test_pallas_kernels_equal_reference_in_value_and_gradients(
   _assert_equals_reference(pal, q, k, v, cot, seg, alibi, lambda want: 1e-5 * np.abs(want).max())
 
 
+# the Triton kernels' forward tiles are 64 rows, the backward's 32; d_head 16 (Triton's dot minimum)
+TRITON_CASES = [
+  # (length, heads, kv heads, alibi, packed documents)
+  (128, 4, 2, True, True),  # 2 forward and 4 backward tiles; GQA; documents across tiles
+  (64, 2, 1, False, False),  # one forward tile; MQA; no ALiBi, causal only
+]
+
+
+@pytest.mark.parametrize("length,heads,kv,alibi,packed", TRITON_CASES)
+def test_triton_kernels_equal_reference_in_value_and_gradients(length, heads, kv, alibi, packed):
+  q, k, v, cot, seg = _inputs(length, heads, kv, packed, h=16)
+  if packed:  # a document that starts inside the second backward tile of row 1
+    seg = seg.at[1, 40:].set(3)
+  tri = lambda q, k, v: triton_attention.causal(q, k, v, seg, 0.3, alibi)  # noqa: E731
+  _assert_equals_reference(tri, q, k, v, cot, seg, alibi, lambda want: 1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_kernels_lower_to_triton_for_a_gpu_on_this_cpu(packed):
+  """The 1B shape's heads (9 of 128) in bf16, forward and backward, lowered for CUDA: Pallas builds
+  both kernels' Triton IR here, so a GPU only has Triton compile them."""
+  q = jax.ShapeDtypeStruct((2, 256, 9, 128), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((2, 256), jnp.int32) if packed else None
+
+  def loss(q, k, v, s):
+    return triton_attention.causal(q, k, v, s, 0.088, True).astype(jnp.float32).sum()
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  text = step.trace(q, q, q, seg).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2
+  assert "alibi_flash_forward" in text and "alibi_flash_backward" in text
+
+
 def test_pallas_kernels_run_per_device_on_a_sharded_mesh():
   """Batch over data/fsdp and heads over tensor (2 x 2 x 2 of the 8 CPU devices), inside
   jax.shard_map: the same values and gradients as on one device."""
@@ -175,15 +208,32 @@ def test_auto_attention_per_platform(kind, length, platform, path):
 
 
 @pytest.mark.parametrize(
-  "platform,dtype,length,message",
+  "path,platform,dtype,length,message",
   [
-    ("cpu", "bfloat16", 2048, "model.attention=cudnn runs on an NVIDIA GPU only, not on cpu"),
-    ("tpu", "bfloat16", 2048, "not on tpu"),
-    ("gpu", "float32", 2048, "model.attention=cudnn needs model.dtype=bfloat16 or float16"),
-    ("gpu", "bfloat16", 2047, "needs an even model.seq_len, not 2047"),
+    (
+      "cudnn",
+      "cpu",
+      "bfloat16",
+      2048,
+      "model.attention=cudnn runs on an NVIDIA GPU only, not on cpu",
+    ),
+    ("triton", "tpu", "bfloat16", 2048, "model.attention=triton runs on an NVIDIA GPU only"),
+    (
+      "cudnn",
+      "gpu",
+      "float32",
+      2048,
+      "model.attention=cudnn needs model.dtype=bfloat16 or float16",
+    ),
+    ("triton", "gpu", "float32", 2048, "model.attention=triton needs model.dtype=bfloat16"),
+    ("cudnn", "gpu", "bfloat16", 2047, "needs an even model.seq_len, not 2047"),
   ],
 )
-def test_cudnn_attention_is_refused_where_cudnn_cannot_run_it(platform, dtype, length, message):
-  assert execution.attention_path("cudnn", 8192, 512, "gpu", "bfloat16") == "cudnn"
+def test_gpu_attention_is_refused_where_it_cannot_run(path, platform, dtype, length, message):
+  assert execution.attention_path(path, 8192, 512, "gpu", "bfloat16") == path
   with pytest.raises(ConfigError, match=message):
-    execution.attention_path("cudnn", length, 512, platform, dtype)
+    execution.attention_path(path, length, 512, platform, dtype)
+  with pytest.raises(ConfigError, match="model.seq_len a multiple of 64, not 2000"):
+    execution.triton_shape_or_error(2000, 128)
+  with pytest.raises(ConfigError, match="model.d_head a power of two of at least 16, not 96"):
+    execution.triton_shape_or_error(2048, 96)

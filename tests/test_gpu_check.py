@@ -43,12 +43,18 @@ def test_tiny_mode_runs_every_cell_and_passes_its_checks(tiny):
   proc, report, text_file = tiny
   assert proc.returncode == 0, proc.stderr[-3000:]
   status = {name: c["status"] for name, c in report["cells"].items()}
-  cudnn = [n for n in status if n.endswith("cudnn")]
-  assert cudnn and all(status[n] == "refused" for n in cudnn)  # a CPU cannot run cuDNN
-  assert "runs on an NVIDIA GPU only" in report["cells"][cudnn[0]]["message"]
-  assert {s for n, s in status.items() if n not in cudnn} == {"ok"}
+  gpu_only = [n for n in status if n.endswith(("cudnn", "triton"))]
+  assert len(gpu_only) == 4 and all(status[n] == "refused" for n in gpu_only)  # not on a CPU
+  assert "runs on an NVIDIA GPU only" in report["cells"][gpu_only[0]]["message"]
+  assert {s for n, s in status.items() if n not in gpu_only} == {"ok"}
   names = [c["name"] for c in report["checks"]]
-  assert len(names) == 8 and all(c["passed"] for c in report["checks"])
+  assert len(names) == 11 and all(c["passed"] for c in report["checks"])
+  # every path but cuDNN computes attention in bf16 within tolerance (Triton's kernels interpreted)
+  assert [n.split(",")[0] for n in names if n.startswith("attention")] == [
+    "attention reference",
+    "attention blockwise",
+    "attention triton",
+  ]
   assert names[0] == "float32 GPU vs CPU, loss of steps 1-30, max relative"
   paths = {(r["seq_len"], r["attention"]) for r in report["speed"]}
   assert {(64, "blockwise"), (128, "blockwise"), (64, "reference")} <= paths
@@ -59,8 +65,8 @@ def test_tiny_mode_runs_every_cell_and_passes_its_checks(tiny):
 
 
 def test_every_cell_of_the_gpu_plan_resolves_for_one_gpu():
-  cells = [c for c in gpu_check.plan(tiny=False) if c.kind != "env"]
-  assert len(cells) == 12
+  cells = [c for c in gpu_check.plan(tiny=False) if c.kind in ("run", "speed")]
+  assert len(cells) == 14
   for cell in cells:
     cfg, _ = parse(cell.args)
     r = resolve(cfg, 1, platform="gpu")
@@ -82,17 +88,27 @@ def test_verdicts_fail_on_a_diverging_twin_and_a_run_cut_short(tiny, tmp_path):
   cpu = cells["twin_cpu"]["result"]
   cpu["loss"]["7"] *= 1 + 3 * gpu_report.REL_30
   cpu["alerts"] = cpu["alerts"][1:]
-  failed = [c["name"] for c in gpu_report.correctness(cells) if not c["passed"]]
+  failed = [c["name"] for c in gpu_report.correctness(cells, False) if not c["passed"]]
   assert failed == [
     "float32 GPU vs CPU, loss of steps 1-30, max relative",
     "monitor alerts GPU vs CPU (the steps that alert)",
+  ]
+  # on a GPU a path that cannot run is a failure, as is one off by more than the tolerance
+  cells["attention"]["result"]["triton"]["dk"] = 10 * gpu_report.ATTENTION_REL
+  on_gpu = [c["name"] for c in gpu_report.correctness(cells, True) if not c["passed"]]
+  assert [n for n in on_gpu if n.startswith("attention")] == [
+    "attention cudnn, bf16 vs float32 reference, out and grads",
+    "attention triton, bf16 vs float32 reference, out and grads",
   ]
   # no budget: every cell is skipped, the report says so, and the exit status is 1
   out = tmp_path / "out"
   code = gpu_check.main(["--tiny", "--out", str(out), "--budget-s", "0", "--work", str(tmp_path)])
   skipped = json.loads((out / "gpu_check.json").read_text())
   assert code == 1 and {c["status"] for c in skipped["cells"].values()} == {"skipped"}
-  assert "not run or failed: twin_gpu, twin_cpu, bf16, tf32" in (out / "gpu_check.txt").read_text()
+  assert (
+    "not run or failed: twin_gpu, twin_cpu, attention, bf16, tf32"
+    in (out / "gpu_check.txt").read_text()
+  )
 
 
 def test_wheels_for_an_offline_image_are_what_the_runtime_lock_pins_and_the_image_lacks(tmp_path):

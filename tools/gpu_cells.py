@@ -3,6 +3,7 @@ error, a crash or a hung compile costs one cell, and each cell's peak memory is 
 
   python -m tools.gpu_cells env OUT.json [--matmul-n 8192]
   python -m tools.gpu_cells speed OUT.json recipe=NAME [key=value ...] [--steps 10]
+  python -m tools.gpu_cells attention OUT.json [--attention-shape 2x1024x9x128]
 
 Writes one JSON object to OUT.json. A config error (a path this device cannot run) exits 2 with
 its one line, as every command does; gpu_check records it as `refused`.
@@ -138,14 +139,54 @@ def speed(args, overrides: list[str]) -> dict:
   }
 
 
+def attention_paths(args) -> dict:
+  """Each attention path's output and gradients in bf16 against the float32 materialized
+  reference, on one (batch, length, heads of head dim) shape with ALiBi: max |error| / max
+  |reference|, or the error the path raised (cuDNN off a GPU)."""
+  from celerity_jax.models import attention, triton_attention
+
+  b, length, n, h = (int(x) for x in args.attention_shape.split("x"))
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, cot = (jax.random.normal(key, (b, length, n, h), jnp.float32) for key in keys)
+  scale = h**-0.5
+  paths = {
+    "reference": lambda q, k, v: attention.reference(q, k, v, None, scale, True),
+    "blockwise": lambda q, k, v: attention.blockwise(q, k, v, None, scale, True, 512),
+    "cudnn": lambda q, k, v: attention.cudnn(q, k, v, None, scale, True),
+    "triton": lambda q, k, v: triton_attention.causal(q, k, v, None, scale, True),
+  }
+
+  def value_and_grads(f, dtype):
+    loss = lambda *a: (f(*a).astype(jnp.float32) * cot).sum()  # noqa: E731
+    args_ = [x.astype(dtype) for x in (q, k, v)]
+    out = jax.jit(f)(*args_).astype(jnp.float32)
+    return [out, *jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args_)]
+
+  want = value_and_grads(paths["reference"], jnp.float32)
+  found = {"shape": [b, length, n, h]}
+  for name, f in paths.items():
+    try:
+      got = value_and_grads(f, jnp.bfloat16)
+    except Exception as e:  # a path this device cannot run: recorded, not fatal
+      found[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+      continue
+    errors = [
+      float(jnp.abs(g - w).max() / jnp.abs(w).max()) for g, w in zip(got, want, strict=True)
+    ]
+    found[name] = {"out": errors[0], "dq": errors[1], "dk": errors[2], "dv": errors[3]}
+  return found
+
+
 def main(argv: list[str]) -> int:
   parser = ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("cell", choices=("env", "speed"))
+  parser.add_argument("cell", choices=("env", "speed", "attention"))
   parser.add_argument("out")
   parser.add_argument("--matmul-n", type=int, default=8192)
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--attention-shape", default="2x1024x9x128", help="BxLxNxH")
   args, rest = parser.parse_known_args(argv)
-  result = env(args) if args.cell == "env" else speed(args, rest)
+  cells = {"env": env, "attention": attention_paths}
+  result = cells[args.cell](args) if args.cell in cells else speed(args, rest)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   return 0

@@ -2,7 +2,7 @@
 path, the collapse monitor against its CPU twin. One command, within a time budget; it writes
 gpu_check.json and gpu_check.txt to --out and exits 1 if a correctness check failed.
 
-  python -m tools.gpu_check --out DIR [--budget-s 450]   # on a machine with a GPU (~7 minutes)
+  python -m tools.gpu_check --out DIR [--budget-s 540]   # on a machine with a GPU (~9 minutes)
   python -m tools.gpu_check --out DIR --tiny             # the same code on tiny shapes, any CPU
 
 What it runs, most important first, each cell in its own process (tools/gpu_cells.py, or the
@@ -14,13 +14,16 @@ training command itself), skipping what the remaining budget cannot hold:
    first 30 steps within REL_30 of the CPU's, the final and held-out losses within REL_END, the
    collapse monitor's residual within RESIDUAL_ABS at every step and its alerts the same (the
    tolerances are in tools/gpu_report.py);
-3. bf16 and tf32: the first 30 steps in bf16, and in float32 at jax's default GPU precision
+3. attention: every attention path's output and gradients in bf16 against the float32
+   reference (1B heads, 1024 tokens), within ATTENTION_REL of its largest value;
+4. bf16 and tf32: the first 30 steps in bf16, and in float32 at jax's default GPU precision
    (TF32 matmuls where the chip has them), each within REL_LOW of the float32 twin;
-4. speed: a `celerity_1b`-shaped step in bf16 at full width and depth (26 layers, d_model 1152,
+5. speed: a `celerity_1b`-shaped step in bf16 at full width and depth (26 layers, d_model 1152,
    9 heads of 128, vocab 128256), 16,384 tokens per step in microbatches of 8,192 (the recipe's
    own), at context 2048 and 8192, for each attention path: blockwise XLA tiles, cuDNN's fused
-   kernel, the materialized scores (2048 only: at 8192 they would take 4.8 GB per layer); at
-   2048 also without remat; `celerity_gpu_50m` as planned and in larger microbatches. Each:
+   kernel, the Pallas GPU (Triton) kernels, the materialized scores (2048 only: at 8192 they
+   would take 4.8 GB per layer); at 2048 also without remat; `celerity_gpu_50m` as planned and
+   in larger microbatches. Each:
    tokens/s, MFU (resolve.flops_per_token's causal accounting, as MaxText counts) against the
    chip's bf16 peak and against the matmul of cell 1, the device's peak memory, compile time.
 
@@ -61,7 +64,7 @@ TINY_ONE_B = ["recipe=celerity_tiny", *TINY_SHAPE, "model.dtype=bfloat16"]
 @dataclasses.dataclass
 class Cell:
   name: str
-  kind: str  # env | run (celerity_jax.main) | speed
+  kind: str  # env | attention | speed (tools/gpu_cells.py) | run (celerity_jax.main)
   args: list[str]
   what: str
   limit_s: float  # killed after this long
@@ -115,13 +118,15 @@ def plan(tiny: bool) -> list[Cell]:
          {"JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
     Cell("twin_cpu", "run", twin, "the same on the CPU", 90 * s, 15 * s,
          {"JAX_PLATFORMS": "cpu", **({"JAX_NUM_CPU_DEVICES": "2"} if tiny else {})}),
+    Cell("attention", "attention", ["--attention-shape", "2x128x2x16" if tiny else "2x1024x9x128"],
+         "each attention path in bf16 against the float32 reference", 40 * s, 8 * s),
     Cell("bf16", "run", [*twin, "model.dtype=bfloat16", f"train.stop_step={FIRST}"],
          "bf16, first 30 steps", 40 * s, 8 * s),
     Cell("tf32", "run", [*twin, f"train.stop_step={FIRST}"],
          "float32 at jax's default GPU precision, first 30 steps", 40 * s, 8 * s),
   ]  # fmt: skip
   contexts = {64: 8, 128: 4} if tiny else {2048: 8, 8192: 2}
-  cells += speed_cells(one_b, contexts, ["blockwise", "cudnn"], tiny)
+  cells += speed_cells(one_b, contexts, ["blockwise", "cudnn", "triton"], tiny)
   cells += [
     Cell("50m", "speed", member, "celerity_gpu_50m as planned (microbatches of 16 rows)",
          60 * s, 10 * s),
@@ -201,7 +206,7 @@ def main(argv: list[str]) -> int:
   parser = ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.txt")
   parser.add_argument("--work", default="", help="folder for the cells' runs (default: a temp)")
-  parser.add_argument("--budget-s", type=float, default=450.0)
+  parser.add_argument("--budget-s", type=float, default=540.0)
   parser.add_argument("--tiny", action="store_true", help="tiny shapes: the CPU test of this tool")
   parser.add_argument(
     "--peak-tflops", type=float, default=0.0, help="the chip's bf16 peak if not in the table"

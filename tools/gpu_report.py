@@ -19,12 +19,13 @@ PEAK_BF16_TFLOPS = (
   ("L40S", 362.1),
   ("L4", 121.0),
 )
-CORRECTNESS = ("twin_gpu", "twin_cpu", "bf16", "tf32")
+CORRECTNESS = ("twin_gpu", "twin_cpu", "attention", "bf16", "tf32")
 FIRST = 30  # the steps compared one by one
 REL_30 = 1e-4  # float32 GPU vs CPU, each of the first 30 steps (relative)
 REL_END = 1e-3  # float32 GPU vs CPU, final training and held-out loss (relative)
 RESIDUAL_ABS = 2e-3  # the monitor's residual, GPU vs CPU (its alert threshold is 0.04)
 REL_LOW = 2e-2  # bf16 or TF32 vs float32, each of the first 30 steps (relative)
+ATTENTION_REL = 3e-2  # a path in bf16 vs the float32 reference: max |error| / max |reference|
 
 
 def run_rows(run_dir: Path) -> dict:
@@ -64,7 +65,7 @@ def alerts(run: dict) -> str:
   return f"{len(steps)} from {steps[0]}" if steps else "none"
 
 
-def correctness(cells: dict) -> list[dict]:
+def correctness(cells: dict, on_gpu: bool) -> list[dict]:
   """The checks whose cells ran; each {name, measured, tolerance, passed}."""
   ok = {n: c["result"] for n, c in cells.items() if c.get("status") == "ok" and n in CORRECTNESS}
   checks = []
@@ -104,6 +105,12 @@ def correctness(cells: dict) -> list[dict]:
       )
     same = gpu["alerts"] == cpu["alerts"]
     add("monitor alerts GPU vs CPU (the steps that alert)", alerts(gpu), alerts(cpu), same)
+  for path, errors in ok.get("attention", {}).items():
+    if path == "shape" or ("error" in errors and not on_gpu):
+      continue  # off a GPU, cuDNN cannot run: not a finding
+    worst = max(errors.values()) if "error" not in errors else errors["error"]
+    passed = "error" not in errors and worst <= ATTENTION_REL
+    add(f"attention {path}, bf16 vs float32 reference, out and grads", worst, ATTENTION_REL, passed)
   for name, what in (("bf16", "bf16"), ("tf32", "TF32 (default precision)")):
     if name in ok and "twin_gpu" in ok:
       add(
@@ -165,7 +172,7 @@ def finish(report: dict, given_peak: float) -> None:
   env = cells.get("env", {}).get("result", {})
   peak = peak_tflops(env.get("device_kind", ""), given_peak)
   report["peak_bf16_tflops"] = peak
-  report["checks"] = correctness(cells)
+  report["checks"] = correctness(cells, report["mode"] == "gpu")
   report["speed"] = speed_rows(cells, peak, env.get("matmul_bf16_tflops"))
   report["missing"] = [n for n in CORRECTNESS if cells.get(n, {}).get("status") != "ok"]
   report["family"] = family_hours(report["speed"]) if report["mode"] == "gpu" else None

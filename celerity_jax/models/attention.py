@@ -8,8 +8,9 @@ materialized, and calls `jax.nn.dot_product_attention`: what decoding uses too.
 
 `pallas` runs the same algorithm as `blockwise` in Pallas TPU kernels (models/pallas_attention.py).
 
-`cudnn` calls cuDNN's fused attention on an NVIDIA GPU (bf16 or fp16; one packed stream, no
-document mask).
+`triton` runs it as Pallas GPU kernels lowered to Triton (models/triton_attention.py); `cudnn`
+calls cuDNN's fused attention on an NVIDIA GPU (bf16 or fp16; one packed stream, no document
+mask).
 
 `blockwise` never holds more than a Q x C tile of scores per head: the forward pass walks the key
 blocks of each query block with an online softmax (running max and sum, Milakov & Gimelshein 2018;

@@ -33,7 +33,7 @@ class Forward:
   attention path, scanned layers), where (the mesh, whose sharding `constrain` applies to
   activations; None: one device) and the input tokens (a hash router routes by them)."""
 
-  attention: str = "reference"  # reference | blockwise | pallas | cudnn
+  attention: str = "reference"  # reference | blockwise | pallas | cudnn | triton
   attention_block: int = 512
   scan_layers: bool = False
   constrain: Constrain = no_constraint
@@ -190,6 +190,10 @@ class Attention(nnx.Module):
       out = attention.blockwise(*args, forward.attention_block)
     elif forward.attention == "cudnn":
       out = attention.cudnn(*args)
+    elif forward.attention == "triton":
+      from celerity_jax.models import triton_attention  # Pallas loads only where it is used
+
+      out = triton_attention.causal(*args, forward.mesh)
     else:
       out = attention.reference(*args)
     return self.output(out)

@@ -62,6 +62,13 @@ def causal(
     out = jax.lax.platform_dependent(q, k, v, seg, slopes, tpu=run(False), default=run(True))
     return out.transpose(0, 2, 1, 3)
 
+  return per_device(local, mesh, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
+
+
+def per_device(local, mesh, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N):
+  """local(q, k, v, seg, slopes) on each device's share of a mesh of several devices (a custom
+  kernel is not partitioned by XLA), batch and heads split as sharding.RULES says; as is on one
+  device."""
   if mesh is None or mesh.size == 1:
     return local(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
   from celerity_jax.sharding import logical_spec
