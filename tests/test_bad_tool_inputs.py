@@ -48,6 +48,15 @@ TOOL_CASES = [
     "model.d_modle",
     None,
   ),
+  ("gpu_check without --out", "tools.gpu_check", ["--tiny"], 2, "--out", None),
+  (
+    "gpu_wheels missing listing",
+    "tools.gpu_wheels",
+    ["--have", "{tmp}/pip-list.txt", "--out", "{tmp}/wheels"],
+    2,
+    "pip-list.txt",
+    None,
+  ),
   (
     "bench_data bad key",
     "tools.bench_data",

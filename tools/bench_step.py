@@ -58,6 +58,23 @@ def compile_time(cfg, resolved, setup, step) -> dict:
   }
 
 
+def timed_steps(step, state, batches, warmup: int, steps: int) -> tuple[float, float, dict]:
+  """(seconds of the first step, which compiles; mean seconds per step of `steps` steps after
+  `warmup` more; the last step's metrics), cycling through `batches`."""
+  t0 = time.perf_counter()
+  state, metrics = step(state, batches[0])
+  jax.block_until_ready(metrics)
+  compile_s = time.perf_counter() - t0
+  for i in range(warmup):
+    state, metrics = step(state, batches[i % len(batches)])
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for i in range(steps):
+    state, metrics = step(state, batches[i % len(batches)])
+  jax.block_until_ready(metrics)
+  return compile_s, (time.perf_counter() - t0) / steps, metrics
+
+
 def interleaved_step_times(runs: dict, steps: int, rounds: int) -> dict:
   """Median seconds per step of each run {name: {"step", "state", "batch"}}, timed in interleaved
   rounds of `steps` steps (round 0 compiles and is dropped), so machine noise hits all alike."""
@@ -148,21 +165,9 @@ def bench(argv: list[str]) -> dict:
   if args.monitor_overhead:
     without = prepare_training(cfg, resolved, with_monitor=False).train_step
     return monitor_overhead(cfg, setup, step, without, mesh, resolved, args.steps)
-  state = setup.init()
   batches = placed_batches(cfg, resolved, mesh, steps=2)
 
-  t0 = time.perf_counter()
-  state, metrics = step(state, batches[0])
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  for i in range(args.warmup):
-    state, metrics = step(state, batches[i % 2])
-  jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
-  for i in range(args.steps):
-    state, metrics = step(state, batches[i % 2])
-  jax.block_until_ready(metrics)
-  step_s = (time.perf_counter() - t0) / args.steps
+  compile_s, step_s, metrics = timed_steps(step, setup.init(), batches, args.warmup, args.steps)
 
   dtype = jnp.dtype(cfg.model.dtype)
   ceiling = args.peak_tflops * 1e12 if args.peak_tflops else matmul_ceiling(args.ceiling_n, dtype)

@@ -15,7 +15,6 @@ import json
 import platform
 import resource
 import sys
-import time
 from importlib import metadata
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celerity_jax.cli import ArgumentParser, run_cli
+from tools.bench_step import matmul_ceiling, timed_steps
 
 PACKAGES = (
   "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "jax-cuda12-pjrt",
@@ -50,20 +50,6 @@ def cudnn_version() -> int | None:
     return None
 
 
-def matmul_tflops(n: int, dtype, repeats: int = 10) -> float:
-  """Best TFLOP/s of an n x n x n matmul with float32 accumulation, random operands."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  mm(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    mm(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n**3 / best / 1e12
-
-
 def env(args) -> dict:
   device = jax.devices()[0]
   stats = device.memory_stats() or {}
@@ -76,8 +62,8 @@ def env(args) -> dict:
     "memory_bytes": stats.get("bytes_limit"),
     "cudnn": cudnn_version(),
     "matmul_n": args.matmul_n,
-    "matmul_bf16_tflops": round(matmul_tflops(args.matmul_n, jnp.bfloat16), 2),
-    "matmul_f32_tflops": round(matmul_tflops(args.matmul_n, jnp.float32), 2),
+    "matmul_bf16_tflops": round(matmul_ceiling(args.matmul_n, jnp.bfloat16) / 1e12, 2),
+    "matmul_f32_tflops": round(matmul_ceiling(args.matmul_n, jnp.float32) / 1e12, 2),
     "environment": jax.print_environment_info(return_string=True),
   }
 
@@ -101,21 +87,9 @@ def speed(args, overrides: list[str]) -> dict:
   cfg, _ = parse(overrides)
   resolved = resolve(cfg, jax.device_count())
   training = prepare_training(cfg, resolved)
-  step = training.train_step
-  state = training.setup.init()
   batches = placed_batches(cfg, resolved, training.mesh, steps=2)
-  t0 = time.perf_counter()
-  state, metrics = step(state, batches[0])
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - t0
-  for i in range(2):
-    state, metrics = step(state, batches[i % 2])
-  jax.block_until_ready(metrics)
-  t0 = time.perf_counter()
-  for i in range(args.steps):
-    state, metrics = step(state, batches[i % 2])
-  jax.block_until_ready(metrics)
-  step_s = (time.perf_counter() - t0) / args.steps
+  state = training.setup.init()
+  compile_s, step_s, metrics = timed_steps(training.train_step, state, batches, 2, args.steps)
   peak, peak_of = peak_memory_bytes()
   m = cfg.model
   return {

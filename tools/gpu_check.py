@@ -16,16 +16,18 @@ training command itself), skipping what the remaining budget cannot hold:
    tolerances are in tools/gpu_report.py);
 3. attention: every attention path's output and gradients in bf16 against the float32
    reference (1B heads, 1024 tokens), within ATTENTION_REL of its largest value;
-4. bf16 and tf32: the first 30 steps in bf16, and in float32 at jax's default GPU precision
-   (TF32 matmuls where the chip has them), each within REL_LOW of the float32 twin;
+4. bf16: the first 30 steps in bf16, within REL_LOW of the float32 twin;
 5. speed: a `celerity_1b`-shaped step in bf16 at full width and depth (26 layers, d_model 1152,
    9 heads of 128, vocab 128256), 16,384 tokens per step in microbatches of 8,192 (the recipe's
-   own), at context 2048 and 8192, for each attention path: blockwise XLA tiles, cuDNN's fused
-   kernel, the Pallas GPU (Triton) kernels, the materialized scores (2048 only: at 8192 they
-   would take 4.8 GB per layer); at 2048 also without remat; `celerity_gpu_50m` as planned and
-   in larger microbatches. Each:
-   tokens/s, MFU (resolve.flops_per_token's causal accounting, as MaxText counts) against the
-   chip's bf16 peak and against the matmul of cell 1, the device's peak memory, compile time.
+   own), at context 2048 and 8192, for the blockwise XLA tiles, cuDNN's fused kernel and the
+   Pallas GPU (Triton) kernels. Each: tokens/s, MFU (resolve.flops_per_token's causal accounting,
+   as MaxText counts) against the chip's bf16 peak and against the matmul of cell 1, the
+   device's peak memory (jax may take 92% of it), compile time;
+6. tf32: the first 30 steps in float32 at jax's default GPU precision (TF32 matmuls where the chip
+   has them), within REL_LOW of the float32 twin;
+7. more speed: `celerity_gpu_50m` as planned and in larger microbatches (and the GPU family's
+   hours at its rate); the 1B step at 2048 without remat, and with the materialized scores (2048
+   only: at 8192 they would take 4.8 GB per layer).
 
 The tolerances come from this project's CPU runs: two CPU device counts (another order of every
 reduction) differ by at most 3e-7 in the first 30 steps, bf16 from float32 by 7e-4
@@ -122,12 +124,12 @@ def plan(tiny: bool) -> list[Cell]:
          "each attention path in bf16 against the float32 reference", 40 * s, 8 * s),
     Cell("bf16", "run", [*twin, "model.dtype=bfloat16", f"train.stop_step={FIRST}"],
          "bf16, first 30 steps", 40 * s, 8 * s),
-    Cell("tf32", "run", [*twin, f"train.stop_step={FIRST}"],
-         "float32 at jax's default GPU precision, first 30 steps", 40 * s, 8 * s),
   ]  # fmt: skip
   contexts = {64: 8, 128: 4} if tiny else {2048: 8, 8192: 2}
   cells += speed_cells(one_b, contexts, ["blockwise", "cudnn", "triton"], tiny)
   cells += [
+    Cell("tf32", "run", [*twin, f"train.stop_step={FIRST}"],
+         "float32 at jax's default GPU precision, first 30 steps", 40 * s, 8 * s),
     Cell("50m", "speed", member, "celerity_gpu_50m as planned (microbatches of 16 rows)",
          60 * s, 10 * s),
     Cell("50m_rows32", "speed", [*member, f"train.microbatch_rows={8 if tiny else 32}"],
@@ -152,6 +154,9 @@ def run_cell(cell: Cell, work: Path, limit_s: float, tiny: bool) -> dict:
     steps = ["--steps", "2" if tiny else "10"] if cell.kind == "speed" else []
     argv = ["-m", "tools.gpu_cells", cell.kind, str(out), *steps, *cell.args]
   env = {**os.environ, "PYTHONUNBUFFERED": "1", **cell.env}
+  if not tiny:  # jax takes 75% of a GPU's memory by default; the 1B cells without remat need more
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    env.setdefault("CUDA_VISIBLE_DEVICES", "0")  # the cells' batches are sized for one GPU
   if tiny:  # the CPU test's cells see one device (the twin's CPU side two), whatever the caller has
     flags = env.get("XLA_FLAGS", "").split()
     env["XLA_FLAGS"] = " ".join(f for f in flags if "host_platform_device_count" not in f)
