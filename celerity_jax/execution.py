@@ -49,7 +49,7 @@ def attention_path(
     if platform == "gpu":  # the kernels are Mosaic (TPU) kernels: on a GPU only the interpreter
       raise ConfigError(
         "model.attention=pallas runs TPU kernels (on CPU interpreted, for tests); on GPU use "
-        "model.attention=blockwise, cudnn or auto"
+        "model.attention=blockwise, triton, cudnn or auto"
       )
     pallas_tile_or_error(length, block)
   if path in ("cudnn", "triton"):

@@ -90,6 +90,27 @@ def cudnn(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool):
   )
 
 
+def per_device(local, mesh, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N):
+  """local(q, k, v, seg, slopes) on each device's share of a mesh of several devices (a custom
+  kernel is not partitioned by XLA), batch and heads split as sharding.RULES says; as is on one
+  device."""
+  if mesh is None or mesh.size == 1:
+    return local(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
+  from celerity_jax.sharding import logical_spec
+
+  q_spec = logical_spec(("batch", "length", "heads", "head_dim"), "attention")
+  kv_spec = logical_spec(("batch", "length", "kv_heads", "head_dim"), "attention")
+  seg_spec = logical_spec(("batch", "length"), "attention")
+  slopes_spec = logical_spec(("heads",), "attention")
+  return jax.shard_map(
+    local,
+    mesh=mesh,
+    in_specs=(q_spec, kv_spec, kv_spec, None if seg is None else seg_spec, slopes_spec),
+    out_specs=q_spec,
+    check_vma=False,
+  )(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
+
+
 def block_size(length: int, block: int) -> int:
   """The largest divisor of `length` not above `block` (a block must tile the sequence)."""
   size = min(block, length)

@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from celerity_jax.execution import pallas_tile_or_error
-from celerity_jax.models.attention import MASKED, alibi_slopes
+from celerity_jax.models.attention import MASKED, alibi_slopes, per_device
 
 LANES, SUBLANES = 128, 8
 SQUEEZE = pl.Squeezed()  # a block dimension the kernel does not see
@@ -63,27 +63,6 @@ def causal(
     return out.transpose(0, 2, 1, 3)
 
   return per_device(local, mesh, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
-
-
-def per_device(local, mesh, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N):
-  """local(q, k, v, seg, slopes) on each device's share of a mesh of several devices (a custom
-  kernel is not partitioned by XLA), batch and heads split as sharding.RULES says; as is on one
-  device."""
-  if mesh is None or mesh.size == 1:
-    return local(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
-  from celerity_jax.sharding import logical_spec
-
-  q_spec = logical_spec(("batch", "length", "heads", "head_dim"), "attention")
-  kv_spec = logical_spec(("batch", "length", "kv_heads", "head_dim"), "attention")
-  seg_spec = logical_spec(("batch", "length"), "attention")
-  slopes_spec = logical_spec(("heads",), "attention")
-  return jax.shard_map(
-    local,
-    mesh=mesh,
-    in_specs=(q_spec, kv_spec, kv_spec, None if seg is None else seg_spec, slopes_spec),
-    out_specs=q_spec,
-    check_vma=False,
-  )(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
 
 
 # ---- per-tile pieces shared by the three kernels ----

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from celerity_jax.execution import TRITON_TILE, triton_shape_or_error
-from celerity_jax.models.attention import MASKED, alibi_slopes
+from celerity_jax.models.attention import MASKED, alibi_slopes, per_device
 
 FORWARD_TILE = TRITON_TILE  # query and key rows of a forward tile
 BACKWARD_TILE = 32  # query and key rows of a backward tile (it holds more tiles at once)
@@ -40,8 +40,6 @@ LOG2E = math.log2(math.e)
 def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool, mesh=None):
   """Equals attention.reference(...) for causal self-attention over packed documents; Triton on a
   GPU, Pallas' interpreter elsewhere. Under a mesh the kernels run per device (shard_map)."""
-  from celerity_jax.models import pallas_attention
-
   n, length, h = q_BxLxNxH.shape[2], q_BxLxNxH.shape[1], q_BxLxNxH.shape[3]
   triton_shape_or_error(length, h)
   slopes_N = alibi_slopes(n) if alibi else jnp.zeros((n,), jnp.float32)
@@ -53,7 +51,7 @@ def causal(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, segment_ids_BxL, scale, alibi: bool,
 
     return jax.lax.platform_dependent(q, k, v, seg, slopes, cuda=run(False), default=run(True))
 
-  return pallas_attention.per_device(local, mesh, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
+  return per_device(local, mesh, q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, seg, slopes_N)
 
 
 def _scores(q, k, slope, scale, pos_q, pos_k, seg_q, seg_k):
