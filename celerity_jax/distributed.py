@@ -6,8 +6,9 @@ Where the settings come from, first match wins, key by key:
 2. a launcher that started this process as one of several: a SLURM step (`srun`, SLURM_NTASKS > 1)
    or Open MPI's `mpirun` (OMPI_COMM_WORLD_SIZE > 1). jax's own cluster detection reads it: the
    process count and rank from the launcher's variables, the coordinator from the first node of
-   the step (port: JAX_COORDINATOR_PORT, else one derived from the job id), and with several
-   processes per node each sees one GPU, its local rank's; with one process per node, every GPU;
+   the step (port: JAX_COORDINATOR_PORT, else one derived from the job id); with several
+   processes per node each drives one GPU, its local rank's (local_devices: every GPU it sees
+   when it is one per node or the launcher bound one GPU to it);
 3. on a Cloud TPU VM with none of those set, jax reads the workers from the TPU metadata;
 4. otherwise the run is one process and nothing is initialized.
 
@@ -52,6 +53,29 @@ def one_process_per_node(name: str, environ) -> bool:
   if name == "slurm":
     return environ.get("SLURM_STEP_NUM_NODES") == environ["SLURM_NTASKS"]
   return environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == "1"
+
+
+def local_devices(name: str, environ) -> list[int] | None:
+  """local_device_ids for a launcher's processes. None keeps jax's rule: the process of local rank
+  r drives GPU r of those it sees, right when each process sees all of its node's GPUs. [] (every
+  GPU it sees) where that rule would pick one GPU of several or a GPU it cannot see: one process
+  per node, or a launcher that bound one GPU to each process (`--gpus-per-task=1`, CUDA_VISIBLE_
+  DEVICES of one GPU; jax issues 16788, 23452, 28194)."""
+  if "JAX_LOCAL_DEVICE_IDS" in environ:
+    return None  # jax reads it
+  if one_process_per_node(name, environ):
+    return []
+  visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  if len(visible) == 1:
+    return []
+  rank_var = "SLURM_LOCALID" if name == "slurm" else "OMPI_COMM_WORLD_LOCAL_RANK"
+  rank = environ.get(rank_var, "0")
+  if visible and rank.isdigit() and int(rank) >= len(visible):
+    raise ConfigError(
+      f"{rank_var}={rank} but CUDA_VISIBLE_DEVICES lists {len(visible)} GPUs: start one process "
+      f"per GPU, or set JAX_LOCAL_DEVICE_IDS for each process"
+    )
+  return None
 
 
 def settings(dist_cfg, environ=None, tpu_vm: bool | None = None) -> dict | None:
@@ -104,8 +128,8 @@ def settings(dist_cfg, environ=None, tpu_vm: bool | None = None) -> dict | None:
     kwargs["coordinator_address"] = str(address)
   if found:
     kwargs["cluster_detection_method"] = found
-    if one_process_per_node(found, environ) and "JAX_LOCAL_DEVICE_IDS" not in environ:
-      kwargs["local_device_ids"] = []  # jax would show each process only its local rank's GPU
+    if (devices := local_devices(found, environ)) is not None:
+      kwargs["local_device_ids"] = devices
   return kwargs
 
 

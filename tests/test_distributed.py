@@ -116,6 +116,16 @@ def test_a_launcher_fills_what_is_unset_through_jax_cluster_detection():
   assert distributed.settings(DistConfig(), per_node)["local_device_ids"] == []
   one_each = {**OMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}
   assert distributed.settings(DistConfig(), one_each)["local_device_ids"] == []
+  # a launcher that bound one GPU to each task (--gpus-per-task=1): that GPU, whatever the rank
+  bound = {**SLURM, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "5"}
+  assert distributed.settings(DistConfig(), bound)["local_device_ids"] == []
+  shared = {**SLURM, "SLURM_LOCALID": "3", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+  assert "local_device_ids" not in distributed.settings(DistConfig(), shared)  # jax's: GPU 3
+  with pytest.raises(ConfigError, match="SLURM_LOCALID=3 but CUDA_VISIBLE_DEVICES lists 2 GPUs"):
+    distributed.settings(DistConfig(), {**shared, "CUDA_VISIBLE_DEVICES": "0,1"})
+  assert "local_device_ids" not in distributed.settings(
+    DistConfig(), {**per_node, "JAX_LOCAL_DEVICE_IDS": "0,1"}
+  )  # jax reads it
   # a one-task step, or an allocation's shell outside srun, is one process
   assert distributed.settings(DistConfig(), {**SLURM, "SLURM_NTASKS": "1"}, tpu_vm=False) is None
   no_step = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}
