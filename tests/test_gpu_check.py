@@ -100,6 +100,13 @@ def test_verdicts_fail_on_a_diverging_twin_and_a_run_cut_short(tiny, tmp_path):
     "attention cudnn, bf16 vs float32 reference, out and grads",
     "attention triton, bf16 vs float32 reference, out and grads",
   ]
+  # the GPU mode's own figures: the chip's peak by its name, the GPU family's hours at 50m's rate
+  gpu = {**json.loads(json.dumps(report)), "mode": "gpu"}
+  gpu["cells"]["env"]["result"]["device_kind"] = "NVIDIA H200"
+  gpu_report.finish(gpu, 0.0)
+  assert gpu["peak_bf16_tflops"] == 989.4 and gpu["family"]["runs"] == 28
+  assert all(r["mfu_peak"] == r["tflops"] / 989.4 for r in gpu["speed"])
+  assert "the GPU collapse family (28 runs" in gpu_report.text(gpu)
   # no budget: every cell is skipped, the report says so, and the exit status is 1
   out = tmp_path / "out"
   code = gpu_check.main(["--tiny", "--out", str(out), "--budget-s", "0", "--work", str(tmp_path)])
