@@ -95,6 +95,31 @@ def test_scan_unrolled_and_remat_agree():
     )
 
 
+def test_the_gpu_kernels_inside_the_scanned_remat_decoder_equal_blockwise():
+  """model.attention=triton as the layer calls it (its Pallas kernels interpreted on this CPU),
+  under scanned layers with remat and packed documents: the loss and every gradient of the
+  blockwise path."""
+  from celerity_jax.models.layers import Forward
+
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 64)))
+  segments = jnp.asarray([[0] * 20 + [1] * 44, [0] * 64])
+  model = build(seq_len=64, remat="dots", scan_layers=True)
+  graphdef, state = nnx.split(model)
+
+  def loss_and_grad(path):
+    def loss(params):
+      forward = Forward(attention=path, attention_block=16, scan_layers=True)
+      logits = nnx.merge(graphdef, params)(tokens, segments, forward)[0]
+      return cross_entropy(logits, jnp.roll(tokens, -1, axis=1), 0.0)[0]
+
+    return jax.jit(jax.value_and_grad(loss))(nnx.to_pure_dict(state))
+
+  want_loss, want_grad = loss_and_grad("blockwise")
+  loss, grad = loss_and_grad("triton")
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), grad, want_grad)
+
+
 @pytest.mark.parametrize(
   "changes",
   [
