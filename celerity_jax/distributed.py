@@ -28,8 +28,8 @@ import jax
 from celerity_jax.config import ConfigError
 from celerity_jax.platform import on_cloud_tpu_vm
 
-# what each launcher sets in every process it starts: (variables jax's detection needs, the process
-# count, the rank, and how to tell one process per node)
+# what each launcher sets in every process it starts: (the variables jax's detection needs, the
+# process count's variable, the rank's variable)
 LAUNCHERS = {
   "slurm": (
     ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
@@ -43,9 +43,9 @@ LAUNCHERS = {
 def launcher(environ) -> str | None:
   """'slurm' or 'ompi' when that launcher started this process as one of several, else None."""
   for name, (needed, count, _) in LAUNCHERS.items():
-    if all(v in environ for v in needed) and environ.get(count, "1").strip().isdigit():
-      if int(environ[count]) > 1:
-        return name
+    processes = environ.get(count, "1").strip()
+    if all(v in environ for v in needed) and processes.isdigit() and int(processes) > 1:
+      return name
   return None
 
 

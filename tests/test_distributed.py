@@ -128,6 +128,8 @@ def test_a_launcher_fills_what_is_unset_through_jax_cluster_detection():
   )  # jax reads it
   # a one-task step, or an allocation's shell outside srun, is one process
   assert distributed.settings(DistConfig(), {**SLURM, "SLURM_NTASKS": "1"}, tpu_vm=False) is None
+  no_size = {k: v for k, v in OMPI.items() if k != "OMPI_COMM_WORLD_SIZE"}
+  assert distributed.settings(DistConfig(), no_size, tpu_vm=False) is None
   no_step = {k: v for k, v in SLURM.items() if k != "SLURM_STEP_NODELIST"}
   assert distributed.settings(DistConfig(), no_step, tpu_vm=False) is None
 
