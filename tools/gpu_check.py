@@ -2,7 +2,7 @@
 path, the collapse monitor against its CPU twin. One command, within a time budget; it writes
 gpu_check.json and gpu_check.txt to --out and exits 1 if a correctness check failed.
 
-  python -m tools.gpu_check --out DIR [--budget-s 540]   # on a machine with a GPU (~9 minutes)
+  python -m tools.gpu_check --out DIR [--budget-s 540]   # with a GPU: a 9-minute budget
   python -m tools.gpu_check --out DIR --tiny             # the same code on tiny shapes, any CPU
 
 What it runs, most important first, each cell in its own process (tools/gpu_cells.py, or the
